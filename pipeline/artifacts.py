@@ -1,0 +1,315 @@
+"""Artifact I/O: the one module that reads and writes JSON.
+
+Every artifact is JSON Lines (one object a line) or one JSON document. Reads are strict and
+name the file, line and field of the first problem; writes are atomic (temporary file, fsync,
+rename), so a crash leaves either the old artifact or the new one, never half of one. Long
+stages append finished batches to a `Journal` and resume from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from pipeline.errors import SiftError
+
+MAX_LINE_BYTES = 64 * 1024 * 1024  # a single record beyond this is almost surely not a record
+
+
+# ---------------------------------------------------------------- ids
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no spaces: the same content always gives the same text."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def content_id(obj: Any, prefix: str = "") -> str:
+    """A stable id: the first 16 hex digits of the SHA-256 of the canonical JSON of `obj`."""
+    digest = hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()[:16]
+    return f"{prefix}{digest}"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.exists():
+        raise SiftError("no such file", path=path)
+    if path.is_dir():
+        raise SiftError("is a directory, expected a file", path=path)
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise SiftError(f"cannot read: {e.strerror or e}", path=path) from None
+
+
+def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
+    if b"\x00" in raw:
+        raise SiftError("contains a NUL byte", path=path, line=lineno)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SiftError(f"invalid UTF-8 at byte {e.start}", path=path, line=lineno) from None
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+    return f"invalid JSON: {e.msg} (column {e.colno})"
+
+
+def iter_jsonl(path: str | Path, *, allow_empty: bool = False) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-blank line of a JSON Lines file.
+
+    Rejects with a SiftError naming file and line: a byte-order mark, invalid UTF-8, NUL bytes,
+    invalid JSON, a line that is not a JSON object, a JSON list given where JSONL is expected,
+    and (unless `allow_empty`) a file with no records.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise SiftError("starts with a UTF-8 byte-order mark; save it as plain UTF-8", path=path, line=1)
+    count = 0
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if len(raw) > MAX_LINE_BYTES:
+            raise SiftError(f"line longer than {MAX_LINE_BYTES // (1024 * 1024)} MiB", path=path, line=lineno)
+        text = _decode_line(raw, path, lineno)
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            if lineno == 1 and text.lstrip().startswith("["):
+                raise SiftError("looks like a JSON list; expected JSON Lines (one object a line)",
+                                path=path, line=1) from None
+            raise SiftError(_json_error(e), path=path, line=lineno) from None
+        if isinstance(obj, list):
+            raise SiftError("is a JSON list; expected JSON Lines (one object a line)", path=path, line=lineno)
+        if not isinstance(obj, dict):
+            raise SiftError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=lineno)
+        count += 1
+        yield lineno, obj
+    if count == 0 and not allow_empty:
+        raise SiftError("is empty: no records", path=path)
+
+
+def read_jsonl(path: str | Path, *, allow_empty: bool = False) -> list[dict]:
+    return [obj for _, obj in iter_jsonl(path, allow_empty=allow_empty)]
+
+
+def read_records(path: str | Path) -> list[tuple[int, dict]]:
+    """Read JSONL, or one JSON list of objects (Alpaca's `alpaca_data.json` shape).
+
+    Returns (position, object) pairs: the line number for JSONL, the 1-based list index for a
+    JSON list, so errors can point at the record either way.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    head = data.lstrip()[:1]
+    if head == b"[":
+        if data.startswith(b"\xef\xbb\xbf"):
+            raise SiftError("starts with a UTF-8 byte-order mark; save it as plain UTF-8", path=path, line=1)
+        text = _decode_line(data, path, 1)
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SiftError(_json_error(e), path=path, line=e.lineno) from None
+        if not isinstance(obj, list):
+            raise SiftError("expected a JSON list of objects", path=path)
+        if not obj:
+            raise SiftError("is empty: no records", path=path)
+        for i, item in enumerate(obj, start=1):
+            if not isinstance(item, dict):
+                raise SiftError(f"item {i}: expected a JSON object, got {type(item).__name__}", path=path)
+        return list(enumerate(obj, start=1))
+    return list(iter_jsonl(path))
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    text = _decode_line(_read_bytes(path), path, 1)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SiftError(_json_error(e), path=path, line=e.lineno) from None
+
+
+# ---------------------------------------------------------------- field checks
+
+_TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer", float: "a number",
+               list: "a list", dict: "an object"}
+
+
+def _type_name(t: type | tuple[type, ...]) -> str:
+    if isinstance(t, tuple):
+        return " or ".join(_TYPE_NAMES.get(x, x.__name__) for x in t)
+    return _TYPE_NAMES.get(t, t.__name__)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {str: "string", bool: "boolean", int: "integer", float: "number", list: "list",
+            dict: "object"}.get(type(value), type(value).__name__)
+
+
+def require(obj: dict, field: str, kind: type | tuple[type, ...], *, path: str | Path | None,
+            line: int | None, optional: bool = False, default: Any = None) -> Any:
+    """Return obj[field] if it has the right JSON type, else raise a SiftError naming the field."""
+    if field not in obj:
+        if optional:
+            return default
+        raise SiftError("missing", path=path, line=line, field=field)
+    value = obj[field]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        raise SiftError(f"expected {_type_name(kind)}, got {_json_type(value)}", path=path, line=line,
+                        field=field)
+    return value
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[str]], None]) -> None:
+    """Write `path` through `write(file)` into a temporary file beside it, fsync, then rename.
+
+    A crash at any moment leaves the previous file (or none) in place, never a partial one.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise SiftError(f"cannot write: {e.strerror or e}", path=path) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise SiftError(f"cannot write: {e.strerror or e}", path=path) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
+    """Atomically write records as JSON Lines; returns the count."""
+    n = 0
+
+    def _write(f: IO[str]) -> None:
+        nonlocal n
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
+
+    atomic_write(path, _write)
+    return n
+
+
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, ensure_ascii=False, indent=indent) + "\n"))
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text))
+
+
+# ---------------------------------------------------------------- journal
+
+
+class Journal:
+    """An append-only JSONL journal of finished work, for the long stages.
+
+    Each `append` writes whole entries and fsyncs, so an entry is either complete on disk or
+    (after a kill mid-write) a torn last line, which `read` drops and the next `append`
+    truncates away. Write one entry per finished batch to make batches all-or-nothing.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._repaired = False  # a torn tail is cut once, before the first append
+
+    def read(self) -> list[dict]:
+        """All complete entries; a torn or unparseable last line is ignored."""
+        if not self.path.exists():
+            return []
+        entries, _ = self._scan()
+        return entries
+
+    def _scan(self) -> tuple[list[dict], int]:
+        """Entries and the byte offset just after the last complete entry."""
+        data = self.path.read_bytes()
+        entries: list[dict] = []
+        good_end = 0
+        pos = 0
+        while pos < len(data):
+            nl = data.find(b"\n", pos)
+            if nl == -1:
+                break  # torn: no newline at the end
+            raw = data[pos:nl]
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                if data.find(b"\n", nl + 1) == -1 and not data[nl + 1:].strip():
+                    break  # a torn last line that happened to end in a newline
+                raise SiftError("corrupt journal entry (not the last line)", path=self.path,
+                                line=data[:pos].count(b"\n") + 1) from None
+            if not isinstance(obj, dict):
+                raise SiftError("corrupt journal entry", path=self.path, line=data[:pos].count(b"\n") + 1)
+            entries.append(obj)
+            pos = nl + 1
+            good_end = pos
+        return entries, good_end
+
+    def append(self, entries: Iterable[dict]) -> None:
+        payload = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
+        if not payload:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self._repaired and self.path.exists():
+                _, good_end = self._scan()
+                if good_end != self.path.stat().st_size:
+                    with open(self.path, "r+b") as f:
+                        f.truncate(good_end)
+            self._repaired = True
+            with open(self.path, "a", encoding="utf-8", newline="\n") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise SiftError(f"cannot append to journal: {e.strerror or e}", path=self.path) from None
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()

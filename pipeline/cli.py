@@ -1,0 +1,281 @@
+"""The `sift` command line: one mapping from command name to function.
+
+Each command is a plain function; its signature gives the options and its docstring the help
+(summary line, then an `Args:` section). Settings come from the function's defaults, then a
+config file (`--config run.yaml`), then the command line. Usage: `sift --help`, `sift CMD --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.errors import SiftError
+
+# command name -> "module:function"; a name with a space is a subcommand of a group.
+COMMANDS: dict[str, str] = {
+    "seeds": "pipeline.seeds:seeds",
+    "generate": "pipeline.not_built:generate",
+    "classify": "pipeline.not_built:classify",
+    "instances": "pipeline.not_built:instances",
+    "filter": "pipeline.not_built:filter_records",
+    "export": "pipeline.not_built:export",
+    "train": "pipeline.not_built:train",
+    "merge": "pipeline.not_built:merge",
+    "sample": "pipeline.not_built:sample",
+    "eval": "pipeline.not_built:evaluate",
+    "inspect": "pipeline.not_built:inspect_artifact",
+    "report": "pipeline.not_built:report",
+    "loop": "pipeline.not_built:loop",
+    "model fetch": "pipeline.not_built:model_fetch",
+    "model info": "pipeline.not_built:model_info",
+}
+
+_UNSET = object()
+
+
+class _Doc(typing.NamedTuple):
+    summary: str
+    description: str
+    params: dict[str, str]
+
+
+def parse_docstring(doc: str | None) -> _Doc:
+    """Split a Google-style docstring into summary, description and per-argument help."""
+    lines = inspect.cleandoc(doc or "").splitlines()
+    summary = lines[0].strip() if lines else ""
+    body, params, current = [], {}, None
+    in_args = False
+    for line in lines[1:]:
+        if line.strip() in {"Args:", "Arguments:"}:
+            in_args = True
+            continue
+        if in_args:
+            m = re.match(r"^\s{2,8}(\w+)(?:\s*\([^)]*\))?:\s*(.*)$", line)
+            if m:
+                current = m.group(1)
+                params[current] = m.group(2).strip()
+            elif line.strip() and current and line.startswith(" " * 5):
+                params[current] += " " + line.strip()
+            elif line.strip() and not line.startswith(" "):
+                in_args = False
+                body.append(line)
+        else:
+            body.append(line)
+    return _Doc(summary, "\n".join(body).strip(), params)
+
+
+def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return hint, False
+
+
+def _converter(hint: Any, name: str) -> Callable[[Any], Any]:
+    """A function turning a command-line string or a config value into the parameter's type."""
+    base, optional = _unwrap_optional(hint)
+    choices = typing.get_args(base) if typing.get_origin(base) is typing.Literal else None
+
+    def convert(value: Any) -> Any:
+        if value is None and optional:
+            return None
+        if choices is not None:
+            if value not in choices:
+                raise ValueError(f"expected one of {', '.join(map(str, choices))}, got {value!r}")
+            return value
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in {"true", "yes", "1", "false", "no", "0"}:
+                return value.lower() in {"true", "yes", "1"}
+            raise ValueError(f"expected true or false, got {value!r}")
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(f"expected an integer, got {value!r}")
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError(f"expected a number, got {value!r}")
+            return float(value)
+        if base is Path:
+            return Path(value)
+        if base is str:
+            if not isinstance(value, str | int | float) or isinstance(value, bool):
+                raise ValueError(f"expected a string, got {value!r}")
+            return str(value)
+        return value
+
+    convert.__name__ = getattr(base, "__name__", name)
+    return convert
+
+
+def load_command(name: str) -> Callable[..., Any]:
+    module, func = COMMANDS[name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _params(func: Callable[..., Any]) -> list[tuple[inspect.Parameter, Any]]:
+    hints = typing.get_type_hints(func)
+    return [(p, hints.get(p.name, str)) for p in inspect.signature(func).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, func: Callable[..., Any]) -> None:
+    doc = parse_docstring(func.__doc__)
+    p = sub.add_parser(name, help=doc.summary, description=(doc.summary + "\n\n" + doc.description).strip(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(_func=func, _name=name)
+    _add_common(p)
+    for param, hint in _params(func):
+        help_text = doc.params.get(param.name, "")
+        conv = _converter(hint, param.name)
+        if param.kind is param.POSITIONAL_ONLY:
+            nargs = "?" if param.default is not param.empty else None
+            p.add_argument(param.name, type=conv, help=help_text, nargs=nargs, default=_UNSET)
+            continue
+        flags = [f"--{param.name.replace('_', '-')}"]
+        if "_" in param.name:
+            flags.append(f"--{param.name}")
+        default_text = "" if param.default is param.empty else f" (default: {param.default!r})"
+        base, _ = _unwrap_optional(hint)
+        if base is bool:
+            p.add_argument(*flags, dest=param.name, action=argparse.BooleanOptionalAction, default=_UNSET,
+                           help=help_text + default_text)
+        else:
+            choices = typing.get_args(base) if typing.get_origin(base) is typing.Literal else None
+            p.add_argument(*flags, dest=param.name, type=conv, default=_UNSET, choices=choices,
+                           metavar=param.name.upper(), help=help_text + default_text)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="YAML or TOML settings: top-level keys, or a section named after the command")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sift", description=__doc__.splitlines()[0] if __doc__ else "sift",
+        epilog="Stages in order: seeds, generate, classify, instances, filter, export, train, eval, report. "
+               "Run `sift CMD --help` for a command's options.")
+    parser.add_argument("--version", action="version", version=f"sift {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name in COMMANDS:
+        func = load_command(name)
+        if " " in name:
+            group, leaf = name.split(" ", 1)
+            if group not in groups:
+                gp = sub.add_parser(group, help=f"{group} commands ({group} --help)")
+                groups[group] = gp.add_subparsers(title=f"{group} commands", metavar="COMMAND")
+            add_command(groups[group], leaf, func)
+        else:
+            add_command(sub, name, func)
+    return parser
+
+
+def read_config(path: Path) -> dict:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) settings file into a dict."""
+    from pipeline.artifacts import _read_bytes  # one reader for every file's errors
+
+    data = _read_bytes(path)
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            loaded = tomllib.loads(data.decode("utf-8"))
+        else:
+            import yaml
+
+            loaded = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise SiftError("invalid UTF-8", path=path) from None
+    except Exception as e:  # yaml/toml parse errors carry their own line info
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else getattr(e, "lineno", None)
+        raise SiftError(f"invalid settings file: {getattr(e, 'problem', None) or e}", path=path,
+                        line=line) from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise SiftError("expected a mapping of settings", path=path)
+    return loaded
+
+
+def resolve_settings(func: Callable[..., Any], name: str, ns: argparse.Namespace) -> tuple[list, dict]:
+    """Merge defaults < config file < command line into (positional args, keyword args)."""
+    params = _params(func)
+    config: dict = {}
+    if ns.config is not None:
+        raw = read_config(ns.config)
+        section_name = name.replace(" ", "_")
+        section = raw.get(section_name, {}) if isinstance(raw.get(section_name, {}), dict) else {}
+        known = {p.name for p, _ in params}
+        for key in section:
+            if key.replace("-", "_") not in known:
+                raise SiftError(f"unknown setting for `sift {name}`", path=ns.config, field=f"{section_name}.{key}")
+        top = {k.replace("-", "_"): v for k, v in raw.items() if not isinstance(v, dict)}
+        config = {k: v for k, v in top.items() if k in known}
+        config.update({k.replace("-", "_"): v for k, v in section.items()})
+    args, kwargs = [], {}
+    for param, hint in params:
+        value = getattr(ns, param.name, _UNSET)
+        if value is _UNSET and param.name in config:
+            try:
+                value = _converter(hint, param.name)(config[param.name])
+            except (ValueError, TypeError) as e:
+                raise SiftError(str(e), path=ns.config, field=param.name) from None
+        if value is _UNSET:
+            if param.default is param.empty:
+                raise SiftError(f"missing argument: {param.name}")
+            value = param.default
+        if param.kind is param.POSITIONAL_ONLY:
+            args.append(value)
+        else:
+            kwargs[param.name] = value
+    return args, kwargs
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("SIFT_DEBUG"))
+    try:
+        parser = build_parser()
+        ns = parser.parse_args(argv)
+        if not hasattr(ns, "_func"):
+            parser.print_help()
+            return 2
+        args, kwargs = resolve_settings(ns._func, ns._name, ns)
+        result = ns._func(*args, **kwargs)
+        return int(result) if isinstance(result, int) else 0
+    except SiftError as e:
+        if debug:
+            raise
+        print(f"sift: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sift: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure: one line unless --debug
+        if debug:
+            raise
+        print(f"sift: internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Run directories: where a run's artifacts live, the lock that keeps two processes apart,
+and `manifest.json` (settings of each stage, library and model versions, artifact hashes)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import file_sha256, read_json, write_json
+from pipeline.errors import SiftError
+
+RUNS_DIR_ENV = "SIFT_RUNS_DIR"
+MANIFEST = "manifest.json"
+LIBRARIES = ("sift-instruct", "torch", "transformers", "peft", "trl", "accelerate", "datasets",
+             "rapidfuzz", "rouge-score", "gguf", "vllm", "openai")
+SECRET_HINTS = ("key", "token", "secret", "password")
+
+
+def run_dir(run: str, runs_dir: str | Path | None = None) -> Path:
+    """runs/<run>/ (or $SIFT_RUNS_DIR/<run>/); `run` must be a plain name, never a path out."""
+    if not run or run in {".", ".."} or "/" in run or "\\" in run or "\x00" in run:
+        raise SiftError(f"run name {run!r} must be a plain name (letters, digits, - _ .)", field="run")
+    base = Path(runs_dir or os.environ.get(RUNS_DIR_ENV, "runs"))
+    return base / run
+
+
+def inside(base: Path, name: str) -> Path:
+    """base/name, refusing names that would escape base (absolute paths, '..')."""
+    target = (base / name).resolve()
+    if not target.is_relative_to(base.resolve()):
+        raise SiftError(f"path {name!r} would write outside {base}", field="output")
+    return target
+
+
+@contextlib.contextmanager
+def locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run directory for the life of a command."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise SiftError(f"cannot use run directory: {e.strerror or e}", path=directory) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise SiftError(f"another sift process (pid {holder}) is using this run directory; "
+                            "wait for it or stop it", path=directory) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def scrub(obj: Any) -> Any:
+    """Drop values whose key looks like a secret, so no API key reaches a manifest."""
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if any(h in k.lower() for h in SECRET_HINTS) and not k.endswith("_env")
+                    and isinstance(v, str) and v else scrub(v)) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [scrub(v) for v in obj]
+    return obj
+
+
+def record_stage(directory: Path, stage: str, settings: dict, *, models: dict | None = None,
+                 stats: dict | None = None) -> None:
+    """Update manifest.json after a stage: its settings, models, stats, and every artifact's hash."""
+    path = directory / MANIFEST
+    manifest = read_json(path) if path.exists() else {}
+    manifest.setdefault("stages", {})[stage] = {
+        "settings": scrub(settings),
+        "models": models or {},
+        "stats": stats or {},
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    manifest["versions"] = library_versions()
+    manifest["command"] = " ".join(["sift", *sys.argv[1:]]) if sys.argv else "sift"
+    manifest["artifacts"] = {
+        p.relative_to(directory).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+        and "checkpoint-" not in p.as_posix() and p.suffix != ".journal"
+    }
+    write_json(path, scrub(manifest))

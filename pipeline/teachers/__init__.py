@@ -1,0 +1,1 @@
+"""Teacher backends: one small protocol, one file per engine, heavy imports inside each."""
