@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from pipeline.errors import SiftError
 
-MAX_LINE_BYTES = 64 * 1024 * 1024  # a single record beyond this is almost surely not a record
+MAX_LINE_BYTES = 4 * 1024 * 1024  # one instruction record beyond 4 MiB is a broken file, not a record
 
 
 # ---------------------------------------------------------------- ids
@@ -119,6 +119,13 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     path = Path(path)
     data = _read_bytes(path)
     head = data.lstrip()[:1]
+    if not head:
+        raise SiftError("is empty: no records", path=path)
+    if path.suffix == ".json" and head != b"[":
+        if head == b"{" and data.strip().count(b"\n") > 0:
+            raise SiftError("looks like JSON Lines; a .json file must hold one JSON list (rename it .jsonl)",
+                            path=path, line=1)
+        raise SiftError("expected a JSON list of objects", path=path, line=1)
     if head == b"[":
         if data.startswith(b"\xef\xbb\xbf"):
             raise SiftError("starts with a UTF-8 byte-order mark; save it as plain UTF-8", path=path, line=1)

@@ -172,3 +172,17 @@ def test_journal_corruption_in_the_middle_is_an_error(tmp_path: Path) -> None:
     p.write_text('{"a": 1}\nnot json\n{"a": 3}\n')
     with pytest.raises(SiftError, match=":2: corrupt journal entry"):
         Journal(p).read()
+
+
+def test_json_file_must_hold_a_list(tmp_path: Path) -> None:
+    p = _write(tmp_path / "data.json", '{"instruction": "a"}\n{"instruction": "b"}\n')
+    with pytest.raises(SiftError, match="looks like JSON Lines"):
+        read_records(p)
+    with pytest.raises(SiftError, match="is empty"):
+        read_records(_write(tmp_path / "e.json", "  \n"))
+
+
+def test_overlong_line_is_refused(tmp_path: Path) -> None:
+    p = _write(tmp_path / "big.jsonl", '{"a": 1}\n{"a": "' + "x" * (5 * 1024 * 1024) + '"}\n')
+    with pytest.raises(SiftError, match=r"big.jsonl:2: line longer than 4 MiB"):
+        read_jsonl(p)
