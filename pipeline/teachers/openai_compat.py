@@ -1,0 +1,289 @@
+"""The `openai` teacher: any OpenAI-compatible HTTP server (`vllm serve`, llama.cpp, Ollama, hosted APIs).
+
+    sift generate --teacher openai --model Qwen/Qwen2.5-7B-Instruct --base-url http://localhost:8000/v1
+
+`Request.prompt` goes to `/v1/completions`, `Request.messages` to `/v1/chat/completions`. Requests
+run concurrently (a bounded thread pool), each with a timeout, and are retried with exponential
+backoff and full jitter on 429, 408, 409, 5xx, dropped or refused connections, timeouts and
+malformed 200 responses (Retry-After is honoured, capped at `backoff_max`). A request that still
+fails comes back as a Completion with finish_reason "error", so one bad prompt never loses the
+others. The API key is read from the environment at call time and kept in no attribute.
+Standard library only (http.client), so nothing to install.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import json
+import logging
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from pipeline.errors import SiftError
+from pipeline.teachers.base import Completion, FinishReason, Request, Sampling
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = frozenset({408, 409, 429})  # plus every 5xx
+STOP_REASONS = frozenset({"stop", "eos", "eos_token", "stop_sequence", "end_turn", "tool_calls",
+                          "function_call"})
+LENGTH_REASONS = frozenset({"length", "max_tokens", "model_length"})
+ERROR_SNIPPET = 300  # characters of a server's error body kept in Completion.error
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def request_body(model: str, request: Request, *, chat: bool) -> dict:
+    """The JSON body for one request; `chat` picks the chat-completions shape."""
+    s: Sampling = request.sampling
+    body: dict = {"model": model, "n": 1, "max_tokens": s.max_tokens, "temperature": s.temperature,
+                  "top_p": s.top_p, "presence_penalty": s.presence_penalty,
+                  "frequency_penalty": s.frequency_penalty}
+    if s.stop:
+        body["stop"] = list(s.stop)  # OpenAI itself takes at most 4; servers differ, so pass all
+    if s.seed is not None:
+        body["seed"] = s.seed
+    if s.top_k:
+        body["top_k"] = s.top_k  # not OpenAI's, but vLLM, llama.cpp and Ollama accept it
+    if chat:
+        messages = request.messages if request.messages is not None else (
+            {"role": "user", "content": request.prompt},)
+        body["messages"] = [dict(m) for m in messages]
+    else:
+        body["prompt"] = request.prompt
+    return body
+
+
+def map_finish_reason(reason: object) -> tuple[FinishReason, str | None]:
+    """Map a server's finish_reason onto ours; a content filter counts as an error."""
+    if reason in LENGTH_REASONS:
+        return "length", None
+    if reason == "content_filter":
+        return "error", "the server's content filter stopped the completion"
+    return "stop", None  # "stop" and its synonyms; null or unknown values mean it ended on its own
+
+
+class BadResponse(ValueError):
+    """A 200 response that is not the completion we asked for (retried)."""
+
+
+def parse_response(data: object, *, chat: bool) -> tuple[Completion, bool]:
+    """Turn a decoded 200 body into a Completion; the flag says whether usage was present."""
+    if not isinstance(data, dict):
+        raise BadResponse(f"expected a JSON object, got {type(data).__name__}")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise BadResponse("no 'choices' in the response")
+    choice = choices[0]
+    if chat:
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            raise BadResponse("choices[0] has no 'message'")
+        text = message.get("content")
+        text = "" if text is None else text  # null content: a refusal or a tool call, no text
+    else:
+        text = choice.get("text")
+    if not isinstance(text, str):
+        raise BadResponse(f"choices[0] text is {type(text).__name__}, expected a string")
+    finish, error = map_finish_reason(choice.get("finish_reason"))
+    usage = data.get("usage")
+    has_usage = isinstance(usage, dict)
+    usage = usage if has_usage else {}
+    prompt_tokens, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return Completion(text=text,
+                      prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else 0,
+                      completion_tokens=completion_tokens if isinstance(completion_tokens, int) else 0,
+                      finish_reason=finish, error=error), has_usage
+
+
+def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
+    """Parse a Retry-After header: delay seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random) -> float:
+    """Full jitter (AWS architecture blog): uniform in [0, min(cap, base * 2**attempt)]."""
+    return rng.uniform(0.0, min(cap, base * (2 ** attempt)))
+
+
+# ---------------------------------------------------------------- the client
+
+
+@dataclass
+class _Retry:
+    reason: str
+    retry_after: float | None = None
+
+
+class OpenAITeacher:
+    """A Teacher over the OpenAI HTTP protocol, with bounded concurrency, retries and timeouts."""
+
+    def __init__(self, model: str, *, base_url: str, api_key_env: str = "OPENAI_API_KEY",
+                 chat: bool | None = None, concurrency: int = 8, timeout: float = 60.0,
+                 max_retries: int = 6, backoff_base: float = 0.5, backoff_max: float = 30.0,
+                 total_timeout: float | None = None) -> None:
+        """Args:
+            model: model name the server knows, sent as "model" and recorded as the teacher name.
+            base_url: API root as the OpenAI SDK takes it, e.g. http://localhost:8000/v1 (a bare
+                host gets /v1).
+            api_key_env: environment variable holding the key, read at each call; unset sends none.
+            chat: None routes prompts to /completions and messages to /chat/completions; True sends
+                plain prompts as one user message to /chat/completions (chat-only APIs); False
+                refuses chat messages.
+            concurrency: requests in flight at most.
+            timeout: seconds one attempt may wait on the socket (connect, send, each read).
+            max_retries: retries after the first attempt before a request is given up as "error".
+            backoff_base: first backoff ceiling in seconds; doubles each retry (full jitter).
+            backoff_max: ceiling of any single wait, Retry-After included.
+            total_timeout: seconds the whole generate call may take (each socket wait is cut to
+                the time left, and no attempt starts after it); None for no bound.
+        """
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SiftError(f"base_url must be an http(s) URL, got {base_url!r}")
+        if concurrency < 1 or max_retries < 0 or timeout <= 0 or backoff_base < 0 or backoff_max < 0:
+            raise SiftError("concurrency >= 1, max_retries >= 0, timeout > 0 and backoffs >= 0 required")
+        if total_timeout is not None and total_timeout <= 0:
+            raise SiftError(f"total_timeout must be > 0, got {total_timeout}")
+        self.name = model
+        self.model, self.base_url, self.api_key_env, self.chat = model, base_url.rstrip("/"), api_key_env, chat
+        self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
+        self.backoff_base, self.backoff_max, self.total_timeout = backoff_base, backoff_max, total_timeout
+        self._https = parts.scheme == "https"
+        self._host, self._port = parts.hostname, parts.port
+        self._prefix = parts.path.rstrip("/") or "/v1"  # like the OpenAI SDK: the path includes the version
+        self._rng = random.Random()
+        self._lock = threading.Lock()
+        self.stats: dict[str, int] = {}  # counters of the last generate call, for the stage's stats
+
+    def describe(self) -> dict:
+        """Provenance: what produced the data, never the key."""
+        return {"model": self.model, "base_url": self.base_url, "api_key_env": self.api_key_env}
+
+    def __repr__(self) -> str:
+        return f"OpenAITeacher(model={self.model!r}, base_url={self.base_url!r})"
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        """Complete every request, in input order; failures come back as finish_reason "error"."""
+        if self.chat is False and any(r.messages is not None for r in requests):
+            raise SiftError("chat=False, but a request has chat messages; use chat=None or True")
+        self.stats = {"requests": len(requests), "attempts": 0, "retries": 0, "errors": 0,
+                      "missing_usage": 0}
+        if not requests:
+            return []
+        key = os.environ.get(self.api_key_env) or None
+        deadline = None if self.total_timeout is None else time.monotonic() + self.total_timeout
+        workers = min(self.concurrency, len(requests))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sift-openai") as pool:
+            results = list(pool.map(lambda r: self._complete(r, key, deadline), requests))
+        if self.stats["missing_usage"]:
+            log.warning("%d of %d responses from %s carried no usage: their token counts are 0",
+                        self.stats["missing_usage"], len(requests), self.base_url)
+        return results
+
+    # -- one request, all its attempts
+
+    def _complete(self, request: Request, key: str | None, deadline: float | None) -> Completion:
+        chat = self.chat is True or request.messages is not None
+        path = self._prefix + ("/chat/completions" if chat else "/completions")
+        payload = json.dumps(request_body(self.model, request, chat=chat)).encode("utf-8")
+        failure, attempts = "not attempted", 0
+        for attempt in range(self.max_retries + 1):
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                failure = f"total_timeout of {self.total_timeout}s reached; last problem: {failure}"
+                break
+            attempts += 1
+            self._count("attempts")
+            if attempt:
+                self._count("retries")
+            outcome = self._attempt(path, payload, key, chat=chat,
+                                    timeout=self.timeout if remaining is None else min(self.timeout, remaining))
+            if isinstance(outcome, Completion):
+                if outcome.finish_reason == "error":
+                    self._count("errors")
+                return outcome
+            failure = outcome.reason
+            if attempt == self.max_retries:
+                break
+            wait = backoff_delay(attempt, base=self.backoff_base, cap=self.backoff_max, rng=self._rng)
+            if outcome.retry_after is not None:
+                wait = min(outcome.retry_after, self.backoff_max)
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
+            time.sleep(wait)
+        self._count("errors")
+        return Completion("", 0, 0, "error", error=self._redact(f"{failure} ({attempts} attempt(s))", key))
+
+    def _attempt(self, path: str, payload: bytes, key: str | None, *, chat: bool,
+                 timeout: float) -> Completion | _Retry:
+        """One HTTP exchange: a Completion (success or final error) or a reason to retry."""
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        conn = cls(self._host, self._port, timeout=timeout)
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        try:
+            conn.request("POST", path, body=payload, headers=headers)
+            resp = conn.getresponse()
+            status, retry_after, raw = resp.status, resp.getheader("Retry-After"), resp.read()
+        except TimeoutError:
+            return _Retry(f"no answer within {timeout:.3g}s")
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, dropped, truncated body
+            return _Retry(f"connection problem: {type(e).__name__}: {e}".rstrip(": "))
+        finally:
+            conn.close()
+        if status == 200:
+            try:
+                completion, has_usage = parse_response(json.loads(raw), chat=chat)
+            except (ValueError, RecursionError) as e:  # JSONDecodeError and BadResponse are ValueErrors
+                return _Retry(f"malformed 200 response: {e}")
+            if not has_usage:
+                self._count("missing_usage")
+            return completion
+        detail = f"HTTP {status}: {_error_text(raw)}"
+        if status in RETRY_STATUS or status >= 500:
+            return _Retry(detail, retry_after_seconds(retry_after))
+        return Completion("", 0, 0, "error", error=self._redact(detail, key))
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.stats[name] += 1
+
+    @staticmethod
+    def _redact(text: str, key: str | None) -> str:
+        return text.replace(key, "***") if key else text
+
+
+def _error_text(raw: bytes) -> str:
+    """The server's own error message when it sent the OpenAI error shape, else the body's start."""
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+        message = data["error"]["message"] if isinstance(data.get("error"), dict) else data.get("error")
+        if isinstance(message, str) and message:
+            text = message
+    except (ValueError, AttributeError, KeyError, TypeError):
+        pass
+    text = " ".join(text.split())
+    return text[:ERROR_SNIPPET] or "(empty body)"
