@@ -201,6 +201,12 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[str]], None]) -> None:
     """Write `path` through `write(file)` into a temporary file beside it, fsync, then rename.
 
@@ -213,6 +219,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[str]], None]) -> None:
     except OSError as e:
         raise SiftError(f"cannot write: {e.strerror or e}", path=path) from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; an artifact gets a normal file's mode
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             write(f)
             f.flush()

@@ -28,20 +28,21 @@ COMMANDS: dict[str, str] = {
     "generate": "pipeline.not_built:generate",
     "classify": "pipeline.not_built:classify",
     "instances": "pipeline.not_built:instances",
-    "filter": "pipeline.not_built:filter_records",
+    "filter": "pipeline.filter_stage:filter_records",
     "export": "pipeline.not_built:export",
     "train": "pipeline.not_built:train",
     "merge": "pipeline.not_built:merge",
     "sample": "pipeline.not_built:sample",
-    "eval": "pipeline.not_built:evaluate",
-    "inspect": "pipeline.not_built:inspect_artifact",
-    "report": "pipeline.not_built:report",
+    "eval": "train.evaluate:evaluate",
+    "inspect": "pipeline.inspect_artifact:inspect_artifact",
+    "report": "pipeline.report:report",
     "loop": "pipeline.not_built:loop",
-    "model fetch": "pipeline.not_built:model_fetch",
-    "model info": "pipeline.not_built:model_info",
+    "model fetch": "pipeline.models:model_fetch",
+    "model info": "pipeline.models:model_info",
 }
 
 _UNSET = object()
+SHORT_FLAGS = {"output": "-o"}  # the few options common enough to deserve one letter
 
 
 class _Doc(typing.NamedTuple):
@@ -147,6 +148,8 @@ def add_command(sub: argparse._SubParsersAction, name: str, func: Callable[..., 
             p.add_argument(param.name, type=conv, help=help_text, nargs=nargs, default=_UNSET)
             continue
         flags = [f"--{param.name.replace('_', '-')}"]
+        if param.name in SHORT_FLAGS:
+            flags.insert(0, SHORT_FLAGS[param.name])
         if "_" in param.name:
             flags.append(f"--{param.name}")
         default_text = "" if param.default is param.empty else f" (default: {param.default!r})"

@@ -9,31 +9,7 @@ def _not_built(stage: str) -> None:
     raise SiftError(f"`sift {stage}` is not built yet in this version")
 
 
-def evaluate(*, run: str = "demo") -> None:
-    """Evaluate base and student side by side on a held-out set (not built yet).
 
-    Args:
-        run: run name; artifacts live in runs/<run>/
-    """
-    _not_built("eval")
-
-
-def inspect_artifact(path: str, /) -> None:
-    """Summarise any artifact in the terminal (not built yet).
-
-    Args:
-        path: the artifact to summarise
-    """
-    _not_built("inspect")
-
-
-def report(*, run: str = "demo") -> None:
-    """Write runs/<run>/report.html with plots (not built yet).
-
-    Args:
-        run: run name; artifacts live in runs/<run>/
-    """
-    _not_built("report")
 
 
 def loop(*, run: str = "demo", rounds: int = 2) -> None:
@@ -73,14 +49,6 @@ def instances(*, run: str = "demo") -> None:
     _not_built("instances")
 
 
-def filter_records(*, run: str = "demo") -> None:
-    """Filter records: quality heuristics and exact ROUGE-L dedup (not built yet).
-
-    Args:
-        run: run name; artifacts live in runs/<run>/
-    """
-    _not_built("filter")
-
 
 def export(*, run: str = "demo") -> None:
     """Export kept records for training (not built yet).
@@ -118,19 +86,3 @@ def sample(*, run: str = "demo") -> None:
     _not_built("sample")
 
 
-def model_fetch(*, run: str = "demo") -> None:
-    """Fetch and convert the embedded default model (not built yet).
-
-    Args:
-        run: run name; artifacts live in runs/<run>/
-    """
-    _not_built("model fetch")
-
-
-def model_info(*, run: str = "demo") -> None:
-    """Describe a model (not built yet).
-
-    Args:
-        run: run name; artifacts live in runs/<run>/
-    """
-    _not_built("model info")

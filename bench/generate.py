@@ -1,0 +1,140 @@
+"""Generation throughput of the embedded teacher: naive loop vs plain batched generate vs ours.
+
+    .venv/bin/python bench/generate.py            # 256 prompts, 128 new tokens, 2 interleaved rounds
+    .venv/bin/python bench/generate.py --quick    # 128 prompts, 64 new tokens, 1 round (under 3 minutes)
+
+Plain batched `model.generate` runs at each of `--batch-sizes` and its best rate is the baseline;
+our TransformersTeacher (fast engine: continuous batching, `--rows` sequences at once) runs on the
+same prompts and token budget, interleaved with the baseline round by round so load from other
+processes hits both alike; each contender's best round counts. The last line is
+`speedup_vs_hf_batched=X.XX`.
+
+Every contender gets the same Self-Instruct bootstrap prompts (8 numbered seed instructions,
+then "9."), the same sampling (temperature 0.7, top_p 0.5, no stop strings, so the same work)
+and the same dtype. Output tokens are the generated tokens before the first EOS. The naive loop
+(one prompt at a time) runs on a subset and its rate is extrapolated: it is per-prompt work,
+so the rate does not depend on how many prompts there are. Needs `sift model fetch` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.models import EMBEDDED_ALIAS  # noqa: E402
+from pipeline.prompts import render  # noqa: E402
+from pipeline.teachers.base import Request, Sampling  # noqa: E402
+
+SEEDS = [REPO / "seeds" / "default.jsonl", REPO.parent / "shared" / "data" / "self_instruct_seed_tasks.jsonl"]
+
+
+def build_prompts(n: int) -> list[str]:
+    """n bootstrap prompts, each 8 seed instructions drawn with a fixed seed, then "9."."""
+    path = next(p for p in SEEDS if p.is_file())
+    instructions = [json.loads(line)["instruction"] for line in path.read_text().splitlines() if line.strip()]
+    rng = random.Random(0)
+    prompts = []
+    for _ in range(n):
+        picked = rng.sample(instructions, 8)
+        examples = "\n".join(f"{i}. {text}" for i, text in enumerate(picked, 1))
+        prompts.append(render("self_instruct_generate", examples=examples, next=9))
+    return prompts
+
+
+def kept_tokens(rows: list[list[int]], eos_ids: set[int]) -> int:
+    return sum(next((i for i, t in enumerate(row) if t in eos_ids), len(row)) for row in rows)
+
+
+def hf_generate(model, tok, prompts: list[str], max_new: int, eos_ids: set[int]) -> int:
+    """Plain batched model.generate: left padding, sampling, prompts in the order given."""
+    import torch
+
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=max_new, do_sample=True, temperature=0.7, top_p=0.5,
+                             top_k=0, pad_token_id=tok.pad_token_id)
+    return kept_tokens(out[:, enc["input_ids"].shape[1]:].tolist(), eos_ids)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="128 prompts, 64 new tokens, one round")
+    ap.add_argument("--prompts", type=int, default=None)
+    ap.add_argument("--tokens", type=int, default=None)
+    ap.add_argument("--batch-sizes", default="32,64", help="plain generate batch sizes; the best one counts")
+    ap.add_argument("--rows", type=int, default=128, help="sequences decoding at once in the fast engine")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 1 quick, 2 full)")
+    ap.add_argument("--naive", type=int, default=None, help="prompts in the one-at-a-time subset (0: skip)")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's choice; 1 is far faster on a busy machine)")
+    args = ap.parse_args()
+    n = args.prompts or (128 if args.quick else 256)
+    max_new = args.tokens or (64 if args.quick else 128)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    rounds = args.rounds or (1 if args.quick else 2)
+    naive_n = args.naive if args.naive is not None else (2 if args.quick else 4)
+
+    import torch
+
+    from pipeline.teachers.hf import TransformersTeacher
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    prompts = build_prompts(n)
+    teacher = TransformersTeacher(EMBEDDED_ALIAS, batch_size=max(sizes), dtype=args.dtype, engine="fast",
+                                  max_rows=args.rows)
+    model, tok = teacher.model, teacher.tokenizer
+    eos = set(teacher.eos_ids)
+    print(f"model={teacher.name} dtype={teacher.dtype} threads={torch.get_num_threads()} prompts={n} "
+          f"new_tokens={max_new} batch_sizes={sizes} rows={args.rows} engine={teacher.engine} "
+          f"load_avg={os.getloadavg()[0]:.1f}")
+    hf_generate(model, tok, prompts[:2], 2, eos)  # warm up
+    requests = [Request(prompt=p, sampling=Sampling(temperature=0.7, top_p=0.5, max_tokens=max_new, seed=i))
+                for i, p in enumerate(prompts)]
+    teacher.generate(requests[:2])
+
+    naive = None
+    if naive_n:
+        t = time.perf_counter()
+        naive_tokens = sum(hf_generate(model, tok, [p], max_new, eos) for p in prompts[:naive_n])
+        naive = naive_tokens / (time.perf_counter() - t)
+        print(f"naive one-at-a-time:        {naive:8.1f} tok/s  ({naive_tokens} tokens from {naive_n} prompts, "
+              f"rate extrapolated to all {n})")
+
+    best_hf, ours = 0.0, 0.0
+    for r in range(1, rounds + 1):
+        for batch in sizes:
+            t = time.perf_counter()
+            hf_tokens = sum(hf_generate(model, tok, prompts[i:i + batch], max_new, eos) for i in range(0, n, batch))
+            rate = hf_tokens / (time.perf_counter() - t)
+            best_hf = max(best_hf, rate)
+            print(f"round {r} hf generate bs={batch:<4d} {rate:8.1f} tok/s  ({hf_tokens} tokens, "
+                  f"load_avg={os.getloadavg()[0]:.1f})", flush=True)
+        t = time.perf_counter()
+        out = teacher.generate(requests)
+        ours_tokens = sum(c.completion_tokens for c in out)
+        rate = ours_tokens / (time.perf_counter() - t)
+        ours = max(ours, rate)
+        print(f"round {r} fast engine rows={args.rows:<4d}{rate:8.1f} tok/s  ({ours_tokens} tokens, "
+              f"load_avg={os.getloadavg()[0]:.1f})", flush=True)
+    print(f"hf batched generate (best): {best_hf:8.1f} tok/s")
+    print(f"TransformersTeacher (fast): {ours:8.1f} tok/s")
+    print(f"load_avg_end={os.getloadavg()[0]:.1f} (other processes on this machine slow every number)")
+    if naive is not None:
+        print(f"speedup_vs_naive={ours / naive:.2f}")
+    print(f"speedup_vs_hf_batched={ours / best_hf:.2f}")
+
+
+if __name__ == "__main__":
+    main()

