@@ -1,0 +1,196 @@
+"""Stage `filter`: quality heuristics and exact ROUGE-L dedup, with a ledger of every rejection.
+
+    sift filter --run demo                                   # the stage: instances.jsonl -> filtered.jsonl
+    sift filter alpaca_data.json -o kept.jsonl --rules rouge # stand-alone, on any dataset
+
+Kept plus rejected always equals the input: every dropped record goes to the rejected ledger with
+the reason (the rule's name), the rule's score, and for duplicates the nearest record's id and text.
+The funnel counts records in and out per rule, in order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from filters.contamination import build_ngram_index
+from filters.engine import apply_rules, funnel
+from filters.rouge import RougeIndex
+from filters.rules import parse_rules
+from pipeline.artifacts import content_id, read_records, require, write_json, write_jsonl
+from pipeline.errors import SiftError
+from pipeline.runs import locked, record_stage, run_dir
+
+
+def flatten_tasks(rows: list[tuple[int, dict]], path: Path) -> list[dict]:
+    """Turn records into one record per example: {id, task_id, instruction, input, output, ...}.
+
+    A record with an `instances` list (Self-Instruct tasks: the instances stage, seed files) gives
+    one record per instance, sharing the task's id as `task_id`; a record with `output` (Alpaca
+    data) is one example; a record with neither is an instruction alone.
+    """
+    out: list[dict] = []
+    seen: dict[str, int] = {}
+    for line, rec in rows:
+        instruction = require(rec, "instruction", str, path=path, line=line)
+        given_id = require(rec, "id", (str, int), path=path, line=line, optional=True)
+        if given_id is not None:
+            if str(given_id) in seen:
+                raise SiftError(f"duplicate id {given_id!r} (first at line {seen[str(given_id)]})", path=path,
+                                line=line, field="id")
+            seen[str(given_id)] = line
+        if "instances" in rec:
+            instances = require(rec, "instances", list, path=path, line=line)
+            task_id = str(given_id) if given_id is not None else content_id(instruction, prefix="task_")
+            base = {k: v for k, v in rec.items() if k not in ("id", "instances")}
+            for i, inst in enumerate(instances):
+                if not isinstance(inst, dict):
+                    raise SiftError("expected an object", path=path, line=line, field=f"instances[{i}]")
+                inp = require(inst, "input", str, path=path, line=line, optional=True, default="")
+                outp = require(inst, "output", str, path=path, line=line, optional=True, default="")
+                out.append({"id": content_id([task_id, inp, outp], prefix="ex_"), "task_id": task_id, **base,
+                            "instruction": instruction, "input": inp, "output": outp, "line": line})
+            continue
+        for field in ("input", "output"):
+            require(rec, field, str, path=path, line=line, optional=True)
+        rid = str(given_id) if given_id is not None else content_id(
+            [instruction, rec.get("input", ""), rec.get("output", ""), line], prefix="rec_")
+        out.append({**rec, "id": rid, "line": line})
+    return out
+
+
+def preload_pool(index: RougeIndex, seeds: Path) -> int:
+    """Put every instruction of a seed or data file into the pool (Self-Instruct compares with seeds)."""
+    n = 0
+    for line, rec in read_records(seeds):
+        text = require(rec, "instruction", str, path=seeds, line=line)
+        index.add(str(rec.get("id", f"seed_{line}")), text)
+        n += 1
+    return n
+
+
+def eval_texts(path: Path) -> list[str]:
+    """Instructions, inputs and outputs of an evaluation file (Self-Instruct or Alpaca shape)."""
+    texts: list[str] = []
+    for _, rec in read_records(path):
+        texts += [str(rec.get(k) or "") for k in ("instruction", "input", "output")]
+        for inst in rec.get("instances") or []:
+            if isinstance(inst, dict):
+                texts += [str(inst.get("input") or ""), str(inst.get("output") or "")]
+    return [t for t in texts if t]
+
+
+def run_filter(records: list[dict], rules: list[str], *, threshold: float, top_k: int, use_stemmer: bool,
+               workers: int, prefilter: str | None, seeds: Path | None, decontaminate: Path | None
+               ) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """Apply the rules; returns kept records, the rejected ledger, the funnel and stats."""
+    if decontaminate is not None and "contaminated" not in rules:
+        rules = [*rules, "contaminated"]
+    try:
+        index = RougeIndex(threshold=threshold, use_stemmer=use_stemmer, top_k=top_k, workers=workers,
+                           prefilter=prefilter)
+    except ValueError as e:
+        raise SiftError(str(e), field="threshold") from None
+    pool = preload_pool(index, seeds) if seeds is not None else 0
+    contamination = build_ngram_index(eval_texts(decontaminate)) if decontaminate is not None else None
+    kept, rejected = [], []
+    reasons: Counter[str | None] = Counter()
+    for record, reason, details in apply_rules(records, rules, rouge_index=index,
+                                               contamination_index=contamination):
+        reasons[reason] += 1
+        rec = {k: v for k, v in record.items() if k != "line"}
+        if reason is None:
+            if details:
+                rec["filter"] = {"max_similarity": details.get("score"), "nearest_id": details.get("nearest_id"),
+                                 "mean_top_k": details.get("mean_top_k")}
+            kept.append(rec)
+            continue
+        entry: dict[str, Any] = {"id": record["id"], "line": record["line"], "reason": reason,
+                                 "score": details.get("score")}
+        if reason == "rouge_duplicate":
+            entry.update(nearest_id=details.get("nearest_id"), nearest_text=details.get("nearest_text"))
+        entry["record"] = rec
+        rejected.append(entry)
+    stats = {"input": len(records), "kept": len(kept), "rejected": len(rejected),
+             "by_reason": {r: c for r, c in reasons.items() if r is not None}, "pool_preloaded": pool}
+    return kept, rejected, funnel(rules, reasons), stats
+
+
+def filter_records(input: str | None = None, /, *, output: str | None = None, run: str = "demo",
+                   rules: str | None = None, threshold: float = 0.7, seeds: str | None = None,
+                   top_k: int = 10, use_stemmer: bool = False, decontaminate: str | None = None,
+                   prefilter: str | None = None, workers: int = -1) -> None:
+    """Filter records: quality heuristics and exact ROUGE-L dedup, with a ledger of every rejection.
+
+    With no INPUT, the stage: runs/<run>/instances.jsonl -> filtered.jsonl, filtered.rejected.jsonl
+    and funnel.json, against the run's seeds. With INPUT (JSONL, or a JSON list like Alpaca's
+    alpaca_data.json, of records with `instruction` and optional `input`, `output`, `id`, or
+    Self-Instruct tasks with `instances`), writes OUT, OUT.rejected.jsonl and OUT.funnel.json.
+    Kept records keep input order; kept plus rejected always equals the input.
+
+    Args:
+        input: a dataset to filter stand-alone; omit to run the stage on runs/<run>/instances.jsonl
+        output: where kept records go (stand-alone; .jsonl, or .json for one JSON list); required with INPUT
+        run: run name for the stage; artifacts live in runs/<run>/
+        rules: a preset (self-instruct, alpaca), `rouge` alone, or a comma list of rule names
+            (default: self-instruct; stand-alone on instruction-only data the instance rules keep all)
+        threshold: ROUGE-L F1 above which a record duplicates the pool (Self-Instruct and Alpaca: 0.7)
+        seeds: pre-load the ROUGE-L pool with this file's instructions (stage default: the run's seeds)
+        top_k: how many most similar pool instructions to score per record (0: dedup only, fastest)
+        use_stemmer: Porter-stem tokens before ROUGE-L (both references: off)
+        decontaminate: an evaluation file; drop records sharing a 13-gram with it (reason contaminated)
+        prefilter: `minhash` for an inexact MinHash-LSH prefilter on huge sets (may miss duplicates)
+        workers: threads for the ROUGE-L comparisons (-1: all cores)
+    """
+    started = time.time()
+    try:
+        rule_names = parse_rules(rules or "self-instruct")
+    except ValueError as e:
+        raise SiftError(str(e), field="rules") from None
+    if input is None:
+        directory = run_dir(run)
+        source = directory / "instances.jsonl"
+        if not source.exists():
+            raise SiftError("not found; run `sift instances` (or `make instances`) first", path=source)
+        seed_path = Path(seeds) if seeds else directory / "seeds.jsonl"
+        targets = (directory / "filtered.jsonl", directory / "filtered.rejected.jsonl", directory / "funnel.json")
+        with locked(directory):
+            stats = _filter_files(source, targets, rule_names, threshold=threshold, top_k=top_k,
+                                  use_stemmer=use_stemmer, workers=workers, prefilter=prefilter,
+                                  seeds=seed_path if seed_path.exists() else None,
+                                  decontaminate=Path(decontaminate) if decontaminate else None)
+            stats["wall_seconds"] = round(time.time() - started, 2)
+            write_json(directory / "filter.stats.json", stats)
+            record_stage(directory, "filter", {"run": run, "rules": rule_names, "threshold": threshold,
+                                               "seeds": str(seed_path), "top_k": top_k, "use_stemmer": use_stemmer,
+                                               "decontaminate": decontaminate, "prefilter": prefilter},
+                         stats=stats)
+    else:
+        if output is None:
+            raise SiftError("-o/--output is required when filtering a file", field="output")
+        out = Path(output)
+        stem = out.with_suffix("") if out.suffix in (".jsonl", ".json") else out
+        targets = (out, Path(f"{stem}.rejected.jsonl"), Path(f"{stem}.funnel.json"))
+        stats = _filter_files(Path(input), targets, rule_names, threshold=threshold, top_k=top_k,
+                              use_stemmer=use_stemmer, workers=workers, prefilter=prefilter,
+                              seeds=Path(seeds) if seeds else None,
+                              decontaminate=Path(decontaminate) if decontaminate else None)
+        stats["wall_seconds"] = round(time.time() - started, 2)
+    reasons = ", ".join(f"{r} {c}" for r, c in sorted(stats["by_reason"].items(), key=lambda x: -x[1])) or "none"
+    print(f"filter: {stats['input']} in, {stats['kept']} kept, {stats['rejected']} rejected ({reasons}) "
+          f"in {stats['wall_seconds']:.1f}s -> {targets[0]}")
+
+
+def _filter_files(source: Path, targets: tuple[Path, Path, Path], rules: list[str], **options: Any) -> dict:
+    records = flatten_tasks(read_records(source), source)
+    kept, rejected, rows, stats = run_filter(records, rules, **options)
+    kept_path, rejected_path, funnel_path = targets
+    write_jsonl(rejected_path, rejected)
+    write_json(funnel_path, {"input": len(records), "kept": len(kept), "rules": rows})
+    if kept_path.suffix == ".json":
+        write_json(kept_path, [{k: v for k, v in r.items() if k not in ("filter",)} for r in kept], indent=None)
+    else:
+        write_jsonl(kept_path, kept)  # last: the make target is only fresh when all three are written
+    return stats
