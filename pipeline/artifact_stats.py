@@ -1,0 +1,234 @@
+"""Pure summaries of artifact records, shared by `sift inspect` and `sift report` (no file I/O here).
+
+    examples = [ex for rec in records for ex in record_examples(rec)]
+    nearest_similarity(queries, pool)      # ROUGE-L F1 of each query to its closest pool text
+    near_duplicate_buckets(texts, 0.7)     # groups of texts linked by ROUGE-L above the threshold
+    contamination(records, eval_texts)     # shared 13-grams with an evaluation file
+
+ROUGE-L here is rouge_score's (lower-case, tokens of [a-z0-9], F1 with beta 1) computed as
+2·LCS/(|a|+|b|) with rapidfuzz's bit-parallel Indel similarity, as DESIGN.md describes; these
+numbers describe data, they decide nothing, so float ties at a threshold do not matter here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+_TOKEN = re.compile(r"[a-z0-9]+")
+CHUNK = 512  # query rows per cdist call, so memory stays rows x pool
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """rouge_score's default tokenizer without stemming: lower-case runs of [a-z0-9]."""
+    return _TOKEN.findall(text.lower())
+
+
+def record_examples(rec: dict) -> list[dict[str, str | None]]:
+    """(instruction, input, output) triples of any record shape: Alpaca/filtered, Self-Instruct
+    tasks (one per instance, or one with no input/output), or chat messages."""
+    if isinstance(rec.get("messages"), list):
+        msgs = [m for m in rec["messages"] if isinstance(m, dict)]
+        user = next((m.get("content") for m in msgs if m.get("role") == "user"), None)
+        answer = next((m.get("content") for m in reversed(msgs) if m.get("role") == "assistant"), None)
+        return [{"instruction": _str(user), "input": None, "output": _str(answer)}]
+    instruction = _str(rec.get("instruction"))
+    if isinstance(rec.get("instances"), list) and rec["instances"]:
+        return [
+            {"instruction": instruction, "input": _str(i.get("input")), "output": _str(i.get("output"))}
+            for i in rec["instances"]
+            if isinstance(i, dict)
+        ]
+    return [{"instruction": instruction, "input": _str(rec.get("input")), "output": _str(rec.get("output"))}]
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def words(text: str | None) -> int:
+    return len(text.split()) if text else 0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation, like numpy's default."""
+    if not values:
+        return math.nan
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def field_stats(records: Sequence[dict]) -> list[dict]:
+    """Per top-level field: how many records have it, its JSON types, and a short value summary."""
+    out = []
+    keys: dict[str, None] = {}
+    for r in records:
+        keys.update(dict.fromkeys(r))
+    for key in keys:
+        values = [r[key] for r in records if key in r]
+        types = Counter(_json_type(v) for v in values)
+        note = ""
+        strings = [v for v in values if isinstance(v, str)]
+        numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        bools = [v for v in values if isinstance(v, bool)]
+        if bools:
+            note = f"true {sum(bools)}, false {len(bools) - sum(bools)}"
+        elif strings:
+            empty = sum(not s.strip() for s in strings)
+            median = percentile([len(s) for s in strings], 50)
+            note = f"{len(set(strings))} distinct, {empty} empty, median {median:.0f} chars"
+        elif numbers:
+            note = f"min {min(numbers):.4g}, median {percentile(numbers, 50):.4g}, max {max(numbers):.4g}"
+        elif values and all(isinstance(v, list) for v in values):
+            note = f"median length {percentile([len(v) for v in values], 50):.0f}"
+        out.append({"field": key, "present": len(values), "types": dict(types), "note": note})
+    return out
+
+
+def _json_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    names = {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "object"}
+    return names.get(type(v), "?")
+
+
+def length_table(
+    examples: Sequence[dict],
+    fields: Iterable[str] = ("instruction", "input", "output"),
+    qs: Sequence[int] = (5, 25, 50, 75, 95),
+) -> dict[str, dict]:
+    """Word-length percentiles per text field over the examples that have it (empty inputs count 0)."""
+    out = {}
+    for f in fields:
+        lengths = [words(e[f]) for e in examples if e.get(f) is not None]
+        if lengths:
+            out[f] = {
+                "n": len(lengths),
+                "empty": sum(n == 0 for n in lengths),
+                "max": max(lengths),
+                **{f"p{q}": percentile(lengths, q) for q in qs},
+            }
+    return out
+
+
+def reasons(records: Sequence[dict]) -> Counter[str]:
+    """Rejected records per reason (the `reason` field of a *.rejected.jsonl ledger)."""
+    return Counter(str(r["reason"]) for r in records if r.get("reason") is not None)
+
+
+# ---------------------------------------------------------------- ROUGE-L in bulk
+
+
+def _encode(token_lists: Sequence[list[str]], vocab: dict[str, str]) -> list[str]:
+    """One character per distinct token, so rapidfuzz compares token sequences."""
+    return ["".join(vocab.setdefault(t, chr(0x100 + len(vocab))) for t in toks) for toks in token_lists]
+
+
+def similarity_matrix_rows(
+    queries: Sequence[str], pool: Sequence[str], *, cutoff: float = 0.0
+) -> Iterable[Any]:
+    """Yield (row offset, float32 matrix of ROUGE-L F1) in chunks of query rows; empty texts score 0."""
+    import numpy as np
+    from rapidfuzz import process
+    from rapidfuzz.distance import Indel
+
+    vocab: dict[str, str] = {}
+    q = _encode([rouge_tokens(t) for t in queries], vocab)
+    p = _encode([rouge_tokens(t) for t in pool], vocab)
+    empty_p = np.array([not s for s in p])
+    for start in range(0, len(q), CHUNK):
+        block = process.cdist(
+            q[start : start + CHUNK],
+            p,
+            scorer=Indel.normalized_similarity,
+            dtype=np.float32,
+            score_cutoff=cutoff,
+            workers=-1,
+        )
+        block[:, empty_p] = 0.0
+        block[[i for i, s in enumerate(q[start : start + CHUNK]) if not s], :] = 0.0
+        yield start, block
+
+
+def nearest_similarity(
+    queries: Sequence[str], pool: Sequence[str], *, exclude_self: bool = False
+) -> list[float]:
+    """ROUGE-L F1 of each query to its closest pool text (`exclude_self`: the queries are the pool;
+    a text is not its own neighbour)."""
+    if not queries or not pool:
+        return [0.0] * len(queries)
+    out: list[float] = []
+    for start, block in similarity_matrix_rows(queries, pool):
+        if exclude_self:
+            for i in range(block.shape[0]):
+                block[i, start + i] = 0.0
+        out.extend(float(x) for x in block.max(axis=1))
+    return out
+
+
+def near_duplicate_buckets(texts: Sequence[str], threshold: float = 0.7) -> list[list[int]]:
+    """Groups (indices, largest first) of distinct texts chained by ROUGE-L F1 above `threshold`."""
+    import numpy as np
+
+    parent = list(range(len(texts)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for start, block in similarity_matrix_rows(texts, texts, cutoff=threshold):
+        rows, cols = np.nonzero(block > threshold)
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            a, b = find(start + r), find(c)
+            if a != b:
+                parent[a] = b
+    groups: dict[int, list[int]] = {}
+    for i in range(len(texts)):
+        groups.setdefault(find(i), []).append(i)
+    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
+
+
+# ---------------------------------------------------------------- contamination
+
+
+def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    toks = rouge_tokens(text)
+    return {tuple(toks[i : i + n]) for i in range(len(toks) - n + 1)}
+
+
+def example_text(ex: dict) -> str:
+    return "\n".join(t for t in (ex.get("instruction"), ex.get("input"), ex.get("output")) if t)
+
+
+def contamination(records: Sequence[dict], eval_texts: Sequence[str], *, n: int = 13) -> dict:
+    """Records sharing at least one word n-gram (13 by default, as GPT-3's decontamination) with the
+    evaluation texts: how many, which, and one shared n-gram each."""
+    index = set().union(*(ngrams(t, n) for t in eval_texts)) if eval_texts else set()
+    hits = []
+    for r in records:
+        text = "\n".join(example_text(ex) for ex in record_examples(r))
+        shared = ngrams(text, n) & index
+        if shared:
+            hits.append(
+                {
+                    "id": r.get("id"),
+                    "shared": len(shared),
+                    "ngram": " ".join(sorted(shared)[0]),
+                    "instruction": (record_examples(r)[0].get("instruction") or "")[:120],
+                }
+            )
+    return {
+        "n": n,
+        "records": len(records),
+        "contaminated": len(hits),
+        "rate": len(hits) / len(records) if records else 0.0,
+        "eval_ngrams": len(index),
+        "hits": sorted(hits, key=lambda h: -h["shared"]),
+    }

@@ -1,0 +1,251 @@
+"""Summarise any artifact in the terminal: counts, fields, lengths, verbs, near-duplicates, reasons.
+
+    sift inspect runs/demo/filtered.jsonl
+    sift inspect runs/demo/filtered.rejected.jsonl --where reason=rouge_similar --sample 3
+    sift inspect runs/demo/instructions.jsonl --grep "poem" --sample 5
+    sift inspect runs/demo/filtered.jsonl --against ../shared/data/user_oriented_instructions.jsonl
+    sift inspect runs/demo                      # every artifact of a run with its record count
+
+Reads JSONL, a JSON list (alpaca.json) or one JSON document (funnel.json, manifest.json,
+eval.json). `--where` and `--grep` narrow the records first; the summary describes what is left.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifact_stats import (
+    contamination,
+    example_text,
+    field_stats,
+    length_table,
+    near_duplicate_buckets,
+    reasons,
+    record_examples,
+)
+from pipeline.artifacts import read_json, read_records
+from pipeline.errors import SiftError
+from pipeline.verbs import parse_verbs, top_verb_objects
+
+SHOWN_BUCKETS = 5
+SHOWN_ROWS = 5  # rows printed for --grep/--where without --sample
+
+
+def lookup(record: dict, dotted: str) -> Any:
+    """record["a"]["b"] for "a.b"; None when any step is missing."""
+    value: Any = record
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def parse_where(where: str) -> tuple[str, str, bool]:
+    """'field=value' or 'field!=value' -> (field, value, negate)."""
+    m = re.fullmatch(r"\s*([\w.]+)\s*(!?=)\s*(.*?)\s*", where)
+    if not m:
+        raise SiftError(f"expected FIELD=VALUE or FIELD!=VALUE, got {where!r}", field="where")
+    return m.group(1), m.group(3), m.group(2) == "!="
+
+
+def matches(record: dict, *, grep: re.Pattern | None, where: tuple[str, str, bool] | None) -> bool:
+    if where is not None:
+        field, value, negate = where
+        got = lookup(record, field)
+        text = (
+            json.dumps(got, ensure_ascii=False)
+            if isinstance(got, dict | list)
+            else ("" if got is None else str(got).lower() if isinstance(got, bool) else str(got))
+        )
+        if (text == value) == negate:
+            return False
+    return grep is None or bool(grep.search(json.dumps(record, ensure_ascii=False)))
+
+
+def summarize(
+    records: list[dict], *, against: list[str] | None = None, threshold: float = 0.7, ngram: int = 13
+) -> dict:
+    """Everything `inspect` prints about a list of records, as plain data."""
+    examples = [ex for r in records for ex in record_examples(r)]
+    instructions = list(dict.fromkeys(ex["instruction"] for ex in examples if ex.get("instruction")))
+    pairs, parser = parse_verbs(instructions)
+    buckets = near_duplicate_buckets(instructions, threshold) if len(instructions) > 1 else []
+    out = {
+        "records": len(records),
+        "examples": len(examples),
+        "instructions": len(instructions),
+        "fields": field_stats(records),
+        "lengths": length_table(examples),
+        "reasons": reasons(records),
+        "verbs": top_verb_objects(pairs, verbs=10, objects=4),
+        "parser": parser,
+        "with_verb": sum(v is not None for v, _ in pairs),
+        "near_duplicates": {
+            "threshold": threshold,
+            "buckets": len(buckets),
+            "texts_in_buckets": sum(len(b) for b in buckets),
+            "largest": [[instructions[i] for i in b] for b in buckets[:SHOWN_BUCKETS]],
+        },
+    }
+    if against is not None:
+        out["contamination"] = contamination(records, against, n=ngram)
+    return out
+
+
+def eval_texts(path: Path) -> list[str]:
+    """Every instruction, input and output of an evaluation file (any record shape)."""
+    return [example_text(ex) for _, r in read_records(path) for ex in record_examples(r)]
+
+
+# ---------------------------------------------------------------- printing
+
+
+def _print_summary(path: Path, s: dict, console: Any) -> None:
+    from rich.table import Table
+
+    console.print(
+        f"[bold]{path}[/]: {s['records']} records, {s['examples']} examples, "
+        f"{s['instructions']} distinct instructions"
+    )
+    t = Table(title="fields")
+    for col in ("field", "present", "types", "values"):
+        t.add_column(col)
+    for f in s["fields"]:
+        types = ", ".join(f"{k} {v}" for k, v in f["types"].items())
+        t.add_row(f["field"], str(f["present"]), types, f["note"])
+    console.print(t)
+    if s["lengths"]:
+        t = Table(title="length in words")
+        cols = ["n", "empty", "p5", "p25", "p50", "p75", "p95", "max"]
+        t.add_column("field")
+        for c in cols:
+            t.add_column(c, justify="right")
+        for name, row in s["lengths"].items():
+            t.add_row(name, *(f"{row[c]:.0f}" for c in cols))
+        console.print(t)
+    if s["reasons"]:
+        t = Table(title="rejected, by reason")
+        t.add_column("reason")
+        t.add_column("count", justify="right")
+        t.add_column("share", justify="right")
+        total = sum(s["reasons"].values())
+        for reason, n in s["reasons"].most_common():
+            t.add_row(reason, str(n), f"{n / total:.1%}")
+        console.print(t)
+    if s["verbs"]:
+        t = Table(
+            title=f"root verbs and their objects ({s['parser']} parser; "
+            f"{s['with_verb']} of {s['instructions']} instructions start with a verb)"
+        )
+        t.add_column("verb")
+        t.add_column("pairs", justify="right")
+        t.add_column("most common objects")
+        for verb, n, objs in s["verbs"]:
+            t.add_row(verb, str(n), ", ".join(f"{o} ({c})" for o, c in objs))
+        console.print(t)
+    nd = s["near_duplicates"]
+    console.print(
+        f"near-duplicate buckets (ROUGE-L > {nd['threshold']}): {nd['buckets']} buckets holding "
+        f"{nd['texts_in_buckets']} instructions"
+    )
+    for i, bucket in enumerate(nd["largest"], 1):
+        console.print(f"  {i}. ({len(bucket)}) " + " | ".join(_cut(x, 60) for x in bucket[:3]))
+    c = s.get("contamination")
+    if c is not None:
+        console.print(
+            f"contamination: {c['contaminated']} of {c['records']} records ({c['rate']:.1%}) "
+            f"share a {c['n']}-gram with the evaluation file"
+        )
+        for h in c["hits"][:SHOWN_ROWS]:
+            console.print(f'  {h["id"]}: {h["shared"]} shared, e.g. "{h["ngram"]}"')
+
+
+def _cut(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _print_directory(path: Path, console: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title=str(path))
+    t.add_column("artifact")
+    t.add_column("records", justify="right")
+    t.add_column("bytes", justify="right")
+    for p in sorted(path.iterdir()):
+        if p.name.startswith(".") or p.is_dir():
+            continue
+        n = ""
+        if p.suffix == ".jsonl" or (p.suffix == ".json" and p.read_bytes().lstrip()[:1] == b"["):
+            try:
+                n = str(len(read_records(p)))
+            except SiftError:
+                n = "empty" if not p.read_bytes().strip() else "unreadable"
+        t.add_row(p.name, n, f"{p.stat().st_size:,}")
+    console.print(t)
+
+
+def inspect_artifact(
+    path: str,
+    /,
+    *,
+    sample: int = 0,
+    grep: str | None = None,
+    where: str | None = None,
+    against: str | None = None,
+    ngram: int = 13,
+    threshold: float = 0.7,
+    seed: int = 0,
+) -> None:
+    """Summarise an artifact: count, fields, lengths, root verbs, near-duplicates, rejection reasons.
+
+    Args:
+        path: A JSONL artifact, a JSON list or document, or a run directory.
+        sample: Also print this many records (a seeded random sample of those that match).
+        grep: Keep only records whose JSON text matches this regular expression (case-insensitive).
+        where: Keep only records with FIELD=VALUE or FIELD!=VALUE; dotted fields reach inside (a.b).
+        against: An evaluation file; report records sharing a word n-gram with it (contamination).
+        ngram: n of the contamination check's word n-grams.
+        threshold: ROUGE-L F1 above which two instructions share a near-duplicate bucket.
+        seed: Seed for --sample.
+    """
+    from rich.console import Console
+
+    console = Console()
+    p = Path(path)
+    if p.is_dir():
+        _print_directory(p, console)
+        return
+    if p.suffix == ".json" and p.exists() and p.read_bytes().lstrip()[:1] == b"{":
+        console.print_json(json.dumps(read_json(p), ensure_ascii=False))
+        return
+    records = [r for _, r in read_records(p)]
+    pattern = None
+    if grep is not None:
+        try:
+            pattern = re.compile(grep, re.IGNORECASE)
+        except re.error as e:
+            raise SiftError(f"invalid regular expression: {e}", field="grep") from None
+    condition = parse_where(where) if where is not None else None
+    if pattern is not None or condition is not None:
+        records = [r for r in records if matches(r, grep=pattern, where=condition)]
+        console.print(
+            f"{len(records)} records match"
+            + (f" --grep {grep!r}" if grep else "")
+            + (f" --where {where!r}" if where else "")
+        )
+        if not records:
+            return
+    against_texts = eval_texts(Path(against)) if against else None
+    _print_summary(p, summarize(records, against=against_texts, threshold=threshold, ngram=ngram), console)
+    shown = sample or (SHOWN_ROWS if pattern is not None or condition is not None else 0)
+    if shown:
+        rows = random.Random(seed).sample(records, min(shown, len(records)))
+        for r in rows:
+            console.rule(str(r.get("id", "")))
+            console.print_json(json.dumps(r, ensure_ascii=False))
