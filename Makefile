@@ -14,12 +14,17 @@ N        ?= 100
 SEED     ?= 0
 EPOCHS   ?= 2
 ROUNDS   ?= 2
-# extra options passed through to a stage, e.g. GENERATE_OPTS="--max-tokens 512"
-GENERATE_OPTS  ?=
+RECIPE   ?= self-instruct
+# extra options passed through to a stage, e.g. GENERATE_OPTS="--max-tokens 512"; the defaults keep the
+# embedded 135M teacher quick on a CPU (the reference recipes' own budgets are the commands' defaults)
+GENERATE_OPTS  ?= --max-tokens 256
 CLASSIFY_OPTS  ?=
-INSTANCES_OPTS ?=
+INSTANCES_OPTS ?= --max-tokens 200
 FILTER_OPTS    ?=
+EXPORT_OPTS    ?=
 TRAIN_OPTS     ?=
+EVAL_OPTS      ?= --limit 24 --max-new-tokens 96
+LOOP_OPTS      ?=
 # the CPU build of torch on disk here; on a GPU machine use e.g. TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
 PYTHON     ?= python3
@@ -31,9 +36,10 @@ R     := runs/$(RUN)
 SETUP := $(VENV)/.setup-done
 MODEL := $(VENV)/.model-done
 # the stages built so far, in order; `make all` runs these
-STAGES := seeds
+STAGES := seeds generate classify instances filter export train eval report
+TEACHER_ARGS = --teacher $(TEACHER) --backend $(BACKEND)
 
-.PHONY: all setup test test-fast lint bench clean $(STAGES) help
+.PHONY: all setup test test-fast lint bench clean $(STAGES) loop help
 
 all: $(STAGES)
 	@echo ""
@@ -62,6 +68,42 @@ seeds: $(R)/seeds.jsonl
 $(R)/seeds.jsonl: $(SEEDS) | $(SETUP)
 	$(SIFT) seeds $(SEEDS) --run $(RUN)
 
+generate: $(R)/instructions.jsonl
+$(R)/instructions.jsonl: $(R)/seeds.jsonl | $(MODEL)
+	$(SIFT) generate --run $(RUN) --recipe $(RECIPE) $(TEACHER_ARGS) --n $(N) --seed $(SEED) $(GENERATE_OPTS)
+
+classify: $(R)/classified.jsonl
+$(R)/classified.jsonl: $(R)/instructions.jsonl
+	$(SIFT) classify --run $(RUN) $(TEACHER_ARGS) $(CLASSIFY_OPTS)
+
+instances: $(R)/instances.jsonl
+$(R)/instances.jsonl: $(R)/classified.jsonl
+	$(SIFT) instances --run $(RUN) $(TEACHER_ARGS) $(INSTANCES_OPTS)
+
+filter: $(R)/filtered.jsonl
+$(R)/filtered.jsonl: $(R)/instances.jsonl
+	$(SIFT) filter --run $(RUN) $(FILTER_OPTS)
+
+export: $(R)/train.jsonl
+$(R)/train.jsonl: $(R)/filtered.jsonl
+	$(SIFT) export --run $(RUN) --seed $(SEED) $(EXPORT_OPTS)
+
+train: $(R)/student/adapter_model.safetensors
+$(R)/student/adapter_model.safetensors: $(R)/train.jsonl
+	$(SIFT) train --run $(RUN) --student $(STUDENT) --epochs $(EPOCHS) --seed $(SEED) --resume $(TRAIN_OPTS)
+
+eval: $(R)/eval.json
+$(R)/eval.json: $(R)/student/adapter_model.safetensors
+	$(SIFT) eval --run $(RUN) --base $(STUDENT) $(EVAL_OPTS)
+
+report: $(R)/report.html
+$(R)/report.html: $(R)/eval.json
+	$(SIFT) report --run $(RUN)
+
+loop: $(R)/loop.json
+$(R)/loop.json: $(R)/filtered.jsonl
+	$(SIFT) loop --run $(RUN) --rounds $(ROUNDS) --student $(STUDENT) $(TEACHER_ARGS) $(LOOP_OPTS)
+
 # ---------------------------------------------------------------- checks
 test: $(SETUP) $(MODEL)
 	$(PY) -m pytest -m "slow or not slow" -q -p no:cacheprovider; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
@@ -71,6 +113,11 @@ test-fast: $(SETUP)
 
 lint: $(SETUP)
 	$(VENV)/bin/ruff check .
+
+bench: $(SETUP) $(MODEL)
+	$(PY) bench/dedup.py --quick
+	$(PY) bench/generate.py --quick
+	$(PY) bench/train.py --quick
 
 clean:
 	rm -rf $(R)

