@@ -11,8 +11,9 @@ dropped record is not looked at again). Which rules apply where:
   instance to check); a task is the records sharing "task_id" (default: each record is its own task);
 - `rouge` checks the first record of each task that is still alive against the pool (seeds, then
   every task accepted before), sequentially as Self-Instruct does; the task's other records follow
-  that decision. Details carry score, nearest_id, nearest_text, most_similar, mean_top_k, mean_all,
-  for kept records too;
+  that decision. A task enters the pool under its task key, so `nearest_id` names a task_id (or a
+  record id). Details carry score, nearest_id, nearest_text, most_similar, mean_top_k, mean_all, for
+  kept records too;
 - `conflicting_outputs` must see a whole task before deciding, so it holds the stream back until its
   input ends (memory grows with the input); every other rule streams.
 """
@@ -35,7 +36,8 @@ Stage = Iterator[Item]
 
 def task_key(record: Record) -> Hashable:
     """The task a record belongs to: its "task_id", or the record itself."""
-    return record.get("task_id", record["id"])
+    key = record.get("task_id")
+    return record["id"] if key is None else key
 
 
 def _instance(record: Record) -> tuple[str, str]:
@@ -91,26 +93,37 @@ def _match_details(match: Match) -> dict[str, Any]:
 
 
 def _rouge(stream: Stage, index: RougeIndex) -> Stage:
-    """Sequential ROUGE-L dedup of the first alive record of each task, a block at a time."""
-    decided: dict[Hashable, tuple[str | None, dict[str, Any]]] = {}
+    """Sequential ROUGE-L dedup, a block at a time: every alive record without a task_id, and the
+    first alive record of each task (its later records follow that decision)."""
+    decided: dict[Hashable, tuple[str | None, Match]] = {}  # by task_id
     while True:
         held: list[Item] = []
-        queries: dict[Hashable, str] = {}
+        queries: list[tuple[Hashable, str]] = []  # (pool id, instruction)
+        asks: list[tuple[int, Hashable]] = []  # (held position, task_id or None) per query
+        pending: set[Hashable] = set()
         for item in stream:
             held.append(item)
-            key = task_key(item[0])
-            if item[1] is None and key not in decided and key not in queries:
-                queries[key] = item[0]["instruction"]
+            record, task = item[0], item[0].get("task_id")
+            if item[1] is None and (task is None or (task not in decided and task not in pending)):
+                queries.append((record["id"] if task is None else task, record["instruction"]))
+                asks.append((len(held) - 1, task))
+                pending.add(task)
             if len(queries) >= index.block_size or len(held) >= 8 * index.block_size:
                 break
         if not held:
             return
-        for key, match, kept in index.filter_stream(queries.items()):
-            decided[key] = (None if kept else REASONS["rouge"], _match_details(match))
-        for item in held:
+        answers: dict[int, tuple[str | None, Match]] = {}
+        for (position, task), (_, match, kept) in zip(asks, index.filter_stream(queries), strict=True):
+            decision = (None if kept else REASONS["rouge"], match)
+            if task is None:
+                answers[position] = decision
+            else:
+                decided[task] = decision
+        for position, item in enumerate(held):
             if item[1] is None:
-                item[1], details = decided[task_key(item[0])]
-                item[2] = dict(details)
+                task = item[0].get("task_id")
+                reason, match = answers[position] if task is None else decided[task]
+                item[1], item[2] = reason, _match_details(match)
             yield item
 
 

@@ -347,7 +347,9 @@ class RougeIndex:
             dtype=np.float32,
             workers=self._workers(len(queries) * len(choices)),
         )
-        rows, cols = np.nonzero(sim)
+        hit = np.flatnonzero(sim.view(np.int32).max(axis=1) > 0)  # rows with a pair: far cheaper than
+        sub_rows, cols = np.nonzero(sim[hit])  # np.nonzero over the whole matrix
+        rows = hit[sub_rows]
         lensum = q_lens[rows] + c_lens[cols]
         dist = np.rint((1.0 - sim[rows, cols].astype(np.float64)) * lensum).astype(np.int64)
         lcs = (lensum - dist) // 2

@@ -133,3 +133,14 @@ def test_funnel_adds_up_and_order_is_kept() -> None:
     assert sum(counts[REASONS[r]] for r in rules) == len(records) - kept
     with pytest.raises(ValueError):
         funnel(["too_short"], Counter({"blacklist": 1}))
+
+
+def test_rouge_stage_across_blocks_and_repeated_ids() -> None:
+    records = [rec(str(i), f"Tell me about alpha{i} beta{i} gamma{i} delta{i}") for i in range(40)]
+    records += [rec("0", records[0]["instruction"]), rec("x", records[1]["instruction"].upper())]
+    records.insert(3, rec("2", records[2]["instruction"]))  # a repeat inside one block is checked too
+    out = list(apply_rules(records, ["rouge"], options={"rouge": {"top_k": 0, "block_size": 8}}))
+    assert [r["id"] for r, _, _ in out] == [r["id"] for r in records]
+    assert out[2][1] is None and out[3][1] == "rouge_duplicate"
+    assert out[-2][1] == "rouge_duplicate" and out[-2][2]["nearest_id"] == "0"  # no task_id: checked again
+    assert out[-1][1] == "rouge_duplicate" and out[-1][2]["nearest_id"] == "1"
