@@ -118,6 +118,8 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     """
     path = Path(path)
     data = _read_bytes(path)
+    if data.startswith(b"\xef\xbb\xbf"):  # before the shape checks, which would misread it
+        raise SiftError("starts with a UTF-8 byte-order mark; save it as plain UTF-8", path=path, line=1)
     head = data.lstrip()[:1]
     if not head:
         raise SiftError("is empty: no records", path=path)
@@ -127,8 +129,6 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
                             path=path, line=1)
         raise SiftError("expected a JSON list of objects", path=path, line=1)
     if head == b"[":
-        if data.startswith(b"\xef\xbb\xbf"):
-            raise SiftError("starts with a UTF-8 byte-order mark; save it as plain UTF-8", path=path, line=1)
         text = _decode_line(data, path, 1)
         try:
             obj = json.loads(text)
@@ -256,6 +256,30 @@ def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
 
 def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text))
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+@contextlib.contextmanager
+def all_or_none(*paths: str | Path) -> Iterator[None]:
+    """Write several artifacts as a set: if the block fails (say the disk fills on the third),
+    remove the ones it already wrote, so a failed command leaves no half-finished set behind."""
+    targets = [Path(p) for p in paths]
+    before = {p: _identity(p) for p in targets}
+    try:
+        yield
+    except BaseException:
+        for p in targets:
+            if _identity(p) != before[p]:  # atomic_write renames a new file in: a new inode
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        raise
 
 
 # ---------------------------------------------------------------- journal

@@ -19,7 +19,7 @@ from filters.contamination import build_ngram_index
 from filters.engine import apply_rules, funnel
 from filters.rouge import RougeIndex
 from filters.rules import parse_rules
-from pipeline.artifacts import content_id, read_records, require, write_json, write_jsonl
+from pipeline.artifacts import all_or_none, content_id, read_records, require, write_json, write_jsonl
 from pipeline.errors import SiftError
 from pipeline.runs import locked, record_stage, run_dir
 
@@ -187,10 +187,12 @@ def _filter_files(source: Path, targets: tuple[Path, Path, Path], rules: list[st
     records = flatten_tasks(read_records(source), source)
     kept, rejected, rows, stats = run_filter(records, rules, **options)
     kept_path, rejected_path, funnel_path = targets
-    write_jsonl(rejected_path, rejected)
-    write_json(funnel_path, {"input": len(records), "kept": len(kept), "rules": rows})
-    if kept_path.suffix == ".json":
-        write_json(kept_path, [{k: v for k, v in r.items() if k not in ("filter",)} for r in kept], indent=None)
-    else:
-        write_jsonl(kept_path, kept)  # last: the make target is only fresh when all three are written
+    with all_or_none(*targets):
+        write_jsonl(rejected_path, rejected)
+        write_json(funnel_path, {"input": len(records), "kept": len(kept), "rules": rows})
+        if kept_path.suffix == ".json":
+            write_json(kept_path, [{k: v for k, v in r.items() if k not in ("filter",)} for r in kept],
+                       indent=None)
+        else:
+            write_jsonl(kept_path, kept)  # last: the make target is only fresh when all three are written
     return stats

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 
-from pipeline.artifacts import iter_jsonl, require, write_json, write_jsonl
+from pipeline.artifacts import all_or_none, iter_jsonl, require, write_json, write_jsonl
 from pipeline.errors import SiftError
 from pipeline.runs import locked, record_stage, run_dir
 from train.format import to_messages
@@ -76,10 +76,11 @@ def export(*, run: str = "demo", valid_fraction: float = 0.1, seed: int = 0) -> 
 
         train = [r for r in records if r["id"] not in valid_ids]
         valid = [r for r in records if r["id"] in valid_ids]
-        write_jsonl(directory / "train.jsonl", (chat(r) for r in train))
-        write_jsonl(directory / "valid.jsonl", (chat(r) for r in valid))
-        write_json(directory / "alpaca.json",
-                   [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in train])
+        with all_or_none(*(directory / n for n in ("train.jsonl", "valid.jsonl", "alpaca.json"))):
+            write_jsonl(directory / "train.jsonl", (chat(r) for r in train))
+            write_jsonl(directory / "valid.jsonl", (chat(r) for r in valid))
+            write_json(directory / "alpaca.json", [{"instruction": r["instruction"], "input": r["input"],
+                                                    "output": r["output"]} for r in train])
         stats = {"records": len(records), "train": len(train), "valid": len(valid),
                  "with_input": sum(bool(r["input"]) for r in records)}
         record_stage(directory, "export", {"run": run, "valid_fraction": valid_fraction, "seed": seed},
