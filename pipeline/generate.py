@@ -136,6 +136,9 @@ def run_bootstrap(*, seeds: list[dict], teacher: Teacher, settings: GenerateSett
             planned = round_requests(recipe, template, sampling, settings, seeds, accepted, round_index,
                                      totals["requests"], count)
             completions = teacher.generate([p[0] for p in planned])
+            if not accepted and completions and all(c.finish_reason == "error" for c in completions):
+                # a wrong key, URL or model name: stop before journaling so the rerun asks again
+                raise SiftError(f"every request to the teacher failed; the first: {completions[0].error}")
             hits_now = getattr(teacher, "hits", 0)
             new_acc, new_rej = decide_round(recipe, planned, completions, index, check, base,
                                             known_ids={r["id"] for r in accepted})
