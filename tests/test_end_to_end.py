@@ -48,6 +48,12 @@ def test_every_stage_on_the_embedded_model(tmp_path: Path, monkeypatch: pytest.M
     assert read_json(d / "eval.json")
     html = (d / "report.html").read_text()
     assert "<img" in html and "data:image/png;base64," in html
+    from tests.pipeline.test_report import CHROMIUM, _check_in_browser
+
+    if CHROMIUM:  # the page of a real run renders, every image loads, no console errors
+        shot = d / "report.png"
+        result = _check_in_browser(d / "report.html", shot)
+        assert result["images"] and shot.stat().st_size > 10_000
     manifest = read_json(d / "manifest.json")
     assert set(STAGES) <= set(manifest["stages"])
     assert "filtered.jsonl" in manifest["artifacts"]
