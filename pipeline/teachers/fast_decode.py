@@ -146,12 +146,13 @@ class FastDecoder:
         n, width = len(prompts), max(len(p) for p in prompts)
         tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)
         cos, sin = self._rope(torch.arange(width, device=self.device)[None])
-        cos, sin = cos[:, None], sin[:, None]
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (1, width, 1, d): rotate in the contiguous layout
         x = F.embedding(tokens, self.embed)
         for layer, (kc, vc) in zip(self.layers, self.cache, strict=True):
-            qkv = F.linear(self._rms(x, layer[0]), layer[1]).view(n, width, -1, self.head_dim).transpose(1, 2)
-            qk = self._rotate(qkv[:, :self.heads + self.kv_heads], cos, sin)
-            q, k, v = qk[:, :self.heads], qk[:, self.heads:], qkv[:, self.heads + self.kv_heads:]
+            qkv = F.linear(self._rms(x, layer[0]), layer[1]).view(n, width, -1, self.head_dim)
+            qk = self._rotate(qkv[:, :, :self.heads + self.kv_heads].contiguous(), cos, sin).transpose(1, 2)
+            q, k = qk[:, :self.heads], qk[:, self.heads:]
+            v = qkv[:, :, self.heads + self.kv_heads:].transpose(1, 2)
             kc[base:base + n, :, :width], vc[base:base + n, :, :width] = k, v
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
             x = self._mlp(x + F.linear(a.transpose(1, 2).reshape(n, width, -1), layer[2]), layer)

@@ -3,7 +3,7 @@
     teacher = TransformersTeacher("smollm2-135m-instruct")
     completions = teacher.generate(requests)            # bench: .venv/bin/python bench/generate.py
 
-Two engines. `engine="fast"` (the default for Llama-family models) is the continuous-batching
+Two engines. `engine="fast"` (Llama family; opt-in until it wins at 2 threads, see bench) is the continuous-batching
 decode loop of `fast_decode.py`: up to `max_rows` requests decode together, a finished row's slot
 goes to the next request, and sampling looks at top-k candidates instead of sorting the vocabulary;
 greedy float32 tokens are identical to `generate`'s. Its seeded samples are reproducible but are
@@ -139,9 +139,9 @@ class TransformersTeacher:
     """A Hugging Face causal LM as teacher: local folder, .gguf, Hub id or the embedded alias."""
 
     def __init__(self, model: str, *, batch_size: int = 32, dtype: str = "auto", device: str = "cpu",
-                 on_batch: OnBatch | None = None, engine: str = "fast", max_rows: int = 128) -> None:
+                 on_batch: OnBatch | None = None, engine: str = "hf", max_rows: int = 128) -> None:
         """`batch_size`: requests per `generate` call (engine "hf") and per progress report;
-        `engine`: "fast" (continuous batching, Llama family; others fall back to "hf") or "hf";
+        `engine`: "hf" or "fast" (continuous batching, Llama family; others fall back to "hf");
         `max_rows`: requests decoding at once in the fast engine."""
         if batch_size < 1 or max_rows < 1:
             raise ValueError(f"batch_size and max_rows must be >= 1, got {batch_size}, {max_rows}")
