@@ -156,16 +156,18 @@ def lengths_section(data: dict[str, list[dict] | None]) -> str:
     )
 
 
+def _distinct_instructions(records: list[dict]) -> list[str]:
+    """Each instruction once, in first-seen order (a task's examples share one)."""
+    return list(dict.fromkeys(ex["instruction"] for r in records for ex in record_examples(r)
+                              if ex.get("instruction")))
+
+
 def similarity_section(data: dict[str, list[dict] | None]) -> str:
     kept = _kept(data)
     if kept is None:
         return _missing("No generated instructions yet (run generate).")
     name, records = kept
-    instructions = list(
-        dict.fromkeys(
-            ex["instruction"] for r in records for ex in record_examples(r) if ex.get("instruction")
-        )
-    )
+    instructions = _distinct_instructions(records)
     seeds = [
         r.get("instruction", "")
         for r in data.get("seeds.jsonl") or []
@@ -212,11 +214,7 @@ def verbs_section(data: dict[str, list[dict] | None]) -> str:
     if kept is None:
         return _missing("No generated instructions yet (run generate).")
     name, records = kept
-    instructions = list(
-        dict.fromkeys(
-            ex["instruction"] for r in records for ex in record_examples(r) if ex.get("instruction")
-        )
-    )
+    instructions = _distinct_instructions(records)
     pairs, parser = parse_verbs(instructions)
     top = top_verb_objects(pairs, verbs=20, objects=4)
     if not top:
