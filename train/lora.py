@@ -163,6 +163,16 @@ def train(*, run: str = "demo", student: str = "smollm2-135m-instruct", epochs: 
         seed: Seed for LoRA initialisation and data order.
         template: auto (the tokenizer's chat template if it has one, else Alpaca's), chat or alpaca.
     """
+    options = dict(locals())  # the parameters above, nothing else yet
+    train_in(run_dir(run), **options)
+
+
+def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: float, lora_r: int, lora_alpha: int,
+             lora_dropout: float, target_modules: str, max_length: int, batch_size: int, grad_accum: int,
+             packing: bool, overlong: str, eval_steps: int, save_steps: int, logging_steps: int, resume: bool,
+             gradient_checkpointing: bool, qlora: bool, precision: str, max_steps: int, warmup_ratio: float,
+             seed: int, template: str) -> None:
+    """`sift train` on any directory holding train.jsonl (and valid.jsonl): a run, or a loop round."""
     if template not in TEMPLATES:
         raise SiftError(f"use one of {', '.join(TEMPLATES)}, got {template!r}", field="template")
     if overlong not in OVERLONG:
@@ -173,7 +183,6 @@ def train(*, run: str = "demo", student: str = "smollm2-135m-instruct", epochs: 
             raise SiftError(f"must be at least 1, got {value}", field=name)
     if not 0 <= warmup_ratio < 1:
         raise SiftError(f"must be in [0, 1), got {warmup_ratio}", field="warmup_ratio")
-    directory = run_dir(run)
     out = directory / "student"
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch only rank 0 writes
     with locked(directory) if main_process else contextlib.nullcontext():
