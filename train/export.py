@@ -12,13 +12,14 @@ when others are added or removed. All three load with `datasets.load_dataset("js
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 from pipeline.artifacts import all_or_none, iter_jsonl, require, write_json, write_jsonl
 from pipeline.errors import SiftError
 from pipeline.runs import locked, record_stage, run_dir
 from train.format import to_messages
 
-METADATA_FIELDS = ("provenance", "source", "task_id", "seed_id", "is_classification")  # carried if present
+METADATA_FIELDS = ("provenance", "source", "task_id", "seed_id", "is_classification", "loop")  # carried if present
 
 
 def split_score(record_id: str, seed: int) -> float:
@@ -54,6 +55,21 @@ def _read_filtered(path) -> list[dict]:
     return records
 
 
+def chat_record(r: dict) -> dict:
+    """An exported line: the id, the chat messages, and the metadata carried along."""
+    return {"id": r["id"], "messages": to_messages(r["instruction"], r["input"], r["output"]),
+            "metadata": r.get("metadata", {})}
+
+
+def write_splits(directory: Path, train: list[dict], valid: list[dict]) -> None:
+    """train.jsonl, valid.jsonl and alpaca.json in `directory`, all three or none."""
+    with all_or_none(*(directory / n for n in ("train.jsonl", "valid.jsonl", "alpaca.json"))):
+        write_jsonl(directory / "train.jsonl", (chat_record(r) for r in train))
+        write_jsonl(directory / "valid.jsonl", (chat_record(r) for r in valid))
+        write_json(directory / "alpaca.json", [{"instruction": r["instruction"], "input": r["input"],
+                                                "output": r["output"]} for r in train])
+
+
 def export(*, run: str = "demo", valid_fraction: float = 0.1, seed: int = 0) -> None:
     """Write train.jsonl, valid.jsonl (chat messages) and alpaca.json from filtered.jsonl.
 
@@ -69,18 +85,9 @@ def export(*, run: str = "demo", valid_fraction: float = 0.1, seed: int = 0) -> 
     with locked(directory):
         records = _read_filtered(source)
         valid_ids = split_ids([r["id"] for r in records], valid_fraction, seed)
-
-        def chat(r: dict) -> dict:
-            return {"id": r["id"], "messages": to_messages(r["instruction"], r["input"], r["output"]),
-                    "metadata": r["metadata"]}
-
         train = [r for r in records if r["id"] not in valid_ids]
         valid = [r for r in records if r["id"] in valid_ids]
-        with all_or_none(*(directory / n for n in ("train.jsonl", "valid.jsonl", "alpaca.json"))):
-            write_jsonl(directory / "train.jsonl", (chat(r) for r in train))
-            write_jsonl(directory / "valid.jsonl", (chat(r) for r in valid))
-            write_json(directory / "alpaca.json", [{"instruction": r["instruction"], "input": r["input"],
-                                                    "output": r["output"]} for r in train])
+        write_splits(directory, train, valid)
         stats = {"records": len(records), "train": len(train), "valid": len(valid),
                  "with_input": sum(bool(r["input"]) for r in records)}
         record_stage(directory, "export", {"run": run, "valid_fraction": valid_fraction, "seed": seed},
