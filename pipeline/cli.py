@@ -36,7 +36,7 @@ COMMANDS: dict[str, str] = {
     "eval": "train.evaluate:evaluate",
     "inspect": "pipeline.inspect_artifact:inspect_artifact",
     "report": "pipeline.report:report",
-    "loop": "pipeline.not_built:loop",
+    "loop": "pipeline.loop:loop",
     "model fetch": "pipeline.models:model_fetch",
     "model info": "pipeline.models:model_info",
 }

@@ -39,7 +39,7 @@ def split_ids(ids: list[str], valid_fraction: float, seed: int) -> set[str]:
     return valid
 
 
-def _read_filtered(path) -> list[dict]:
+def read_filtered(path) -> list[dict]:
     records, seen = [], {}
     for line, obj in iter_jsonl(path):
         rec = {k: require(obj, k, str, path=path, line=line) for k in ("id", "instruction", "input", "output")}
@@ -83,7 +83,7 @@ def export(*, run: str = "demo", valid_fraction: float = 0.1, seed: int = 0) -> 
     directory = run_dir(run)
     source = directory / "filtered.jsonl"
     with locked(directory):
-        records = _read_filtered(source)
+        records = read_filtered(source)
         valid_ids = split_ids([r["id"] for r in records], valid_fraction, seed)
         train = [r for r in records if r["id"] not in valid_ids]
         valid = [r for r in records if r["id"] in valid_ids]

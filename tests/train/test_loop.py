@@ -1,0 +1,232 @@
+"""`sift loop` (LLM2LLM): failure selection, the augmentation prompt and parser, lineage, the filters
+on new records, and whole loops on a tiny student with a loopback OpenAI-compatible teacher."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from filters.rules import parse_rules
+from pipeline import llm2llm
+from pipeline.artifacts import read_json, read_jsonl, write_jsonl
+from pipeline.errors import SiftError
+from pipeline.loop import filter_new, loop, original_records, pool_instructions
+from pipeline.prompts import load
+from tests.pipeline.openai_server import FakeOpenAI
+
+FAILURE = {"id": "ex_1", "instruction": "Classify the sentiment of the review.", "input": "I loved it.",
+           "output": "Positive", "score": 0.25}
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def test_failures_are_strictly_below_the_threshold_worst_first() -> None:
+    scores = [{"id": "b", "score": 0.2}, {"id": "a", "score": 0.2}, {"id": "c", "score": 0.5},
+              {"id": "d", "score": 0.0}, {"id": "e", "score": 0.9}]
+    assert [f["id"] for f in llm2llm.select_failures(scores, threshold=0.5)] == ["d", "a", "b"]
+    assert [f["id"] for f in llm2llm.select_failures(scores, threshold=0.5, limit=2)] == ["d", "a"]
+    assert llm2llm.select_failures(scores, threshold=0.0) == []
+    assert len(llm2llm.select_failures(scores, threshold=1.0)) == 5
+
+
+def test_the_augmentation_prompt_shows_the_failure_and_the_wrong_answer() -> None:
+    template = load(llm2llm.AUGMENT_PROMPT)
+    sampling = llm2llm.augment_sampling(temperature=0.7, top_p=0.9, max_tokens=300, count=3, seed=5)
+    request = llm2llm.augment_request(template, sampling, FAILURE, answer="Negative", count=3)
+    assert request.prompt is not None
+    assert "Write 3 new tasks" in request.prompt
+    assert "1. Instruction: Classify the sentiment of the review.\n1. Input:\nI loved it.\n1. Output:\nPositive" \
+        in request.prompt
+    assert "wrong answer to task 1 was:\nNegative" in request.prompt
+    assert request.prompt.endswith("###\n2. Instruction:")
+    assert request.sampling.stop == ("5. Instruction", "\n5.")  # tasks 2, 3, 4 are the new ones
+    no_input = llm2llm.augment_request(template, sampling, {**FAILURE, "input": ""}, answer="", count=1)
+    assert "1. Input:\n<noinput>\n" in no_input.prompt and "was:\n(no answer)" in no_input.prompt
+
+
+def test_parsed_examples_carry_their_lineage_and_count_is_capped() -> None:
+    reply = (" Classify the mood of the tweet as happy or sad.\n2. Input:\nRain again today.\n2. Output:\nSad\n###\n"
+             "3. Instruction: Label this product review as positive or negative.\n3. Input:\n<noinput>\n"
+             "3. Output:\nNegative\n###\n4. Instruction: One too many tasks for the count.\n4. Input:\nx\n4. Output:\ny")
+    records, problems = llm2llm.parse_augmentation(reply, FAILURE, round_index=2, count=2, truncated=False)
+    assert [r["instruction"] for r in records] == ["Classify the mood of the tweet as happy or sad.",
+                                                   "Label this product review as positive or negative."]
+    assert records[1]["input"] == ""
+    for r in records:
+        assert r["loop"] == {"round": 2, "parent_id": "ex_1", "parent_score": 0.25,
+                             "parent_instruction": FAILURE["instruction"]}
+        assert r["id"].startswith("loop_") and r["task_id"] == r["id"] and r["source"] == "loop"
+    assert [p.reason for p in problems] == ["over_count"]
+    # a truncated reply loses its last chunk; garbage gives problems, never an exception
+    cut, cut_problems = llm2llm.parse_augmentation(reply, FAILURE, round_index=1, count=5, truncated=True)
+    assert len(cut) == 2 and [p.reason for p in cut_problems] == ["truncated_chunk"]
+    assert llm2llm.parse_augmentation("", FAILURE, round_index=1, count=2, truncated=False)[0] == []
+    assert llm2llm.parse_augmentation("\x00###{", FAILURE, round_index=1, count=2, truncated=False)[0] == []
+
+
+def test_grades_read_yes_and_no() -> None:
+    assert llm2llm.grade_score("Yes, it is.") == 1.0
+    assert llm2llm.grade_score("no") == 0.0
+    assert llm2llm.grade_score("maybe") is None
+    template = load(llm2llm.GRADE_PROMPT)
+    req = llm2llm.grade_request(template, llm2llm.Sampling(temperature=0.0, max_tokens=4), FAILURE, "Negative")
+    assert req.messages is not None and "### Student's answer\nNegative" in req.messages[-1]["content"]
+
+
+def test_new_records_go_through_the_rules_and_dedup_against_everything_so_far() -> None:
+    pool = [("ex_1", FAILURE["instruction"]), ("ex_2", "Write a haiku about the sea in winter.")]
+    new = [llm2llm.new_record(item, FAILURE, round_index=1) for item in (
+        {"instruction": "Classify the sentiment of this review.", "input": "Bad.", "output": "Negative"},  # near copy
+        {"instruction": "Name the capital city of the country given below.", "input": "France", "output": "Paris"},
+        {"instruction": "Name the capital city of the country given below.", "input": "France", "output": "Paris"},
+        {"instruction": "Name the capital of the country below.", "input": "Peru", "output": "Lima"},  # like #2
+        {"instruction": "Too short", "input": "", "output": "x"},
+        {"instruction": "Repeat the following word exactly as it is.", "input": "echo", "output": "echo"},
+    )]
+    kept, rejected = filter_new(new, pool, {"ex_1", "ex_2"}, rules=parse_rules("self-instruct"),
+                                rouge_threshold=0.7)
+    assert [r["input"] for r in kept] == ["France"]
+    reasons = {r["record"]["input"]: (r["reason"], r.get("nearest_id")) for r in rejected}
+    assert reasons["Bad."] == ("rouge_duplicate", "ex_1")
+    assert reasons["Peru"] == ("rouge_duplicate", new[1]["id"])  # against a record kept just before
+    assert reasons[""][0] == "too_short"
+    assert reasons["echo"][0] == "input_equals_output"
+    assert sum(r["reason"] == "duplicate_example" for r in rejected) == 1
+    assert len(kept) + len(rejected) == len(new)
+
+
+# ---------------------------------------------------------------- whole loops
+
+WORDS = ("river mountain garden violin planet recipe harbor lantern meadow castle desert island comet "
+         "forest bridge engine pepper marble canyon glacier").split()
+VERBS = ("Describe", "Explain", "Summarize", "Compare", "List", "Rewrite", "Classify", "Translate")
+
+
+def teacher_reply(body: dict) -> tuple[str, str]:
+    """Alpaca-format tasks derived from the prompt's hash: distinct, deterministic, filter-proof."""
+    prompt = body.get("prompt") or body["messages"][-1]["content"]
+    if "Student's answer" in prompt:  # the grader
+        return ("no" if "###" in prompt else "yes"), "stop"
+    count = int(re.search(r"Write (\d+) new tasks", prompt).group(1))
+    h = hashlib.sha256(prompt.encode()).digest()
+    chunks = []
+    for k in range(count):
+        words = [WORDS[(h[k * 4 + j]) % len(WORDS)] for j in range(4)]
+        number = k + 2
+        head = "" if k == 0 else f"{number}. Instruction: "
+        chunks.append(f"{head}{VERBS[h[k] % len(VERBS)]} the {words[0]} near the {words[1]} in {k + 1} "
+                      f"sentences about {words[2]} and {words[3]} {h.hex()[k * 6:k * 6 + 6]}.\n"
+                      f"{number}. Input:\n<noinput>\n{number}. Output:\nThe {words[0]} stands by the {words[1]}.")
+    return " " + "\n###\n".join(chunks), "stop"
+
+
+def make_run(runs: Path, n: int = 12) -> Path:
+    run = runs / "r"
+    run.mkdir(parents=True)
+    topics = ["capital of france", "primary color", "healthy tips", "spanish hello", "cat and dog story",
+              "summarize the text", "red color", "walk every day", "sleep well", "eat vegetables", "paris",
+              "hola", "story about a cat", "a dog story"]
+    write_jsonl(run / "filtered.jsonl", [
+        {"id": f"ex_{i}", "task_id": f"t{i}", "instruction": f"Answer question number {i} about the {topics[i]}.",
+         "input": "", "output": f"the answer is {topics[i]}"} for i in range(n)])
+    write_jsonl(run / "seeds.jsonl", [
+        {"id": "seed_task_0", "instruction": "Give three tips for staying healthy.", "is_classification": False,
+         "instances": [{"input": "", "output": "eat vegetables sleep well and walk every day"}]}])
+    return run
+
+
+def loop_options(tiny: Path, server: FakeOpenAI, **extra: object) -> dict:
+    return {"run": "r", "student": str(tiny), "teacher": "fake", "backend": "openai", "base_url": server.url,
+            "max_steps": 2, "max_new_tokens": 8, "batch_size": 4, "per_failure": 2, "max_failures": 3,
+            "eval_limit": 6, "teacher_batch_size": 2, **extra}
+
+
+def test_two_rounds_write_loop_json_and_lineage_on_every_added_record(
+        runs: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    run = make_run(runs)
+    with FakeOpenAI(reply=teacher_reply) as server:
+        loop(**loop_options(tiny_model_dir, server, rounds=2))
+    result = read_json(run / "loop.json")
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    originals = original_records(run, train_on_seeds=True)
+    assert len(originals) == 13  # 12 generated + 1 seed example
+    for info in result["rounds"]:
+        assert info["eval"]["examples"] == 6
+        assert info["eval"]["failures"] >= info["augment"]["failures_used"] == 3  # a random student fails
+        assert info["augment"]["requests"] == 3 and info["augment"]["candidates"] == 6
+        assert info["augment"]["new_records"] + info["augment"]["rejected"] == 6
+        assert info["train"]["step"] == 2 and info["train"]["eval_loss_after"] is not None
+    r1, r2 = result["rounds"]
+    assert r2["data"]["records"] == r1["data"]["records"] + r1["augment"]["new_records"]
+    assert r1["data"]["valid"] == r2["data"]["valid"]  # the validation split is fixed at round 0
+    data = read_jsonl(run / "loop" / "data.jsonl")
+    assert len(data) == 13 + result["data"]["added"] and len({d["id"] for d in data}) == len(data)
+    scored = {s["id"] for s in read_jsonl(run / "loop" / "round-1" / "scores.jsonl")}
+    original_ids = {o["id"] for o in originals}
+    for d in data:
+        lineage = d["metadata"]["loop"]
+        if d["id"] in original_ids:
+            assert lineage == {"round": 0}
+            continue
+        assert lineage["round"] in (1, 2)
+        assert lineage["parent_id"] in scored & original_ids  # augmented from an original example only
+        assert lineage["parent_score"] < 0.5
+    train_ids = {json.loads(line)["id"] for line in (run / "loop" / "round-2" / "train.jsonl").open()}
+    assert {a["id"] for a in read_jsonl(run / "loop" / "round-1" / "added.jsonl")} <= train_ids
+    out = capsys.readouterr().out
+    assert "round 1:" in out and "round 2:" in out and "failures" in out
+
+
+def test_a_rerun_does_nothing_more_rounds_extend_and_changed_settings_are_refused(
+        runs: Path, tiny_model_dir: Path) -> None:
+    run = make_run(runs)
+    with FakeOpenAI(reply=teacher_reply) as server:
+        loop(**loop_options(tiny_model_dir, server, rounds=1))
+        first = (run / "loop" / "round-1" / "added.jsonl").read_bytes()
+        calls = len(server.bodies)
+        loop(**loop_options(tiny_model_dir, server, rounds=1))
+        assert len(server.bodies) == calls  # nothing asked again
+        loop(**loop_options(tiny_model_dir, server, rounds=2))
+        assert (run / "loop" / "round-1" / "added.jsonl").read_bytes() == first
+        assert len(read_json(run / "loop.json")["rounds"]) == 2
+        with pytest.raises(SiftError, match="changed: threshold"):
+            loop(**loop_options(tiny_model_dir, server, rounds=2, threshold=0.3))
+
+
+def test_judge_metric_scores_with_the_teachers_verdict(runs: Path, tiny_model_dir: Path) -> None:
+    run = make_run(runs)
+    with FakeOpenAI(reply=teacher_reply) as server:
+        loop(**loop_options(tiny_model_dir, server, rounds=1, metric="judge", train_on_seeds=False))
+    scores = read_jsonl(run / "loop" / "round-1" / "scores.jsonl")
+    assert len(scores) == 6 and all(s["score"] in (0.0, 1.0) and "grade" in s for s in scores)
+    info = read_json(run / "loop.json")["rounds"][0]
+    assert info["eval"]["failures"] == sum(s["score"] == 0.0 for s in scores)
+
+
+@pytest.mark.parametrize(("option", "value", "field"), [
+    ("rounds", 0, "rounds"), ("metric", "bleu", "metric"), ("per_failure", 0, "per_failure"),
+    ("rules", "nonsense", "rules"), ("valid_fraction", 1.0, "valid_fraction"), ("max_failures", -1, "max_failures"),
+])
+def test_bad_options_fail_before_anything_loads(runs: Path, option: str, value: object, field: str) -> None:
+    make_run(runs)
+    with pytest.raises(SiftError) as e:
+        loop(run="r", **{option: value})
+    assert e.value.field == field
+
+
+def test_a_missing_filtered_file_names_the_stage_to_run(runs: Path) -> None:
+    (runs / "r").mkdir(parents=True)
+    with pytest.raises(SiftError, match="sift filter"):
+        loop(run="r")
+
+
+def test_pool_holds_every_instruction_once(runs: Path) -> None:
+    run = make_run(runs, n=3)
+    pool = pool_instructions(original_records(run, train_on_seeds=True), run / "seeds.jsonl")
+    texts = [t for _, t in pool]
+    assert len(texts) == len(set(texts)) == 4
