@@ -325,6 +325,30 @@ def eval_section(d: Path) -> str:
     return "\n".join(out)
 
 
+def loop_section(d: Path) -> str:
+    """Per-round figures of `sift loop` and a few added records with the failure each came from."""
+    path = d / "loop.json"
+    if not path.is_file():
+        return _missing("No loop.json (run `sift loop` / `make loop` for student-in-the-loop rounds).")
+    rounds = read_json(path).get("rounds") or []
+    rows = [[r["round"], r["data"]["train"], _fmt(r["train"].get("eval_loss_after")),
+             _fmt(r["eval"].get("mean_score")), _fmt(r["eval"].get("pass_rate")), r["eval"]["failures"],
+             r["augment"]["failures_used"], r["augment"]["candidates"], r["augment"]["new_records"],
+             ", ".join(f"{k} {v}" for k, v in r["augment"].get("rejected_by_reason", {}).items()) or "none"]
+            for r in rounds]
+    out = [_table(["round", "train records", "eval loss", "score", "pass rate", "failures", "augmented",
+                   "candidates", "new", "rejected"], rows, {0, 1, 2, 3, 4, 5, 6, 7, 8})]
+    examples = []
+    for r in rounds:
+        added = _records(d / "loop" / f"round-{r['round']}" / "added.jsonl") or []
+        examples += [[r["round"], a["loop"]["parent_instruction"], _fmt(a["loop"]["parent_score"]), a["instruction"]]
+                     for a in added[:3]]
+    if examples:
+        out.append("<h3>Added records and the failure each came from</h3>")
+        out.append(_table(["round", "failed example", "its score", "new instruction"], examples, {0, 2}))
+    return "\n".join(out)
+
+
 def contamination_section(d: Path, data: dict[str, list[dict] | None], against: str | None) -> str:
     kept = _kept(data)
     if against is None and (d / "eval.json").is_file():
@@ -416,6 +440,7 @@ def build_page(run: str, d: Path, *, against: str | None = None) -> str:
         ("verbs", "Root verbs and direct objects", verbs_section(data)),
         ("training", "Training curves", training_section(d)),
         ("eval", "Evaluation: base and student", eval_section(d)),
+        ("loop", "Student-in-the-loop rounds (LLM2LLM)", loop_section(d)),
         (
             "contamination",
             "Contamination: n-gram overlap with the evaluation file",

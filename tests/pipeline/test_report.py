@@ -130,6 +130,15 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             }
         )
     )
+    rounds = [{"round": k, "data": {"train": 10 + k}, "train": {"eval_loss_after": 1.5 - k / 10},
+               "eval": {"mean_score": 0.2 * k, "pass_rate": 0.1 * k, "failures": 5 - k},
+               "augment": {"failures_used": 3, "candidates": 6, "new_records": 4,
+                           "rejected_by_reason": {"rouge_duplicate": 2}}} for k in (1, 2)]
+    (d / "loop.json").write_text(json.dumps({"rounds": rounds}))
+    (d / "loop" / "round-1").mkdir(parents=True)
+    (d / "loop" / "round-1" / "added.jsonl").write_text(json.dumps(
+        {"id": "loop_1", "instruction": "Name a <i>new</i> task.", "input": "", "output": "ok",
+         "loop": {"round": 1, "parent_id": "ex_1", "parent_score": 0.1, "parent_instruction": "Old task."}}) + "\n")
     record_stage(d, "seeds", {"run": "r"}, stats={"seeds": 120})
     return d
 
@@ -144,6 +153,7 @@ def test_every_section_is_filled_from_the_artifacts(run: Path) -> None:
         "training",
         "eval",
         "contamination",
+        "loop",
         "manifest",
     ):
         assert f'<section id="{section}">' in page
@@ -154,6 +164,7 @@ def test_every_section_is_filled_from_the_artifacts(run: Path) -> None:
     assert "&lt;b&gt;not bold&lt;/b&gt;" in page and "<b>not bold</b>" not in page  # escaped
     assert "to the nearest pool instruction (at generation)" in page
     assert "user_oriented_instructions.jsonl" in page  # contamination against eval.json's file
+    assert "rouge_duplicate 2" in page and "Name a &lt;i&gt;new&lt;/i&gt; task." in page  # the loop's rounds
 
 
 def test_missing_stages_are_said_not_crashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,7 +173,7 @@ def test_missing_stages_are_said_not_crashed(tmp_path: Path, monkeypatch: pytest
     d.mkdir()
     report(run="empty")
     page = (d / "report.html").read_text()
-    assert page.count("class=missing") == 8
+    assert page.count("class=missing") == 9
     assert "run train" in page and "run eval" in page
     assert "report" in json.loads((d / "manifest.json").read_text())["stages"]
 
@@ -351,7 +362,7 @@ def open_in_chromium(page: Path, screenshot: Path) -> dict:
 
 def _check_in_browser(html_path: Path, screenshot: Path) -> dict:
     result = open_in_chromium(html_path, screenshot)
-    assert result["sections"] == 8
+    assert result["sections"] == 9
     assert result["errors"] == []
     assert result["images"] and all(i["complete"] and i["w"] > 0 and i["h"] > 0 for i in result["images"])
     assert all(u.startswith(("file:", "data:")) for u in result["requests"])  # nothing fetched from a network
