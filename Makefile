@@ -2,6 +2,7 @@
 #   make all               set up (once) and run every stage on the embedded default model
 #   make test              set up (once) and run the whole test suite, the slow end-to-end tests included
 #   make generate N=200    any stage by name; RUN, TEACHER, STUDENT, N and the others below override
+#   make loop ROUNDS=2     student-in-the-loop rounds (LLM2LLM) on the filtered data
 SHELL := /bin/bash
 .DELETE_ON_ERROR:
 
@@ -24,7 +25,7 @@ FILTER_OPTS    ?=
 EXPORT_OPTS    ?=
 TRAIN_OPTS     ?=
 EVAL_OPTS      ?= --limit 24 --max-new-tokens 96
-LOOP_OPTS      ?=
+LOOP_OPTS      ?= --eval-limit 48 --max-failures 16 --max-new-tokens 96 --augment-max-tokens 384
 # the CPU build of torch on disk here; on a GPU machine use e.g. TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
 PYTHON     ?= python3
@@ -100,9 +101,10 @@ report: $(R)/report.html
 $(R)/report.html: $(R)/eval.json
 	$(SIFT) report --run $(RUN)
 
-loop: $(R)/loop.json
-$(R)/loop.json: $(R)/filtered.jsonl
-	$(SIFT) loop --run $(RUN) --rounds $(ROUNDS) --student $(STUDENT) $(TEACHER_ARGS) $(LOOP_OPTS)
+# always runs: `sift loop` skips finished rounds, so a larger ROUNDS extends the loop
+loop: $(R)/filtered.jsonl | $(MODEL)
+	$(SIFT) loop --run $(RUN) --rounds $(ROUNDS) --student $(STUDENT) --epochs $(EPOCHS) --seed $(SEED) \
+		$(TEACHER_ARGS) $(LOOP_OPTS)
 
 # ---------------------------------------------------------------- checks
 test: $(SETUP) $(MODEL)
