@@ -10,7 +10,8 @@ not EOS, train_config.json (the resolved settings), metrics.jsonl (train loss, e
 token accuracy, tokens/s, and a final summary with eval loss before and after training), and
 checkpoints/ for --resume. Loss is on the answers only, and every answer ends with EOS in its
 labels (train/format.py). Examples are packed without attending to each other
-(train/packing.py), or, with --no-packing, batched by similar length.
+(train/packing.py), or, with --no-packing, batched by similar length. With --distill --teacher T
+the student also learns the teacher's token distributions (train/distill.py).
 """
 
 from __future__ import annotations
@@ -128,13 +129,74 @@ def _save_final(trainer: Any, tokenizer: Any, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_teacher_tokenizer(tokenizer: Any, student: str, teacher: str | None) -> None:
+    """One clear error, before any weights load, when the teacher cannot read the student's token ids."""
+    from pipeline.models import load_tokenizer
+    from train.distill import tokenizer_differences
+
+    diffs = tokenizer_differences(tokenizer, load_tokenizer(str(teacher)))
+    if diffs:
+        raise SiftError(f"teacher {teacher!r} and student {student!r} do not share a tokenizer, so the teacher "
+                        f"cannot read the student's tokens: {'; '.join(diffs)}. Distil from a model of the "
+                        "student's family (the same tokenizer)", field="teacher")
+
+
+def _distill_setup(base: type, rows: list[dict], collator: Any, args: Any, *, out: Path, teacher: str, vocab: int,
+                   temperature: float, alpha: float, top_k: int, precision: str, cuda: bool,
+                   per_device: int) -> tuple[type, dict]:
+    """The distilling trainer class and the settings to record. With top_k, the teacher's top-k
+    cache is loaded from out/teacher_topk/ when its key (teacher files, rows, k, precision) matches,
+    so the teacher's weights are not even loaded, else computed once (main process first) and saved."""
+    from pipeline.models import load_model, resolve_model
+    from pipeline.progress import StageProgress
+    from train import distill as d
+
+    ref = resolve_model(teacher)
+    info: dict = {"teacher": teacher, "teacher_resolved": ref.name, "temperature": temperature, "alpha": alpha,
+                  "top_k": top_k, "cache": None, "cache_reused": None}
+
+    def load_teacher() -> Any:
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32") if cuda else "float32"
+        model = load_model(ref, dtype=dtype, device=str(args.device))
+        if d.output_width(model) < vocab:
+            raise SiftError(f"teacher {teacher!r} has {d.output_width(model)} output logits, fewer than the "
+                            f"{vocab} tokens of the tokenizer", field="teacher")
+        return model
+
+    if not top_k:
+        return d.distill_trainer(base, teacher=load_teacher(), temperature=temperature, alpha=alpha,
+                                 precision=precision), info
+    folder = out / "teacher_topk"
+    key = d.cache_key(teacher=d.model_fingerprint(ref.path_or_id), rows=rows, k=top_k, precision=precision,
+                      pad_token_id=collator.pad_token_id)
+    with args.main_process_first(desc="teacher top-k"):
+        topk = d.load_topk(folder, key)
+        info["cache_reused"] = topk is not None
+        if topk is None:
+            model = load_teacher()
+            t0 = time.perf_counter()
+            with StageProgress("teacher top-k", len(rows), unit="row") as bar:
+                topk = d.build_topk(model, rows, collator, k=top_k, device=str(args.device), precision=precision,
+                                    batch_rows=per_device, progress=lambda n: bar.update(done=n))
+            del model
+            if int(os.environ.get("RANK", "0")) == 0:
+                d.save_topk(topk, folder, key, {"teacher": ref.name, "k": top_k, "rows": len(rows)})
+            print(f"distill: teacher top-{topk.logprobs.shape[1]} over {topk.logprobs.shape[0]} answer tokens "
+                  f"in {time.perf_counter() - t0:.0f} s, cached in {folder}/")
+        else:
+            print(f"distill: reusing the teacher top-{top_k} cache in {folder}/")
+    info["cache"] = str(folder)
+    return d.distill_trainer(base, topk=topk, temperature=temperature, alpha=alpha, precision=precision), info
+
+
 def train(*, run: str = "demo", student: str = "smollm2-135m-instruct", epochs: float = 3.0, lr: float = 2e-4,
           lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, target_modules: str = "all-linear",
           max_length: int = 512, batch_size: int = 8, grad_accum: int = 4, packing: bool = True,
           overlong: str = "drop", eval_steps: int = 50, save_steps: int = 50, logging_steps: int = 5,
           resume: bool = False, gradient_checkpointing: bool = False, qlora: bool = False,
           precision: str = "auto", max_steps: int = -1, warmup_ratio: float = 0.03, seed: int = 0,
-          template: str = "auto") -> None:
+          template: str = "auto", distill: bool = False, teacher: str | None = None,
+          distill_temperature: float = 2.0, distill_alpha: float = 0.5, distill_top_k: int = 0) -> None:
     """LoRA fine-tune the student on the exported data; writes runs/<run>/student/.
 
     Args:
@@ -162,6 +224,11 @@ def train(*, run: str = "demo", student: str = "smollm2-135m-instruct", epochs: 
         warmup_ratio: Share of steps spent warming the learning rate up.
         seed: Seed for LoRA initialisation and data order.
         template: auto (the tokenizer's chat template if it has one, else Alpaca's), chat or alpaca.
+        distill: Also learn the teacher's next-token distributions on the answer tokens (needs --teacher).
+        teacher: Model to distil from, with the student's tokenizer: alias, folder, .gguf or Hub id.
+        distill_temperature: Softens both distributions in the KL term (loss scaled by T^2).
+        distill_alpha: Weight of the KL term; 1 - alpha weighs cross-entropy on the data (0: plain SFT).
+        distill_top_k: 0: run the teacher at every step; k: cache its top-k log-probs once and reuse them.
     """
     options = dict(locals())  # the parameters above, nothing else yet
     train_in(run_dir(run), **options)
@@ -171,7 +238,8 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
              lora_dropout: float, target_modules: str, max_length: int, batch_size: int, grad_accum: int,
              packing: bool, overlong: str, eval_steps: int, save_steps: int, logging_steps: int, resume: bool,
              gradient_checkpointing: bool, qlora: bool, precision: str, max_steps: int, warmup_ratio: float,
-             seed: int, template: str) -> None:
+             seed: int, template: str, distill: bool = False, teacher: str | None = None,
+             distill_temperature: float = 2.0, distill_alpha: float = 0.5, distill_top_k: int = 0) -> None:
     """`sift train` on any directory holding train.jsonl (and valid.jsonl): a run, or a loop round."""
     if template not in TEMPLATES:
         raise SiftError(f"use one of {', '.join(TEMPLATES)}, got {template!r}", field="template")
@@ -183,6 +251,14 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
             raise SiftError(f"must be at least 1, got {value}", field=name)
     if not 0 <= warmup_ratio < 1:
         raise SiftError(f"must be in [0, 1), got {warmup_ratio}", field="warmup_ratio")
+    if distill:
+        from train.distill import check_settings
+
+        if not teacher:
+            raise SiftError("--distill needs a teacher model: --teacher SPEC", field="teacher")
+        for name, problem in check_settings(temperature=distill_temperature, alpha=distill_alpha,
+                                            top_k=distill_top_k):
+            raise SiftError(problem, field=name)
     out = directory / "student"
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch only rank 0 writes
     with locked(directory) if main_process else contextlib.nullcontext():
@@ -200,6 +276,8 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
         from train.packing import Collator, pack_rows
 
         tokenizer = load_tokenizer(student)
+        if distill:  # before any weights load
+            _check_teacher_tokenizer(tokenizer, student, teacher)
         try:
             tok_info = setup_tokenizer(tokenizer, template)
         except ValueError as e:
@@ -263,12 +341,22 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
             gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
             max_length=max_length, packing=False, train_sampling_strategy="random" if packing
             else "group_by_length", dataloader_pin_memory=cuda)
-        trainer = SFTTrainer(
+        trainer_class, collator, distill_info = SFTTrainer, Collator(tokenizer.pad_token_id), None
+        if distill:
+            trainer_class, distill_info = _distill_setup(
+                SFTTrainer, rows, collator, args, out=out, teacher=str(teacher),
+                vocab=len(tokenizer) - tok_info["added_tokens"],
+                temperature=distill_temperature, alpha=distill_alpha, top_k=distill_top_k, precision=prec,
+                cuda=cuda, per_device=per_device)
+            from train.distill import RowCollator
+
+            rows, collator = [{**r, "teacher_row": i} for i, r in enumerate(rows)], RowCollator(collator)
+        trainer = trainer_class(
             model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
             train_dataset=Dataset.from_list(rows),
             eval_dataset=Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in valid_ex])
             if valid_ex else None,
-            data_collator=Collator(tokenizer.pad_token_id),
+            data_collator=collator,
             callbacks=[_metrics_callback(journal, train_stats.tokens)])
 
         # ---- train
@@ -301,10 +389,14 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
             "eval_steps": eval_steps, "save_steps": save_steps, "resume": resume,
             "gradient_checkpointing": gradient_checkpointing, "qlora": qlora, "precision": prec,
             "max_steps": max_steps, "warmup_ratio": warmup_ratio, "seed": seed, **tok_info,
+            "distill": distill_info,
             "data": {"train": train_stats.to_dict(), "valid": valid_stats.to_dict(),
                      "packed_rows": len(rows) if packing else None}}
         write_json(out / "train_config.json", settings)
-        record_stage(directory, "train", settings, models={"student": settings["student_resolved"]},
+        models = {"student": settings["student_resolved"]}
+        if distill_info:
+            models["teacher"] = distill_info["teacher_resolved"]
+        record_stage(directory, "train", settings, models=models,
                      stats={k: v for k, v in summary.items() if k != "kind"})
     loss_msg = ""
     if before and after:

@@ -1,0 +1,392 @@
+"""Knowledge distillation for `sift train --distill`: the loss, the tokenizer check, the top-k cache.
+
+    sift train --run demo --distill --teacher runs/big/merged              # teacher run on the fly
+    sift train --run demo --distill --teacher runs/big/merged --distill-top-k 64   # cached top-k
+
+The student learns the teacher's next-token distribution on every completion token (labels not
+-100), mixed with the usual cross-entropy on the data's tokens:
+
+    loss = alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE
+
+p_T = softmax(teacher_logits / T), q_T = softmax(student_logits / T). The KL is the forward one
+(teacher first: the student is pushed to cover all the teacher's mass), summed over the vocabulary,
+averaged over completion tokens; the T^2 factor keeps its gradient on the scale of the CE term as T
+changes (Hinton, Vinyals and Dean 2015, "Distilling the Knowledge in a Neural Network"). CE is at
+T = 1 on the data's own tokens. Both terms share one normaliser: the batch's completion tokens, or
+Trainer's `num_items_in_batch` (completion tokens over all accumulated micro-batches).
+
+Top-k cache (`--distill-top-k k`): the teacher runs once over the packed training rows and keeps, at
+each completion position, its k most likely tokens and their log-probabilities (T = 1). At train time
+the teacher distribution is renormalised over those k tokens, softmax(logp_k / T), with zero mass
+elsewhere (no tail bucket); the student keeps its full softmax over the vocabulary. So the cached KL
+is a true KL over the vocabulary against a truncated teacher: it equals the on-the-fly KL when
+k = vocabulary size, and for k < V it also pushes down the student's mass outside the teacher's top
+k. Since T only rescales, one cache serves every temperature. It holds 8 bytes per kept entry
+(float32 log-prob, int32 id): completion tokens x k x 8 bytes.
+
+Teacher and student must share the tokenizer: the teacher reads the student's token ids, so every
+token string must have the same id in both, and EOS and BOS must agree (the student learns to stop
+on its EOS; a teacher with another EOS would teach it not to). Pad is left out: padding never
+reaches the loss. If the two embedding matrices differ in width (models padded to a multiple of
+64, or a pad token added for training), the distributions are compared over the ids both have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IGNORE = -100
+CACHE_FORMAT = 1  # bump when the cache layout or the way it is computed changes
+
+
+# ---------------------------------------------------------------- the loss (pure tensor functions)
+
+
+@dataclass
+class DistillTerms:
+    """One batch's distillation loss and its parts. The sums are over completion tokens, so
+    callers can average them across micro-batches and devices."""
+
+    loss: Any  # alpha * T^2 * kl_sum / n + (1 - alpha) * ce_sum / n, with n = num_items or tokens
+    kl_sum: Any  # sum over completion tokens of KL(p_T || q_T), no T^2
+    ce_sum: Any  # sum over completion tokens of -log q_1(label)
+    correct: Any  # completion tokens whose student argmax is the label
+    tokens: int  # completion tokens in this batch
+
+
+def completion_mask(labels: Any) -> Any:
+    """(B, L-1) bool: positions t whose next-token label labels[:, t+1] is a completion token."""
+    return labels[:, 1:] != IGNORE
+
+
+def kl_full(student_logits: Any, teacher_logits: Any, temperature: float) -> Any:
+    """Per-position KL(softmax(teacher/T) || softmax(student/T)) over the ids both share; (N, V) -> (N,)."""
+    import torch
+
+    v = min(student_logits.size(-1), teacher_logits.size(-1))
+    log_q = torch.log_softmax(student_logits[..., :v].float() / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher_logits[..., :v].float() / temperature, dim=-1)
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+
+
+def kl_topk(student_logits: Any, teacher_logprobs: Any, teacher_ids: Any, temperature: float,
+            teacher_vocab: int | None = None) -> Any:
+    """Per-position KL against a teacher kept as its top-k log-probs, renormalised over those k
+    tokens at temperature T; the student's softmax is over the full vocabulary (the ids both share)."""
+    import torch
+
+    v = student_logits.size(-1) if teacher_vocab is None else min(student_logits.size(-1), teacher_vocab)
+    log_q = torch.log_softmax(student_logits[..., :v].float() / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher_logprobs.float() / temperature, dim=-1)
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q.gather(-1, teacher_ids.long())), 0.0).sum(-1)
+
+
+def distill_loss(student_logits: Any, labels: Any, *, teacher_logits: Any = None,
+                 teacher_topk: tuple[Any, Any, int] | None = None, temperature: float = 2.0,
+                 alpha: float = 0.5, num_items: Any = None) -> DistillTerms:
+    """The distillation loss of one batch.
+
+    Args:
+        student_logits: (B, L, V) as a causal LM returns them: position t predicts labels[:, t+1].
+        labels: (B, L), -100 on every token that is not a completion token.
+        teacher_logits: (B, L, V') from the same inputs, or None when `teacher_topk` is given.
+        teacher_topk: (log-probs (N, k), ids (N, k), teacher vocabulary width) for the N completion
+            positions of the batch in row-major order (see `completion_mask`).
+        temperature: T > 0; both distributions are softened by it in the KL term.
+        alpha: Weight of the KL term; 1 - alpha weighs the cross-entropy. 0 is plain fine-tuning.
+        num_items: Normaliser (completion tokens across accumulated micro-batches); default: this batch's.
+    """
+    import torch
+
+    if (teacher_logits is None) == (teacher_topk is None):
+        raise ValueError("give exactly one of teacher_logits and teacher_topk")
+    mask = completion_mask(labels)
+    targets = labels[:, 1:][mask]
+    s = student_logits[:, :-1][mask]  # (N, V)
+    if teacher_logits is not None:
+        kl = kl_full(s, teacher_logits[:, :-1][mask], temperature)
+    else:
+        logprobs, ids, vocab = teacher_topk
+        if logprobs.size(0) != s.size(0):
+            raise ValueError(f"teacher top-k holds {logprobs.size(0)} positions, the batch has {s.size(0)}")
+        kl = kl_topk(s, logprobs, ids, temperature, vocab)
+    s32 = s.float()
+    ce = torch.nn.functional.cross_entropy(s32, targets, reduction="none")
+    n = int(mask.sum())
+    denom = torch.as_tensor(n if num_items is None else num_items, device=s.device).clamp(min=1)
+    loss = alpha * temperature ** 2 * kl.sum() / denom + (1 - alpha) * ce.sum() / denom
+    if n == 0:  # keep the graph connected so backward() works on a batch without completion tokens
+        loss = loss + 0.0 * student_logits.sum()
+    return DistillTerms(loss=loss, kl_sum=kl.sum().detach(), ce_sum=ce.sum().detach(),
+                        correct=(s32.argmax(-1) == targets).sum().detach(), tokens=n)
+
+
+def check_settings(*, temperature: float, alpha: float, top_k: int) -> list[tuple[str, str]]:
+    """(field, problem) pairs for out-of-range distillation settings."""
+    problems = []
+    if not temperature > 0:
+        problems.append(("distill_temperature", f"must be above 0, got {temperature}"))
+    if not 0 <= alpha <= 1:
+        problems.append(("distill_alpha", f"must be in [0, 1], got {alpha}"))
+    if top_k < 0:
+        problems.append(("distill_top_k", f"must be 0 (teacher on the fly) or a positive k, got {top_k}"))
+    return problems
+
+
+# ---------------------------------------------------------------- the tokenizer check
+
+
+def tokenizer_differences(student: Any, teacher: Any, *, examples: int = 3) -> list[str]:
+    """What keeps the teacher from reading the student's token ids; empty when they agree.
+
+    Compares the whole token -> id mapping (special and added tokens included) and the EOS and
+    BOS ids. The pad token is left out: padding never reaches the loss."""
+    sv, tv = student.get_vocab(), teacher.get_vocab()
+    out = []
+    if len(sv) != len(tv):
+        out.append(f"vocabulary sizes differ: {len(sv)} (student) vs {len(tv)} (teacher)")
+    moved = sorted((sv[t], t) for t in sv if t in tv and sv[t] != tv[t])
+    if moved:
+        shown = ", ".join(f"{t!r} is {i} vs {tv[t]}" for i, t in moved[:examples])
+        out.append(f"{len(moved)} tokens have other ids ({shown})")
+    for who, mine, other in (("student", sv, tv), ("teacher", tv, sv)):
+        missing = sorted((i, t) for t, i in mine.items() if t not in other)
+        if missing:
+            shown = ", ".join(repr(t) for _, t in missing[:examples])
+            out.append(f"{len(missing)} {who} tokens are not in the other vocabulary ({shown})")
+    for name in ("eos", "bos"):
+        a, b = getattr(student, f"{name}_token_id", None), getattr(teacher, f"{name}_token_id", None)
+        if a != b:
+            out.append(f"{name.upper()} differs: {getattr(student, f'{name}_token', None)!r} (id {a}) vs "
+                       f"{getattr(teacher, f'{name}_token', None)!r} (id {b})")
+    return out
+
+
+# ---------------------------------------------------------------- teacher forward and top-k cache
+
+
+def teacher_inputs(batch: dict, vocab: int) -> dict:
+    """The student's batch for the teacher: same ids, positions and mask; ids the teacher has no
+    embedding for (a pad token added for training) become 0, which only padding can hold."""
+    ids = batch["input_ids"]
+    out = {"input_ids": ids.masked_fill(ids >= vocab, 0), "use_cache": False}
+    for key in ("attention_mask", "position_ids"):
+        if key in batch:
+            out[key] = batch[key]
+    return out
+
+
+def autocast(device: str, precision: str) -> Any:
+    """The mixed-precision context the student trains under, for the teacher's forward too."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype or torch.float32,
+                          enabled=dtype is not None)
+
+
+def output_width(model: Any) -> int:
+    """Number of logits the model produces per position."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+@dataclass
+class TopK:
+    """The teacher's top-k log-probs at every completion position of every training row.
+
+    Row r's positions are logprobs[offsets[r]:offsets[r+1]], in the order `completion_mask` gives."""
+
+    logprobs: Any  # (M, k) float32, T = 1, sorted descending
+    ids: Any  # (M, k) int32
+    offsets: Any  # (rows + 1,) int64
+    vocab: int  # teacher logits width
+
+    def for_rows(self, rows: Sequence[int]) -> tuple[Any, Any, int]:
+        """Concatenated (log-probs, ids, vocab) of the given rows, in order, for `distill_loss`."""
+        import torch
+
+        spans = [(int(self.offsets[r]), int(self.offsets[r + 1])) for r in rows]
+        return (torch.cat([self.logprobs[a:b] for a, b in spans]),
+                torch.cat([self.ids[a:b] for a, b in spans]), self.vocab)
+
+
+def build_topk(teacher: Any, rows: list[dict], collate: Callable[[list[dict]], dict], *, k: int,
+               device: str = "cpu", precision: str = "fp32", batch_rows: int = 8,
+               progress: Callable[[int], None] | None = None) -> TopK:
+    """Run the teacher over the training rows as the trainer batches them (same collator, so the
+    same packed positions and masks) and keep its top-k at each completion position."""
+    import torch
+
+    vocab = output_width(teacher)
+    k = min(k, vocab)
+    values, indices, counts = [], [], []
+    for start in range(0, len(rows), batch_rows):
+        batch = collate(rows[start:start + batch_rows])
+        inputs = {key: v.to(device) if hasattr(v, "to") else v for key, v in teacher_inputs(batch, vocab).items()}
+        with torch.no_grad(), autocast(device, precision):
+            logits = teacher(**inputs).logits
+        mask = completion_mask(batch["labels"]).to(device)
+        top = torch.log_softmax(logits[:, :-1][mask].float(), dim=-1).topk(k, dim=-1)
+        values.append(top.values.cpu())
+        indices.append(top.indices.to(torch.int32).cpu())
+        counts += mask.sum(1).tolist()
+        if progress is not None:
+            progress(len(batch["labels"]))
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+    return TopK(torch.cat(values) if values else torch.zeros(0, k), torch.cat(indices) if indices else
+                torch.zeros(0, k, dtype=torch.int32), offsets, vocab)
+
+
+def model_fingerprint(path_or_id: str) -> dict:
+    """What identifies a teacher's weights cheaply: every top-level file's name, size and mtime for
+    a local folder (a rewritten folder gets a new fingerprint), else the Hub id."""
+    path = Path(path_or_id)
+    if not path.is_dir():
+        return {"id": path_or_id}
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
+    return {"path": str(path.resolve()), "files": files}
+
+
+def cache_key(*, teacher: dict, rows: list[dict], k: int, precision: str, pad_token_id: int) -> str:
+    """sha256 over the teacher fingerprint, the exact training rows, k and the precision."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"format": CACHE_FORMAT, "teacher": teacher, "k": k, "precision": precision,
+                         "pad": pad_token_id}, sort_keys=True).encode())
+    for row in rows:
+        h.update(json.dumps([row["input_ids"], row["labels"], row.get("seq_lengths")]).encode())
+    return h.hexdigest()
+
+
+def cache_path(folder: Path, key: str) -> Path:
+    return folder / f"topk-{key[:16]}.safetensors"
+
+
+def save_topk(topk: TopK, folder: Path, key: str, info: dict) -> Path:
+    """Write the cache atomically as one safetensors file and remove older caches in `folder`."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    target = cache_path(folder, key)
+    fd, tmp = tempfile.mkstemp(prefix=".topk-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file({"logprobs": topk.logprobs.contiguous(), "ids": topk.ids.contiguous(),
+                   "offsets": topk.offsets.contiguous()}, tmp,
+                  metadata={"key": key, "vocab": str(topk.vocab), "info": json.dumps(info, sort_keys=True)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    for old in folder.glob("topk-*.safetensors"):
+        if old != target:
+            old.unlink(missing_ok=True)
+    return target
+
+
+def load_topk(folder: Path, key: str) -> TopK | None:
+    """The cache written for `key`, or None if there is none (or it is unreadable or stale)."""
+    from safetensors import safe_open
+
+    path = cache_path(folder, key)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                return None
+            return TopK(f.get_tensor("logprobs"), f.get_tensor("ids"), f.get_tensor("offsets"), int(meta["vocab"]))
+    except Exception:  # a torn or foreign file: recompute rather than fail
+        return None
+
+
+# ---------------------------------------------------------------- trainer wiring
+
+
+@dataclass
+class RowCollator:
+    """Wraps the training collator: rows carrying `teacher_row` (their index in the training set)
+    pass it on as a tensor, so the loss can find the row's cached teacher top-k."""
+
+    collate: Callable[[list[dict]], dict]
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        if not rows or "teacher_row" not in rows[0]:
+            return self.collate(rows)
+        batch = self.collate([{k: v for k, v in r.items() if k != "teacher_row"} for r in rows])
+        batch["teacher_row"] = torch.tensor([r["teacher_row"] for r in rows])
+        return batch
+
+
+def distill_trainer(base: type, *, teacher: Any = None, topk: TopK | None = None, temperature: float,
+                    alpha: float, precision: str) -> type:
+    """A subclass of TRL's SFTTrainer (`base`) whose training loss is `distill_loss`.
+
+    Only compute_loss changes, and only in training: evaluation keeps SFTTrainer's plain
+    cross-entropy, so eval loss stays comparable with runs trained without a teacher. Logs `kl`
+    (mean per completion token, without T^2), `ce` and `mean_token_accuracy` with the train loss.
+    The teacher runs in eval mode without gradients, on the student's device, under the same
+    mixed-precision autocast, with the student's input ids, positions and attention mask."""
+    import torch
+
+    if (teacher is None) == (topk is None):
+        raise ValueError("give exactly one of teacher and topk")
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+
+    class DistillTrainer(base):  # type: ignore[misc, valid-type]
+        def _set_signature_columns_if_needed(self) -> None:
+            super()._set_signature_columns_if_needed()
+            if self._signature_columns is not None and "teacher_row" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "teacher_row"]
+
+        def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            rows = inputs.pop("teacher_row", None)
+            if not self.model.training:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            inputs["use_cache"] = False
+            forward = {k: v for k, v in inputs.items() if k != "labels"}
+            outputs = model(**forward)
+            labels = inputs["labels"]
+            if topk is not None:
+                if rows is None:
+                    raise ValueError("a training batch without teacher_row: the rows were not indexed")
+                lp, ids, vocab = topk.for_rows(rows.tolist())
+                terms = distill_loss(outputs.logits, labels, teacher_topk=(lp.to(labels.device),
+                                     ids.to(labels.device), vocab), temperature=temperature, alpha=alpha,
+                                     num_items=num_items_in_batch)
+            else:
+                if next(teacher.parameters()).device != labels.device:
+                    teacher.to(labels.device)
+                with torch.no_grad(), autocast(str(labels.device), precision):
+                    t_logits = teacher(**teacher_inputs(forward, output_width(teacher))).logits
+                terms = distill_loss(outputs.logits, labels, teacher_logits=t_logits, temperature=temperature,
+                                     alpha=alpha, num_items=num_items_in_batch)
+            loss = terms.loss
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as SFTTrainer does
+            gather = self.accelerator.gather_for_metrics
+            n = gather(torch.as_tensor(terms.tokens, device=labels.device)).sum()
+            if n > 0:
+                for name, value in (("kl", terms.kl_sum), ("ce", terms.ce_sum),
+                                    ("mean_token_accuracy", terms.correct.float())):
+                    self._metrics["train"][name].append((gather(value).sum() / n).item())
+            return (loss, outputs) if return_outputs else loss
+
+    return DistillTrainer
