@@ -52,7 +52,8 @@ def test_the_augmentation_prompt_shows_the_failure_and_the_wrong_answer() -> Non
 def test_parsed_examples_carry_their_lineage_and_count_is_capped() -> None:
     reply = (" Classify the mood of the tweet as happy or sad.\n2. Input:\nRain again today.\n2. Output:\nSad\n###\n"
              "3. Instruction: Label this product review as positive or negative.\n3. Input:\n<noinput>\n"
-             "3. Output:\nNegative\n###\n4. Instruction: One too many tasks for the count.\n4. Input:\nx\n4. Output:\ny")
+             "3. Output:\nNegative\n###\n4. Instruction: One too many tasks for the count.\n"
+             "4. Input:\nx\n4. Output:\ny")
     records, problems = llm2llm.parse_augmentation(reply, FAILURE, round_index=2, count=2, truncated=False)
     assert [r["instruction"] for r in records] == ["Classify the mood of the tweet as happy or sad.",
                                                    "Label this product review as positive or negative."]
@@ -140,8 +141,8 @@ def make_run(runs: Path, n: int = 12) -> Path:
     return run
 
 
-def loop_options(tiny: Path, server: FakeOpenAI, **extra: object) -> dict:
-    return {"run": "r", "student": str(tiny), "teacher": "fake", "backend": "openai", "base_url": server.url,
+def loop_options(tiny: Path, url: str, **extra: object) -> dict:
+    return {"run": "r", "student": str(tiny), "teacher": "fake", "backend": "openai", "base_url": url,
             "max_steps": 2, "max_new_tokens": 8, "batch_size": 4, "per_failure": 2, "max_failures": 3,
             "eval_limit": 6, "teacher_batch_size": 2, **extra}
 
@@ -150,7 +151,7 @@ def test_two_rounds_write_loop_json_and_lineage_on_every_added_record(
         runs: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
     run = make_run(runs)
     with FakeOpenAI(reply=teacher_reply) as server:
-        loop(**loop_options(tiny_model_dir, server, rounds=2))
+        loop(**loop_options(tiny_model_dir, server.url, rounds=2))
     result = read_json(run / "loop.json")
     assert [r["round"] for r in result["rounds"]] == [1, 2]
     originals = original_records(run, train_on_seeds=True)
@@ -186,22 +187,22 @@ def test_a_rerun_does_nothing_more_rounds_extend_and_changed_settings_are_refuse
         runs: Path, tiny_model_dir: Path) -> None:
     run = make_run(runs)
     with FakeOpenAI(reply=teacher_reply) as server:
-        loop(**loop_options(tiny_model_dir, server, rounds=1))
+        loop(**loop_options(tiny_model_dir, server.url, rounds=1))
         first = (run / "loop" / "round-1" / "added.jsonl").read_bytes()
         calls = len(server.bodies)
-        loop(**loop_options(tiny_model_dir, server, rounds=1))
+        loop(**loop_options(tiny_model_dir, server.url, rounds=1))
         assert len(server.bodies) == calls  # nothing asked again
-        loop(**loop_options(tiny_model_dir, server, rounds=2))
+        loop(**loop_options(tiny_model_dir, server.url, rounds=2))
         assert (run / "loop" / "round-1" / "added.jsonl").read_bytes() == first
         assert len(read_json(run / "loop.json")["rounds"]) == 2
         with pytest.raises(SiftError, match="changed: threshold"):
-            loop(**loop_options(tiny_model_dir, server, rounds=2, threshold=0.3))
+            loop(**loop_options(tiny_model_dir, server.url, rounds=2, threshold=0.3))
 
 
 def test_judge_metric_scores_with_the_teachers_verdict(runs: Path, tiny_model_dir: Path) -> None:
     run = make_run(runs)
     with FakeOpenAI(reply=teacher_reply) as server:
-        loop(**loop_options(tiny_model_dir, server, rounds=1, metric="judge", train_on_seeds=False))
+        loop(**loop_options(tiny_model_dir, server.url, rounds=1, metric="judge", train_on_seeds=False))
     scores = read_jsonl(run / "loop" / "round-1" / "scores.jsonl")
     assert len(scores) == 6 and all(s["score"] in (0.0, 1.0) and "grade" in s for s in scores)
     info = read_json(run / "loop.json")["rounds"][0]
@@ -230,3 +231,65 @@ def test_pool_holds_every_instruction_once(runs: Path) -> None:
     pool = pool_instructions(original_records(run, train_on_seeds=True), run / "seeds.jsonl")
     texts = [t for _, t in pool]
     assert len(texts) == len(set(texts)) == 4
+
+
+# ---------------------------------------------------------------- killed and rerun
+
+
+def _loop_command(tiny: Path, url: str) -> list[str]:
+    import sys
+
+    options = loop_options(tiny, url, rounds=2)
+    argv = [sys.executable, "-m", "pipeline.cli", "loop"]
+    for key, value in options.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+def _comparable(loop_json: dict) -> list[dict]:
+    """loop.json's rounds without the wall-clock figures."""
+    out = []
+    for r in loop_json["rounds"]:
+        train = {k: v for k, v in r["train"].items() if k not in ("train_seconds", "tokens_per_s")}
+        out.append({**{k: v for k, v in r.items() if k != "seconds"}, "train": train})
+    return out
+
+
+@pytest.mark.slow
+def test_a_loop_killed_at_each_step_finishes_with_the_same_data(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import REPO
+
+    results = {}
+    with FakeOpenAI(reply=teacher_reply) as server:
+        argv = _loop_command(tiny_model_dir, server.url)
+        for name, milestones in (("clean", []), ("killed", [
+                "loop/round-1/student/metrics.jsonl", "loop/round-1/score.journal", "loop/round-1/augment.journal",
+                "loop/round-2/train.jsonl", "loop/round-2/score.journal"])):
+            runs = tmp_path / name
+            make_run(runs)
+            env = {**os.environ, "SIFT_RUNS_DIR": str(runs), "PYTHONPATH": str(REPO)}
+            kills = 0
+            for milestone in milestones:
+                proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                while proc.poll() is None and not (runs / "r" / milestone).exists():
+                    time.sleep(0.01)
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGKILL)
+                    kills += proc.wait() == -signal.SIGKILL
+            done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+            assert done.returncode == 0, done.stderr[-2000:]
+            assert kills == len(milestones)
+            results[name] = runs / "r"
+    clean, killed = results["clean"], results["killed"]
+    assert (killed / "loop" / "data.jsonl").read_bytes() == (clean / "loop" / "data.jsonl").read_bytes()
+    for r in (1, 2):
+        for f in ("added.jsonl", "added.rejected.jsonl", "scores.jsonl"):
+            assert (killed / "loop" / f"round-{r}" / f).read_bytes() == (clean / "loop" / f"round-{r}" / f).read_bytes()
+    assert _comparable(read_json(killed / "loop.json")) == _comparable(read_json(clean / "loop.json"))
+    ids = [d["id"] for d in read_jsonl(killed / "loop" / "data.jsonl")]
+    assert len(ids) == len(set(ids))
