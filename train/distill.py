@@ -61,9 +61,43 @@ class DistillTerms:
     tokens: int  # completion tokens in this batch
 
 
-def completion_mask(labels: Any) -> Any:
-    """(B, L-1) bool: positions t whose next-token label labels[:, t+1] is a completion token."""
-    return labels[:, 1:] != IGNORE
+def keep_mask(labels: Any) -> Any:
+    """(B, L) bool: positions t whose next token labels[:, t+1] is a completion token (the last
+    position predicts nothing). Logits and teacher top-k are kept at these positions only, in
+    row-major order."""
+    import torch
+
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE
+    return mask
+
+
+def next_tokens(labels: Any, mask: Any) -> Any:
+    """(N,) the completion tokens that the kept positions of `keep_mask` predict, in the same order."""
+    return labels[:, 1:][mask[:, :-1]]
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the model (under DDP and PEFT wrappers) takes `logits_to_keep`, so the LM head runs only
+    at the kept positions (transformers >= 5.x accepts a boolean (B, L) mask there)."""
+    import inspect
+
+    inner = getattr(model, "module", model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
+
+
+def kept_logits(model: Any, inputs: dict, mask: Any, *, compact: bool) -> tuple[Any, Any]:
+    """(N, V) logits at the positions of `mask` and the model outputs. With `compact` the model is
+    asked for those positions only; a model that still returns every position is sliced here."""
+    outputs = model(**inputs, logits_to_keep=mask) if compact else model(**inputs)
+    logits = outputs.logits
+    n = int(mask.sum())
+    if logits.dim() == 2 and logits.size(0) == n:
+        return logits, outputs
+    if logits.dim() == 3 and tuple(logits.shape[:2]) == tuple(mask.shape):
+        return logits[mask], outputs
+    raise ValueError(f"logits of shape {tuple(logits.shape)} for {n} kept positions of a {tuple(mask.shape)} batch")
 
 
 def kl_full(student_logits: Any, teacher_logits: Any, temperature: float) -> Any:
@@ -90,44 +124,43 @@ def kl_topk(student_logits: Any, teacher_logprobs: Any, teacher_ids: Any, temper
     return torch.where(p > 0, p * (log_p - log_q.gather(-1, teacher_ids.long())), 0.0).sum(-1)
 
 
-def distill_loss(student_logits: Any, labels: Any, *, teacher_logits: Any = None,
+def distill_loss(student_logits: Any, targets: Any, *, teacher_logits: Any = None,
                  teacher_topk: tuple[Any, Any, int] | None = None, temperature: float = 2.0,
                  alpha: float = 0.5, num_items: Any = None) -> DistillTerms:
-    """The distillation loss of one batch.
+    """The distillation loss of one batch, over its N completion positions.
 
     Args:
-        student_logits: (B, L, V) as a causal LM returns them: position t predicts labels[:, t+1].
-        labels: (B, L), -100 on every token that is not a completion token.
-        teacher_logits: (B, L, V') from the same inputs, or None when `teacher_topk` is given.
-        teacher_topk: (log-probs (N, k), ids (N, k), teacher vocabulary width) for the N completion
-            positions of the batch in row-major order (see `completion_mask`).
+        student_logits: (N, V), the student's logits at the positions that predict `targets`
+            (`kept_logits` with `keep_mask`; from full (B, L, V) logits: logits[keep_mask(labels)]).
+        targets: (N,) the completion tokens (`next_tokens`).
+        teacher_logits: (N, V') the teacher's at the same positions, or None when `teacher_topk` is given.
+        teacher_topk: (log-probs (N, k), ids (N, k), teacher vocabulary width), from the cache.
         temperature: T > 0; both distributions are softened by it in the KL term.
         alpha: Weight of the KL term; 1 - alpha weighs the cross-entropy. 0 is plain fine-tuning.
-        num_items: Normaliser (completion tokens across accumulated micro-batches); default: this batch's.
+        num_items: Normaliser (completion tokens across accumulated micro-batches); default N.
     """
     import torch
 
     if (teacher_logits is None) == (teacher_topk is None):
         raise ValueError("give exactly one of teacher_logits and teacher_topk")
-    mask = completion_mask(labels)
-    targets = labels[:, 1:][mask]
-    s = student_logits[:, :-1][mask]  # (N, V)
+    n = targets.numel()
+    if student_logits.size(0) != n:
+        raise ValueError(f"{student_logits.size(0)} student positions for {n} targets")
     if teacher_logits is not None:
-        kl = kl_full(s, teacher_logits[:, :-1][mask], temperature)
+        if teacher_logits.size(0) != n:
+            raise ValueError(f"{teacher_logits.size(0)} teacher positions for {n} targets")
+        kl = kl_full(student_logits, teacher_logits, temperature)
     else:
         logprobs, ids, vocab = teacher_topk
-        if logprobs.size(0) != s.size(0):
-            raise ValueError(f"teacher top-k holds {logprobs.size(0)} positions, the batch has {s.size(0)}")
-        kl = kl_topk(s, logprobs, ids, temperature, vocab)
-    s32 = s.float()
-    ce = torch.nn.functional.cross_entropy(s32, targets, reduction="none")
-    n = int(mask.sum())
-    denom = torch.as_tensor(n if num_items is None else num_items, device=s.device).clamp(min=1)
-    loss = alpha * temperature ** 2 * kl.sum() / denom + (1 - alpha) * ce.sum() / denom
-    if n == 0:  # keep the graph connected so backward() works on a batch without completion tokens
-        loss = loss + 0.0 * student_logits.sum()
-    return DistillTerms(loss=loss, kl_sum=kl.sum().detach(), ce_sum=ce.sum().detach(),
-                        correct=(s32.argmax(-1) == targets).sum().detach(), tokens=n)
+        if logprobs.size(0) != n:
+            raise ValueError(f"the teacher top-k holds {logprobs.size(0)} positions, the batch has {n}")
+        kl = kl_topk(student_logits, logprobs, ids, temperature, vocab)
+    s32 = student_logits.float()
+    ce = torch.nn.functional.cross_entropy(s32, targets, reduction="sum")
+    denom = torch.as_tensor(n if num_items is None else num_items, device=s32.device).clamp(min=1)
+    loss = alpha * temperature ** 2 * kl.sum() / denom + (1 - alpha) * ce / denom
+    return DistillTerms(loss=loss, kl_sum=kl.sum().detach(), ce_sum=ce.detach(),
+                        correct=(s32.argmax(-1) == targets).sum().detach() if n else s32.new_zeros(()), tokens=n)
 
 
 def check_settings(*, temperature: float, alpha: float, top_k: int) -> list[tuple[str, str]]:
@@ -203,7 +236,7 @@ def output_width(model: Any) -> int:
 class TopK:
     """The teacher's top-k log-probs at every completion position of every training row.
 
-    Row r's positions are logprobs[offsets[r]:offsets[r+1]], in the order `completion_mask` gives."""
+    Row r's positions are logprobs[offsets[r]:offsets[r+1]], in the order `keep_mask` gives."""
 
     logprobs: Any  # (M, k) float32, T = 1, sorted descending
     ids: Any  # (M, k) int32
@@ -228,14 +261,15 @@ def build_topk(teacher: Any, rows: list[dict], collate: Callable[[list[dict]], d
 
     vocab = output_width(teacher)
     k = min(k, vocab)
+    compact = accepts_logits_to_keep(teacher)
     values, indices, counts = [], [], []
     for start in range(0, len(rows), batch_rows):
         batch = collate(rows[start:start + batch_rows])
         inputs = {key: v.to(device) if hasattr(v, "to") else v for key, v in teacher_inputs(batch, vocab).items()}
+        mask = keep_mask(batch["labels"]).to(device)
         with torch.no_grad(), autocast(device, precision):
-            logits = teacher(**inputs).logits
-        mask = completion_mask(batch["labels"]).to(device)
-        top = torch.log_softmax(logits[:, :-1][mask].float(), dim=-1).topk(k, dim=-1)
+            logits, _ = kept_logits(teacher, inputs, mask, compact=compact)
+        top = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
         values.append(top.values.cpu())
         indices.append(top.indices.to(torch.int32).cpu())
         counts += mask.sum(1).tolist()
@@ -347,6 +381,8 @@ def distill_trainer(base: type, *, teacher: Any = None, topk: TopK | None = None
         raise ValueError("give exactly one of teacher and topk")
     if teacher is not None:
         teacher.eval().requires_grad_(False)
+    compact_teacher = teacher is not None and accepts_logits_to_keep(teacher)
+    compact_student: bool | None = None
 
     class DistillTrainer(base):  # type: ignore[misc, valid-type]
         def _set_signature_columns_if_needed(self) -> None:
@@ -356,27 +392,33 @@ def distill_trainer(base: type, *, teacher: Any = None, topk: TopK | None = None
 
         def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
+            nonlocal compact_student
             rows = inputs.pop("teacher_row", None)
             if not self.model.training:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
+            if compact_student is None:
+                compact_student = accepts_logits_to_keep(model)
             inputs["use_cache"] = False
             forward = {k: v for k, v in inputs.items() if k != "labels"}
-            outputs = model(**forward)
             labels = inputs["labels"]
+            mask = keep_mask(labels)
+            student_logits, outputs = kept_logits(model, forward, mask, compact=compact_student)
+            targets = next_tokens(labels, mask)
             if topk is not None:
                 if rows is None:
                     raise ValueError("a training batch without teacher_row: the rows were not indexed")
                 lp, ids, vocab = topk.for_rows(rows.tolist())
-                terms = distill_loss(outputs.logits, labels, teacher_topk=(lp.to(labels.device),
+                terms = distill_loss(student_logits, targets, teacher_topk=(lp.to(labels.device),
                                      ids.to(labels.device), vocab), temperature=temperature, alpha=alpha,
                                      num_items=num_items_in_batch)
             else:
                 if next(teacher.parameters()).device != labels.device:
                     teacher.to(labels.device)
                 with torch.no_grad(), autocast(str(labels.device), precision):
-                    t_logits = teacher(**teacher_inputs(forward, output_width(teacher))).logits
-                terms = distill_loss(outputs.logits, labels, teacher_logits=t_logits, temperature=temperature,
+                    t_logits, _ = kept_logits(teacher, teacher_inputs(forward, output_width(teacher)), mask,
+                                              compact=compact_teacher)
+                terms = distill_loss(student_logits, targets, teacher_logits=t_logits, temperature=temperature,
                                      alpha=alpha, num_items=num_items_in_batch)
             loss = terms.loss
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -16,10 +16,12 @@ from tests.train.conftest import make_model, make_tokenizer
 from train.distill import (
     IGNORE,
     build_topk,
-    completion_mask,
     distill_loss,
+    keep_mask,
+    kept_logits,
     kl_full,
     kl_topk,
+    next_tokens,
     tokenizer_differences,
 )
 from train.format import to_messages, tokenize_records
@@ -53,14 +55,18 @@ def test_loss_matches_a_hand_computed_kl_and_ce_on_a_toy_case() -> None:
     student = torch.tensor([[[9.0, -9.0, 0.0], s_logits, [5.0, 5.0, 5.0]]])
     teacher = torch.tensor([[[-9.0, 9.0, 0.0], t_logits, [0.0, 0.0, 9.0]]])
     labels = torch.tensor([[IGNORE, IGNORE, target]])
-    terms = distill_loss(student, labels, teacher_logits=teacher, temperature=t, alpha=alpha)
+    mask = keep_mask(labels)
+    assert mask.tolist() == [[False, True, False]] and next_tokens(labels, mask).tolist() == [target]
+    student, teacher = student[mask], teacher[mask]
+    terms = distill_loss(student, next_tokens(labels, mask), teacher_logits=teacher, temperature=t, alpha=alpha)
     assert terms.tokens == 1
     assert terms.kl_sum.item() == pytest.approx(kl, rel=1e-5)
     assert terms.ce_sum.item() == pytest.approx(ce, rel=1e-5)
     assert terms.loss.item() == pytest.approx(alpha * t * t * kl + (1 - alpha) * ce, rel=1e-5)
     assert kl > 0.1  # the case is not degenerate
     # num_items (tokens over accumulated micro-batches) is the normaliser when given
-    half = distill_loss(student, labels, teacher_logits=teacher, temperature=t, alpha=alpha, num_items=2)
+    half = distill_loss(student, next_tokens(labels, mask), teacher_logits=teacher, temperature=t, alpha=alpha,
+                        num_items=2)
     assert half.loss.item() == pytest.approx(terms.loss.item() / 2, rel=1e-5)
 
 
@@ -100,25 +106,33 @@ def _packed_batch(tokenizer) -> tuple[list[dict], dict]:
     return rows, Collator(tokenizer.pad_token_id)(rows)
 
 
-def _logits(model, batch: dict) -> torch.Tensor:
+def _inputs(batch: dict) -> dict:
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+
+
+def _kept(model, batch: dict, *, compact: bool = True) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        return kept_logits(model, _inputs(batch), keep_mask(batch["labels"]), compact=compact)[0]
 
 
 def test_kl_is_zero_against_itself_and_alpha_zero_is_the_models_own_loss(tokenizer) -> None:
     _, batch = _packed_batch(tokenizer)
+    mask = keep_mask(batch["labels"])
+    targets = next_tokens(batch["labels"], mask)
     student = make_model(len(tokenizer), seed=0)
-    logits = _logits(student, batch)
-    same = distill_loss(logits, batch["labels"], teacher_logits=logits.clone(), temperature=2.0, alpha=0.5)
-    assert same.tokens > 10 and same.kl_sum.item() == pytest.approx(0.0, abs=1e-5)
-    other = distill_loss(logits, batch["labels"], teacher_logits=_logits(make_model(len(tokenizer), seed=1), batch),
-                         temperature=2.0, alpha=0.5)
-    assert other.kl_sum.item() > 1e-3  # a different teacher is not free
-    plain = distill_loss(logits, batch["labels"], teacher_logits=_logits(make_model(len(tokenizer), seed=1), batch),
-                         temperature=2.0, alpha=0.0)
+    logits = _kept(student, batch)
     with torch.no_grad():
-        own = student(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                      use_cache=False).loss
+        full = student(**_inputs(batch)).logits
+    assert torch.allclose(logits, full[mask], atol=1e-5)  # the LM head run at the kept positions only
+    assert torch.allclose(_kept(student, batch, compact=False), logits, atol=1e-5)
+    same = distill_loss(logits, targets, teacher_logits=logits.clone(), temperature=2.0, alpha=0.5)
+    assert same.tokens > 10 and same.kl_sum.item() == pytest.approx(0.0, abs=1e-5)
+    other_teacher = _kept(make_model(len(tokenizer), seed=1), batch)
+    other = distill_loss(logits, targets, teacher_logits=other_teacher, temperature=2.0, alpha=0.5)
+    assert other.kl_sum.item() > 1e-3  # a different teacher is not free
+    plain = distill_loss(logits, targets, teacher_logits=other_teacher, temperature=2.0, alpha=0.0)
+    with torch.no_grad():
+        own = student(**_inputs(batch), labels=batch["labels"]).loss
     assert plain.loss.item() == pytest.approx(own.item(), rel=1e-5)
 
 
@@ -127,12 +141,13 @@ def test_topk_cache_with_k_equal_to_the_vocabulary_matches_the_teacher_on_the_fl
     collate = Collator(tokenizer.pad_token_id)
     teacher, student = make_model(len(tokenizer), seed=1), make_model(len(tokenizer), seed=0)
     topk = build_topk(teacher, rows, collate, k=len(tokenizer), batch_rows=1)
-    assert int(topk.offsets[-1]) == sum(int(completion_mask(collate([r])["labels"]).sum()) for r in rows)
+    assert int(topk.offsets[-1]) == sum(int(keep_mask(collate([r])["labels"]).sum()) for r in rows)
     order = [len(rows) - 1, 0]  # a batch in another order and width than the cache was built with
     batch = collate([rows[i] for i in order])
-    s = _logits(student, batch)
-    live = distill_loss(s, batch["labels"], teacher_logits=_logits(teacher, batch), temperature=2.0, alpha=0.7)
-    cached = distill_loss(s, batch["labels"], teacher_topk=topk.for_rows(order), temperature=2.0, alpha=0.7)
+    targets = next_tokens(batch["labels"], keep_mask(batch["labels"]))
+    s = _kept(student, batch)
+    live = distill_loss(s, targets, teacher_logits=_kept(teacher, batch), temperature=2.0, alpha=0.7)
+    cached = distill_loss(s, targets, teacher_topk=topk.for_rows(order), temperature=2.0, alpha=0.7)
     assert cached.tokens == live.tokens
     assert cached.kl_sum.item() == pytest.approx(live.kl_sum.item(), rel=1e-4)
     assert cached.loss.item() == pytest.approx(live.loss.item(), rel=1e-4)
@@ -214,8 +229,7 @@ def taught_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = make_model(len(tok), seed=1).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(25):
-        loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                     use_cache=False).loss
+        loss = model(**_inputs(batch), labels=batch["labels"]).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
