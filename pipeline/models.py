@@ -319,6 +319,28 @@ def _as_ref(spec: str | ModelRef) -> ModelRef:
     return spec if isinstance(spec, ModelRef) else resolve_model(spec)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub (or $HF_ENDPOINT) answers a TCP connect within `timeout` seconds. Without it
+    transformers retries for about a minute before failing on a machine with no network."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_options(ref: ModelRef) -> dict:
+    """from_pretrained options: a Hub id on a machine that cannot reach the Hub uses the local cache only."""
+    return {"local_files_only": True} if ref.kind == "hub" and not hub_reachable() else {}
+
+
 def _load_failed(ref: ModelRef, what: str, e: Exception) -> SiftError:
     if ref.kind == "hub":
         return SiftError(f"cannot load {what} {ref.path_or_id!r} from the Hugging Face Hub (no network, "
@@ -333,7 +355,8 @@ def load_model(spec: str | ModelRef, *, dtype: str = "auto", device: str = "cpu"
 
     ref = _as_ref(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref.path_or_id, dtype=resolve_dtype(dtype, device))
+        model = AutoModelForCausalLM.from_pretrained(ref.path_or_id, dtype=resolve_dtype(dtype, device),
+                                                     **_hub_options(ref))
     except SiftError:
         raise
     except Exception as e:  # OSError offline, ValueError for unknown architectures, ...
@@ -347,7 +370,7 @@ def load_tokenizer(spec: str | ModelRef) -> Any:
 
     ref = _as_ref(spec)
     try:
-        return AutoTokenizer.from_pretrained(ref.path_or_id)
+        return AutoTokenizer.from_pretrained(ref.path_or_id, **_hub_options(ref))
     except Exception as e:
         raise _load_failed(ref, "tokenizer", e) from None
 

@@ -119,6 +119,27 @@ def test_hub_id_passes_through_and_fails_clearly_offline(monkeypatch: pytest.Mon
         resolve_model(" ")
 
 
+def test_an_unreachable_hub_fails_at_once_from_the_local_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    with socket.socket() as closed:  # a loopback port nobody listens on: connection refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    assert not models.hub_reachable(timeout=1.0)
+    ref = resolve_model("HuggingFaceTB/SmolLM2-360M-Instruct")
+    assert models._hub_options(ref) == {"local_files_only": True}
+    assert models._hub_options(resolve_model(str(models.embedded_dir()))) == {}  # folders never probe
+    with pytest.raises(SiftError, match="from the Hugging Face Hub"):
+        models.load_tokenizer(ref)
+    with socket.socket() as server:  # and one that listens counts as reachable
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert models.hub_reachable(timeout=1.0)
+
+
 def test_dtype_choice() -> None:
     import torch
 
