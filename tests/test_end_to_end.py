@@ -10,7 +10,7 @@ from pipeline.artifacts import read_json, read_jsonl
 from pipeline.cli import main
 from tests.conftest import REPO
 
-STAGES = ["seeds", "generate", "classify", "instances", "filter", "export", "train", "eval", "report"]
+STAGES = ["seeds", "generate", "classify", "instances", "filter", "export", "train", "eval", "loop", "report"]
 
 
 @pytest.mark.slow
@@ -32,6 +32,9 @@ def test_every_stage_on_the_embedded_model(tmp_path: Path, monkeypatch: pytest.M
     assert main(["train", *run, "--max-steps", "3", "--batch-size", "4", "--grad-accum", "1",
                  "--eval-steps", "100", "--save-steps", "2", "--resume"]) == 0
     assert main(["eval", *run, "--limit", "3", "--max-new-tokens", "24"]) == 0
+    assert main(["loop", *run, "--rounds", "2", "--no-train-on-seeds", "--max-steps", "1", "--batch-size", "4",
+                 "--eval-limit", "4", "--max-failures", "2", "--max-new-tokens", "24",
+                 "--augment-max-tokens", "200"]) == 0
     assert main(["report", *run]) == 0
 
     generated = read_json(d / "generate.stats.json")
@@ -54,6 +57,13 @@ def test_every_stage_on_the_embedded_model(tmp_path: Path, monkeypatch: pytest.M
         shot = d / "report.png"
         result = _check_in_browser(d / "report.html", shot)
         assert result["images"] and shot.stat().st_size > 10_000
+    loop = read_json(d / "loop.json")
+    assert [r["round"] for r in loop["rounds"]] == [1, 2]
+    assert all(r["eval"]["examples"] == 4 for r in loop["rounds"])
+    added = read_jsonl(d / "loop" / "data.jsonl")[len(kept):]
+    assert len(added) == loop["data"]["added"]
+    assert all(a["metadata"]["loop"]["round"] in (1, 2) and a["metadata"]["loop"]["parent_id"] for a in added)
+    assert 'id="loop"' in html
     manifest = read_json(d / "manifest.json")
     assert set(STAGES) <= set(manifest["stages"])
     assert "filtered.jsonl" in manifest["artifacts"]
