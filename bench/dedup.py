@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/dedup.py            # 3,175 instructions for (a), 52,000 for (c)
     .venv/bin/python bench/dedup.py --quick    # smaller sizes
-    .venv/bin/python bench/dedup.py --only-scale --top-k 10   # (c) only, with Self-Instruct's top 10
+    .venv/bin/python bench/dedup.py --only-scale               # (c) only: the sift filter CLI on 52K
+    .venv/bin/python bench/dedup.py --only-scale --top-k 10    # (c) with Self-Instruct's top 10 as well
 
 (a) equivalence: the reference seeds plus synthetic instruction-like text with planted near-duplicates,
     deduplicated sequentially at 0.7 by RougeIndex and by the reference (rouge_score's own `_score_lcs`
@@ -11,11 +12,17 @@
     that RougeIndex's earlier decisions built, in two processes; as long as every decision agrees the two
     pools are the same one by induction, so this is the sequential reference loop, and the first
     disagreement, if any, is reported. Decisions must be equal and max scores within 1e-9 (they are
-    bit-identical).
+    bit-identical). Both modes are checked: top_k=1 (every pair scored) and top_k=0 (the pruned dedup
+    pass, which scores only the pairs near the threshold or above: those scores must equal the
+    reference's, and every other candidate's reference maximum must lie below the threshold).
 (b) throughput: pairs/s of exact scoring (one cdist plus rouge_score's formula on every cell) and of the
-    dedup pass (cdist with the cutoff) against RougeScorer.score on a sample of the same pairs.
-(c) scale: 52,000 synthetic instructions (bench.synthetic) deduplicated sequentially at 0.7 with
-    RougeIndex(top_k=0) after the 175 seeds, in a fresh process: wall time, CPU time, peak RSS.
+    dedup pass (pairs decided per second, most of them by the token-count and mask bounds alone)
+    against RougeScorer.score on a sample of the same pairs.
+(c) scale: 52,000 synthetic instructions (bench.synthetic) deduplicated sequentially at 0.7 after the
+    175 seeds by the `sift filter` command itself (`--rules rouge --seeds ...`, a fresh process: start-up,
+    reading, writing all three outputs included; CPU and peak RSS of that process from getrusage), next
+    to RougeIndex alone in a fresh process and the reference loop's time estimated from
+    RougeScorer.score's pair rate. The CLI and the index must keep the same number of records.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import random
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -95,6 +103,12 @@ def equivalence(seeds: list[str], n: int) -> None:
         index.add(f"s{i}", s)
     results = list(index.filter_stream((f"c{i}", c) for i, c in enumerate(candidates)))
     ours_s, ours_cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    index = RougeIndex(threshold=THRESHOLD, top_k=0)
+    for i, s in enumerate(seeds):
+        index.add(f"s{i}", s)
+    pruned = list(index.filter_stream((f"c{i}", c) for i, c in enumerate(candidates)))
+    pruned_s, pruned_cpu = time.perf_counter() - t0, cpu_seconds() - c0
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     _POOL[:] = [scorer._tokenizer.tokenize(s) for s in seeds]
@@ -119,16 +133,28 @@ def equivalence(seeds: list[str], n: int) -> None:
         if bad:
             mismatches += 1
             first = i if first is None else first
+    pruned_bad, pruned_first = 0, None
+    for i, ((_, match, kept), (best, at)) in enumerate(zip(pruned, reference, strict=True)):
+        ok = kept == (not best > THRESHOLD)
+        if match.score is None:
+            ok &= best < THRESHOLD - 1e-7  # left out: below the cutoff
+        else:
+            ok &= match.score == best and match.nearest_id == pool_ids[at]
+        if not ok:
+            pruned_bad += 1
+            pruned_first = i if pruned_first is None else pruned_first
     pairs = sum(_PREFIX)
     kept = sum(k for _, _, k in results)
     print(f"(a) equivalence: {len(seeds)} seeds + {len(candidates)} candidates = {len(seeds) + len(candidates)}")
     print(f"    kept {kept}, rejected {len(candidates) - kept}; {pairs:,} candidate-pool pairs")
-    print(f"    {'':24}{'rouge_score':>14}{'sift':>14}")
-    print(f"    {'wall time (s)':24}{ref_s:>14.2f}{ours_s:>14.2f}   (reference on 2 processes)")
-    print(f"    {'sift CPU time (s)':24}{'':>14}{ours_cpu:>14.2f}")
-    print(f"    decisions, max scores, nearest ids: mismatches={mismatches}", end="")
+    print(f"    {'':24}{'rouge_score':>14}{'sift top_k=1':>14}{'sift top_k=0':>14}")
+    print(f"    {'wall time (s)':24}{ref_s:>14.2f}{ours_s:>14.2f}{pruned_s:>14.2f}   (reference on 2 processes)")
+    print(f"    {'sift CPU time (s)':24}{'':>14}{ours_cpu:>14.2f}{pruned_cpu:>14.2f}")
+    print(f"    top_k=1: decisions, max scores, nearest ids: mismatches={mismatches}", end="")
     print(f" (first at candidate {first})" if first is not None else "", end="")
     print(f"; largest score difference {worst:.1e}")
+    print(f"    top_k=0: decisions, scores near or above the threshold, nearest ids: mismatches={pruned_bad}", end="")
+    print(f" (first at candidate {pruned_first})" if pruned_first is not None else "")
 
 
 # -- (b) throughput --------------------------------------------------------------------------
@@ -139,7 +165,7 @@ def throughput(seeds: list[str], n_queries: int, n_pool: int, n_sample: int) -> 
     queries, pool = texts[:n_queries], texts[n_queries : n_queries + n_pool]
     pairs = len(queries) * len(pool)
     rates = {}
-    for top_k, label in [(1, "sift exact scores, nearest"), (0, "sift dedup pass (cutoff)")]:
+    for top_k, label in [(1, "sift exact scores, nearest"), (0, "sift dedup pass (pruned)")]:
         index = RougeIndex(threshold=THRESHOLD, top_k=top_k)
         for i, text in enumerate(pool):
             index.add(str(i), text)
@@ -170,8 +196,12 @@ def throughput(seeds: list[str], n_queries: int, n_pool: int, n_sample: int) -> 
 # -- (c) 52K ---------------------------------------------------------------------------------
 
 
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def scale_child(n: int, top_k: int) -> None:
-    """Runs in a fresh process so that peak RSS is this part's own."""
+    """RougeIndex alone, in a fresh process so that peak RSS is this part's own."""
     seeds = load_seeds()
     t0 = time.perf_counter()
     texts = make_synthetic_instructions(n, seed=0)
@@ -186,32 +216,115 @@ def scale_child(n: int, top_k: int) -> None:
     print(json.dumps({"n": n, "top_k": top_k, "kept": kept, "wall": wall, "cpu": cpu, "rss_mb": rss, "gen": gen_s}))
 
 
-def scale(n: int, top_k: int) -> None:
-    command = [sys.executable, __file__, "--scale-child", str(n), "--top-k", str(top_k)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    r = json.loads(out.strip().splitlines()[-1])
-    # The reference's cost, estimated from its own pair rate: it scores every candidate against the pool.
-    pairs = sum(range(175, 175 + r["kept"])) + (r["n"] - r["kept"]) * (175 + r["kept"]) // 2
-    print(f"(c) scale: {r['n']:,} synthetic instructions after the seeds, sequential at {THRESHOLD}, top_k={top_k}")
-    print(f"    kept {r['kept']:,} ({r['kept'] / r['n']:.0%}); about {pairs:,} candidate-pool pairs")
+def measure_child(command: list[str]) -> None:
+    """Run `command` and print its wall time, CPU time and peak RSS: a fresh process has had no other
+    child, so RUSAGE_CHILDREN is that command's alone."""
+    t0 = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu, rss = usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
     print(
-        f"    wall {r['wall']:.1f} s, CPU {r['cpu']:.1f} s, peak RSS {r['rss_mb']:.0f} MB (generation {r['gen']:.1f} s)"
+        json.dumps({"wall": wall, "cpu": cpu, "rss_mb": rss, "rc": done.returncode, "out": done.stdout + done.stderr})
     )
+
+
+def sift_command() -> list[str]:
+    script = Path(sys.executable).parent / "sift"  # the installed console script, as a user runs it
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from pipeline.cli import main; main()"]
+
+
+def cli_run(directory: Path, top_k: int) -> dict:
+    out = directory / f"kept_{top_k}.jsonl"
+    command = [
+        *sift_command(),
+        "filter",
+        str(directory / "in.jsonl"),
+        "-o",
+        str(out),
+        "--rules",
+        "rouge",
+        "--threshold",
+        str(THRESHOLD),
+        "--top-k",
+        str(top_k),
+    ]
+    if SEEDS.exists():
+        command += ["--seeds", str(SEEDS)]
+    done = subprocess.run([sys.executable, __file__, "--measure", "--", *command], capture_output=True, text=True)
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    if r["rc"] != 0:
+        raise SystemExit(f"sift filter failed:\n{r['out']}")
+    with out.open() as f:
+        r["kept"] = sum(1 for line in f if line.strip())
+    return r
+
+
+def reference_rate(n_sample: int = 2_000) -> float:
+    """RougeScorer.score pairs per second on one core, on the same synthetic instructions."""
+    texts = make_synthetic_instructions(2 * n_sample, seed=4)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    t0 = time.perf_counter()
+    for a, b in zip(texts[::2], texts[1::2], strict=True):
+        scorer.score(a, b)
+    return n_sample / (time.perf_counter() - t0)
+
+
+def scale(n: int, top_k: int) -> None:
+    print(f"(c) scale: {n:,} synthetic instructions after the seeds, sequential at {THRESHOLD}; load before {load()}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        with (directory / "in.jsonl").open("w") as f:
+            for i, text in enumerate(make_synthetic_instructions(n, seed=0)):
+                f.write(json.dumps({"id": f"i{i}", "instruction": text}) + "\n")
+        for k in sorted({0, top_k}):
+            rows.append((f"sift filter CLI, --top-k {k}", cli_run(directory, k), load()))
+    for k in sorted({0, top_k}):
+        out = subprocess.run(
+            [sys.executable, __file__, "--scale-child", str(n), "--top-k", str(k)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        rows.append((f"RougeIndex alone, top_k={k}", json.loads(out.strip().splitlines()[-1]), load()))
+    kept = rows[0][1]["kept"]
+    # The reference scores each candidate against the whole pool: seeds plus everything kept before it.
+    pairs = sum(range(175, 175 + kept)) + (n - kept) * (175 + kept) // 2
+    rate = reference_rate()
+    print(f"    kept {kept:,} ({kept / n:.0%}); about {pairs:,} candidate-pool pairs")
+    print(f"    {'':34}{'wall s':>9}{'CPU s':>9}{'peak MB':>9}{'kept':>8}   load after")
+    for label, r, after in rows:
+        print(f"    {label:34}{r['wall']:>9.1f}{r['cpu']:>9.1f}{r['rss_mb']:>9.0f}{r['kept']:>8}   {after}")
+    print(
+        f"    {'rouge_score loop (estimated)':34}{pairs / rate:>9.0f}{'':>18}"
+        f"   ({pairs:,} pairs at {rate:,.0f} pairs/s, RougeScorer.score on one core)"
+    )
+    print(
+        f"    CLI wall {rows[0][1]['wall']:.1f} s against the 15 s target; the naive loop is "
+        f"{pairs / rate / rows[0][1]['wall']:,.0f}x slower"
+    )
+    if any(r["kept"] != kept for _, r, _ in rows):
+        raise SystemExit("the CLI and the index disagree on the records kept")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
-    parser.add_argument("--top-k", type=int, default=0, help="top_k for (c): 0 is the pure dedup (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="also time (c) with this top_k (0: the dedup alone)")
     parser.add_argument("--only-scale", action="store_true", help="run (c) only")
     parser.add_argument("--scale-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("command", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.scale_child:
         scale_child(args.scale_child, args.top_k)
         return
+    if args.measure:
+        measure_child(args.command)
+        return
     seeds = load_seeds()
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"machine: {multiprocessing.cpu_count()} cores, load average {load} (other processes share the cores)")
+    print(f"machine: {multiprocessing.cpu_count()} cores, load average {load()} (other processes share the cores)")
     if not args.only_scale:
         equivalence(seeds, 1_000 if args.quick else 3_175)
         throughput(

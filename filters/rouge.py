@@ -17,23 +17,37 @@ Decisions. Self-Instruct (`scorer.score(candidate, pool_item)`) and Alpaca
 (`_score_lcs(candidate_tokens, pool_tokens)`) both reject a candidate when its F against any pool
 instruction is > threshold, the candidate being the target. `RougeIndex.filter_stream` keeps those
 sequential semantics: a candidate is compared with everything added before it, including earlier
-accepted candidates of its own block. The fast pass finds every pair with 2L/(|a|+|b|) at least
+accepted candidates of its own block. The dedup pass finds every pair with 2L/(|a|+|b|) at least
 `threshold - MARGIN`; each such pair is then decided from its integer L with rouge_score's formula.
 
-Cost model (N = final pool size, M = candidates, B = block_size, C = max_cells // B, T = tokens/text):
-- tokenising and encoding: O((N + M) * T) Python work, once per text.
-- dedup only (top_k=0): up to M * N pair comparisons (N**2 / 2 for a stream deduplicated against
-  itself), all inside rapidfuzz's C++ `cdist` (bit-parallel LCS, SIMD across 8 to 32 queries, `workers`
-  threads) with the cutoff, minus the pairs whose token counts alone keep them below it (L <= the shorter
-  length, so |b|/|a| must lie within [t/(2-t), (2-t)/t]: about 5% of pairs on bench/synthetic.py's
-  narrow lengths, a third on the reference seeds' spread). One cdist call per (block, length band, pool
-  chunk of at most C texts), so the Python overhead is per block, not per pair. Within a block, one
-  B x B cdist plus a sequential pass over the few pairs above the cutoff. bench/dedup.py measures it.
-- top_k > 0: every pair, without cutoff or length bound, plus numpy work on every cell (row sums for
-  `mean_all`, a top-k selection that scores only the candidates exactly): a few times the dedup cost.
-  `top_k=1` gives every candidate's exact nearest neighbour and score (the ROUGE-L-to-nearest histogram).
-- memory: the pool (ids, texts, one short string per text) plus one score matrix of at most max_cells
-  cells at a time, whatever N is: an N x N matrix is never built.
+Pruning (top_k=0), exact. L <= the multiset intersection of the two token lists, counted as shared
+(token, occurrence) features, and that is <= (|a| + |b| - popcount(mask_a XOR mask_b)) / 2 for any
+hashing of features into mask bits (a bit set on one side only is set by a feature the other side
+lacks). So a pair whose L could reach need(|a|, |b|) = ceil(cutoff (|a|+|b|) / 2) must have |b| in a
+range fixed by |a| (L <= the shorter length) and popcount(mask_a XOR mask_b) <= |a| + |b| - 2 need.
+Each text keeps a 256-bit mask (and its 64-bit fold); the pool is kept sorted by token count, and a
+candidate is tested against the slice of feasible lengths with one XOR and one popcount per pair on
+the 64-bit masks (numpy, 8 candidates x 8,192 pool texts per call), the survivors on the 256-bit
+masks, and only the pairs still left get an LCS (rapidfuzz `cpdist`). On bench/synthetic.py's
+instructions about 1 pair in 1,000 survives the first test and 1 in 20,000 the second. Texts of more
+than LONG_TEXT tokens fill a 64-bit mask, so their pairs go to rapidfuzz's `cdist` with a cutoff.
+
+Cost model (N = final pool size, M = candidates, T = tokens per text):
+- tokenising and encoding: O((N + M) * T) Python work, once per text (`findall` on the lower-cased
+  text, the same tokens as rouge_score's tokenizer); the masks and the length-sorted view of the pool
+  are built with numpy once per block.
+- dedup only (top_k=0): up to M * N mask tests (N**2 / 2 for a stream deduplicated against itself),
+  minus the pairs whose lengths alone rule them out (|b|/|a| outside [t/(2-t), (2-t)/t]: about 5% on
+  bench/synthetic.py's narrow lengths, a third on the reference seeds' spread), at about 1 ns per pair
+  on one core, plus an LCS for the few pairs that pass the masks: still quadratic, but about 30 times
+  less work per pair than an LCS on every pair. bench/dedup.py measures it.
+- top_k > 0: an LCS for every pair (rapidfuzz `cdist`, bit-parallel, SIMD across 8 to 32 queries,
+  `workers` threads), without cutoff or length bound, plus numpy work on every cell (row sums for
+  `mean_all`, a top-k selection that scores only the candidates exactly): about 15 times the dedup
+  cost. `top_k=1` gives every candidate's exact nearest neighbour and score.
+- memory: the pool (ids, texts, one short string per text, 56 bytes of masks and view per text) plus
+  bounded scratch (SCAN_ROWS x SCAN_COLUMNS cells, or max_cells for top_k > 0), whatever N is: an
+  N x N matrix is never built.
 - prefilter="minhash" (inexact, off by default): compares a candidate only with the pool texts that a
   datasketch MinHash-LSH over token sets returns, so the cost is about linear in N, but a duplicate whose
   token-set Jaccard similarity falls below the LSH band threshold can be missed; `score`, `most_similar`
@@ -44,13 +58,12 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-from nltk.stem import porter
 from rapidfuzz import process
 from rapidfuzz.distance import Indel
 from rouge_score import tokenize as rouge_tokenize
@@ -58,9 +71,11 @@ from rouge_score import tokenize as rouge_tokenize
 if TYPE_CHECKING:
     from datasketch import MinHash
 
-MARGIN = 1e-6  # the fast pass keeps pairs with 2L/(|a|+|b|) >= threshold - MARGIN, then decides exactly
-EXACT_LENSUM = 1 << 21  # below this |a|+|b|, L is recovered exactly from a float32 similarity
+MARGIN = 1e-6  # the dedup pass keeps pairs with 2L/(|a|+|b|) >= threshold - MARGIN, then decides exactly
 SMALL_MATRIX = 1 << 16  # pairs below which one thread beats starting `workers` threads
+MASK_WORDS = 4  # each text's (token, occurrence) features hashed into 256 bits, folded to 64
+LONG_TEXT = 64  # token count above which a 64-bit mask filters too little: rapidfuzz takes those pairs
+SCAN_ROWS, SCAN_COLUMNS = 8, 8192  # query-pool mask pairs compared per numpy call (fit in L2)
 PREFILTERS = (None, "minhash")
 
 
@@ -68,6 +83,8 @@ class _MemoStemmer:
     """nltk's Porter stemmer, as rouge_score builds it, memoised (stemming is a pure function)."""
 
     def __init__(self) -> None:
+        from nltk.stem import porter  # imports all of nltk and scipy.stats: 1 to 3 s, only when stemming
+
         self.stem = functools.lru_cache(maxsize=1 << 17)(porter.PorterStemmer().stem)
 
 
@@ -76,8 +93,17 @@ def _stemmer(use_stemmer: bool) -> _MemoStemmer | None:
     return _MemoStemmer() if use_stemmer else None
 
 
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
 def tokenize(text: str, *, use_stemmer: bool = False) -> list[str]:
-    """rouge_score's tokens for `text`: its own `tokenize` function and Porter stemmer."""
+    """rouge_score's tokens for `text`: its own `tokenize` function and Porter stemmer.
+
+    Without stemming, rouge_score lower-cases, replaces every run outside [a-z0-9] by a space, splits
+    on white space and drops empty tokens: that is exactly the runs of [a-z0-9] in the lower-cased
+    text, which one `findall` returns three times faster (tests check it against rouge_score's)."""
+    if not use_stemmer:
+        return _TOKEN.findall(text.lower())
     return rouge_tokenize.tokenize(text, _stemmer(use_stemmer))
 
 
@@ -103,6 +129,74 @@ def _scores_from_lcs(lcs: np.ndarray, target_len: np.ndarray, prediction_len: np
 
 def _lcs(a: str, b: str) -> int:
     return (len(a) + len(b) - Indel.distance(a, b)) // 2
+
+
+def _need(cutoff: float, n: np.ndarray | int, m: np.ndarray | int) -> np.ndarray:
+    """The fewest common tokens (LCS) with which texts of n and m tokens reach 2L/(n+m) >= cutoff,
+    and at least one: rounded down by 1e-9 so that it never exceeds the exact bound."""
+    return np.maximum(1, np.ceil(cutoff * (n + m) / 2 - 1e-9)).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _partner_lengths(cutoff: float, n: int) -> tuple[int, int]:
+    """The token counts m a partner of an n-token text can have and still reach the cutoff: the
+    LCS is at most min(n, m), so `_need(cutoff, n, m) <= min(n, m)`; the need grows with m, so the
+    feasible m form one range [lo, hi]."""
+    lo = max(1, int(cutoff * n / (2.0 - cutoff)) - 1)
+    while int(_need(cutoff, n, lo)) > min(n, lo):
+        lo += 1
+    while lo > 1 and int(_need(cutoff, n, lo - 1)) <= lo - 1:
+        lo -= 1
+    if cutoff * (1 << 40) < 2 * n + 2:
+        return lo, 1 << 40
+    hi = max(lo, int(2 * n / cutoff) - n + 1)
+    while hi > lo and int(_need(cutoff, n, hi)) > n:
+        hi -= 1
+    while int(_need(cutoff, n, hi + 1)) <= n:
+        hi += 1
+    return lo, hi
+
+
+def _masks(chars: Sequence[str]) -> np.ndarray:
+    """(texts, MASK_WORDS) uint64: each encoded text's (token, occurrence) features hashed to 256 bits.
+
+    The k-th copy (k = 0, 1, ...) of the token coded c sets bit (c + k * 40503) % 256; codes come in
+    order of first appearance, so the 64 commonest tokens usually get 64 bits of their own in the
+    64-bit fold (the OR of the four words, where the bit is the same hash % 64)."""
+    out = np.zeros((len(chars), MASK_WORDS), dtype=np.uint64)
+    lens = np.fromiter(map(len, chars), dtype=np.int64, count=len(chars))
+    if not lens.sum():
+        return out
+    codes = np.frombuffer("".join(chars).encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64)
+    owner = np.repeat(np.arange(len(chars)), lens)
+    order = np.lexsort((codes, owner))  # each text's copies of one token side by side
+    owner, codes = owner[order], codes[order]
+    first = np.r_[True, (owner[1:] != owner[:-1]) | (codes[1:] != codes[:-1])]
+    at = np.arange(len(codes))
+    copy = at - np.maximum.accumulate(np.where(first, at, 0))
+    bit = (codes + copy * 40503) % (64 * MASK_WORDS)
+    np.bitwise_or.at(out, (owner, bit // 64), np.left_shift(np.uint64(1), (bit % 64).astype(np.uint64)))
+    return out
+
+
+class _ByLength(NamedTuple):
+    """Texts sorted by token count, then position, with their 64-bit masks: a query of n tokens
+    scans the one slice of lengths a partner of it can have."""
+
+    lens: np.ndarray
+    masks: np.ndarray
+    positions: np.ndarray
+
+    @staticmethod
+    def build(lens: np.ndarray, masks: np.ndarray, positions: np.ndarray) -> _ByLength:
+        order = np.lexsort((positions, lens))
+        return _ByLength(lens[order], masks[order], positions[order])
+
+    def merged(self, new: _ByLength) -> _ByLength:
+        """Insert texts whose positions all follow the present ones: O(N), not a new sort."""
+        new = _ByLength.build(*new)
+        at = np.searchsorted(self.lens, new.lens, side="right")
+        return _ByLength(*(np.insert(old, at, add) for old, add in zip(self, new, strict=True)))
 
 
 class _Vocab:
@@ -210,8 +304,9 @@ class RougeIndex:
 
     threshold: a candidate whose F1 with any pool entry is > threshold is a duplicate (Self-Instruct
         and Alpaca use 0.7). use_stemmer: rouge_score's Porter stemming (both references use False).
-    top_k: how many most-similar pool entries to report (Self-Instruct keeps 10); 0 turns off the full
-        scoring and leaves the pure dedup, several times faster (see the module docstring).
+    top_k: how many most-similar pool entries to report, with the mean over the whole pool
+        (Self-Instruct keeps 10): an LCS for every pair. 0 turns that off and leaves the pure dedup,
+        pruned exactly by token counts and feature masks, about 15 times faster (see the module).
     workers: rapidfuzz threads (-1: all cores). block_size: candidates per batch. max_cells: the
         largest score matrix held at once. prefilter: None (exact) or "minhash" (inexact, see module).
     """
@@ -248,6 +343,11 @@ class RougeIndex:
         self._texts: list[str] = []
         self._chars: list[str] = []
         self._lens = np.zeros(1024, dtype=np.int64)
+        self._pruned = top_k == 0 and prefilter is None  # the dedup pass, pruned by lengths and masks
+        self._masked_upto = 0  # pool positions below this are in the masks and the length view
+        self._masks = np.zeros((1024, MASK_WORDS), dtype=np.uint64)  # per pool position
+        self._scan_buffers = tuple(np.empty(SCAN_ROWS * SCAN_COLUMNS, dtype=t) for t in (np.uint64, np.uint8, bool))
+        self._by_length = _ByLength.build(*(np.empty(0, dtype=t) for t in (np.int64, np.uint64, np.int64)))
         self._lsh = None
         if prefilter == "minhash":
             from datasketch import MinHashLSH
@@ -261,7 +361,8 @@ class RougeIndex:
     def add(self, id: str, text: str) -> None:
         """Put `text` in the pool without checking it (seeds, or a resumed run's accepted records)."""
         tokens = tokenize(text, use_stemmer=self.use_stemmer)
-        self._append(id, text, self._vocab.encode(tokens), tokens)
+        chars = self._vocab.encode(tokens)
+        self._append(id, text, chars, tokens)
 
     def check(self, text: str) -> Match:
         """Compare `text` with the pool, without adding it."""
@@ -304,7 +405,7 @@ class RougeIndex:
             raws = self._minhash_block(block, chars, tokens, commit)
         else:
             lens = np.array([len(c) for c in chars], dtype=np.int64)
-            decide = self._full_block if self.top_k else self._dedup_block
+            decide = self._dedup_block if self._pruned else self._full_block
             raws = decide(chars, lens, commit)
             if commit:
                 for (id_, text), c, t, raw in zip(block, chars, tokens, raws, strict=True):
@@ -335,79 +436,152 @@ class RougeIndex:
             b = min(n, a + self._chunk)
             yield a, self._chars[a:b], self._lens[a:b]
 
-    def _pairs_above(
-        self, queries: list[str], q_lens: np.ndarray, choices: list[str], c_lens: np.ndarray
+    def _flush(self) -> None:
+        """Mask and sort in the pool texts added since the last query (one by one or a block at a
+        time): the view by length is rebuilt once per block, not per text."""
+        n, start = len(self._ids), self._masked_upto
+        if n == start:
+            return
+        masks = _masks(self._chars[start:n])
+        if len(self._masks) < n:
+            grown = np.zeros((max(n, 2 * len(self._masks)), MASK_WORDS), dtype=np.uint64)
+            grown[:start] = self._masks[:start]
+            self._masks = grown
+        self._masks[start:n] = masks
+        positions = np.arange(start, n)
+        some = self._lens[start:n] > 0  # no tokens: F1 is 0 against everything
+        new = _ByLength(self._lens[start:n][some], np.bitwise_or.reduce(masks[some], axis=1), positions[some])
+        self._by_length = self._by_length.merged(new)
+        self._masked_upto = n
+
+    def _candidates(
+        self,
+        chars: Sequence[str],
+        q_masks: np.ndarray,
+        lens: np.ndarray,
+        rows: np.ndarray,
+        view: _ByLength,
+        p_chars: Sequence[str],
+        p_masks: np.ndarray,
+        p_lens: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(query row, position) of every pair, a query against a text of `view`, that may reach the
+        cutoff: a superset of them. Positions index p_chars, p_masks and p_lens.
+
+        The LCS of two token lists is at most the number of (token, occurrence) features they share,
+        |A & B|. Hash the features into bits: each bit set in one mask only is set by a feature the
+        other text lacks, so popcount(mask_a ^ mask_b) <= |A ^ B| = |A| + |B| - 2 |A & B|, and a
+        pair whose LCS reaches need(n, m) has popcount(mask_a ^ mask_b) <= n + m - 2 need(n, m). A
+        query is compared (XOR, popcount) with every text in its slice of partner lengths on the
+        64-bit masks, then the few pairs left on the 256-bit masks. On instruction-like text about
+        one pair in a thousand passes the first test and one in ten thousand the second. Queries of
+        more than LONG_TEXT tokens fill a 64-bit mask: rapidfuzz's LCS (with a cutoff) filters those."""
+        cutoff = self._cutoff
+        if not len(rows) or not len(view.lens):
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        rows = rows[np.argsort(lens[rows], kind="stable")]
+        q64 = np.bitwise_or.reduce(q_masks[rows], axis=1)
+        ends = np.flatnonzero(np.r_[lens[rows][1:] != lens[rows][:-1], True]) + 1
+        found_q, found_p = [], []
+        for a, b in itertools.pairwise([0, *ends.tolist()]):
+            n = int(lens[rows[a]])
+            lo, hi = _partner_lengths(cutoff, n)
+            start, stop = np.searchsorted(view.lens, [lo, hi + 1]).tolist()
+            if start == stop:
+                continue
+            m = view.lens[start:stop]
+            allowed = n + m - 2 * _need(cutoff, n, m)  # the largest XOR popcount (or Indel distance)
+            if n > LONG_TEXT:
+                queries = [chars[i] for i in rows[a:b].tolist()]
+                step = max(1, self._chunk * self.block_size // (b - a))  # at most max_cells distances at once
+                for c0 in range(start, stop, step):
+                    c1 = min(stop, c0 + step)
+                    dist = process.cdist(
+                        queries,
+                        [p_chars[i] for i in view.positions[c0:c1].tolist()],
+                        scorer=Indel.distance,
+                        score_cutoff=int(allowed[c0 - start : c1 - start].max()),
+                        dtype=np.int32,
+                        workers=self._workers((b - a) * (c1 - c0)),
+                    )
+                    r, col = np.nonzero(dist <= allowed[None, c0 - start : c1 - start])
+                    found_q.append(rows[a + r])
+                    found_p.append(view.positions[c0 + col])
+                continue
+            allowed = np.minimum(allowed, 64).astype(np.uint8)
+            for r0 in range(a, b, SCAN_ROWS):  # a few rows against many columns: numpy's fastest shape
+                r1 = min(b, r0 + SCAN_ROWS)
+                for c0 in range(start, stop, SCAN_COLUMNS):
+                    c1 = min(stop, c0 + SCAN_COLUMNS)
+                    shape = (r1 - r0, c1 - c0)
+                    xor, count, ok = (buf[: shape[0] * shape[1]].reshape(shape) for buf in self._scan_buffers)
+                    np.bitwise_xor(q64[r0:r1, None], view.masks[None, c0:c1], out=xor)
+                    np.bitwise_count(xor, out=count)
+                    np.less_equal(count, allowed[None, c0 - start : c1 - start], out=ok)
+                    r, col = np.divmod(np.flatnonzero(ok), shape[1])
+                    found_q.append(rows[r0 + r])
+                    found_p.append(view.positions[c0 + col])
+        if not found_q:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        q, p = np.concatenate(found_q), np.concatenate(found_p)
+        nq, np_ = lens[q], p_lens[p]
+        xor = np.bitwise_count(q_masks[q] ^ p_masks[p]).sum(axis=1, dtype=np.int64)
+        keep = xor <= nq + np_ - 2 * _need(cutoff, nq, np_)
+        return q[keep], p[keep]
+
+    def _verify(
+        self,
+        queries: Sequence[str],
+        q_lens: np.ndarray,
+        rows: np.ndarray,
+        choices: Sequence[str],
+        c_lens: np.ndarray,
+        cols: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(row, column, exact F1) of the pairs whose 2L/(|a|+|b|) reaches the cutoff."""
-        sim = process.cdist(
-            queries,
-            choices,
-            scorer=Indel.normalized_similarity,
-            score_cutoff=self._cutoff,
-            dtype=np.float32,
-            workers=self._workers(len(queries) * len(choices)),
+        """(row, column, exact F1) of the candidate pairs whose 2L/(|a|+|b|) reaches the cutoff,
+        from the integer LCS (rapidfuzz's Indel distance, pair by pair in C++)."""
+        if not len(rows):
+            return rows, cols, np.empty(0)
+        dist = process.cpdist(
+            [queries[r] for r in rows.tolist()],
+            [choices[c] for c in cols.tolist()],
+            scorer=Indel.distance,
+            dtype=np.int64,
+            workers=self._workers(len(rows) * 16),
         )
-        hit = np.flatnonzero(sim.view(np.int32).max(axis=1) > 0)  # rows with a pair: far cheaper than
-        sub_rows, cols = np.nonzero(sim[hit])  # np.nonzero over the whole matrix
-        rows = hit[sub_rows]
         lensum = q_lens[rows] + c_lens[cols]
-        dist = np.rint((1.0 - sim[rows, cols].astype(np.float64)) * lensum).astype(np.int64)
         lcs = (lensum - dist) // 2
-        for k in np.flatnonzero((lensum >= EXACT_LENSUM) | ((lensum - dist) % 2 != 0)):
-            lcs[k] = _lcs(queries[rows[k]], choices[cols[k]])
-        found = lcs > 0  # drops pairs of empty strings, which rapidfuzz calls identical
+        found = (lcs > 0) & (2 * lcs >= self._cutoff * lensum)
         rows, cols, lcs = rows[found], cols[found], lcs[found]
         return rows, cols, _scores_from_lcs(lcs, q_lens[rows], c_lens[cols])
 
-    def _length_bands(self, lens: np.ndarray) -> Iterator[tuple[np.ndarray, int, int]]:
-        """Block rows grouped by similar token counts, each with the pool lengths that can reach the
-        cutoff: L <= min(|a|, |b|), so 2L/(|a|+|b|) >= t needs t/(2-t) <= |b|/|a| <= (2-t)/t."""
-        ratio = self._cutoff / (2.0 - self._cutoff)
-        rows = np.argsort(lens, kind="stable")
-        rows = rows[lens[rows] > 0]  # no tokens: F1 is 0 against everything
-        start = 0
-        while start < len(rows):
-            low = int(lens[rows[start]])
-            end = int(np.searchsorted(lens[rows], low * 1.25 + 1, side="right"))
-            high = int(lens[rows[end - 1]])
-            max_len = int(math.floor(high / ratio)) + 1 if ratio > 0 else 1 << 62
-            yield rows[start:end], int(math.floor(low * ratio)), max_len
-            start = end
-
     def _dedup_block(self, chars: list[str], lens: np.ndarray, commit: bool) -> list[_Raw]:
-        """Decisions only: every pair below the cutoff is skipped without an exact score, and pairs
-        whose lengths alone keep them below it are not compared at all."""
+        """Decisions only: exact scores for the pairs that may reach the cutoff (see `_candidates`);
+        every other pair is below it by the length and mask bounds and gets no LCS."""
         n0, size = len(self._ids), len(chars)
         best = np.full(size, -1.0)
         best_at = np.full(size, -1, dtype=np.int64)
-        by_len = np.argsort(self._lens[:n0], kind="stable")  # the pool sorted by length, then by age
-        sorted_lens = self._lens[:n0][by_len]
-        sorted_chars = [self._chars[i] for i in by_len]
-        for band, min_len, max_len in self._length_bands(lens):
-            queries = [chars[i] for i in band]
-            lo = int(np.searchsorted(sorted_lens, min_len, side="left"))
-            hi = int(np.searchsorted(sorted_lens, max_len, side="right"))
-            step = max(1, self._chunk * self.block_size // len(band))
-            for a in range(lo, hi, step):
-                b = min(hi, a + step)
-                rows, cols, scores = self._pairs_above(queries, lens[band], sorted_chars[a:b], sorted_lens[a:b])
-                r, at = band[rows], by_len[a + cols]
-                order = np.lexsort((at, -scores, r))  # per row: best score, then earliest in the pool
-                r, at, scores = r[order], at[order], scores[order]
-                first = np.flatnonzero(np.r_[True, r[1:] != r[:-1]]) if len(r) else r
-                r, at, s = r[first], at[first], scores[first]
-                better = (s > best[r]) | ((s == best[r]) & (at < best_at[r]))
-                best[r[better]], best_at[r[better]] = s[better], at[better]
+        rows = np.flatnonzero(lens > 0)  # no tokens: F1 is 0 against everything
+        self._flush()
+        masks = _masks(chars)
+        q, b = self._candidates(chars, masks, lens, rows, self._by_length, self._chars, self._masks, self._lens)
+        q, b, scores = self._verify(chars, lens, q, self._chars, self._lens, b)
+        if len(q):
+            order = np.lexsort((b, -scores, q))  # per row: best score, then earliest in the pool
+            q, b, scores = q[order], b[order], scores[order]
+            first = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
+            best[q[first]], best_at[q[first]] = scores[first], b[first]
         inner: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        if commit and size > 1:
-            rows, cols, scores = self._pairs_above(chars, lens, chars, lens)
-            earlier = cols < rows
-            rows, cols, scores = rows[earlier], cols[earlier], scores[earlier]
-            order = np.lexsort((cols, rows))
-            rows, cols, scores = rows[order], cols[order], scores[order]
-            bounds = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1], True]) if len(rows) else []
-            for a, b in itertools.pairwise(bounds):
-                inner[int(rows[a])] = (cols[a:b], scores[a:b])
+        if commit and len(rows) > 1:
+            block = _ByLength.build(lens[rows], np.bitwise_or.reduce(masks[rows], axis=1), rows)
+            q, b = self._candidates(chars, masks, lens, rows, block, chars, masks, lens)
+            earlier = b < q
+            q, b, scores = self._verify(chars, lens, q[earlier], chars, lens, b[earlier])
+            order = np.lexsort((b, q))
+            q, b, scores = q[order], b[order], scores[order]
+            bounds = np.flatnonzero(np.r_[True, q[1:] != q[:-1], True]) if len(q) else []
+            for a, z in itertools.pairwise(bounds):
+                inner[int(q[a])] = (b[a:z], scores[a:z])
         position = np.full(size, -1, dtype=np.int64)  # pool position of accepted block members
         accepted = 0
         raws = []

@@ -120,7 +120,7 @@ def run_filter(records: list[dict], rules: list[str], *, threshold: float, top_k
 
 def filter_records(input: str | None = None, /, *, output: str | None = None, run: str = "demo",
                    rules: str | None = None, threshold: float = 0.7, seeds: str | None = None,
-                   top_k: int = 10, use_stemmer: bool = False, decontaminate: str | None = None,
+                   top_k: int = 0, use_stemmer: bool = False, decontaminate: str | None = None,
                    prefilter: str | None = None, workers: int = -1) -> None:
     """Filter records: quality heuristics and exact ROUGE-L dedup, with a ledger of every rejection.
 
@@ -138,7 +138,8 @@ def filter_records(input: str | None = None, /, *, output: str | None = None, ru
             (default: self-instruct; stand-alone on instruction-only data the instance rules keep all)
         threshold: ROUGE-L F1 above which a record duplicates the pool (Self-Instruct and Alpaca: 0.7)
         seeds: pre-load the ROUGE-L pool with this file's instructions (stage default: the run's seeds)
-        top_k: how many most similar pool instructions to score per record (0: dedup only, fastest)
+        top_k: how many most similar pool instructions to score exactly per record, with the mean over
+            the whole pool: an LCS for every pair, about 15x slower (0: dedup only, exact and fastest)
         use_stemmer: Porter-stem tokens before ROUGE-L (both references: off)
         decontaminate: an evaluation file; drop records sharing a 13-gram with it (reason contaminated)
         prefilter: `minhash` for an inexact MinHash-LSH prefilter on huge sets (may miss duplicates)

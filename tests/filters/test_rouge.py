@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rapidfuzz.distance import Indel
 from rouge_score import rouge_scorer
+from rouge_score import tokenize as rouge_tokenize
 
-from filters.rouge import RougeIndex, rouge_l, score_from_lcs, tokenize
+from filters.rouge import LONG_TEXT, RougeIndex, _masks, rouge_l, score_from_lcs, tokenize
 from tests.filters.reference import SEEDS, load_seed_instructions, near_duplicate, reference_dedup
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
@@ -226,3 +229,87 @@ def test_length_bounds_are_tight_but_safe(threshold: float) -> None:
         assert [m.score for _, m, _ in got if m.score is not None] == [
             r[0] for r, (_, m, _) in zip(ref, got, strict=True) if m.score is not None
         ]
+
+
+# -- the dedup pass's pruning (top_k=0): exact, never cuts a pair that could reach the cutoff -----------------
+
+unicode_texts = st.text(max_size=40)  # any code point: case mappings, digits of other scripts, surrogates
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(unicode_texts, texts))
+def test_tokenize_is_rouge_scores_tokenizer(text: str) -> None:
+    assert tokenize(text) == rouge_tokenize.tokenize(text, None)
+
+
+token_lists = st.lists(st.sampled_from("abcdefghij"), max_size=24)
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=token_lists, b=token_lists, offset=st.sampled_from([0, 200, 0xE000 - 5]))
+def test_mask_bound_is_at_least_the_lcs(a: list[str], b: list[str], offset: int) -> None:
+    # Codes near and beyond the surrogate block go through the UTF-32 path of `_masks` too.
+    ca = "".join(chr(offset + ord(t) - 97) for t in a)
+    cb = "".join(chr(offset + ord(t) - 97) for t in b)
+    wide = _masks([ca, cb])
+    lcs = (len(ca) + len(cb) - Indel.distance(ca, cb)) // 2
+    narrow = np.bitwise_or.reduce(wide, axis=1)
+    for xor in (int(np.bitwise_count(wide[0] ^ wide[1]).sum()), int(np.bitwise_count(narrow[0] ^ narrow[1]))):
+        assert (len(ca) + len(cb) - xor) // 2 >= lcs
+
+
+def _at_the_bound(rng: random.Random, threshold: float, n: int, sizes: tuple[int, int] = (1, 30)) -> list[str]:
+    """Pairs of texts whose LCS is one below, at, or one above the fewest tokens that reach the
+    threshold, with shared tokens also out of order (overlap above the LCS) and repeated tokens."""
+    out = []
+    for _ in range(n):
+        size_a, size_b = rng.randint(*sizes), rng.randint(*sizes)
+        need = math.ceil(threshold * (size_a + size_b) / 2)
+        lcs = max(0, min(size_a, size_b, need + rng.choice([-1, 0, 1])))
+        core = [rng.choice(["x", "y", "z", "the", "a"]) for _ in range(lcs)]
+        a = core + [f"a{i}" for i in range(size_a - lcs)]
+        b = core + [f"b{i}" for i in range(size_b - lcs)]
+        rng.shuffle(a) if rng.random() < 0.2 else None  # overlap stays, the LCS drops
+        rng.shuffle(b) if rng.random() < 0.2 else None
+        out += [" ".join(a), " ".join(b)]
+    return out
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.7, 0.9])
+@pytest.mark.parametrize("block_size", [1, 64])
+def test_pruned_dedup_at_the_bound_matches_reference(threshold: float, block_size: int) -> None:
+    rng = random.Random(int(threshold * 100) + block_size)
+    candidates = _at_the_bound(rng, threshold, 60) + ["", "!!", TIE_A, TIE_B]
+    seeds = _at_the_bound(rng, threshold, 5)
+    ref = reference_dedup(seeds, candidates, threshold=threshold)
+    assert 0 < sum(kept for _, _, kept, _ in ref) < len(candidates)
+    got = _run(RougeIndex(threshold=threshold, top_k=0, block_size=block_size), seeds, candidates)
+    ids = _pool_ids(seeds, candidates, ref)
+    for i, ((best, nearest, kept, _), (_, match, got_kept)) in enumerate(zip(ref, got, strict=True)):
+        assert got_kept == kept, (i, candidates[i])
+        if best >= threshold - 1e-7:  # every pair near the threshold or above is found and scored exactly
+            assert match.score == best and match.nearest_id == ids[nearest], (i, candidates[i])
+        else:
+            assert match.score is None, (i, candidates[i])
+
+
+def test_long_texts_take_rapidfuzz_and_match_reference() -> None:
+    rng = random.Random(11)
+    words = [f"w{i}" for i in range(60)] + ["the", "a", "of"] * 10
+    base = [" ".join(rng.choice(words) for _ in range(rng.randint(LONG_TEXT - 5, LONG_TEXT + 40))) for _ in range(8)]
+    candidates = [near_duplicate(rng.choice(base), rng) for _ in range(10)] + base
+    candidates += _at_the_bound(rng, 0.7, 10, sizes=(LONG_TEXT - 20, LONG_TEXT + 20)) + ["short one", "a b c"]
+    rng.shuffle(candidates)
+    assert sum(len(tokenize(c)) > LONG_TEXT for c in candidates) > 10
+    assert_same_as_reference(base[:2], candidates, top_k=0, block_size=16)
+
+
+def test_vocabulary_past_the_surrogate_block() -> None:
+    index = RougeIndex(top_k=0)
+    for i in range(0xD800 + 300):  # every token new: codes run through the surrogate gap
+        index.add(str(i), f"w{i}")
+    late = 0xD800 + 250
+    out = list(index.filter_stream([("dup", f"W{late}"), ("near", f"w{late} new"), ("new", "w9999999 x y")]))
+    assert [(i, kept) for i, _, kept in out] == [("dup", False), ("near", True), ("new", True)]
+    assert out[0][1].nearest_id == str(late) and out[0][1].score == 1.0
+    assert out[1][1].score is None  # 2 * 1 / 3 < 0.7
