@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -189,6 +190,27 @@ def require(obj: dict, field: str, kind: type | tuple[type, ...], *, path: str |
     return value
 
 
+# ---------------------------------------------------------------- kill seam (tests only)
+
+KILL_AT_ENV = "SIFT_TEST_KILL_AT"  # e.g. "generate.journal:3:mid"; unset (always, outside tests): no effect
+_writes_by_name: dict[str, int] = {}
+
+
+def _kill_point(phase: str, path: Path) -> None:
+    """Fault injection for tests/pipeline/test_kill_anywhere.py: with SIFT_TEST_KILL_AT="NAME:N:PHASE",
+    the process SIGKILLs itself at its N-th durable write (an `atomic_write`, or a non-empty
+    `Journal.append`) to a file named NAME. PHASE "before": nothing of that write is on disk;
+    "mid": an atomic write's temporary file is complete but not renamed, or half of a journal
+    append's bytes are (a torn last line); "after": the write is complete."""
+    spec = os.environ.get(KILL_AT_ENV)
+    if not spec:
+        return
+    if phase == "before":
+        _writes_by_name[path.name] = _writes_by_name.get(path.name, 0) + 1
+    if spec == f"{path.name}:{_writes_by_name.get(path.name, 0)}:{phase}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # ---------------------------------------------------------------- atomic writes
 
 
@@ -213,6 +235,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[str]], None]) -> None:
     A crash at any moment leaves the previous file (or none) in place, never a partial one.
     """
     path = Path(path)
+    _kill_point("before", path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -224,6 +247,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[str]], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        _kill_point("mid", path)
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -234,6 +258,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[str]], None]) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+    _kill_point("after", path)
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
@@ -341,12 +366,20 @@ class Journal:
                     with open(self.path, "r+b") as f:
                         f.truncate(good_end)
             self._repaired = True
+            _kill_point("before", self.path)
             with open(self.path, "a", encoding="utf-8", newline="\n") as f:
+                if os.environ.get(KILL_AT_ENV):  # the seam's "mid": half the bytes reach the disk first
+                    f.write(payload[:len(payload) // 2])
+                    f.flush()
+                    os.fsync(f.fileno())
+                    _kill_point("mid", self.path)
+                    payload = payload[len(payload) // 2:]
                 f.write(payload)
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
             raise SiftError(f"cannot append to journal: {e.strerror or e}", path=self.path) from None
+        _kill_point("after", self.path)
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):

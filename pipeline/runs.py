@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -60,9 +61,19 @@ def locked(directory: Path) -> Iterator[None]:
                             "wait for it or stop it", path=directory) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
+        remove_leftovers(directory)
         yield
     finally:
         os.close(fd)
+
+
+def remove_leftovers(directory: Path) -> None:
+    """Delete what a killed command left half-written: atomic writes' temporary files
+    (.NAME.XXXX.tmp) and train's unfinished adapter folder (student/.save-XXXX). Only called
+    under the run's lock, when no other sift process can be writing them."""
+    for stale in [*directory.glob(".*.tmp"), *directory.glob("*/.*.tmp"), *directory.glob("*/.save-*")]:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
 
 def library_versions() -> dict[str, str]:
@@ -99,7 +110,8 @@ def record_stage(directory: Path, stage: str, settings: dict, *, models: dict | 
     manifest["artifacts"] = {
         p.relative_to(directory).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
         for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
-        and "checkpoint-" not in p.as_posix() and p.suffix != ".journal"
+        if p.is_file() and p.name != MANIFEST and p.suffix != ".journal" and not any(
+            part.startswith(".") or part == "checkpoints" or part.startswith("checkpoint-")  # temporaries, .lock,
+            for part in p.relative_to(directory).parts)  # the trainer's own folder (its model card varies)
     }
     write_json(path, scrub(manifest))

@@ -17,14 +17,17 @@ the student also learns the teacher's token distributions (train/distill.py).
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import Journal, iter_jsonl, require, write_json
+from pipeline.artifacts import Journal, iter_jsonl, require, write_json, write_jsonl
 from pipeline.errors import SiftError
 from pipeline.runs import locked, record_stage, run_dir
 from train.format import OVERLONG, TEMPLATES, DataError, check_messages, setup_tokenizer, tokenize_records
@@ -115,6 +118,57 @@ def _metrics_callback(journal: Journal, tokens_per_epoch: int) -> Any:
             journal.append([entry])
 
     return Metrics()
+
+
+def last_checkpoint(ckpt_dir: Path, *, remove_partial: bool) -> str | None:
+    """The newest checkpoint whose save finished. The trainer writes trainer_state.json last, so a
+    folder without a readable one is what a kill in the middle of a save left; resuming from it
+    fails ("Can't find a valid checkpoint") on every rerun, so it is removed."""
+    steps = {int(m[1]): p for p in ckpt_dir.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))}
+    for step in sorted(steps, reverse=True):
+        try:
+            json.loads((steps[step] / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(steps[step])
+        except (OSError, ValueError):
+            if remove_partial:
+                shutil.rmtree(steps[step], ignore_errors=True)
+    return None
+
+
+def resumed_metrics(entries: list[dict], step: int, *, finished: bool) -> list[dict]:
+    """metrics.jsonl as it stood when checkpoint `step` was saved (and, if that was the last step,
+    training ended): what the resumed run logs again is cut, so no entry is there twice."""
+    kept = []
+    for e in entries:
+        if e.get("kind") == "summary" or e.get("step", 0) > step:
+            break
+        if e.get("kind") == "end":
+            kept += [e] if finished else []
+            break
+        kept.append(e)
+    return kept
+
+
+def planned_steps(trainer: Any, epochs: float, max_steps: int) -> int:
+    """The optimizer steps the trainer will run in all, computed as transformers does."""
+    if max_steps > 0:
+        return max_steps
+    a = trainer.args
+    batches = math.ceil(len(trainer.train_dataset) / (a.per_device_train_batch_size * a.world_size))
+    return math.ceil(epochs * max(math.ceil(batches / a.gradient_accumulation_steps), 1))
+
+
+def whole_run_loss(kept: list[dict], resumed_at: int, steps_done: int, last_call_loss: float) -> float:
+    """The mean train loss over all steps after a resume: the trainer's own figure covers only the
+    steps of its last process; the earlier ones come from the logged losses, weighted by the steps
+    each covers (exact when checkpoints fall on logged steps, as with the default 50 and 5)."""
+    total, last = 0.0, 0
+    for e in kept:
+        if e.get("kind") == "train" and isinstance(e.get("loss"), int | float):
+            total += e["loss"] * (e["step"] - last)
+            last = e["step"]
+    new = steps_done - resumed_at
+    return (total + last_call_loss * new) / (last + new) if last + new else last_call_loss
 
 
 def _save_final(trainer: Any, tokenizer: Any, out: Path) -> None:
@@ -269,7 +323,6 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
 
         import torch
         from peft import LoraConfig
-        from transformers.trainer_utils import get_last_checkpoint
         from trl import SFTConfig, SFTTrainer
 
         from pipeline.models import load_tokenizer, resolve_model
@@ -322,11 +375,12 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
         from datasets import Dataset
 
         ckpt_dir = out / "checkpoints"
-        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        last = last_checkpoint(ckpt_dir, remove_partial=main_process) if ckpt_dir.is_dir() else None
         if resume and last is None:  # killed before the first checkpoint: the same command starts over
             print(f"train: no checkpoint in {ckpt_dir} yet; starting from the beginning")
             resume = False
         journal = Journal(out / "metrics.jsonl")
+        resumed_at = int(last.rsplit("-", 1)[1]) if resume and last else 0
         if main_process and not resume:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
             journal.remove()
@@ -360,21 +414,40 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
             callbacks=[_metrics_callback(journal, train_stats.tokens)])
 
         # ---- train
-        before = trainer.evaluate() if valid_ex else {}
+        # killed after the last checkpoint: resuming, transformers (5.23) would run a step past the end
+        finished = resume and resumed_at >= planned_steps(trainer, epochs, max_steps)
+        kept = resumed_metrics(journal.read(), resumed_at, finished=finished) if resume else []
+        if resume and main_process:
+            write_jsonl(journal.path, kept)
+        logged_before = kept[0] if kept and kept[0].get("kind") == "eval" and kept[0].get("step") == 0 else None
+        if logged_before is not None:  # measured (and logged) before the kill
+            before = {k: v for k, v in logged_before.items() if k.startswith("eval_")}
+        else:
+            before = trainer.evaluate() if valid_ex else {}
         t0 = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=last if resume else None)
+        if finished:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(trainer.model, load_file(str(Path(str(last)) / "adapter_model.safetensors")))
+            state = json.loads((Path(str(last)) / "trainer_state.json").read_text(encoding="utf-8"))
+            steps_done, last_call_loss, epoch_done = resumed_at, 0.0, state.get("epoch")
+            trainer.state.global_step, trainer.state.epoch = steps_done, epoch_done  # for the eval's log
+        else:
+            result = trainer.train(resume_from_checkpoint=last if resume else None)
+            steps_done, last_call_loss = result.global_step, result.training_loss
+            epoch_done = result.metrics.get("epoch")
         seconds = time.perf_counter() - t0
         after = trainer.evaluate() if valid_ex else {}
 
         # ---- save
         if not trainer.is_world_process_zero():
             return
-        steps_done = result.global_step
-        tokens = train_stats.tokens * (result.metrics.get("epoch") or epochs)
+        tokens = train_stats.tokens * (epoch_done or epochs)
         summary = {
             "kind": "summary", "step": steps_done, "train_seconds": round(seconds, 1),
             "train_tokens": round(tokens), "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
-            "train_loss": result.training_loss,
+            "train_loss": whole_run_loss(kept, resumed_at, steps_done, last_call_loss) if resume else last_call_loss,
             "eval_loss_before": before.get("eval_loss"), "eval_loss_after": after.get("eval_loss"),
             "eval_token_accuracy_before": before.get("eval_mean_token_accuracy"),
             "eval_token_accuracy_after": after.get("eval_mean_token_accuracy")}

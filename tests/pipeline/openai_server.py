@@ -12,6 +12,7 @@ function (key, attempt) -> fault or None. Faults: "429" (with Retry-After `retry
 after `slow_seconds`, uncounted), "truncated" (200 with half the JSON), "short_body" (promises more
 bytes than it sends), "schema" (200 without choices), "no_usage" (a success without usage).
 Only clean successes are counted in `successes`, so a retried request shows up exactly once.
+`reply(body) -> (text, finish_reason)` replaces the echo, for stage tests that need real-looking answers.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 FaultSchedule = dict[str, list[str]] | Callable[[str, int], str | None]
+Reply = Callable[[dict], tuple[str, str]]  # request body -> (text, finish_reason)
 
 
 class _Server(ThreadingHTTPServer):
@@ -41,8 +43,9 @@ class FakeOpenAI:
     """Start with `with FakeOpenAI(...) as server:`; `server.url` is the base_url to use."""
 
     def __init__(self, faults: FaultSchedule | None = None, *, delay: float = 0.0,
-                 slow_seconds: float = 1.0, retry_after: str | None = "0") -> None:
+                 slow_seconds: float = 1.0, retry_after: str | None = "0", reply: Reply | None = None) -> None:
         self.faults = faults or {}
+        self.reply = reply
         self.delay, self.slow_seconds, self.retry_after = delay, slow_seconds, retry_after
         self.lock = threading.Lock()
         self.attempts: Counter[str] = Counter()  # every request per key, faults included
@@ -83,11 +86,14 @@ def _prompt_key(body: dict) -> str:
     return str(body.get("prompt"))
 
 
-def _success(body: dict, key: str, *, chat: bool, usage: bool) -> dict:
+def _success(body: dict, key: str, *, chat: bool, usage: bool, reply: Reply | None = None) -> dict:
     words = reply_text(key).split()
     max_tokens = int(body.get("max_tokens") or 16)
     finish = "length" if len(words) > max_tokens else "stop"
     text = " ".join(words[:max_tokens])
+    if reply is not None:
+        text, finish = reply(body)
+        words = text.split()
     choice: dict = {"index": 0, "finish_reason": finish}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
@@ -153,12 +159,12 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 return None
             if fault == "slow":
                 time.sleep(server.slow_seconds)
-                return self._send(200, _success(body, key, chat=chat, usage=True))
+                return self._send(200, _success(body, key, chat=chat, usage=True, reply=server.reply))
             if fault == "truncated":
-                data = json.dumps(_success(body, key, chat=chat, usage=True)).encode()
+                data = json.dumps(_success(body, key, chat=chat, usage=True, reply=server.reply)).encode()
                 return self._send_raw(200, data[: len(data) // 2])
             if fault == "short_body":
-                data = json.dumps(_success(body, key, chat=chat, usage=True)).encode()
+                data = json.dumps(_success(body, key, chat=chat, usage=True, reply=server.reply)).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data) + 100))
@@ -172,7 +178,7 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 raise ValueError(f"unknown fault {fault!r}")
             with server.lock:
                 server.successes[key] += 1
-            return self._send(200, _success(body, key, chat=chat, usage=fault != "no_usage"))
+            return self._send(200, _success(body, key, chat=chat, usage=fault != "no_usage", reply=server.reply))
 
         def _send(self, status: int, obj: dict, headers: dict | None = None) -> None:
             self._send_raw(status, json.dumps(obj).encode(), headers)
