@@ -372,7 +372,9 @@ def distill_trainer(base: type, *, teacher: Any = None, topk: TopK | None = None
 
     Only compute_loss changes, and only in training: evaluation keeps SFTTrainer's plain
     cross-entropy, so eval loss stays comparable with runs trained without a teacher. Logs `kl`
-    (mean per completion token, without T^2), `ce` and `mean_token_accuracy` with the train loss.
+    (mean per completion token, without T^2), `ce` and `mean_token_accuracy` with the train loss,
+    weighted by tokens over the logged steps as the loss is (at one step a log: loss = alpha T^2 kl
+    + (1 - alpha) ce).
     The teacher runs in eval mode without gradients, on the student's device, under the same
     mixed-precision autocast, with the student's input ids, positions and attention mask."""
     import torch
@@ -424,11 +426,19 @@ def distill_trainer(base: type, *, teacher: Any = None, topk: TopK | None = None
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as SFTTrainer does
             gather = self.accelerator.gather_for_metrics
-            n = gather(torch.as_tensor(terms.tokens, device=labels.device)).sum()
-            if n > 0:
-                for name, value in (("kl", terms.kl_sum), ("ce", terms.ce_sum),
-                                    ("mean_token_accuracy", terms.correct.float())):
-                    self._metrics["train"][name].append((gather(value).sum() / n).item())
+            sums = gather(torch.stack([terms.kl_sum, terms.ce_sum, terms.correct.float(),
+                                       torch.as_tensor(float(terms.tokens), device=labels.device)])[None])
+            prev = getattr(self, "_distill_sums", None)
+            self._distill_sums = sums.sum(0).cpu() + (0 if prev is None else prev)
             return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs: dict, start_time: float | None = None) -> None:
+            sums = getattr(self, "_distill_sums", None)
+            if self.model.training and sums is not None and "loss" in logs:
+                kl, ce, correct, n = sums.tolist()
+                if n > 0:  # token-weighted over the logged steps: loss = alpha T^2 kl + (1 - alpha) ce
+                    logs.update(kl=kl / n, ce=ce / n, mean_token_accuracy=correct / n)
+                self._distill_sums = None
+            super().log(logs, start_time)
 
     return DistillTrainer
