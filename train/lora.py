@@ -196,10 +196,10 @@ def _check_teacher_tokenizer(tokenizer: Any, student: str, teacher: str | None) 
 
 
 def _distill_setup(base: type, rows: list[dict], collator: Any, args: Any, *, out: Path, teacher: str, vocab: int,
-                   temperature: float, alpha: float, top_k: int, precision: str, cuda: bool,
+                   width: int, temperature: float, alpha: float, top_k: int, precision: str, cuda: bool,
                    per_device: int) -> tuple[type, dict]:
     """The distilling trainer class and the settings to record. With top_k, the teacher's top-k
-    cache is loaded from out/teacher_topk/ when its key (teacher files, rows, k, precision) matches,
+    cache is loaded from out/teacher_topk/ when its key (teacher files, rows, k, T, precision) matches,
     so the teacher's weights are not even loaded, else computed once (main process first) and saved."""
     from pipeline.models import load_model, resolve_model
     from pipeline.progress import StageProgress
@@ -221,8 +221,8 @@ def _distill_setup(base: type, rows: list[dict], collator: Any, args: Any, *, ou
         return d.distill_trainer(base, teacher=load_teacher(), temperature=temperature, alpha=alpha,
                                  precision=precision), info
     folder = out / "teacher_topk"
-    key = d.cache_key(teacher=d.model_fingerprint(ref.path_or_id), rows=rows, k=top_k, precision=precision,
-                      pad_token_id=collator.pad_token_id)
+    key = d.cache_key(teacher=d.model_fingerprint(ref.path_or_id), rows=rows, k=top_k, temperature=temperature,
+                      width=width, precision=precision, pad_token_id=collator.pad_token_id)
     with args.main_process_first(desc="teacher top-k"):
         topk = d.load_topk(folder, key)
         info["cache_reused"] = topk is not None
@@ -230,8 +230,9 @@ def _distill_setup(base: type, rows: list[dict], collator: Any, args: Any, *, ou
             model = load_teacher()
             t0 = time.perf_counter()
             with StageProgress("teacher top-k", len(rows), unit="row") as bar:
-                topk = d.build_topk(model, rows, collator, k=top_k, device=str(args.device), precision=precision,
-                                    batch_rows=per_device, progress=lambda n: bar.update(done=n))
+                topk = d.build_topk(model, rows, collator, k=top_k, temperature=temperature, width=width,
+                                    device=str(args.device), precision=precision, batch_rows=per_device,
+                                    progress=lambda n: bar.update(done=n))
             del model
             if int(os.environ.get("RANK", "0")) == 0:
                 d.save_topk(topk, folder, key, {"teacher": ref.name, "k": top_k, "rows": len(rows)})
@@ -399,7 +400,7 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
         if distill:
             trainer_class, distill_info = _distill_setup(
                 SFTTrainer, rows, collator, args, out=out, teacher=str(teacher),
-                vocab=len(tokenizer) - tok_info["added_tokens"],
+                vocab=len(tokenizer) - tok_info["added_tokens"], width=model.get_output_embeddings().weight.shape[0],
                 temperature=distill_temperature, alpha=distill_alpha, top_k=distill_top_k, precision=prec,
                 cuda=cuda, per_device=per_device)
             from train.distill import RowCollator

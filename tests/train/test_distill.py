@@ -70,20 +70,26 @@ def test_loss_matches_a_hand_computed_kl_and_ce_on_a_toy_case() -> None:
     assert half.loss.item() == pytest.approx(terms.loss.item() / 2, rel=1e-5)
 
 
-def test_topk_renormalises_the_teacher_over_the_kept_tokens() -> None:
+def test_topk_keeps_the_teachers_top_tokens_and_one_tail_bucket() -> None:
     t = 1.5
     s_logits, t_logits = [0.5, 2.0, -1.0, 1.0], [2.0, 0.0, 1.0, -3.0]
-    log_p = [math.log(x) for x in _softmax(t_logits)]
+    p, q = _softmax([x / t for x in t_logits]), _softmax([x / t for x in s_logits])
     keep = [0, 2]  # the teacher's top 2
-    p_kept = _softmax([log_p[i] / t for i in keep])  # renormalised over the two kept tokens
-    q = _softmax([x / t for x in s_logits])  # the student's full softmax
-    expected = sum(pk * math.log(pk / q[i]) for pk, i in zip(p_kept, keep, strict=True))
-    got = kl_topk(torch.tensor([s_logits]), torch.tensor([[log_p[0], log_p[2]]]), torch.tensor([keep]), t)
+    p_tail, q_tail = p[1] + p[3], q[1] + q[3]  # everything else, as one outcome
+    expected = sum(p[i] * math.log(p[i] / q[i]) for i in keep) + p_tail * math.log(p_tail / q_tail)
+    got = kl_topk(torch.tensor([s_logits]), torch.tensor([[math.log(p[0]), math.log(p[2])]]), torch.tensor([keep]),
+                  torch.tensor([math.log(p_tail)]), t)
     assert got.item() == pytest.approx(expected, rel=1e-5)
+    full = kl_full(torch.tensor([s_logits]), torch.tensor([t_logits]), t).item()
+    assert 0 < got.item() < full  # grouping the tail never raises the KL
     # with every token kept it is exactly the full KL
-    every = kl_topk(torch.tensor([s_logits]), torch.tensor([log_p]), torch.tensor([[0, 1, 2, 3]]), t)
-    assert every.item() == pytest.approx(kl_full(torch.tensor([s_logits]), torch.tensor([t_logits]), t).item(),
-                                         rel=1e-5)
+    every = kl_topk(torch.tensor([s_logits]), torch.tensor([[math.log(x) for x in p]]), torch.tensor([[0, 1, 2, 3]]),
+                    torch.tensor([float("-inf")]), t)
+    assert every.item() == pytest.approx(full, rel=1e-5)
+    # and a student equal to the teacher costs nothing, whatever k
+    same = kl_topk(torch.tensor([t_logits]), torch.tensor([[math.log(p[0]), math.log(p[2])]]), torch.tensor([keep]),
+                   torch.tensor([math.log(p_tail)]), t)
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_kl_compares_the_ids_both_models_have() -> None:
@@ -140,7 +146,7 @@ def test_topk_cache_with_k_equal_to_the_vocabulary_matches_the_teacher_on_the_fl
     rows, _ = _packed_batch(tokenizer)
     collate = Collator(tokenizer.pad_token_id)
     teacher, student = make_model(len(tokenizer), seed=1), make_model(len(tokenizer), seed=0)
-    topk = build_topk(teacher, rows, collate, k=len(tokenizer), batch_rows=1)
+    topk = build_topk(teacher, rows, collate, k=len(tokenizer), temperature=2.0, batch_rows=1)
     assert int(topk.offsets[-1]) == sum(int(keep_mask(collate([r])["labels"]).sum()) for r in rows)
     order = [len(rows) - 1, 0]  # a batch in another order and width than the cache was built with
     batch = collate([rows[i] for i in order])
@@ -151,9 +157,16 @@ def test_topk_cache_with_k_equal_to_the_vocabulary_matches_the_teacher_on_the_fl
     assert cached.tokens == live.tokens
     assert cached.kl_sum.item() == pytest.approx(live.kl_sum.item(), rel=1e-4)
     assert cached.loss.item() == pytest.approx(live.loss.item(), rel=1e-4)
-    small = build_topk(teacher, rows, collate, k=3, batch_rows=2)
+    small = build_topk(teacher, rows, collate, k=3, temperature=2.0, batch_rows=2)
     assert small.logprobs.shape == (int(topk.offsets[-1]), 3)
     assert torch.equal(small.ids, topk.ids[:, :3])  # the k most likely, in order
+    total = torch.logsumexp(torch.cat([small.logprobs, small.log_tail[:, None]], dim=1), dim=1)
+    assert torch.allclose(total, torch.zeros_like(total), atol=1e-5)  # top 3 and the tail hold all the mass
+    kept = distill_loss(s, targets, teacher_topk=small.for_rows(order), temperature=2.0, alpha=0.7)
+    assert 0 < kept.kl_sum.item() <= live.kl_sum.item() + 1e-5
+    itself = build_topk(student, rows, collate, k=3, temperature=2.0, batch_rows=2)
+    zero = distill_loss(s, targets, teacher_topk=itself.for_rows(order), temperature=2.0, alpha=0.7)
+    assert zero.kl_sum.item() == pytest.approx(0.0, abs=1e-4)  # a student equal to its teacher, at k = 3
 
 
 # ---------------------------------------------------------------- the tokenizer check
@@ -271,25 +284,26 @@ def test_a_teacher_equal_to_the_student_starts_at_zero_kl(runs: Path, tiny_model
 def test_the_topk_cache_is_built_once_and_reused_on_resume(runs: Path, tiny_model_dir: Path, taught_teacher: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
     d = _write_split(runs, "cached")
-    vocab = len(make_tokenizer())
-    common = {"run": "cached", "student": str(tiny_model_dir), "distill": True, "teacher": str(taught_teacher),
-              "distill_top_k": vocab, **FAST}
-    train(max_steps=2, **common)
+    common = {"student": str(tiny_model_dir), "distill": True, "teacher": str(taught_teacher), **FAST}
+    train(run="cached", distill_top_k=5, max_steps=2, **common)
     assert "cached in" in capsys.readouterr().out
     caches = list((d / "student" / "teacher_topk").glob("topk-*.safetensors"))
     assert len(caches) == 1
     stamp = caches[0].stat().st_mtime_ns
-    first = _metrics(d)
-    train(max_steps=4, resume=True, **common)
-    assert "reusing the teacher top-" in capsys.readouterr().out
+    train(run="cached", distill_top_k=5, max_steps=4, resume=True, **common)
+    assert "reusing the teacher top-5 cache" in capsys.readouterr().out
     assert caches[0].stat().st_mtime_ns == stamp and list(caches[0].parent.iterdir()) == caches
-    after = _metrics(d)
-    assert [e["step"] for e in after if e["kind"] == "train"] == [1, 2, 3, 4]
+    steps = [e for e in _metrics(d) if e["kind"] == "train"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert all(math.isfinite(e["loss"]) and e["kl"] > 0 for e in steps)
     config = json.loads((d / "student" / "train_config.json").read_text())
-    assert config["distill"]["cache_reused"] is True and config["distill"]["top_k"] == vocab
+    assert config["distill"]["cache_reused"] is True and config["distill"]["top_k"] == 5
+    # another temperature is another cache
+    train(run="cached", distill_top_k=5, max_steps=1, distill_temperature=1.0, **common)
+    assert "cached in" in capsys.readouterr().out
     # with k = the vocabulary, the cached run's first step is the on-the-fly run's first step
-    live = _write_split(runs, "live")
-    train(**{**common, "run": "live", "distill_top_k": 0, "max_steps": 1})
-    a = next(e for e in first if e["kind"] == "train")
-    b = next(e for e in _metrics(live) if e["kind"] == "train")
+    for run, k in (("full", len(make_tokenizer())), ("live", 0)):
+        _write_split(runs, run)
+        train(run=run, distill_top_k=k, max_steps=1, **common)
+    a, b = (next(e for e in _metrics(runs / r) if e["kind"] == "train") for r in ("full", "live"))
     assert a["kl"] == pytest.approx(b["kl"], rel=1e-4) and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
