@@ -1,13 +1,15 @@
 """Generation throughput of the embedded teacher: naive loop vs plain batched generate vs ours.
 
     .venv/bin/python bench/generate.py            # 256 prompts, 128 new tokens, 2 interleaved rounds
-    .venv/bin/python bench/generate.py --quick    # 128 prompts, 64 new tokens, 1 round (under 3 minutes)
+    .venv/bin/python bench/generate.py --quick    # 128 prompts, 64 new tokens, 1 round, generate at
+                                                  # batch 64 only (under 3 minutes on an idle 2-core machine)
 
 Plain batched `model.generate` runs at each of `--batch-sizes` and its best rate is the baseline;
-our TransformersTeacher (fast engine: continuous batching, `--rows` sequences at once) runs on the
-same prompts and token budget, interleaved with the baseline round by round so load from other
-processes hits both alike; each contender's best round counts. The last line is
-`speedup_vs_hf_batched=X.XX`.
+our TransformersTeacher (fast engine: continuous batching, `--rows` sequences at once, one decoding
+thread per torch thread) runs on the same prompts and token budget, interleaved with the baseline
+round by round so load from other processes hits both alike; each contender's best round counts.
+Each row also gives the process CPU seconds it used: on a busy machine wall time says more about
+the neighbours than about the code. The last line is `speedup_vs_hf_batched=X.XX`.
 
 Every contender gets the same Self-Instruct bootstrap prompts (8 numbered seed instructions,
 then "9."), the same sampling (temperature 0.7, top_p 0.5, no stop strings, so the same work)
@@ -67,25 +69,30 @@ def hf_generate(model, tok, prompts: list[str], max_new: int, eos_ids: set[int])
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="128 prompts, 64 new tokens, one round")
+    ap.add_argument("--quick", action="store_true", help="128 prompts, 64 new tokens, one round, generate at batch 64")
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--tokens", type=int, default=None)
-    ap.add_argument("--batch-sizes", default="32,64", help="plain generate batch sizes; the best one counts")
+    ap.add_argument("--batch-sizes", default=None,
+                    help="plain generate batch sizes, the best one counts (default 32,64; --quick: 64)")
     ap.add_argument("--rows", type=int, default=128, help="sequences decoding at once in the fast engine")
+    ap.add_argument("--lanes", type=int, default=None,
+                    help="decoding threads of the fast engine (default: one per torch thread)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 1 quick, 2 full)")
     ap.add_argument("--naive", type=int, default=None, help="prompts in the one-at-a-time subset (0: skip)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: torch's choice; 1 is far faster on a busy machine)")
+                    help="torch threads (default: torch's choice, one per core); the fast engine runs one "
+                         "decoding thread per torch thread")
     args = ap.parse_args()
     n = args.prompts or (128 if args.quick else 256)
     max_new = args.tokens or (64 if args.quick else 128)
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    sizes = [int(b) for b in (args.batch_sizes or ("64" if args.quick else "32,64")).split(",")]
     rounds = args.rounds or (1 if args.quick else 2)
     naive_n = args.naive if args.naive is not None else (2 if args.quick else 4)
 
     import torch
 
+    from pipeline.teachers.fast_decode import MAX_LANES
     from pipeline.teachers.hf import TransformersTeacher
 
     if args.threads:
@@ -93,7 +100,7 @@ def main() -> None:
 
     prompts = build_prompts(n)
     teacher = TransformersTeacher(EMBEDDED_ALIAS, batch_size=max(sizes), dtype=args.dtype, engine="fast",
-                                  max_rows=args.rows)
+                                  max_rows=args.rows, lanes=args.lanes)
     model, tok = teacher.model, teacher.tokenizer
     eos = set(teacher.eos_ids)
     print(f"model={teacher.name} dtype={teacher.dtype} threads={torch.get_num_threads()} prompts={n} "
@@ -102,7 +109,12 @@ def main() -> None:
     hf_generate(model, tok, prompts[:2], 2, eos)  # warm up
     requests = [Request(prompt=p, sampling=Sampling(temperature=0.7, top_p=0.5, max_tokens=max_new, seed=i))
                 for i, p in enumerate(prompts)]
-    teacher.generate(requests[:2])
+    teacher.generate(requests[:2])  # also builds the C kernels on a machine's first run
+    fast = teacher._fast
+    if fast is not None:
+        print(f"fast engine: lanes={fast.lanes or min(torch.get_num_threads(), MAX_LANES)} "
+              f"attention={'C kernel' if fast.kernel else 'torch sdpa'} "
+              f"sampling candidates={'C kernel' if fast.kernels else 'torch topk'}")
 
     naive = None
     if naive_n:
@@ -115,19 +127,19 @@ def main() -> None:
     best_hf, ours = 0.0, 0.0
     for r in range(1, rounds + 1):
         for batch in sizes:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             hf_tokens = sum(hf_generate(model, tok, prompts[i:i + batch], max_new, eos) for i in range(0, n, batch))
-            rate = hf_tokens / (time.perf_counter() - t)
-            best_hf = max(best_hf, rate)
-            print(f"round {r} hf generate bs={batch:<4d} {rate:8.1f} tok/s  ({hf_tokens} tokens, "
-                  f"load_avg={os.getloadavg()[0]:.1f})", flush=True)
-        t = time.perf_counter()
+            wall, cpu = time.perf_counter() - t, time.process_time() - c
+            best_hf = max(best_hf, hf_tokens / wall)
+            print(f"round {r} hf generate bs={batch:<4d} {hf_tokens / wall:8.1f} tok/s  ({hf_tokens} tokens, "
+                  f"{wall:.1f} s wall, {cpu:.1f} s CPU, load_avg={os.getloadavg()[0]:.1f})", flush=True)
+        t, c = time.perf_counter(), time.process_time()
         out = teacher.generate(requests)
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
         ours_tokens = sum(c.completion_tokens for c in out)
-        rate = ours_tokens / (time.perf_counter() - t)
-        ours = max(ours, rate)
-        print(f"round {r} fast engine rows={args.rows:<4d}{rate:8.1f} tok/s  ({ours_tokens} tokens, "
-              f"load_avg={os.getloadavg()[0]:.1f})", flush=True)
+        ours = max(ours, ours_tokens / wall)
+        print(f"round {r} fast engine rows={args.rows:<4d}{ours_tokens / wall:8.1f} tok/s  ({ours_tokens} tokens, "
+              f"{wall:.1f} s wall, {cpu:.1f} s CPU, load_avg={os.getloadavg()[0]:.1f})", flush=True)
     print(f"hf batched generate (best): {best_hf:8.1f} tok/s")
     print(f"TransformersTeacher (fast): {ours:8.1f} tok/s")
     print(f"load_avg_end={os.getloadavg()[0]:.1f} (other processes on this machine slow every number)")

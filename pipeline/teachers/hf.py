@@ -1,14 +1,17 @@
 """The transformers teacher: the embedded default, on CPU or GPU.
 
     teacher = TransformersTeacher("smollm2-135m-instruct")
-    completions = teacher.generate(requests)            # bench: .venv/bin/python bench/generate.py
+    completions = teacher.generate(requests)            # bench: .venv/bin/python bench/generate.py --quick
 
-Two engines. `engine="fast"` (Llama family; opt-in until it wins at 2 threads, see bench) is the continuous-batching
-decode loop of `fast_decode.py`: up to `max_rows` requests decode together, a finished row's slot
-goes to the next request, and sampling looks at top-k candidates instead of sorting the vocabulary;
-greedy float32 tokens are identical to `generate`'s. Its seeded samples are reproducible but are
-not the same texts as the "hf" engine's for the same seed (one uniform draw per row instead of
-torch.multinomial). Other architectures, or `engine="hf"`, use plain `model.generate`:
+Two engines. `engine="fast"`, the default for the Llama family (SmolLM2 included), is the decode
+loop of `fast_decode.py`: continuous batching of up to `max_rows` requests in one decoding thread
+per torch thread, a pre-allocated cache, C kernels for decode attention and sampling candidates
+(`fast_kernel.py`), and sampling from top-k candidates instead of sorting the vocabulary. Greedy
+float32 tokens are identical to `generate`'s (tested on the embedded model). Its seeded samples are
+reproducible (same requests, seeds, dtype, torch version and thread count: the same texts) but
+are not the texts the "hf" engine draws for the same seed (one uniform draw per row instead of
+torch.multinomial), so its cache identity says `engine=fast`. Other architectures, or
+`engine="hf"`, use plain `model.generate`:
 
 Requests are grouped by stop strings, sorted by prompt length and cut into batches of
 `batch_size`, left-padded, so padding stays small. One `generate` call per batch; sampling is
@@ -16,7 +19,7 @@ done per row by `RowSampler` (a logits processor that draws from the row's own s
 generator and hands generate a one-hot row, so generate itself runs greedy), so each row keeps
 its own temperature, top_p, top_k and seed inside a shared batch.
 
-Reproducibility, exactly: the same list of requests with the same seeds, batch size, dtype,
+Reproducibility of the "hf" engine, exactly: the same list of requests with the same seeds, batch size, dtype,
 device and torch version gives the same texts. A row's random draws come only from its own
 seed, never from its batch-mates; but its logits can differ in the last bits with the batch's
 shape (padding, matmul blocking), most of all in bfloat16, so the same seeded request in a
@@ -139,12 +142,14 @@ class TransformersTeacher:
     """A Hugging Face causal LM as teacher: local folder, .gguf, Hub id or the embedded alias."""
 
     def __init__(self, model: str, *, batch_size: int = 32, dtype: str = "auto", device: str = "cpu",
-                 on_batch: OnBatch | None = None, engine: str = "hf", max_rows: int = 128) -> None:
+                 on_batch: OnBatch | None = None, engine: str = "fast", max_rows: int = 128,
+                 lanes: int | None = None) -> None:
         """`batch_size`: requests per `generate` call (engine "hf") and per progress report;
-        `engine`: "hf" or "fast" (continuous batching, Llama family; others fall back to "hf");
-        `max_rows`: requests decoding at once in the fast engine."""
-        if batch_size < 1 or max_rows < 1:
-            raise ValueError(f"batch_size and max_rows must be >= 1, got {batch_size}, {max_rows}")
+        `engine`: "fast" (continuous batching, Llama family; others fall back to "hf") or "hf"
+        (plain `model.generate`); `max_rows`: requests decoding at once in the fast engine, all
+        lanes together; `lanes`: its decoding threads (None: one per torch thread, at most 4)."""
+        if batch_size < 1 or max_rows < 1 or (lanes is not None and lanes < 1):
+            raise ValueError(f"batch_size, max_rows and lanes must be >= 1, got {batch_size}, {max_rows}, {lanes}")
         if engine not in ("fast", "hf"):
             raise ValueError(f"engine must be 'fast' or 'hf', got {engine!r}")
         ref = resolve_model(model)
@@ -166,7 +171,14 @@ class TransformersTeacher:
         from pipeline.teachers.fast_decode import supports
 
         self.engine = engine if supports(self.model) else "hf"
-        self.max_rows, self._fast = max_rows, None
+        self.max_rows, self.lanes, self._fast = max_rows, lanes, None
+
+    @property
+    def identity(self) -> str:
+        """The cache identity. The fast engine samples other texts than `generate` for a seed, so it says
+        so; the "hf" engine keeps the plain `name|dtype=...` it had before the fast engine existed."""
+        plain = f"{self.name}|dtype={self.dtype}"
+        return f"{plain}|engine=fast" if self.engine == "fast" else plain
 
     # ------------------------------------------------------------ prompts
 
@@ -216,7 +228,8 @@ class TransformersTeacher:
         from pipeline.teachers.fast_decode import FastDecoder, Job
 
         if self._fast is None:
-            self._fast = FastDecoder(self.model, eos_ids=self.eos_ids, decode=self._decode, max_rows=self.max_rows)
+            self._fast = FastDecoder(self.model, eos_ids=self.eos_ids, decode=self._decode, max_rows=self.max_rows,
+                                     lanes=self.lanes)
         order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
         results: list[Completion | None] = [None] * len(requests)
         pending = [0, 0]  # finished requests and their tokens not yet reported

@@ -10,10 +10,15 @@ import math
 
 import pytest
 
+from pipeline.teachers import fast_kernel
 from pipeline.teachers.base import Sampling
 from pipeline.teachers.fast_decode import FastDecoder, Job, supports
 from pipeline.teachers.fast_sampler import apply_penalties, sample_rows
 from tests.pipeline.test_teacher_hf import PROMPTS, SENTENCES, make_tiny
+
+KERNELS = fast_kernel.load()  # None where no C compiler is found: the torch paths still run
+with_kernels = pytest.mark.skipif(KERNELS is None, reason="no C compiler here: the C kernels are not built")
+SAMPLERS = [pytest.param(None, id="torch"), pytest.param(KERNELS, id="kernel", marks=with_kernels)]
 
 
 def reference_probs(logits: list[float], t: float, top_k: int, top_p: float) -> list[float]:
@@ -38,6 +43,7 @@ def reference_probs(logits: list[float], t: float, top_k: int, top_p: float) -> 
 LOGITS = [2.0, 1.5, 1.4, 1.0, 0.3, 0.0, -0.5, -1.0, -2.0, -3.0, 0.9, 1.45]
 
 
+@pytest.mark.parametrize("kernels", SAMPLERS)
 @pytest.mark.parametrize("t,top_k,top_p,candidates", [
     (1.0, 0, 0.5, 3),  # nucleus inside the candidates
     (0.7, 0, 0.95, 2),  # nucleus wider than the candidates: full-sort fallback
@@ -45,14 +51,15 @@ LOGITS = [2.0, 1.5, 1.4, 1.0, 0.3, 0.0, -0.5, -1.0, -2.0, -3.0, 0.9, 1.45]
     (1.0, 0, 1.0, 3),  # the full distribution: tail draws past the candidates
     (0.5, 3, 0.6, 8),  # top_k then top_p
 ])
-def test_sampler_draws_the_nucleus_distribution(t: float, top_k: int, top_p: float, candidates: int) -> None:
+def test_sampler_draws_the_nucleus_distribution(t: float, top_k: int, top_p: float, candidates: int,
+                                                kernels) -> None:
     import torch
 
     n = 40_000
     g = torch.Generator().manual_seed(0)
     rows = torch.tensor(LOGITS).repeat(n, 1)
     picks = sample_rows(rows, torch.full((n,), t), torch.full((n,), top_p), torch.full((n,), top_k),
-                        torch.rand(n, generator=g, dtype=torch.float64), candidates=candidates)
+                        torch.rand(n, generator=g, dtype=torch.float64), candidates=candidates, kernels=kernels)
     counts = torch.bincount(picks, minlength=len(LOGITS)).tolist()
     expected = reference_probs(LOGITS, t, top_k, top_p)
     for tok, (c, p) in enumerate(zip(counts, expected, strict=True)):
@@ -62,18 +69,77 @@ def test_sampler_draws_the_nucleus_distribution(t: float, top_k: int, top_p: flo
             assert abs(c / n - p) < 5 * math.sqrt(p * (1 - p) / n) + 1e-4, (tok, c / n, p)
 
 
-def test_sampler_rows_are_independent() -> None:
-    """Each row uses only its own uniform: the same row in a different batch picks the same token."""
+@pytest.mark.parametrize("kernels", SAMPLERS)
+def test_sampler_rows_are_independent(kernels) -> None:
+    """Each row uses only its own uniform: the same row in a different batch picks the same token
+    (a neighbour's top_k widens the candidates of every row; that must not move a draw)."""
     import torch
 
     logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(3)) * 2
     u = torch.rand(6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    u[1] = 0.999  # past the candidates: the tail of an untruncated row
     args = (torch.tensor([0.7, 1.0, 1.2, 0.9, 1.0, 0.5]), torch.tensor([0.9, 1.0, 0.5, 0.99, 0.3, 1.0]),
             torch.tensor([0, 0, 5, 0, 0, 40]))
-    together = sample_rows(logits, *args, u, candidates=4)
+    together = sample_rows(logits, *args, u, candidates=4, kernels=kernels)
     for r in range(6):
-        alone = sample_rows(logits[r:r + 1], *(a[r:r + 1] for a in args), u[r:r + 1], candidates=4)
+        alone = sample_rows(logits[r:r + 1], *(a[r:r + 1] for a in args), u[r:r + 1], candidates=4,
+                            kernels=kernels)
         assert int(alone[0]) == int(together[r])
+
+
+@with_kernels
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_kernel_candidates_are_a_stable_top_k(dtype: str) -> None:
+    """The C candidates: the k largest logits, ties broken by the lower id (a stable descending sort),
+    scaled by 1/T, and the full-vocabulary log-normaliser."""
+    import torch
+
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(5, 3001, generator=g) * 3).to(getattr(torch, dtype))
+    logits[0, 7:400] = logits[0].max()  # a wide tie at the top, wider than k
+    logits[1, :] = 0.5  # all equal
+    logits[2, -1] = 40.0  # the largest in the last, partial block of 16
+    inv_t = torch.tensor([1 / 0.7, 1.0, 2.0, 1 / 1.3, 1.0])
+    for k in (1, 16, 130):
+        ids, vals, lse = fast_kernel.top_candidates(KERNELS, logits, inv_t, k)
+        order = torch.sort(logits.float(), dim=-1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(ids, order)
+        scaled = logits.double() * inv_t.double()[:, None]
+        assert torch.allclose(vals.double(), scaled.gather(1, ids), rtol=1e-6, atol=1e-6)
+        assert torch.allclose(lse, torch.logsumexp(scaled, -1), rtol=0, atol=1e-5)
+
+
+@with_kernels
+@pytest.mark.parametrize("group,head_dim", [(3, 64), (1, 64), (4, 128)])
+def test_kernel_attention_matches_the_exact_one(group: int, head_dim: int) -> None:
+    """The C decode attention stores each row's new key and value at its position and attends to its
+    own prefix only: against float64 attention it is at least as close as SDPA in bfloat16."""
+    import torch
+
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(6)
+    n, kv, cap, heads = 5, 2, 64, 2 * group
+    kt = torch.randn(n + 1, kv, head_dim, cap, generator=g).to(torch.bfloat16)  # one slot more than rows
+    v = torch.randn(n + 1, kv, cap, head_dim, generator=g).to(torch.bfloat16)
+    qkv = torch.randn(n, (heads + 2 * kv) * head_dim, generator=g).to(torch.bfloat16)
+    lengths = torch.tensor([1, 17, 33, 64, 5])
+    before_kt, before_v = kt.clone(), v.clone()
+    out = fast_kernel.decode_attention(KERNELS, qkv, kt, v, lengths, heads=heads, kv_heads=kv, scale=0.125)
+    d = head_dim
+    new_k = qkv[:, heads * d:(heads + kv) * d].view(n, kv, d)
+    new_v = qkv[:, (heads + kv) * d:].view(n, kv, d)
+    for r, length in enumerate(lengths.tolist()):
+        assert torch.equal(kt[r, :, :, length - 1], new_k[r]) and torch.equal(v[r, :, length - 1], new_v[r])
+        assert torch.equal(kt[r, :, :, length:], before_kt[r, :, :, length:])  # nothing else written
+        assert torch.equal(v[r, :, :length - 1], before_v[r, :, :length - 1])
+        q = qkv[r, :heads * d].view(kv, group, d)
+        keys, vals = kt[r, :, :, :length].transpose(-1, -2), v[r, :, :length]
+        exact = ((q.double() @ keys.double().transpose(-1, -2)) * 0.125).softmax(-1) @ vals.double()
+        sdpa = F.scaled_dot_product_attention(q[None], keys[None], vals[None], scale=0.125)[0]
+        got = out[r].view(kv, group, d)
+        assert (got.double() - exact).abs().max() <= (sdpa.double() - exact).abs().max() + 1e-2
+        assert (got.double() - exact).abs().max() < 0.02
+    assert torch.equal(kt[n], before_kt[n]) and torch.equal(v[n], before_v[n])  # the spare slot untouched
 
 
 def test_penalties_match_the_plain_processor() -> None:
@@ -118,14 +184,14 @@ def encode(tok, texts: list[str]) -> list[list[int]]:
     return [tok(t)["input_ids"] for t in texts]
 
 
-@pytest.mark.parametrize("max_rows", [1, 3, 16])
-def test_greedy_matches_generate(tiny, max_rows: int) -> None:
-    """Continuous batching (rows finishing at different steps, slots refilled and compacted) gives
-    exactly the tokens plain `generate` gives each prompt alone."""
+@pytest.mark.parametrize("max_rows,lanes", [(1, 1), (3, 1), (16, 1), (3, 2), (16, 3)])
+def test_greedy_matches_generate(tiny, max_rows: int, lanes: int) -> None:
+    """Continuous batching (rows finishing at different steps, slots refilled and compacted), in one
+    lane or several threads, gives exactly the tokens plain `generate` gives each prompt alone."""
     model, tok = tiny
     prompts = encode(tok, PROMPTS + SENTENCES)
     budgets = [5 + 7 * (i % 4) for i in range(len(prompts))]
-    dec = FastDecoder(model, eos_ids=[tok.eos_token_id], max_rows=max_rows)
+    dec = FastDecoder(model, eos_ids=[tok.eos_token_id], max_rows=max_rows, lanes=lanes)
     got = dec.run([Job(p, Sampling(temperature=0, max_tokens=b), 0) for p, b in zip(prompts, budgets, strict=True)])
     for p, b, ids in zip(prompts, budgets, got, strict=True):
         assert ids == plain_generate(model, tok, p, b)
@@ -151,6 +217,45 @@ def test_max_tokens_eos_and_stop_strings(tiny) -> None:
     # EOS ends a row and is returned last: make EOS the model's favourite after 3 tokens
     eos_dec = FastDecoder(model, eos_ids=[tok.eos_token_id, full[3]], max_rows=4)
     assert eos_dec.run([Job(prompt, Sampling(temperature=0, max_tokens=30), 0)])[0] == full[:4]
+
+
+def test_lanes_report_every_job_once_and_pass_errors_on(tiny) -> None:
+    model, tok = tiny
+    prompts = encode(tok, SENTENCES)
+    dec = FastDecoder(model, eos_ids=[tok.eos_token_id], max_rows=4, lanes=2)
+    jobs = [Job(p, Sampling(temperature=0.9, max_tokens=6 + i), i) for i, p in enumerate(prompts)]
+    seen: list[int] = []
+    got = dec.run(jobs, on_finish=lambda i, ids: seen.append(i))
+    assert sorted(seen) == list(range(len(jobs))) and all(got)
+    assert FastDecoder(model, eos_ids=[tok.eos_token_id], max_rows=4, lanes=1).run(jobs) == got  # same texts
+
+    def boom(i: int, ids: list[int]) -> None:
+        raise RuntimeError(f"journal full at job {i}")
+
+    with pytest.raises(RuntimeError, match="journal full"):
+        dec.run(jobs, on_finish=boom)
+
+
+@with_kernels
+def test_bfloat16_kernel_path_agrees_with_torch_attention(tiny) -> None:
+    """In bfloat16 the C attention (and the C sampler candidates) replace torch's; the texts agree with
+    the torch path's apart from rounding: here the greedy tokens of a small random Llama with
+    SmolLM2's head shape (head_dim 64, 3 query heads per key-value head) are the same."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = tiny
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=192, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=512,
+                         initializer_range=0.2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    prompts = encode(tok, PROMPTS + SENTENCES)
+    jobs = [Job(p, Sampling(temperature=0, max_tokens=12), 0) for p in prompts]
+    fast = FastDecoder(model, eos_ids=[tok.eos_token_id], max_rows=4, lanes=1)
+    plain = FastDecoder(model, eos_ids=[tok.eos_token_id], max_rows=4, lanes=1, kernel=False)
+    assert fast.kernel is not None and plain.kernel is None
+    assert fast.run(jobs) == plain.run(jobs)
 
 
 def test_seeded_rows_ignore_their_neighbours(tiny) -> None:
@@ -229,3 +334,44 @@ def test_embedded_model_greedy_float32_matches_generate() -> None:
     got = FastDecoder(model, eos_ids=[eos], max_rows=4).run(
         [Job(p, Sampling(temperature=0, max_tokens=40), 0) for p in prompts])
     assert got == expected
+
+
+@pytest.mark.slow
+def test_embedded_model_bfloat16_diverges_no_more_than_generate_does() -> None:
+    """In bfloat16 the batch's shape alone changes rounding, so greedy texts drift apart after a while.
+    The bar: the fast engine agrees with plain `generate` (tokens before the first difference, summed
+    over prompts) at least as well as `generate` one prompt at a time agrees with `generate` batched."""
+    import torch
+
+    from pipeline.models import EMBEDDED_ALIAS, load_model, load_tokenizer, resolve_model
+
+    ref = resolve_model(EMBEDDED_ALIAS)
+    model, tok = load_model(ref, dtype="bfloat16"), load_tokenizer(ref)
+    texts = ["Write a haiku about autumn.", "List three prime numbers.", "Why is the sky blue?",
+             "Give two tips for learning Python.", "Explain what a noun is.", "Name a famous painter.",
+             "Describe a rainy day in one sentence.", "What is the boiling point of water?"]
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                           tokenize=False), add_special_tokens=False)["input_ids"] for t in texts]
+    eos = tok.eos_token_id
+
+    def plain(batch: int) -> list[list[int]]:
+        outs = []
+        for i in range(0, len(prompts), batch):
+            part = prompts[i:i + batch]
+            width = max(map(len, part))
+            ids = torch.tensor([[eos] * (width - len(p)) + p for p in part])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in part])
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=48, do_sample=False,
+                                     pad_token_id=eos, eos_token_id=eos)[:, width:].tolist()
+            outs += [row[:row.index(eos) + 1] if eos in row else row for row in out]
+        return outs
+
+    def agreement(a: list[list[int]], b: list[list[int]]) -> int:
+        return sum(next((i for i, (x, y) in enumerate(zip(p, q, strict=False)) if x != y), min(len(p), len(q)))
+                   for p, q in zip(a, b, strict=True))
+
+    alone, batched = plain(1), plain(len(prompts))
+    fast = FastDecoder(model, eos_ids=[eos], max_rows=len(prompts)).run(
+        [Job(p, Sampling(temperature=0, max_tokens=48), 0) for p in prompts])
+    assert max(agreement(fast, alone), agreement(fast, batched)) >= agreement(alone, batched)
