@@ -10,7 +10,7 @@ per torch thread, a pre-allocated cache, C kernels for decode attention and samp
 float32 tokens are identical to `generate`'s (tested on the embedded model). Its seeded samples are
 reproducible (same requests, seeds, dtype, torch version and thread count: the same texts) but
 are not the texts the "hf" engine draws for the same seed (one uniform draw per row instead of
-torch.multinomial), so its cache identity says `engine=fast`. Other architectures, or
+torch.multinomial), so its cache identity says `engine=fast`. Other architectures, GPUs, or
 `engine="hf"`, use plain `model.generate`:
 
 Requests are grouped by stop strings, sorted by prompt length and cut into batches of
@@ -19,8 +19,8 @@ done per row by `RowSampler` (a logits processor that draws from the row's own s
 generator and hands generate a one-hot row, so generate itself runs greedy), so each row keeps
 its own temperature, top_p, top_k and seed inside a shared batch.
 
-Reproducibility of the "hf" engine, exactly: the same list of requests with the same seeds, batch size, dtype,
-device and torch version gives the same texts. A row's random draws come only from its own
+Reproducibility of the "hf" engine, exactly: the same list of requests with the same seeds, batch
+size, dtype, device and torch version gives the same texts. A row's random draws come only from its own
 seed, never from its batch-mates; but its logits can differ in the last bits with the batch's
 shape (padding, matmul blocking), most of all in bfloat16, so the same seeded request in a
 different batch is only *usually* the same text. Greedy requests (temperature 0) in float32
@@ -145,7 +145,7 @@ class TransformersTeacher:
                  on_batch: OnBatch | None = None, engine: str = "fast", max_rows: int = 128,
                  lanes: int | None = None) -> None:
         """`batch_size`: requests per `generate` call (engine "hf") and per progress report;
-        `engine`: "fast" (continuous batching, Llama family; others fall back to "hf") or "hf"
+        `engine`: "fast" (continuous batching, Llama family on CPU; others use "hf") or "hf"
         (plain `model.generate`); `max_rows`: requests decoding at once in the fast engine, all
         lanes together; `lanes`: its decoding threads (None: one per torch thread, at most 4)."""
         if batch_size < 1 or max_rows < 1 or (lanes is not None and lanes < 1):
@@ -170,7 +170,8 @@ class TransformersTeacher:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         from pipeline.teachers.fast_decode import supports
 
-        self.engine = engine if supports(self.model) else "hf"
+        # the fast engine is built and measured for CPUs; on a GPU `generate` is the tested path
+        self.engine = engine if supports(self.model) and str(device) == "cpu" else "hf"
         self.max_rows, self.lanes, self._fast = max_rows, lanes, None
 
     @property

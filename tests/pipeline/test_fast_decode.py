@@ -87,6 +87,31 @@ def test_sampler_rows_are_independent(kernels) -> None:
         assert int(alone[0]) == int(together[r])
 
 
+def test_kernels_build_into_the_cache_or_stay_away(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh cache gets the compiled library under kernels/; a failing compiler or none at all
+    gives None (the decoder then uses torch), never an exception."""
+    import shutil
+
+    monkeypatch.setenv("SIFT_CACHE", str(tmp_path / "cache"))
+    if shutil.which("cc") or shutil.which("gcc"):
+        monkeypatch.setattr(fast_kernel, "_loaded", {})
+        built = fast_kernel.load()
+        assert built is not None and len(list((tmp_path / "cache" / "kernels").glob("sift_kernels-*.so"))) == 1
+        assert not list((tmp_path / "cache" / "kernels").glob("tmp*"))  # no build folder left behind
+    broken = tmp_path / "bin" / "cc"
+    broken.parent.mkdir()
+    broken.write_text("#!/bin/sh\necho 'cc: cannot compile' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("SIFT_CACHE", str(tmp_path / "other"))
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setattr(fast_kernel, "_loaded", {})
+    assert fast_kernel.load() is None
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CC")
+    monkeypatch.setattr(fast_kernel, "_loaded", {})
+    assert fast_kernel.load() is None
+
+
 @with_kernels
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_kernel_candidates_are_a_stable_top_k(dtype: str) -> None:
