@@ -13,6 +13,7 @@ task. Every added record carries `loop`: {round, parent_id, parent_score, parent
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ from pipeline.teachers.base import Request, Sampling
 AUGMENT_PROMPT = "llm2llm_augment"
 GRADE_PROMPT = "llm2llm_grade"
 METRICS = ("rouge", "judge")
+ECHOED_NUMBER = re.compile(r"^\s*\d{1,3}\.\s+(?=\S)")
 AUGMENT_FIELDS = frozenset({"instruction", "input", "output", "student_answer", "count"})
 GRADE_FIELDS = frozenset({"instruction", "input", "reference", "answer"})
 
@@ -65,8 +67,16 @@ def parse_augmentation(text: str, failure: Mapping[str, Any], *, round_index: in
         if len(records) == count:
             problems.append(Problem("over_count", item["instruction"]))
             continue
-        records.append(new_record(item, failure, round_index=round_index))
+        records.append(new_record({**item, "instruction": unnumbered(item["instruction"])}, failure,
+                                  round_index=round_index))
     return records, problems
+
+
+def unnumbered(instruction: str) -> str:
+    """The instruction without the task number small teachers echo after "N. Instruction:"
+    ("2. Write a note..." -> "Write a note...")."""
+    rest = ECHOED_NUMBER.sub("", instruction, count=1)
+    return rest if rest.strip() else instruction
 
 
 def new_record(item: Mapping[str, str], failure: Mapping[str, Any], *, round_index: int) -> dict:

@@ -50,7 +50,8 @@ LOOP_DIR = "loop"
 SHAPING = ("student", "teacher", "backend", "metric", "threshold", "max_failures", "per_failure", "eval_limit",
            "max_new_tokens", "augment_max_tokens", "temperature", "top_p", "rules", "rouge_threshold",
            "train_on_seeds", "valid_fraction", "epochs", "max_steps", "lr", "batch_size", "max_length", "seed",
-           "prompt", "grade_prompt")
+           "prompt", "grade_prompt", "distill", "distill_teacher", "distill_temperature", "distill_alpha",
+           "distill_top_k")
 
 
 # ---------------------------------------------------------------- data
@@ -128,16 +129,24 @@ def filter_new(candidates: list[dict], pool: list[tuple[str, str]], known_ids: s
 # ---------------------------------------------------------------- one round's steps
 
 
-def train_student(round_dir: Path, label: str, options: dict) -> dict:
+def train_student(round_dir: Path, label: str, options: dict, eval_before: dict | None = None) -> dict:
     """Train the round's student unless a finished one is there; returns the training summary."""
     from train.lora import train, train_in
 
     student = round_dir / "student"
     if not (student / "train_config.json").is_file():
         defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
-        train_in(round_dir, **{**defaults, **options, "run": label, "resume": True})
+        train_in(round_dir, **{**defaults, **options, "run": label, "resume": True}, eval_before=eval_before)
     summaries = [e for e in Journal(student / "metrics.jsonl").read() if e.get("kind") == "summary"]
     return summaries[-1] if summaries else {}
+
+
+def untrained_eval(round_dir: Path) -> dict | None:
+    """A finished round's measurement of the untrained student on the validation split (step 0).
+    Every round starts from the same base model and holds out the same split, so later rounds reuse it."""
+    entries = Journal(round_dir / "student" / "metrics.jsonl").read()
+    first = next((e for e in entries if e.get("kind") == "eval"), None)
+    return first if first is not None and first.get("step") == 0 else None
 
 
 def eval_rows(records: list[dict], valid_ids: set[str], limit: int, seed: int) -> list[dict]:
@@ -240,7 +249,9 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
          rules: str = "self-instruct", rouge_threshold: float = 0.7, train_on_seeds: bool = True,
          valid_fraction: float = 0.1, epochs: float = 2.0, max_steps: int = -1, lr: float = 2e-4,
          batch_size: int = 8, max_length: int = 512, seed: int = 0, teacher_batch_size: int = 16,
-         prompt: str | None = None, grade_prompt: str | None = None) -> None:
+         prompt: str | None = None, grade_prompt: str | None = None, distill: bool = False,
+         distill_teacher: str | None = None, distill_temperature: float = 2.0, distill_alpha: float = 0.5,
+         distill_top_k: int = 0) -> None:
     """Student-in-the-loop rounds (LLM2LLM): train, find the examples the student fails, augment them.
 
     Reads runs/<run>/filtered.jsonl and seeds.jsonl; writes loop.json, loop/data.jsonl and
@@ -276,8 +287,16 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
         teacher_batch_size: Requests per teacher batch (and per journal entry).
         prompt: Your own augmentation template (placeholders instruction, input, output, student_answer, count).
         grade_prompt: Your own grading template for --metric judge (instruction, input, reference, answer).
+        distill: Train each round's student with the distillation loss of `sift train --distill`.
+        distill_teacher: Model whose token distributions the student learns, sharing its tokenizer
+            (default: --teacher, with the transformers backend).
+        distill_temperature: Softmax temperature of the distillation KL.
+        distill_alpha: Weight of the KL term; 1 - alpha weighs the cross-entropy.
+        distill_top_k: Cache the distillation teacher's top-k log-probabilities per round (0: on the fly).
     """
     started = time.monotonic()
+    if distill and distill_teacher is None and backend == "transformers":
+        distill_teacher = teacher
     settings = {k: v for k, v in locals().items() if k in SHAPING or k in ("run", "rounds", "base_url")}
     _check(rounds=rounds, metric=metric, threshold=threshold, max_failures=max_failures, per_failure=per_failure,
            eval_limit=eval_limit, valid_fraction=valid_fraction, teacher_batch_size=teacher_batch_size)
@@ -285,6 +304,9 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
         rule_names = parse_rules(rules)
     except ValueError as e:
         raise SiftError(str(e), field="rules") from None
+    if distill:
+        _check_distill(student, distill_teacher, temperature=distill_temperature, alpha=distill_alpha,
+                       top_k=distill_top_k)
     template = load(prompt or llm2llm.AUGMENT_PROMPT)
     template.check(llm2llm.AUGMENT_FIELDS, required={"instruction", "output"})
     grade_template = load(grade_prompt or llm2llm.GRADE_PROMPT)
@@ -323,7 +345,9 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
             write_splits(round_dir, train_part, [d for d in data if d["id"] in valid_ids])
             summary = train_student(round_dir, f"{run}/loop/round-{r}", {
                 "student": student, "epochs": epochs, "max_steps": max_steps, "lr": lr, "batch_size": batch_size,
-                "max_length": max_length, "seed": seed})
+                "max_length": max_length, "seed": seed, "distill": distill, "teacher": distill_teacher,
+                "distill_temperature": distill_temperature, "distill_alpha": distill_alpha,
+                "distill_top_k": distill_top_k}, eval_before=untrained_eval(loop_dir / "round-1") if r > 1 else None)
             scored = score_examples(round_dir, rows, metric=metric, max_new_tokens=max_new_tokens,
                                     batch_size=batch_size, teacher=get_teacher, grade_template=grade_template)
             by_id = {r_["id"]: r_ for r_ in rows}
@@ -392,6 +416,20 @@ def _check(**v: Any) -> None:
             raise SiftError(f"must be >= 1, got {v[name]}", field=name)
     if not 0 <= v["valid_fraction"] < 1:
         raise SiftError(f"must be in [0, 1), got {v['valid_fraction']}", field="valid_fraction")
+
+
+def _check_distill(student: str, teacher: str | None, **settings: Any) -> None:
+    """Distillation needs the teacher's weights here and the student's tokenizer: say so before round 1."""
+    from pipeline.models import load_tokenizer
+    from train.distill import check_settings
+    from train.lora import check_teacher_tokenizer
+
+    if not teacher:
+        raise SiftError("--distill needs the teacher's weights: --distill-teacher SPEC (a model sharing the "
+                        "student's tokenizer), since the --backend teacher runs elsewhere", field="distill_teacher")
+    for name, problem in check_settings(**settings):
+        raise SiftError(problem, field=name)
+    check_teacher_tokenizer(load_tokenizer(student), student, teacher, field="distill_teacher")
 
 
 def _check_settings(path: Path, settings: dict) -> None:

@@ -183,7 +183,7 @@ def _save_final(trainer: Any, tokenizer: Any, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_teacher_tokenizer(tokenizer: Any, student: str, teacher: str | None) -> None:
+def check_teacher_tokenizer(tokenizer: Any, student: str, teacher: str | None, field: str = "teacher") -> None:
     """One clear error, before any weights load, when the teacher cannot read the student's token ids."""
     from pipeline.models import load_tokenizer
     from train.distill import tokenizer_differences
@@ -192,7 +192,7 @@ def _check_teacher_tokenizer(tokenizer: Any, student: str, teacher: str | None) 
     if diffs:
         raise SiftError(f"teacher {teacher!r} and student {student!r} do not share a tokenizer, so the teacher "
                         f"cannot read the student's tokens: {'; '.join(diffs)}. Distil from a model of the "
-                        "student's family (the same tokenizer)", field="teacher")
+                        "student's family (the same tokenizer)", field=field)
 
 
 def _distill_setup(base: type, rows: list[dict], collator: Any, args: Any, *, out: Path, teacher: str, vocab: int,
@@ -294,8 +294,11 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
              packing: bool, overlong: str, eval_steps: int, save_steps: int, logging_steps: int, resume: bool,
              gradient_checkpointing: bool, qlora: bool, precision: str, max_steps: int, warmup_ratio: float,
              seed: int, template: str, distill: bool = False, teacher: str | None = None,
-             distill_temperature: float = 2.0, distill_alpha: float = 0.5, distill_top_k: int = 0) -> None:
-    """`sift train` on any directory holding train.jsonl (and valid.jsonl): a run, or a loop round."""
+             distill_temperature: float = 2.0, distill_alpha: float = 0.5, distill_top_k: int = 0,
+             eval_before: dict | None = None) -> None:
+    """`sift train` on any directory holding train.jsonl (and valid.jsonl): a run, or a loop round.
+    `eval_before`: the untrained model's eval_* metrics on this very validation split, when the caller
+    has them (a loop's later rounds), so they are logged instead of measured again."""
     if template not in TEMPLATES:
         raise SiftError(f"use one of {', '.join(TEMPLATES)}, got {template!r}", field="template")
     if overlong not in OVERLONG:
@@ -331,7 +334,7 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
 
         tokenizer = load_tokenizer(student)
         if distill:  # before any weights load
-            _check_teacher_tokenizer(tokenizer, student, teacher)
+            check_teacher_tokenizer(tokenizer, student, teacher)
         try:
             tok_info = setup_tokenizer(tokenizer, template)
         except ValueError as e:
@@ -378,7 +381,8 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
         ckpt_dir = out / "checkpoints"
         last = last_checkpoint(ckpt_dir, remove_partial=main_process) if ckpt_dir.is_dir() else None
         if resume and last is None:  # killed before the first checkpoint: the same command starts over
-            print(f"train: no checkpoint in {ckpt_dir} yet; starting from the beginning")
+            if ckpt_dir.is_dir() or (out / "metrics.jsonl").exists():  # an earlier process got this far
+                print(f"train: no checkpoint in {ckpt_dir} yet; starting from the beginning")
             resume = False
         journal = Journal(out / "metrics.jsonl")
         resumed_at = int(last.rsplit("-", 1)[1]) if resume and last else 0
@@ -423,6 +427,10 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
         logged_before = kept[0] if kept and kept[0].get("kind") == "eval" and kept[0].get("step") == 0 else None
         if logged_before is not None:  # measured (and logged) before the kill
             before = {k: v for k, v in logged_before.items() if k.startswith("eval_")}
+        elif eval_before is not None and valid_ex:
+            before = {k: v for k, v in eval_before.items() if k.startswith("eval_")}
+            if main_process:
+                journal.append([{"kind": "eval", "step": 0, "epoch": 0.0, **before, "reused": True}])
         else:
             before = trainer.evaluate() if valid_ex else {}
         t0 = time.perf_counter()

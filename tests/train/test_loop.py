@@ -70,6 +70,17 @@ def test_parsed_examples_carry_their_lineage_and_count_is_capped() -> None:
     assert llm2llm.parse_augmentation("\x00###{", FAILURE, round_index=1, count=2, truncated=False)[0] == []
 
 
+def test_a_task_number_the_teacher_echoes_is_not_part_of_the_instruction() -> None:
+    reply = ("\n2. Write a short note saying that you are a doctor.\n2. Input:\n<noinput>\n2. Output:\nI'm a doctor."
+             "\n###\n3. Instruction:\n3. 10 tips for sleeping well, in a list.\n3. Input:\n<noinput>\n"
+             "3. Output:\n- Rest")
+    records, _ = llm2llm.parse_augmentation(reply, FAILURE, round_index=1, count=2, truncated=False)
+    assert [r["instruction"] for r in records] == ["Write a short note saying that you are a doctor.",
+                                                   "10 tips for sleeping well, in a list."]
+    assert llm2llm.unnumbered("3.5 is more than 3; explain why.") == "3.5 is more than 3; explain why."
+    assert llm2llm.unnumbered("7.") == "7."
+
+
 def test_grades_read_yes_and_no() -> None:
     assert llm2llm.grade_score("Yes, it is.") == 1.0
     assert llm2llm.grade_score("no") == 0.0
@@ -181,6 +192,11 @@ def test_two_rounds_write_loop_json_and_lineage_on_every_added_record(
     assert {a["id"] for a in read_jsonl(run / "loop" / "round-1" / "added.jsonl")} <= train_ids
     out = capsys.readouterr().out
     assert "round 1:" in out and "round 2:" in out and "failures" in out
+    # every round starts from the same base model on the same split: round 2 logs round 1's measurement
+    assert r1["train"]["eval_loss_before"] is not None
+    assert r2["train"]["eval_loss_before"] == r1["train"]["eval_loss_before"]
+    first = [json.loads(line) for line in (run / "loop" / "round-2" / "student" / "metrics.jsonl").open()][0]
+    assert first["kind"] == "eval" and first["step"] == 0 and first["reused"] is True
 
 
 def test_a_rerun_does_nothing_more_rounds_extend_and_changed_settings_are_refused(
@@ -207,6 +223,42 @@ def test_judge_metric_scores_with_the_teachers_verdict(runs: Path, tiny_model_di
     assert len(scores) == 6 and all(s["score"] in (0.0, 1.0) and "grade" in s for s in scores)
     info = read_json(run / "loop.json")["rounds"][0]
     assert info["eval"]["failures"] == sum(s["score"] == 0.0 for s in scores)
+
+
+def test_distill_rounds_learn_from_the_teachers_distribution(runs: Path, tiny_model_dir: Path) -> None:
+    """--distill: each round's student trains with the KL to --distill-teacher (here the student's own
+    base, which shares its tokenizer), from a top-k cache per round."""
+    run = make_run(runs)
+    with FakeOpenAI(reply=teacher_reply) as server:
+        loop(**loop_options(tiny_model_dir, server.url, rounds=2, distill=True,
+                            distill_teacher=str(tiny_model_dir), distill_top_k=8))
+    for r in (1, 2):
+        config = read_json(run / "loop" / f"round-{r}" / "student" / "train_config.json")
+        assert config["distill"]["teacher"] == str(tiny_model_dir) and config["distill"]["top_k"] == 8
+        assert list((run / "loop" / f"round-{r}" / "student" / "teacher_topk").iterdir())  # this round's cache
+    assert read_json(run / "loop" / "settings.json")["distill_teacher"] == str(tiny_model_dir)
+
+
+def test_distill_without_local_teacher_weights_or_tokenizer_is_refused_first(runs: Path, tmp_path: Path,
+                                                                          tiny_model_dir: Path) -> None:
+    from tests.train.conftest import make_tokenizer
+    from tests.train.test_distill import _save_folder
+
+    run = make_run(runs)
+    with pytest.raises(SiftError) as e:  # an openai teacher's weights are not here
+        loop(**loop_options(tiny_model_dir, "http://127.0.0.1:9/v1", rounds=1, distill=True))
+    assert e.value.field == "distill_teacher"
+    other = _save_folder(tmp_path / "other", make_tokenizer(specials=["<|im_end|>", "<|im_start|>", "<|endoftext|>",
+                                                                       "[UNK]"]))
+    with pytest.raises(SiftError, match="do not share a tokenizer") as e:
+        loop(**loop_options(tiny_model_dir, "http://127.0.0.1:9/v1", rounds=1, distill=True,
+                            distill_teacher=str(other)))
+    assert e.value.field == "distill_teacher"
+    with pytest.raises(SiftError) as e:
+        loop(**loop_options(tiny_model_dir, "http://127.0.0.1:9/v1", rounds=1, distill=True,
+                            distill_teacher=str(tiny_model_dir), distill_alpha=2.0))
+    assert e.value.field == "distill_alpha"
+    assert not (run / "loop").exists()
 
 
 @pytest.mark.parametrize(("option", "value", "field"), [
