@@ -16,6 +16,8 @@ SEED     ?= 0
 EPOCHS   ?= 2
 ROUNDS   ?= 2
 RECIPE   ?= self-instruct
+# the teacher backend's own settings, e.g. TEACHER_OPTIONS=timeout=300,concurrency=32 (see --teacher-options)
+TEACHER_OPTIONS ?=
 # extra options passed through to a stage, e.g. GENERATE_OPTS="--max-tokens 512"; the defaults keep the
 # embedded 135M teacher quick on a CPU (the reference recipes' own budgets are the commands' defaults)
 GENERATE_OPTS  ?= --max-tokens 256
@@ -38,7 +40,7 @@ SETUP := $(VENV)/.setup-done
 MODEL := $(VENV)/.model-done
 # the stages built so far, in order; `make all` runs these
 STAGES := seeds generate classify instances filter export train eval report
-TEACHER_ARGS = --teacher $(TEACHER) --backend $(BACKEND)
+TEACHER_ARGS = --teacher $(TEACHER) --backend $(BACKEND) $(if $(TEACHER_OPTIONS),--teacher-options $(TEACHER_OPTIONS))
 
 .PHONY: all setup test test-fast lint bench clean $(STAGES) loop help
 

@@ -66,7 +66,7 @@ def classify_records(records: list[dict], teacher: Teacher, template: PromptTemp
 
 def classify(*, run: str = "demo", teacher: str = "smollm2-135m-instruct", backend: str = "transformers",
              batch_size: int = 32, prompt: str | None = None, max_tokens: int = 3, base_url: str | None = None,
-             api_key_env: str = "OPENAI_API_KEY") -> None:
+             api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None) -> None:
     """Mark each generated instruction as a classification task or not (few-shot yes/no).
 
     Resumable: finished batches go to classify.journal; rerunning skips them.
@@ -80,6 +80,8 @@ def classify(*, run: str = "demo", teacher: str = "smollm2-135m-instruct", backe
         max_tokens: tokens of the answer (3 in the reference).
         base_url: server URL for the openai backend.
         api_key_env: environment variable holding the API key (never logged).
+        teacher_options: the backend's own settings as comma-separated key=value pairs, e.g.
+            "timeout=300,max_retries=10" (openai), "engine=hf" or "device=cuda" (transformers).
     """
     directory = run_dir(run)
     source = directory / "instructions.jsonl"
@@ -89,10 +91,11 @@ def classify(*, run: str = "demo", teacher: str = "smollm2-135m-instruct", backe
     sampling = default_sampling(max_tokens)
     with locked(directory):
         cached = open_teacher(directory, teacher=teacher, backend=backend, batch_size=batch_size,
-                              base_url=base_url, api_key_env=api_key_env)
+                              base_url=base_url, api_key_env=api_key_env,
+                              teacher_options=teacher_options)
         stats = classify_in(directory, cached, template=template, sampling=sampling, batch_size=batch_size,
                             records=records, options={"teacher": teacher, "backend": backend, "base_url": base_url,
-                                                      "api_key_env": api_key_env})
+                                                      "api_key_env": api_key_env, "teacher_options": teacher_options})
     print_summary("classify", stats)
     print(f"wrote {directory / 'classified.jsonl'} ({stats['accepted']} records, {stats.get('yes', 0)} classification)")
 

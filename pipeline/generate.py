@@ -179,7 +179,7 @@ def generate(*, run: str = "demo", recipe: str = "self-instruct", teacher: str =
              batch_size: int = DEFAULT_BATCH, seed: int = 0, temperature: float | None = None,
              top_p: float | None = None, max_tokens: int | None = None, prompt: str | None = None,
              rules: str | None = None, threshold: float = 0.7, base_url: str | None = None,
-             api_key_env: str = "OPENAI_API_KEY") -> None:
+             api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None) -> None:
     """Generate instructions from the run's seeds with a teacher (Self-Instruct or Alpaca recipe).
 
     Resumable: rerunning the same command after a crash continues from generate.journal, and
@@ -203,6 +203,8 @@ def generate(*, run: str = "demo", recipe: str = "self-instruct", teacher: str =
         threshold: ROUGE-L F1 above which a candidate duplicates the pool (0.7 in both references).
         base_url: server URL for the openai backend, e.g. http://localhost:8000/v1.
         api_key_env: environment variable holding the API key (never logged).
+        teacher_options: the backend's own settings as comma-separated key=value pairs, e.g.
+            "timeout=300,max_retries=10" (openai), "engine=hf" or "device=cuda" (transformers).
     """
     rec = get_recipe(recipe)
     sampling = rec.default_sampling()
@@ -221,10 +223,11 @@ def generate(*, run: str = "demo", recipe: str = "self-instruct", teacher: str =
     heuristics_for(settings.rules or rec.RULES)
     with locked(directory):
         cached = open_teacher(directory, teacher=teacher, backend=backend, batch_size=batch_size,
-                              base_url=base_url, api_key_env=api_key_env)
+                              base_url=base_url, api_key_env=api_key_env,
+                              teacher_options=teacher_options)
         stats = generate_in(directory, cached, settings, seeds=seeds,
                             options={"teacher": teacher, "backend": backend, "base_url": base_url,
-                                     "api_key_env": api_key_env})
+                                     "api_key_env": api_key_env, "teacher_options": teacher_options})
     print_summary("generate", stats)
     print(f"wrote {directory / 'instructions.jsonl'} ({stats['accepted']} records)")
 

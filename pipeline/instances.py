@@ -91,7 +91,8 @@ def instance_records(records: list[dict], teacher: Teacher, templates: dict[bool
 def instances(*, run: str = "demo", teacher: str = "smollm2-135m-instruct", backend: str = "transformers",
               batch_size: int = 32, max_instances: int = 5, max_tokens: int = 300,
               prompt_input_first: str | None = None, prompt_output_first: str | None = None,
-              base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY") -> None:
+              base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+              teacher_options: str | None = None) -> None:
     """Generate input/output instances for each classified instruction (input- or output-first).
 
     Resumable: finished batches go to instances.journal; rerunning skips them.
@@ -107,6 +108,8 @@ def instances(*, run: str = "demo", teacher: str = "smollm2-135m-instruct", back
         prompt_output_first: your own template for classification tasks (placeholder {instruction}).
         base_url: server URL for the openai backend.
         api_key_env: environment variable holding the API key (never logged).
+        teacher_options: the backend's own settings as comma-separated key=value pairs, e.g.
+            "timeout=300,max_retries=10" (openai), "engine=hf" or "device=cuda" (transformers).
     """
     if max_instances < 1:
         raise SiftError(f"must be >= 1, got {max_instances}", field="max_instances")
@@ -122,11 +125,12 @@ def instances(*, run: str = "demo", teacher: str = "smollm2-135m-instruct", back
         raise SiftError(str(e), field="max_tokens") from None
     with locked(directory):
         cached = open_teacher(directory, teacher=teacher, backend=backend, batch_size=batch_size,
-                              base_url=base_url, api_key_env=api_key_env)
+                              base_url=base_url, api_key_env=api_key_env,
+                              teacher_options=teacher_options)
         stats = instances_in(directory, cached, templates=templates, sampling=sampling, batch_size=batch_size,
                              max_instances=max_instances, records=records,
                              options={"teacher": teacher, "backend": backend, "base_url": base_url,
-                                      "api_key_env": api_key_env})
+                                      "api_key_env": api_key_env, "teacher_options": teacher_options})
     print_summary("instances", stats)
     print(f"wrote {directory / 'instances.jsonl'} ({stats['accepted']} records, {stats.get('instances', 0)} instances)")
 

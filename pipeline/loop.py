@@ -243,7 +243,8 @@ def augment(round_dir: Path, failures: list[dict], answers: dict[str, str], *, r
 
 def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-instruct",
          teacher: str = "smollm2-135m-instruct", backend: str = "transformers", base_url: str | None = None,
-         api_key_env: str = "OPENAI_API_KEY", metric: str = "rouge", threshold: float = 0.5,
+         api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None, metric: str = "rouge",
+         threshold: float = 0.5,
          max_failures: int = 0, per_failure: int = 2, eval_limit: int = 0, max_new_tokens: int = 128,
          augment_max_tokens: int = 512, temperature: float = 0.7, top_p: float = 0.9,
          rules: str = "self-instruct", rouge_threshold: float = 0.7, train_on_seeds: bool = True,
@@ -265,6 +266,8 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
         backend: Teacher backend: transformers (in-process), vllm (GPU) or openai (any compatible server).
         base_url: Server URL for the openai backend, e.g. http://localhost:8000/v1.
         api_key_env: Environment variable holding the API key (never logged).
+        teacher_options: The teacher backend's own settings as comma-separated key=value pairs, e.g.
+            "timeout=300,max_retries=10" (openai), "engine=hf" or "device=cuda" (transformers).
         metric: How an answer is scored: rouge (ROUGE-L F1 against the reference) or judge (teacher says yes/no).
         threshold: An example whose score is below this is a failure.
         max_failures: Augment at most this many failures per round, the worst first (0: all).
@@ -297,7 +300,8 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
     started = time.monotonic()
     if distill and distill_teacher is None and backend == "transformers":
         distill_teacher = teacher
-    settings = {k: v for k, v in locals().items() if k in SHAPING or k in ("run", "rounds", "base_url")}
+    recorded = ("run", "rounds", "base_url", "teacher_options")  # kept in loop.json, free to change on a rerun
+    settings = {k: v for k, v in locals().items() if k in SHAPING or k in recorded}
     _check(rounds=rounds, metric=metric, threshold=threshold, max_failures=max_failures, per_failure=per_failure,
            eval_limit=eval_limit, valid_fraction=valid_fraction, teacher_batch_size=teacher_batch_size)
     try:
@@ -327,7 +331,7 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
 
                 teacher_cache["t"] = open_teacher(directory, teacher=teacher, backend=backend,
                                                   batch_size=teacher_batch_size, base_url=base_url,
-                                                  api_key_env=api_key_env)
+                                                  api_key_env=api_key_env, teacher_options=teacher_options)
             return teacher_cache["t"]
 
         added: list[dict] = []

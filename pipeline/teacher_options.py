@@ -3,13 +3,14 @@
     teacher = open_teacher(run_dir, teacher="smollm2-135m-instruct", backend="transformers", batch_size=32)
 
 Shared by `sift generate`, `sift classify` and `sift instances`, so the three take the same
-options (`--teacher`, `--backend`, `--base-url`, `--api-key-env`) and share one cache,
+options (`--teacher`, `--backend`, `--base-url`, `--api-key-env`, `--teacher-options`) and share one cache,
 runs/<run>/cache/teacher.jsonl.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import SiftError
 from pipeline.teacher_cache import CachedTeacher
@@ -19,12 +20,60 @@ BACKENDS = ("transformers", "vllm", "openai")
 CACHE_FILE = Path("cache") / "teacher.jsonl"
 
 
+KINDS = {bool: "true or false", int: "an integer", float: "a number"}
+# set by sift itself from its own options, so --teacher-options may not
+RESERVED = {"base_url": "--base-url", "api_key_env": "--api-key-env", "batch_size": "--batch-size",
+            "on_batch": None}
+
+
+def parse_teacher_options(text: str | None, backend: str) -> dict[str, Any]:
+    """`--teacher-options "timeout=300,max_retries=10"` -> {"timeout": 300.0, "max_retries": 10}: the
+    backend's own keyword options, each value converted to that option's type. An unknown key or a
+    bad value is one SiftError naming it and listing what the backend takes."""
+    if not text or not text.strip():
+        return {}
+    import typing
+
+    from pipeline.cli import _converter, _unwrap_optional
+    from pipeline.teachers.registry import backend_options, teacher_class
+
+    cls = teacher_class(backend)
+    hints = typing.get_type_hints(cls.__init__)
+    settable = {name: hints.get(name, str) for name in backend_options(backend)
+                if name not in RESERVED and _unwrap_optional(hints.get(name, str))[0] in (bool, int, float, str)}
+    listing = ", ".join(f"{k} ({_unwrap_optional(h)[0].__name__})" for k, h in settable.items())
+    options: dict[str, Any] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, eq, value = (x.strip() for x in item.partition("="))
+        key = key.replace("-", "_")
+        if not eq or not key:
+            raise SiftError(f"expected key=value, got {item!r}", field="teacher_options")
+        if key in RESERVED and RESERVED[key]:
+            raise SiftError(f"{key} has its own option: {RESERVED[key]}", field="teacher_options")
+        if key not in settable:
+            raise SiftError(f"the {backend} backend has no option {key!r}; it takes: {listing}",
+                            field="teacher_options")
+        if key in options:
+            raise SiftError(f"{key} is given twice", field="teacher_options")
+        hint = settable[key]
+        raw: Any = None if value.lower() == "none" and _unwrap_optional(hint)[1] else value
+        try:
+            options[key] = _converter(hint, key)(raw)
+        except (ValueError, TypeError):
+            kind = KINDS.get(_unwrap_optional(hint)[0], "a string")
+            raise SiftError(f"{key}: expected {kind}, got {value!r}", field="teacher_options") from None
+    return options
+
+
 def make_backend(*, teacher: str, backend: str, batch_size: int, base_url: str | None = None,
-                 api_key_env: str = "OPENAI_API_KEY") -> Teacher:
-    """The uncached teacher (loads the model for in-process backends)."""
+                 api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None) -> Teacher:
+    """The uncached teacher (loads the model for in-process backends); `teacher_options` are the
+    backend's own settings as key=value pairs (see `parse_teacher_options`)."""
     if backend not in BACKENDS:
         raise SiftError(f"unknown backend {backend!r} (choose one of {', '.join(BACKENDS)})", field="backend")
-    options: dict = {}
+    options: dict = parse_teacher_options(teacher_options, backend)
     if backend == "openai":
         if not base_url:
             raise SiftError("the openai backend needs --base-url (e.g. http://localhost:8000/v1)",
@@ -34,11 +83,17 @@ def make_backend(*, teacher: str, backend: str, batch_size: int, base_url: str |
         options["batch_size"] = batch_size  # vLLM schedules every pending request itself
     from pipeline.teachers.registry import make_teacher
 
-    return make_teacher(backend, teacher, **options)
+    try:
+        return make_teacher(backend, teacher, **options)
+    except ValueError as e:  # the backend's own range checks (e.g. engine, lanes)
+        if not set(options) - {"batch_size", "base_url", "api_key_env"}:
+            raise
+        raise SiftError(str(e), field="teacher_options") from None
 
 
 def open_teacher(directory: Path, *, teacher: str, backend: str, batch_size: int,
-                 base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY") -> CachedTeacher:
+                 base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+                 teacher_options: str | None = None) -> CachedTeacher:
     inner = make_backend(teacher=teacher, backend=backend, batch_size=batch_size, base_url=base_url,
-                         api_key_env=api_key_env)
+                         api_key_env=api_key_env, teacher_options=teacher_options)
     return CachedTeacher(inner, directory / CACHE_FILE, backend=backend)
