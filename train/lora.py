@@ -177,10 +177,22 @@ def _save_final(trainer: Any, tokenizer: Any, out: Path) -> None:
     try:
         trainer.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        sort_target_modules(tmp / "adapter_config.json")
         for f in tmp.iterdir():
             os.replace(f, out / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sort_target_modules(config_path: Path) -> None:
+    """PEFT writes `target_modules` in set order, which changes from process to process; sorted, two
+    identical trainings write identical adapter folders."""
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def check_teacher_tokenizer(tokenizer: Any, student: str, teacher: str | None, field: str = "teacher") -> None:

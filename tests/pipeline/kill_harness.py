@@ -195,10 +195,8 @@ def untimed(obj: object) -> object:
 
 
 # Files compared record for record rather than byte for byte (their manifest hashes are left out too).
-# adapter_config.json: PEFT writes `target_modules` from a Python set, so its order follows the
-# process's string-hash seed and two uninterrupted runs differ; it is compared as a set.
-RECORD_FILES = re.compile(r"(\.stats\.json|^student/metrics\.jsonl|^student/train_config\.json"
-                          r"|^student/adapter_config\.json)$")
+# adapter_config.json is compared byte for byte: the trainer sorts PEFT's `target_modules` (a set).
+RECORD_FILES = re.compile(r"(\.stats\.json|^student/metrics\.jsonl|^student/train_config\.json)$")
 
 
 def comparable(d: Path, rel: str, runs: tuple[Path, ...]) -> object:
@@ -221,8 +219,6 @@ def comparable(d: Path, rel: str, runs: tuple[Path, ...]) -> object:
             return [untimed({k: v for k, v in obj.items() if not (obj.get("kind") == "end" and k == "train_loss")})
                     for _, obj in iter_jsonl(p, allow_empty=True)]
         obj = untimed(read_json(p))
-        if isinstance(obj, dict) and isinstance(obj.get("target_modules"), list):
-            obj["target_modules"] = sorted(obj["target_modules"])
         return {k: v for k, v in obj.items() if k != "resume"} if isinstance(obj, dict) else obj
     return p.read_bytes()
 

@@ -105,6 +105,9 @@ def test_tokenizer_and_config_are_saved(trained) -> None:
     assert config["data"]["train"]["examples"] == 4 and config["data"]["packed_rows"] == 1
     manifest = json.loads((d / "manifest.json").read_text())
     assert "student/adapter_model.safetensors" in manifest["artifacts"]
+    adapter = json.loads((d / "student" / "adapter_config.json").read_text())
+    modules = adapter["target_modules"]  # PEFT's set, sorted so that identical runs write identical files
+    assert modules and modules == sorted(modules)
 
 
 def test_merge_matches_the_adapter_model(trained) -> None:
