@@ -340,7 +340,7 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
             round_dir = loop_dir / f"round-{r}"
             if (round_dir / "round.json").exists():
                 summaries.append(read_json(round_dir / "round.json"))
-                added += read_jsonl(round_dir / "added.jsonl")
+                added += read_jsonl(round_dir / "added.jsonl", allow_empty=True)  # a round may add nothing
                 continue
             t0 = time.monotonic()
             round_dir.mkdir(parents=True, exist_ok=True)
@@ -441,7 +441,9 @@ def _check_settings(path: Path, settings: dict) -> None:
     shaping = {k: settings[k] for k in SHAPING}
     if path.exists():
         old = read_json(path)
-        changed = sorted(k for k in SHAPING if old.get(k) != shaping.get(k))
+        # a setting added in a later version is absent from older loops: they ran with its default
+        defaults = {name: p.default for name, p in inspect.signature(loop).parameters.items()}
+        changed = sorted(k for k in SHAPING if old.get(k, defaults.get(k)) != shaping.get(k))
         if changed:
             raise SiftError(f"this loop was started with other settings (changed: {', '.join(changed)}); rerun "
                             "with the same options (only --rounds may change), or use another --run", path=path)

@@ -12,7 +12,7 @@ import pytest
 
 from filters.rules import parse_rules
 from pipeline import llm2llm
-from pipeline.artifacts import read_json, read_jsonl, write_jsonl
+from pipeline.artifacts import read_json, read_jsonl, write_json, write_jsonl
 from pipeline.errors import SiftError
 from pipeline.loop import filter_new, loop, original_records, pool_instructions
 from pipeline.prompts import load
@@ -213,6 +213,24 @@ def test_a_rerun_does_nothing_more_rounds_extend_and_changed_settings_are_refuse
         assert len(read_json(run / "loop.json")["rounds"]) == 2
         with pytest.raises(SiftError, match="changed: threshold"):
             loop(**loop_options(tiny_model_dir, server.url, rounds=2, threshold=0.3))
+        # a loop begun before a setting existed ran with its default, and carries on
+        settings = read_json(run / "loop" / "settings.json")
+        write_json(run / "loop" / "settings.json", {k: v for k, v in settings.items() if not k.startswith("distill")})
+        loop(**loop_options(tiny_model_dir, server.url, rounds=2))
+        with pytest.raises(SiftError, match="changed: distill, distill_teacher"):
+            loop(**loop_options(tiny_model_dir, server.url, rounds=2, distill=True,
+                                distill_teacher=str(tiny_model_dir)))
+
+
+def test_a_round_that_adds_nothing_is_finished_and_the_loop_extends_past_it(runs: Path, tiny_model_dir: Path) -> None:
+    run = make_run(runs)
+    with FakeOpenAI(reply=lambda body: ("no tasks here, sorry", "stop")) as server:
+        loop(**loop_options(tiny_model_dir, server.url, rounds=1))
+        assert (run / "loop" / "round-1" / "added.jsonl").read_bytes() == b""
+        loop(**loop_options(tiny_model_dir, server.url, rounds=1))  # the rerun reads the empty round back
+        loop(**loop_options(tiny_model_dir, server.url, rounds=2))
+    result = read_json(run / "loop.json")
+    assert [r["augment"]["new_records"] for r in result["rounds"]] == [0, 0] and result["data"]["added"] == 0
 
 
 def test_judge_metric_scores_with_the_teachers_verdict(runs: Path, tiny_model_dir: Path) -> None:
