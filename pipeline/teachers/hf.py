@@ -29,6 +29,7 @@ match their single-prompt output (tested). `seed=None` draws a fresh seed.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -175,6 +176,11 @@ class TransformersTeacher:
         self.max_rows, self.lanes, self._fast = max_rows, lanes, None
 
     @property
+    def context(self) -> int | None:
+        """Positions the model was trained for (prompt and new tokens together), if it says."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    @property
     def identity(self) -> str:
         """The cache identity. The fast engine samples other texts than `generate` for a seed, so it says
         so; the "hf" engine keeps the plain `name|dtype=...` it had before the fast engine existed."""
@@ -200,6 +206,12 @@ class TransformersTeacher:
         """Complete every request, in order. `on_batch(done, new_tokens)` after each batch."""
         on_batch = on_batch or self.on_batch
         encoded = [self.prompt_ids(r) for r in requests]
+        fits = fit_to_context(requests, [len(e) for e in encoded], self.context)
+        if any(isinstance(f, Completion) for f in fits):  # answer the rest; a too-long prompt is an error row
+            runnable = [i for i, f in enumerate(fits) if isinstance(f, Request)]
+            done = iter(self.generate([fits[i] for i in runnable], on_batch=on_batch) if runnable else [])
+            return [f if isinstance(f, Completion) else next(done) for f in fits]
+        requests = [f for f in fits if isinstance(f, Request)]
         seeds = [r.sampling.seed if r.sampling.seed is not None else secrets.randbits(63) for r in requests]
         if self.engine == "fast":
             return self._generate_fast(requests, encoded, seeds, on_batch)
@@ -302,3 +314,21 @@ class TransformersTeacher:
                 lo = mid + 1
         return lo
 
+
+def fit_to_context(requests: list[Request], prompt_lengths: list[int], context: int | None
+                   ) -> list[Request | Completion]:
+    """Each request as it can run within the model's context: unchanged, with max_tokens cut to the
+    room left after its prompt, or (no room at all) an error Completion for the ledger, as an
+    OpenAI-compatible server would refuse it."""
+    if not context:
+        return list(requests)
+    out: list[Request | Completion] = []
+    for r, n in zip(requests, prompt_lengths, strict=True):
+        if n >= context:
+            out.append(Completion("", n, 0, "error", f"prompt of {n} tokens leaves no room in the model's "
+                                                       f"context of {context} tokens"))
+        elif n + r.sampling.max_tokens > context:
+            out.append(dataclasses.replace(r, sampling=dataclasses.replace(r.sampling, max_tokens=context - n)))
+        else:
+            out.append(r)
+    return out

@@ -103,6 +103,31 @@ def test_mixed_budgets_in_one_batch(teacher) -> None:
     assert teacher.generate([Request(prompt=PROMPTS[2], sampling=greedy(20))])[0].text.startswith(both[1].text)
 
 
+@pytest.mark.parametrize("engine", ["fast", "hf"])
+def test_requests_are_fitted_to_the_context_window(teacher, engine: str) -> None:
+    """The tiny model knows 512 positions: a prompt that fills them is an error row (as a server
+    would refuse it); one near the end gets only the room left; the others are untouched, in order."""
+    assert teacher.context == 512
+    words = "word " * 600
+    long_prompt = " ".join(words.split()[:600])
+    n_long = len(teacher.prompt_ids(Request(prompt=long_prompt)))
+    assert n_long >= 512
+    near = next(p for k in range(1, 600) if 490 <= len(teacher.prompt_ids(Request(prompt=(p := " ".join(
+        words.split()[:k]))))) <= 505)
+    room = 512 - len(teacher.prompt_ids(Request(prompt=near)))
+    teacher.engine, before = engine, teacher.engine
+    try:
+        out = teacher.generate([Request(prompt=PROMPTS[0], sampling=greedy(8)),
+                                Request(prompt=long_prompt, sampling=greedy(8)),
+                                Request(prompt=near, sampling=greedy(64))])
+    finally:
+        teacher.engine = before
+    assert out[0].finish_reason in ("stop", "length") and out[0].completion_tokens <= 8
+    assert out[0].text == teacher.generate([Request(prompt=PROMPTS[0], sampling=greedy(8))])[0].text
+    assert out[1].finish_reason == "error" and "context of 512 tokens" in (out[1].error or "")
+    assert out[2].completion_tokens <= room < 64
+
+
 def test_stop_strings_trim_and_set_stop(teacher) -> None:
     full = teacher.generate([Request(prompt=PROMPTS[1], sampling=greedy(30))])[0]
     assert full.finish_reason == "length" and len(full.text) > 8
