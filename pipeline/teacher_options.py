@@ -73,7 +73,8 @@ def make_backend(*, teacher: str, backend: str, batch_size: int, base_url: str |
     backend's own settings as key=value pairs (see `parse_teacher_options`)."""
     if backend not in BACKENDS:
         raise SiftError(f"unknown backend {backend!r} (choose one of {', '.join(BACKENDS)})", field="backend")
-    options: dict = parse_teacher_options(teacher_options, backend)
+    own = parse_teacher_options(teacher_options, backend)
+    options: dict = dict(own)
     if backend == "openai":
         if not base_url:
             raise SiftError("the openai backend needs --base-url (e.g. http://localhost:8000/v1)",
@@ -85,8 +86,8 @@ def make_backend(*, teacher: str, backend: str, batch_size: int, base_url: str |
 
     try:
         return make_teacher(backend, teacher, **options)
-    except ValueError as e:  # the backend's own range checks (e.g. engine, lanes)
-        if not set(options) - {"batch_size", "base_url", "api_key_env"}:
+    except ValueError as e:  # the backend's own range checks (e.g. engine, lanes) on --teacher-options
+        if not own:
             raise
         raise SiftError(str(e), field="teacher_options") from None
 

@@ -204,14 +204,17 @@ class TransformersTeacher:
 
     def generate(self, requests: list[Request], *, on_batch: OnBatch | None = None) -> list[Completion]:
         """Complete every request, in order. `on_batch(done, new_tokens)` after each batch."""
-        on_batch = on_batch or self.on_batch
         encoded = [self.prompt_ids(r) for r in requests]
         fits = fit_to_context(requests, [len(e) for e in encoded], self.context)
-        if any(isinstance(f, Completion) for f in fits):  # answer the rest; a too-long prompt is an error row
-            runnable = [i for i, f in enumerate(fits) if isinstance(f, Request)]
-            done = iter(self.generate([fits[i] for i in runnable], on_batch=on_batch) if runnable else [])
-            return [f if isinstance(f, Completion) else next(done) for f in fits]
-        requests = [f for f in fits if isinstance(f, Request)]
+        runnable = [(i, f) for i, f in enumerate(fits) if isinstance(f, Request)]  # too long: an error row
+        done = self._generate_encoded([f for _, f in runnable], [encoded[i] for i, _ in runnable],
+                                      on_batch or self.on_batch) if runnable else []
+        answers = {i: c for (i, _), c in zip(runnable, done, strict=True)}
+        return [answers[i] if isinstance(f, Request) else f for i, f in enumerate(fits)]
+
+    def _generate_encoded(self, requests: list[Request], encoded: list[list[int]],
+                          on_batch: OnBatch | None) -> list[Completion]:
+        """Complete requests that fit the context, their prompts already tokenized, in order."""
         seeds = [r.sampling.seed if r.sampling.seed is not None else secrets.randbits(63) for r in requests]
         if self.engine == "fast":
             return self._generate_fast(requests, encoded, seeds, on_batch)
