@@ -31,9 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.models import EMBEDDED_ALIAS  # noqa: E402
-from pipeline.prompts import render  # noqa: E402
+from pipeline.io.models import EMBEDDED_ALIAS  # noqa: E402
 from pipeline.teachers.base import Request, Sampling  # noqa: E402
+from pipeline.teachers.prompts import render  # noqa: E402
 
 SEEDS = [REPO / "seeds" / "default.jsonl", REPO.parent / "shared" / "data" / "self_instruct_seed_tasks.jsonl"]
 

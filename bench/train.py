@@ -78,7 +78,7 @@ def packed_batches(examples: list[dict], batch: int, max_length: int, seed: int)
 def load_model(name: str):
     import torch
 
-    from pipeline.models import EMBEDDED_ALIAS, embedded_dir, folder_problem, load_model
+    from pipeline.io.models import EMBEDDED_ALIAS, embedded_dir, folder_problem, load_model
 
     if name == "auto":
         name = EMBEDDED_ALIAS if folder_problem(embedded_dir(), converted=True) is None else "random"
@@ -114,7 +114,7 @@ def time_method(model, optimizer, batches: list[list[dict]], collate: Collator, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="auto", help="auto, random, or a model spec for pipeline.models")
+    ap.add_argument("--model", default="auto", help="auto, random, or a model spec for pipeline.io.models")
     ap.add_argument("--examples", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
@@ -126,7 +126,7 @@ def main() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from pipeline.models import cpu_supports_bf16
+    from pipeline.io.models import cpu_supports_bf16
 
     torch.manual_seed(args.seed)
     name, base = load_model(args.model)

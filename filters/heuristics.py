@@ -87,15 +87,6 @@ PRESETS: dict[str, list[str]] = {
 }  # fmt: skip
 
 
-def preset(spec: str) -> list[str]:
-    """The instruction rules named by a `--rules` string ("alpaca", "too_short,blacklist,rouge", ...),
-    in order; other rules in it (rouge, instance rules) are left to their own stages. ValueError on an
-    unknown name, listing the valid ones."""
-    from filters.rules import parse_rules
-
-    return [name for name in parse_rules(spec) if name in RULES]
-
-
 def first_reason(
     record: Mapping[str, object] | str, rules: Sequence[str], options: Mapping[str, Mapping] | None = None
 ) -> str | None:

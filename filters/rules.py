@@ -51,3 +51,10 @@ def parse_rules(spec: str) -> list[str]:
     if not names:
         raise ValueError(f"no rules in {spec!r}; presets: {', '.join(PRESETS)}; rules: {', '.join(RULES)}")
     return names
+
+
+def preset(spec: str) -> list[str]:
+    """The instruction rules named by a `--rules` string ("alpaca", "too_short,blacklist,rouge", ...),
+    in order; other rules in it (rouge, instance rules) are left to their own stages. ValueError on an
+    unknown name, listing the valid ones."""
+    return [name for name in parse_rules(spec) if name in INSTRUCTION_RULES]

@@ -13,7 +13,6 @@ import inspect
 import os
 import re
 import sys
-import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -21,24 +20,25 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.errors import SiftError
+from pipeline.typed import converter, unwrap_optional
 
 # command name -> "module:function"; a name with a space is a subcommand of a group.
 COMMANDS: dict[str, str] = {
-    "seeds": "pipeline.seeds:seeds",
-    "generate": "pipeline.generate:generate",
-    "classify": "pipeline.classify:classify",
-    "instances": "pipeline.instances:instances",
-    "filter": "pipeline.filter_stage:filter_records",
+    "seeds": "pipeline.stages.seeds:seeds",
+    "generate": "pipeline.stages.generate:generate",
+    "classify": "pipeline.stages.classify:classify",
+    "instances": "pipeline.stages.instances:instances",
+    "filter": "pipeline.stages.filter:filter_records",
     "export": "train.export:export",
     "train": "train.lora:train",
     "merge": "train.merge:merge",
     "sample": "train.sample:sample",
     "eval": "train.evaluate:evaluate",
-    "inspect": "pipeline.inspect_artifact:inspect_artifact",
-    "report": "pipeline.report:report",
-    "loop": "pipeline.loop:loop",
-    "model fetch": "pipeline.models:model_fetch",
-    "model info": "pipeline.models:model_info",
+    "inspect": "pipeline.views.inspect:inspect_artifact",
+    "report": "pipeline.views.report:report",
+    "loop": "pipeline.stages.loop:loop",
+    "model fetch": "pipeline.io.models:model_fetch",
+    "model info": "pipeline.io.models:model_info",
 }
 
 _UNSET = object()
@@ -76,53 +76,6 @@ def parse_docstring(doc: str | None) -> _Doc:
     return _Doc(summary, "\n".join(body).strip(), params)
 
 
-def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return hint, False
-
-
-def _converter(hint: Any, name: str) -> Callable[[Any], Any]:
-    """A function turning a command-line string or a config value into the parameter's type."""
-    base, optional = _unwrap_optional(hint)
-    choices = typing.get_args(base) if typing.get_origin(base) is typing.Literal else None
-
-    def convert(value: Any) -> Any:
-        if value is None and optional:
-            return None
-        if choices is not None:
-            if value not in choices:
-                raise ValueError(f"expected one of {', '.join(map(str, choices))}, got {value!r}")
-            return value
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in {"true", "yes", "1", "false", "no", "0"}:
-                return value.lower() in {"true", "yes", "1"}
-            raise ValueError(f"expected true or false, got {value!r}")
-        if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(f"expected an integer, got {value!r}")
-            return int(value)
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError(f"expected a number, got {value!r}")
-            return float(value)
-        if base is Path:
-            return Path(value)
-        if base is str:
-            if not isinstance(value, str | int | float) or isinstance(value, bool):
-                raise ValueError(f"expected a string, got {value!r}")
-            return str(value)
-        return value
-
-    convert.__name__ = getattr(base, "__name__", name)
-    return convert
-
-
 def load_command(name: str) -> Callable[..., Any]:
     module, func = COMMANDS[name].split(":")
     return getattr(importlib.import_module(module), func)
@@ -142,7 +95,7 @@ def add_command(sub: argparse._SubParsersAction, name: str, func: Callable[..., 
     _add_common(p)
     for param, hint in _params(func):
         help_text = doc.params.get(param.name, "")
-        conv = _converter(hint, param.name)
+        conv = converter(hint, param.name)
         if param.kind is param.POSITIONAL_ONLY:
             nargs = "?" if param.default is not param.empty else None
             p.add_argument(param.name, type=conv, help=help_text, nargs=nargs, default=_UNSET)
@@ -153,7 +106,7 @@ def add_command(sub: argparse._SubParsersAction, name: str, func: Callable[..., 
         if "_" in param.name:
             flags.append(f"--{param.name}")
         default_text = "" if param.default is param.empty else f" (default: {param.default!r})"
-        base, _ = _unwrap_optional(hint)
+        base, _ = unwrap_optional(hint)
         if base is bool:
             p.add_argument(*flags, dest=param.name, action=argparse.BooleanOptionalAction, default=_UNSET,
                            help=help_text + default_text)
@@ -192,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_config(path: Path) -> dict:
     """Read a YAML (.yaml/.yml) or TOML (.toml) settings file into a dict."""
-    from pipeline.artifacts import _read_bytes  # one reader for every file's errors
+    from pipeline.io.artifacts import _read_bytes  # one reader for every file's errors
 
     data = _read_bytes(path)
     try:
@@ -238,7 +191,7 @@ def resolve_settings(func: Callable[..., Any], name: str, ns: argparse.Namespace
         value = getattr(ns, param.name, _UNSET)
         if value is _UNSET and param.name in config:
             try:
-                value = _converter(hint, param.name)(config[param.name])
+                value = converter(hint, param.name)(config[param.name])
             except (ValueError, TypeError) as e:
                 raise SiftError(str(e), path=ns.config, field=param.name) from None
         if value is _UNSET:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import read_json, read_jsonl
 from pipeline.cli import main
+from pipeline.io.artifacts import read_json, read_jsonl
 from tests.conftest import REPO
 
 STAGES = ["seeds", "generate", "classify", "instances", "filter", "export", "train", "eval", "loop", "report"]
@@ -15,7 +15,7 @@ STAGES = ["seeds", "generate", "classify", "instances", "filter", "export", "tra
 
 @pytest.mark.slow
 def test_every_stage_on_the_embedded_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.models import embedded_dir
+    from pipeline.io.models import embedded_dir
 
     if not embedded_dir().exists():
         pytest.fail("the embedded model is missing: run `sift model fetch` (make setup)")

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import read_json, read_records, write_json
 from pipeline.errors import SiftError
-from pipeline.runs import locked, record_stage, run_dir
+from pipeline.io.artifacts import read_json, read_records, write_json
+from pipeline.io.runs import locked, record_stage, run_dir
 from train.format import DataError, check_messages, prompt_ids, setup_tokenizer, to_messages, tokenize_example
 
 METRICS = (  # name, label, True when higher is better
@@ -182,7 +182,7 @@ def greedy_answers(
 
 
 def _load_side(spec: str, tokenizer: Any, dtype: str, adapter: Path | None) -> Any:
-    from pipeline.models import load_model
+    from pipeline.io.models import load_model
 
     model = load_model(spec, dtype=dtype)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
@@ -292,7 +292,7 @@ def evaluate(
         rows = pick(load_heldout(source), limit, seed)
         from transformers import AutoTokenizer
 
-        from pipeline.models import load_tokenizer, resolve_model
+        from pipeline.io.models import load_tokenizer, resolve_model
 
         config_path = student_dir / "train_config.json"
         train_config = read_json(config_path) if config_path.exists() else {}

@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from pipeline.artifacts import all_or_none, iter_jsonl, require, write_json, write_jsonl
 from pipeline.errors import SiftError
-from pipeline.runs import locked, record_stage, run_dir
+from pipeline.io.artifacts import all_or_none, iter_jsonl, require, write_json, write_jsonl
+from pipeline.io.runs import locked, record_stage, run_dir
 from train.format import to_messages
 
 METADATA_FIELDS = ("provenance", "source", "task_id", "seed_id", "is_classification", "loop")  # carried if present

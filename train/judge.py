@@ -20,8 +20,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.prompts import load
 from pipeline.teachers.base import Sampling, Teacher
+from pipeline.teachers.prompts import load
 
 PROMPT = "judge_pairwise"
 VERDICT = re.compile(r"\b(tie|a|b)\b", re.IGNORECASE)

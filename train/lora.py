@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import Journal, iter_jsonl, require, write_json, write_jsonl
 from pipeline.errors import SiftError
-from pipeline.runs import locked, record_stage, run_dir
+from pipeline.io.artifacts import Journal, iter_jsonl, require, write_json, write_jsonl
+from pipeline.io.runs import locked, record_stage, run_dir
 from train.format import OVERLONG, TEMPLATES, DataError, check_messages, setup_tokenizer, tokenize_records
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -58,7 +58,7 @@ def pick_precision(precision: str, cuda: bool) -> str:
         import torch
 
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    from pipeline.models import cpu_supports_bf16
+    from pipeline.io.models import cpu_supports_bf16
 
     return "bf16" if cpu_supports_bf16() else "fp32"
 
@@ -77,7 +77,7 @@ def _load_student(student: str, qlora: bool, cuda: bool) -> Any:
     """The base model in full precision (LoRA's master weights), or 4-bit NF4 for QLoRA."""
     import torch
 
-    from pipeline.models import load_model, resolve_model
+    from pipeline.io.models import load_model, resolve_model
 
     if not qlora:
         return load_model(student, dtype="float32", device="cpu").train()
@@ -197,7 +197,7 @@ def sort_target_modules(config_path: Path) -> None:
 
 def check_teacher_tokenizer(tokenizer: Any, student: str, teacher: str | None, field: str = "teacher") -> None:
     """One clear error, before any weights load, when the teacher cannot read the student's token ids."""
-    from pipeline.models import load_tokenizer
+    from pipeline.io.models import load_tokenizer
     from train.distill import tokenizer_differences
 
     diffs = tokenizer_differences(tokenizer, load_tokenizer(str(teacher)))
@@ -213,8 +213,8 @@ def _distill_setup(base: type, rows: list[dict], collator: Any, args: Any, *, ou
     """The distilling trainer class and the settings to record. With top_k, the teacher's top-k
     cache is loaded from out/teacher_topk/ when its key (teacher files, rows, k, T, precision) matches,
     so the teacher's weights are not even loaded, else computed once (main process first) and saved."""
-    from pipeline.models import load_model, resolve_model
-    from pipeline.progress import StageProgress
+    from pipeline.io.models import load_model, resolve_model
+    from pipeline.io.progress import StageProgress
     from train import distill as d
 
     ref = resolve_model(teacher)
@@ -341,7 +341,7 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
         from peft import LoraConfig
         from trl import SFTConfig, SFTTrainer
 
-        from pipeline.models import load_tokenizer, resolve_model
+        from pipeline.io.models import load_tokenizer, resolve_model
         from train.packing import Collator, pack_rows
 
         tokenizer = load_tokenizer(student)

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.errors import SiftError
-from pipeline.runs import run_dir
+from pipeline.io.runs import run_dir
 from train.sample import load_student
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import read_json
 from pipeline.errors import SiftError
-from pipeline.runs import run_dir
+from pipeline.io.artifacts import read_json
+from pipeline.io.runs import run_dir
 from train.format import prompt_ids
 
 
@@ -33,7 +33,7 @@ def load_student(run: str, *, adapter: bool = True, dtype: str = "float32") -> t
     """(model, tokenizer, train_config): the base as trained, with the adapter on top if asked."""
     from transformers import AutoTokenizer
 
-    from pipeline.models import load_model
+    from pipeline.io.models import load_model
 
     folder = student_dir(run)
     config = read_json(folder / "train_config.json")

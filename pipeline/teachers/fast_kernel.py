@@ -297,7 +297,7 @@ class Kernels:
 
 def load() -> Kernels | None:
     """The compiled kernels, built on first use; None where they cannot be built or would not be vectorised."""
-    from pipeline.models import cache_dir
+    from pipeline.io.models import cache_dir
 
     with _lock:
         if "kernels" in _loaded:

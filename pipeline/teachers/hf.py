@@ -34,7 +34,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipeline.models import load_model, load_tokenizer, resolve_dtype, resolve_model
+from pipeline.io.models import load_model, load_tokenizer, resolve_dtype, resolve_model
 from pipeline.teachers.base import Completion, FinishReason, Request, Sampling
 
 OnBatch = Callable[[int, int], None]  # (requests finished in this batch, new tokens kept in it)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from filters import heuristics as h
+from filters import rules as rules_mod
 
 
 def reference_word_check(inst: str, words: tuple[str, ...]) -> bool:
@@ -88,12 +89,12 @@ def test_starts_non_ascii() -> None:
 
 
 def test_presets_and_first_reason() -> None:
-    assert h.preset("self-instruct") == h.PRESETS["self-instruct"]
-    assert h.preset("alpaca") == h.PRESETS["alpaca"]
-    assert h.preset("too_short,rouge,blacklist") == ["too_short", "blacklist"]
+    assert rules_mod.preset("self-instruct") == h.PRESETS["self-instruct"]
+    assert rules_mod.preset("alpaca") == h.PRESETS["alpaca"]
+    assert rules_mod.preset("too_short,rouge,blacklist") == ["too_short", "blacklist"]
     with pytest.raises(ValueError, match="too_short"):
-        h.preset("no_such_rule")
-    rules = h.preset("self-instruct")
+        rules_mod.preset("no_such_rule")
+    rules = rules_mod.preset("self-instruct")
     assert h.first_reason({"instruction": "Draw"}, rules) == "too_short"
     assert h.first_reason("Draw a picture of a cat", rules) == "blacklist"
     assert h.first_reason("Write a program that can draw a cat", rules) == "blacklist"  # first failing rule wins

@@ -3,7 +3,7 @@
     code, out, err = sift(["generate", "--run", "r", ...], runs=tmp, kill_at="generate.journal:3:mid")
 
 `sift` runs the real command line in a child process. With `kill_at` ("FILE:N:before|mid|after"),
-the child SIGKILLs itself at its N-th durable write to FILE (the seam in pipeline/artifacts.py,
+the child SIGKILLs itself at its N-th durable write to FILE (the seam in pipeline/io/artifacts.py,
 SIFT_TEST_KILL_AT); `sift_killed_when` kills from outside when a path appears. `scripted_reply`
 makes the loopback OpenAI-compatible server (tests/pipeline/openai_server.py) answer like a
 Self-Instruct teacher: deterministic in the request, varied enough that every ledger reason and
@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.artifacts import file_sha256, iter_jsonl, read_json
+from pipeline.io.artifacts import file_sha256, iter_jsonl, read_json
 
 REPO = Path(__file__).resolve().parents[2]
 

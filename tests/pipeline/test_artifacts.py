@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import (
+from pipeline.errors import SiftError
+from pipeline.io.artifacts import (
     Journal,
     content_id,
     iter_jsonl,
@@ -22,7 +23,6 @@ from pipeline.artifacts import (
     write_json,
     write_jsonl,
 )
-from pipeline.errors import SiftError
 from tests.conftest import REPO
 
 
@@ -123,7 +123,7 @@ def test_writer_killed_mid_way_leaves_previous_file(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(REPO)!r})
-        from pipeline.artifacts import write_jsonl
+        from pipeline.io.artifacts import write_jsonl
         def slow():
             for i in range(10**6):
                 if i == 1000:

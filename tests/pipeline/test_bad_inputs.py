@@ -382,7 +382,7 @@ def test_two_processes_on_one_run_directory(in_tmp: Path) -> None:
     seeds = _seed_file(in_tmp)
     # A helper process takes the lock exactly as a running stage does, and holds it until told to stop.
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from pipeline.runs import locked\n"
+        [sys.executable, "-c", "import sys; from pathlib import Path; from pipeline.io.runs import locked\n"
          "with locked(Path('runs/r')):\n    print('held', flush=True); sys.stdin.readline()"],
         cwd=in_tmp, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)})

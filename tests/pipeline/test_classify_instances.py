@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import read_json, read_jsonl, write_jsonl
-from pipeline.classify import classify_in
 from pipeline.errors import SiftError
-from pipeline.instances import instances_in, read_classified
-from pipeline.teacher_cache import CachedTeacher
+from pipeline.io.artifacts import read_json, read_jsonl, write_jsonl
+from pipeline.stages.classify import classify_in
+from pipeline.stages.instances import instances_in, read_classified
 from pipeline.teachers.base import Completion, Request
+from pipeline.teachers.cache import CachedTeacher
 from tests.pipeline.test_generate import REPO, ScriptedTeacher, make_run, run_generate
 
 
@@ -127,7 +127,7 @@ CHILD = """
 import sys
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from pipeline.instances import instances_in
+from pipeline.stages.instances import instances_in
 from tests.pipeline.test_classify_instances import cached
 d = Path({d!r})
 instances_in(d, cached(d, {delay}), batch_size=3)
@@ -164,10 +164,10 @@ def test_killed_instances_stage_resumes_to_the_same_records(tmp_path: Path) -> N
 @pytest.mark.slow
 def test_embedded_model_generate_classify_instances(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """N=5 on the real embedded teacher, through the command functions the CLI calls."""
-    from pipeline.classify import classify
-    from pipeline.generate import generate
-    from pipeline.instances import instances
-    from pipeline.models import embedded_dir
+    from pipeline.io.models import embedded_dir
+    from pipeline.stages.classify import classify
+    from pipeline.stages.generate import generate
+    from pipeline.stages.instances import instances
 
     if not embedded_dir().exists():
         pytest.fail("the embedded model is missing: run `sift model fetch` (make setup)")

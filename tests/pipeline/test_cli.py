@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import __version__, cli
+from pipeline import __version__, cli, typed
 from pipeline.cli import COMMANDS, _params, load_command, main, parse_docstring
 from pipeline.errors import SiftError
-from pipeline.runs import locked, run_dir
+from pipeline.io.runs import locked, run_dir
 
 GOOD_SEED = {"id": "t1", "name": "t", "instruction": "Add the numbers.",
              "instances": [{"input": "1, 2", "output": "3"}], "is_classification": False}
@@ -87,13 +87,13 @@ def test_bad_config_is_one_clear_line(in_tmp: Path, capsys) -> None:
 
 
 def test_converter_checks_config_types() -> None:
-    conv = cli._converter(int, "n")
+    conv = typed.converter(int, "n")
     assert conv("3") == 3
     with pytest.raises(ValueError):
         conv(2.5)
     with pytest.raises(ValueError):
-        cli._converter(bool, "b")("maybe")
-    assert cli._converter(int | None, "n")(None) is None
+        typed.converter(bool, "b")("maybe")
+    assert typed.converter(int | None, "n")(None) is None
 
 
 def test_run_names_cannot_escape(in_tmp: Path) -> None:

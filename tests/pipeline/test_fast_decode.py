@@ -340,7 +340,7 @@ def test_embedded_model_greedy_float32_matches_generate() -> None:
     """The hard requirement: float32 greedy tokens identical to plain batched `generate`."""
     import torch
 
-    from pipeline.models import EMBEDDED_ALIAS, load_model, load_tokenizer, resolve_model
+    from pipeline.io.models import EMBEDDED_ALIAS, load_model, load_tokenizer, resolve_model
 
     ref = resolve_model(EMBEDDED_ALIAS)
     model, tok = load_model(ref, dtype="float32"), load_tokenizer(ref)
@@ -368,7 +368,7 @@ def test_embedded_model_bfloat16_diverges_no_more_than_generate_does() -> None:
     over prompts) at least as well as `generate` one prompt at a time agrees with `generate` batched."""
     import torch
 
-    from pipeline.models import EMBEDDED_ALIAS, load_model, load_tokenizer, resolve_model
+    from pipeline.io.models import EMBEDDED_ALIAS, load_model, load_tokenizer, resolve_model
 
     ref = resolve_model(EMBEDDED_ALIAS)
     model, tok = load_model(ref, dtype="bfloat16"), load_tokenizer(ref)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer
 
-from pipeline.artifacts import read_json, read_jsonl
 from pipeline.cli import main
+from pipeline.io.artifacts import read_json, read_jsonl
 from tests.conftest import REFERENCE_SEEDS
 
 WORDS = ("write a short story poem about the cat dog city list five ways to improve explain why how what "

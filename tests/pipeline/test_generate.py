@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import Journal, read_json, read_jsonl, write_jsonl
 from pipeline.errors import SiftError
-from pipeline.generate import GenerateSettings, generate_in, request_seed
-from pipeline.teacher_cache import CachedTeacher
+from pipeline.io.artifacts import Journal, read_json, read_jsonl, write_jsonl
+from pipeline.stages.generate import GenerateSettings, generate_in, request_seed
 from pipeline.teachers.base import Completion, Request, Sampling
+from pipeline.teachers.cache import CachedTeacher
 from tests.conftest import REFERENCE_SEEDS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -314,7 +314,7 @@ def test_killed_runs_resume_to_the_same_records(tmp_path: Path) -> None:
 
 
 def test_command_errors_come_before_the_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.generate import generate
+    from pipeline.stages.generate import generate
 
     monkeypatch.setenv("SIFT_RUNS_DIR", str(tmp_path))
     with pytest.raises(SiftError, match="run `sift seeds` first"):

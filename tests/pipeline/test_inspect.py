@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer
 
-from pipeline.artifact_stats import (
+from pipeline.errors import SiftError
+from pipeline.views.inspect import inspect_artifact, matches, parse_where, summarize
+from pipeline.views.stats import (
     contamination,
     length_table,
     near_duplicate_buckets,
@@ -17,9 +19,7 @@ from pipeline.artifact_stats import (
     percentile,
     record_examples,
 )
-from pipeline.errors import SiftError
-from pipeline.inspect_artifact import inspect_artifact, matches, parse_where, summarize
-from pipeline.verbs import heuristic_verb_object, parse_verbs, top_verb_objects
+from pipeline.views.verbs import heuristic_verb_object, parse_verbs, top_verb_objects
 from tests.conftest import REFERENCE_SEEDS, SHARED
 
 USER_ORIENTED = SHARED / "data" / "user_oriented_instructions.jsonl"
@@ -64,7 +64,7 @@ def test_verbs_on_reference_seeds_rank_write_first() -> None:
 
 
 def test_spacy_parser_is_refused_clearly_when_absent() -> None:
-    from pipeline.verbs import load_spacy
+    from pipeline.views.verbs import load_spacy
 
     if load_spacy() is not None:
         pytest.skip("spaCy with an English pipeline is installed here")

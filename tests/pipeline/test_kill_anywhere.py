@@ -9,7 +9,7 @@ command is killed at the next point, so the damage accumulates), and finally rer
 succeeds. The result must equal the uninterrupted run: artifacts byte for byte, and the files
 that carry timings record for record without them (kill_harness.TIMING_KEYS says which and why);
 every JSONL file must parse line by line with unique ids, and the manifest's hashes must match
-the files. Kill points come from the seam in pipeline/artifacts.py (deterministic: the N-th
+the files. Kill points come from the seam in pipeline/io/artifacts.py (deterministic: the N-th
 durable write to a file, before it, in the middle of it, or after it), and, for the trainer's
 own checkpoint writes, from outside as soon as a path appears.
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import read_json, read_jsonl, write_jsonl
+from pipeline.io.artifacts import read_json, read_jsonl, write_jsonl
 from tests.pipeline.kill_harness import (
     check_run,
     same_artifacts,
@@ -259,7 +259,7 @@ def test_kill_train_between_and_during_checkpoints(chain: Chain, tmp_path: Path)
 @pytest.mark.slow
 def test_kill_generate_on_the_embedded_teacher(chain: Chain, tmp_path: Path) -> None:
     """The default backend: rounds the model answered and the kill lost are answered again, identically."""
-    from pipeline.models import embedded_dir
+    from pipeline.io.models import embedded_dir
 
     if not embedded_dir().exists():
         pytest.fail("the embedded model is missing: run `sift model fetch` (make setup)")
@@ -346,8 +346,8 @@ def test_classify_through_replies_slower_than_the_timeout(tmp_path: Path) -> Non
     """The timeout at stage level (the command line keeps the backend's 60 s, so the stage function
     runs here with a 0.3 s one): a reply slower than the timeout is retried and the retry's answer
     kept once; a prompt slow at every attempt ends in the ledger; the stage ends in bounded time."""
-    from pipeline.classify import classify_in
-    from pipeline.teacher_cache import CachedTeacher
+    from pipeline.stages.classify import classify_in
+    from pipeline.teachers.cache import CachedTeacher
     from pipeline.teachers.openai_compat import OpenAITeacher
 
     records = [{"id": f"i{i}", "instruction": f"Classify the tone of message number {i} for a reader."}

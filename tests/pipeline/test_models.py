@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import models
 from pipeline.errors import SiftError
-from pipeline.models import EMBEDDED_ALIAS, MARKER, ModelRef, folder_problem, resolve_model
+from pipeline.io import models
+from pipeline.io.models import EMBEDDED_ALIAS, MARKER, ModelRef, folder_problem, resolve_model
 from tests.pipeline.test_teacher_hf import make_tiny
 
 USER_GGUF = models.embedded_gguf()  # the machine's own cache, before any test redirects SIFT_CACHE

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.parsers import (
+from pipeline.teachers.parsers import (
     parse_alpaca,
     parse_input_first,
     parse_input_output,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import prompts
 from pipeline.errors import SiftError
-from pipeline.recipes import alpaca, self_instruct
+from pipeline.stages.recipes import alpaca, self_instruct
+from pipeline.teachers import prompts
 from pipeline.teachers.base import Sampling
 from tests.conftest import REFERENCE_SEEDS
 
@@ -23,7 +23,7 @@ STAGE_FIELDS = {
 
 
 def seeds() -> list[dict]:
-    from pipeline.artifacts import read_jsonl
+    from pipeline.io.artifacts import read_jsonl
 
     return read_jsonl(REFERENCE_SEEDS)
 

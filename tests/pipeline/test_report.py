@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifact_stats import nearest_similarity
-from pipeline.report import build_page, report
+from pipeline.views.report import build_page, report
+from pipeline.views.stats import nearest_similarity
 from tests.conftest import REFERENCE_SEEDS, REPO, SHARED
 
 USER_ORIENTED = SHARED / "data" / "user_oriented_instructions.jsonl"
@@ -36,7 +36,7 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
 def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A run built from the reference seed tasks: 120 act as seeds, the other 55 as generated
     instructions, with ledgers, a funnel, splits, training metrics, an eval and a manifest."""
-    from pipeline.runs import record_stage
+    from pipeline.io.runs import record_stage
 
     monkeypatch.setenv("SIFT_RUNS_DIR", str(tmp_path / "runs"))
     d = tmp_path / "runs" / "r"
@@ -386,7 +386,7 @@ def test_real_run_report_renders(tmp_path: Path) -> None:
     if not (demo / "filtered.jsonl").is_file():
         pytest.skip("no full run in runs/demo (make all)")
     out = tmp_path / "report.html"
-    from pipeline.report import build_page as build
+    from pipeline.views.report import build_page as build
 
     out.write_text(build("demo", demo))
     _check_in_browser(out, tmp_path / "report.png")

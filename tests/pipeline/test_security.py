@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import SiftError
-from pipeline.generate import generate
+from pipeline.stages.generate import generate
 from tests.conftest import REPO
 from tests.pipeline.openai_server import FakeOpenAI
 
@@ -69,7 +69,7 @@ def test_a_refused_key_is_not_echoed_anywhere(in_tmp: Path, monkeypatch: pytest.
 
 
 def test_secret_looking_settings_are_redacted_in_the_manifest(in_tmp: Path) -> None:
-    from pipeline.runs import record_stage
+    from pipeline.io.runs import record_stage
 
     run = in_tmp / "runs" / "r"
     run.mkdir(parents=True)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import read_jsonl
 from pipeline.cli import main
 from pipeline.errors import SiftError
-from pipeline.seeds import load_seeds, validate_seed
+from pipeline.io.artifacts import read_jsonl
+from pipeline.stages.seeds import load_seeds, validate_seed
 from tests.conftest import REFERENCE_SEEDS
 
 GOOD = {"id": "t1", "name": "t", "instruction": "Add the numbers.",

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import read_jsonl, write_jsonl
 from pipeline.cli import main
 from pipeline.errors import SiftError
-from pipeline.teacher_options import make_backend, parse_teacher_options
+from pipeline.io.artifacts import read_jsonl, write_jsonl
+from pipeline.teachers.options import make_backend, parse_teacher_options
 from tests.pipeline.openai_server import FakeOpenAI
 from tests.pipeline.test_teacher_hf import make_tiny
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.artifacts import write_jsonl
 from pipeline.errors import SiftError
+from pipeline.io.artifacts import write_jsonl
 from tests.train.conftest import make_model, make_tokenizer
 from train.distill import (
     IGNORE,

@@ -213,7 +213,7 @@ def test_evaluate_without_student_says_train_first(runs: Path) -> None:
 def test_evaluate_embedded_model_on_user_oriented(runs: Path) -> None:
     """The real base (SmolLM2-135M) against a LoRA student on 5 user-oriented tasks."""
     pytest.importorskip("peft")
-    from pipeline.models import embedded_dir, folder_problem
+    from pipeline.io.models import embedded_dir, folder_problem
 
     if folder_problem(embedded_dir(), converted=True):
         pytest.skip("embedded model not fetched (sift model fetch)")

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from filters.rules import parse_rules
-from pipeline import llm2llm
-from pipeline.artifacts import read_json, read_jsonl, write_json, write_jsonl
 from pipeline.errors import SiftError
-from pipeline.loop import filter_new, loop, original_records, pool_instructions
-from pipeline.prompts import load
+from pipeline.io.artifacts import read_json, read_jsonl, write_json, write_jsonl
+from pipeline.stages import llm2llm
+from pipeline.stages.loop import filter_new, loop, original_records, pool_instructions
+from pipeline.teachers.prompts import load
 from tests.pipeline.openai_server import FakeOpenAI
 
 FAILURE = {"id": "ex_1", "instruction": "Classify the sentiment of the review.", "input": "I loved it.",

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.artifacts import write_jsonl
 from pipeline.errors import SiftError
+from pipeline.io.artifacts import write_jsonl
 from train.format import to_messages
 from train.lora import train
 from train.merge import merge
@@ -173,8 +173,8 @@ def test_embedded_student_trains_and_its_adapter_loads(runs: Path) -> None:
     """A few LoRA steps on the real SmolLM2-135M: validation loss falls, the adapter loads with PEFT."""
     from peft import PeftModel
 
-    from pipeline.artifacts import read_jsonl
-    from pipeline.models import EMBEDDED_ALIAS, embedded_dir, fetch_embedded, folder_problem, load_model
+    from pipeline.io.artifacts import read_jsonl
+    from pipeline.io.models import EMBEDDED_ALIAS, embedded_dir, fetch_embedded, folder_problem, load_model
 
     if folder_problem(embedded_dir(), converted=True):
         fetch_embedded()

@@ -16,8 +16,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import file_sha256, read_json, write_json
 from pipeline.errors import SiftError
+from pipeline.io.artifacts import file_sha256, read_json, write_json
 
 RUNS_DIR_ENV = "SIFT_RUNS_DIR"
 MANIFEST = "manifest.json"

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.artifacts import Journal
 from pipeline.errors import SiftError
+from pipeline.io.artifacts import Journal
 
 
 def open_journal(path: str | Path, fingerprint: dict) -> tuple[Journal, list[dict]]:

@@ -15,12 +15,12 @@ import re
 from collections.abc import Callable
 from types import ModuleType
 
-from pipeline.artifacts import content_id
 from pipeline.errors import SiftError
-from pipeline.recipes import alpaca, self_instruct
+from pipeline.io.artifacts import content_id
+from pipeline.stages.recipes import alpaca, self_instruct
 from pipeline.teachers.base import Completion
 
-Recipe = ModuleType  # a module of pipeline/recipes with NAME, PROMPT, RULES, build_prompt, parse, ...
+Recipe = ModuleType  # a module of pipeline/stages/recipes with NAME, PROMPT, RULES, build_prompt, parse, ...
 RECIPES = {"self-instruct": self_instruct, "alpaca": alpaca}
 Check = Callable[[dict], "str | None"]
 
@@ -34,9 +34,10 @@ def get_recipe(name: str) -> Recipe:
 def heuristics_for(preset: str) -> Check:
     """The preset's rules as one check: the first rule's reason, or None to keep."""
     from filters import heuristics
+    from filters import rules as rule_names
 
     try:
-        rules = heuristics.preset(preset)
+        rules = rule_names.preset(preset)
     except (KeyError, ValueError) as e:
         raise SiftError(str(e).strip("'\""), field="rules") from None
 

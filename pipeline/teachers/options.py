@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SiftError
-from pipeline.teacher_cache import CachedTeacher
 from pipeline.teachers.base import Teacher
+from pipeline.teachers.cache import CachedTeacher
+from pipeline.typed import converter, unwrap_optional
 
 BACKENDS = ("transformers", "vllm", "openai")
 CACHE_FILE = Path("cache") / "teacher.jsonl"
@@ -34,14 +35,13 @@ def parse_teacher_options(text: str | None, backend: str) -> dict[str, Any]:
         return {}
     import typing
 
-    from pipeline.cli import _converter, _unwrap_optional
     from pipeline.teachers.registry import backend_options, teacher_class
 
     cls = teacher_class(backend)
     hints = typing.get_type_hints(cls.__init__)
     settable = {name: hints.get(name, str) for name in backend_options(backend)
-                if name not in RESERVED and _unwrap_optional(hints.get(name, str))[0] in (bool, int, float, str)}
-    listing = ", ".join(f"{k} ({_unwrap_optional(h)[0].__name__})" for k, h in settable.items())
+                if name not in RESERVED and unwrap_optional(hints.get(name, str))[0] in (bool, int, float, str)}
+    listing = ", ".join(f"{k} ({unwrap_optional(h)[0].__name__})" for k, h in settable.items())
     options: dict[str, Any] = {}
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -58,11 +58,11 @@ def parse_teacher_options(text: str | None, backend: str) -> dict[str, Any]:
         if key in options:
             raise SiftError(f"{key} is given twice", field="teacher_options")
         hint = settable[key]
-        raw: Any = None if value.lower() == "none" and _unwrap_optional(hint)[1] else value
+        raw: Any = None if value.lower() == "none" and unwrap_optional(hint)[1] else value
         try:
-            options[key] = _converter(hint, key)(raw)
+            options[key] = converter(hint, key)(raw)
         except (ValueError, TypeError):
-            kind = KINDS.get(_unwrap_optional(hint)[0], "a string")
+            kind = KINDS.get(unwrap_optional(hint)[0], "a string")
             raise SiftError(f"{key}: expected {kind}, got {value!r}", field="teacher_options") from None
     return options
 

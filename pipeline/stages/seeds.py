@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.artifacts import iter_jsonl, require, write_json, write_jsonl
 from pipeline.errors import SiftError
-from pipeline.runs import locked, record_stage, run_dir
+from pipeline.io.artifacts import iter_jsonl, require, write_json, write_jsonl
+from pipeline.io.runs import locked, record_stage, run_dir
 
 SEED_FIELDS = ("id", "name", "instruction", "instances", "is_classification")
 INSTANCE_FIELDS = ("input", "output")

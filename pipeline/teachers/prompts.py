@@ -21,7 +21,7 @@ from pathlib import Path
 from pipeline.errors import SiftError
 from pipeline.teachers.base import Request, Sampling
 
-PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
+PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
 KINDS = ("completion", "chat")
 _HEADER_LINE = re.compile(r"^[A-Za-z_][\w-]*\s*:.*$")
 _TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_]\w*)\}")

@@ -18,7 +18,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifact_stats import (
+from pipeline.errors import SiftError
+from pipeline.io.artifacts import read_json, read_records
+from pipeline.views.stats import (
     contamination,
     example_text,
     field_stats,
@@ -27,9 +29,7 @@ from pipeline.artifact_stats import (
     reasons,
     record_examples,
 )
-from pipeline.artifacts import read_json, read_records
-from pipeline.errors import SiftError
-from pipeline.verbs import parse_verbs, top_verb_objects
+from pipeline.views.verbs import parse_verbs, top_verb_objects
 
 SHOWN_BUCKETS = 5
 SHOWN_ROWS = 5  # rows printed for --grep/--where without --sample

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.artifacts import iter_jsonl, write_json, write_jsonl
-from pipeline.batched import check_ids, run_batches
-from pipeline.classify import teacher_provenance
 from pipeline.errors import SiftError
-from pipeline.parsers import parse_input_first, parse_output_first
-from pipeline.progress import print_summary
-from pipeline.prompts import PromptTemplate, load
-from pipeline.runs import locked, record_stage, run_dir
-from pipeline.teacher_options import open_teacher
+from pipeline.io.artifacts import iter_jsonl, write_json, write_jsonl
+from pipeline.io.batched import check_ids, run_batches
+from pipeline.io.progress import print_summary
+from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.stages.classify import teacher_provenance
 from pipeline.teachers.base import Sampling, Teacher
+from pipeline.teachers.options import open_teacher
+from pipeline.teachers.parsers import parse_input_first, parse_output_first
+from pipeline.teachers.prompts import PromptTemplate, load
 
 PROMPT_INPUT_FIRST = "self_instruct_instances_input_first"
 PROMPT_OUTPUT_FIRST = "self_instruct_instances_output_first"

@@ -19,9 +19,9 @@ from filters.contamination import build_ngram_index
 from filters.engine import apply_rules, funnel
 from filters.rouge import RougeIndex
 from filters.rules import parse_rules
-from pipeline.artifacts import all_or_none, content_id, read_records, require, write_json, write_jsonl
 from pipeline.errors import SiftError
-from pipeline.runs import locked, record_stage, run_dir
+from pipeline.io.artifacts import all_or_none, content_id, read_records, require, write_json, write_jsonl
+from pipeline.io.runs import locked, record_stage, run_dir
 
 
 def flatten_tasks(rows: list[tuple[int, dict]], path: Path) -> list[dict]:

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.artifacts import file_sha256, read_json, write_json
 from pipeline.errors import SiftError
+from pipeline.io.artifacts import file_sha256, read_json, write_json
 
 EMBEDDED_ALIAS = "smollm2-135m-instruct"
 CACHE_ENV = "SIFT_CACHE"

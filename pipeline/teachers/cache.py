@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.artifacts import Journal, content_id
+from pipeline.io.artifacts import Journal, content_id
 from pipeline.teachers.base import Completion, Request, Teacher
 
 

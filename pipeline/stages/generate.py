@@ -17,15 +17,15 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from pipeline.artifacts import content_id, read_jsonl, require, write_json, write_jsonl
-from pipeline.bootstrap import Recipe, decide_round, get_recipe, heuristics_for
 from pipeline.errors import SiftError
-from pipeline.progress import StageProgress, print_summary
-from pipeline.prompts import PromptTemplate, load
-from pipeline.runs import locked, record_stage, run_dir
-from pipeline.stage_journal import open_journal
-from pipeline.teacher_options import open_teacher
+from pipeline.io.artifacts import content_id, read_jsonl, require, write_json, write_jsonl
+from pipeline.io.journal import open_journal
+from pipeline.io.progress import StageProgress, print_summary
+from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.stages.bootstrap import Recipe, decide_round, get_recipe, heuristics_for
 from pipeline.teachers.base import Sampling, Teacher
+from pipeline.teachers.options import open_teacher
+from pipeline.teachers.prompts import PromptTemplate, load
 
 JOURNAL = "generate.journal"
 DEFAULT_BATCH = 16  # requests per round: enough to keep a batched teacher busy

@@ -15,8 +15,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pipeline import plots
-from pipeline.artifact_stats import (
+from pipeline.errors import SiftError
+from pipeline.io.artifacts import iter_jsonl, read_json, read_records, write_text
+from pipeline.io.runs import MANIFEST, locked, record_stage, run_dir
+from pipeline.views import plots
+from pipeline.views.stats import (
     contamination,
     example_text,
     length_table,
@@ -25,10 +28,7 @@ from pipeline.artifact_stats import (
     record_examples,
     words,
 )
-from pipeline.artifacts import iter_jsonl, read_json, read_records, write_text
-from pipeline.errors import SiftError
-from pipeline.runs import MANIFEST, locked, record_stage, run_dir
-from pipeline.verbs import parse_verbs, top_verb_objects
+from pipeline.views.verbs import parse_verbs, top_verb_objects
 
 STAGE_FILES = (  # funnel order: label, artifact
     ("seeds", "seeds.jsonl"),

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.errors import SiftError
-from pipeline.progress import StageProgress
-from pipeline.stage_journal import open_journal
+from pipeline.io.journal import open_journal
+from pipeline.io.progress import StageProgress
 
 RETRIED = frozenset({"teacher_error"})  # reasons a rerun tries again
 Work = Callable[[list[dict]], tuple[list[dict], list[dict], dict]]  # batch -> kept, rejected, counters

@@ -34,14 +34,14 @@ from typing import Any
 from filters.engine import apply_rules
 from filters.rouge import RougeIndex
 from filters.rules import parse_rules
-from pipeline import llm2llm
-from pipeline.artifacts import Journal, file_sha256, iter_jsonl, read_json, read_jsonl, write_json, write_jsonl
-from pipeline.batched import run_batches
 from pipeline.errors import SiftError
-from pipeline.filter_stage import flatten_tasks
-from pipeline.prompts import PromptTemplate, load
-from pipeline.runs import locked, record_stage, run_dir
+from pipeline.io.artifacts import Journal, file_sha256, iter_jsonl, read_json, read_jsonl, write_json, write_jsonl
+from pipeline.io.batched import run_batches
+from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.stages import llm2llm
+from pipeline.stages.filter import flatten_tasks
 from pipeline.teachers.base import Sampling, Teacher
+from pipeline.teachers.prompts import PromptTemplate, load
 from train.export import read_filtered, split_ids, write_splits
 from train.format import to_messages
 
@@ -327,7 +327,7 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
 
         def get_teacher() -> Teacher:
             if not teacher_cache:
-                from pipeline.teacher_options import open_teacher
+                from pipeline.teachers.options import open_teacher
 
                 teacher_cache["t"] = open_teacher(directory, teacher=teacher, backend=backend,
                                                   batch_size=teacher_batch_size, base_url=base_url,
@@ -424,7 +424,7 @@ def _check(**v: Any) -> None:
 
 def _check_distill(student: str, teacher: str | None, **settings: Any) -> None:
     """Distillation needs the teacher's weights here and the student's tokenizer: say so before round 1."""
-    from pipeline.models import load_tokenizer
+    from pipeline.io.models import load_tokenizer
     from train.distill import check_settings
     from train.lora import check_teacher_tokenizer
 

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.artifacts import iter_jsonl, write_json, write_jsonl
-from pipeline.batched import check_ids, run_batches
 from pipeline.errors import SiftError
-from pipeline.parsers import parse_yes_no
-from pipeline.progress import print_summary
-from pipeline.prompts import PromptTemplate, load
-from pipeline.runs import locked, record_stage, run_dir
-from pipeline.teacher_options import open_teacher
+from pipeline.io.artifacts import iter_jsonl, write_json, write_jsonl
+from pipeline.io.batched import check_ids, run_batches
+from pipeline.io.progress import print_summary
+from pipeline.io.runs import locked, record_stage, run_dir
 from pipeline.teachers.base import Sampling, Teacher
+from pipeline.teachers.options import open_teacher
+from pipeline.teachers.parsers import parse_yes_no
+from pipeline.teachers.prompts import PromptTemplate, load
 
 PROMPT = "self_instruct_classify"
 JOURNAL = "classify.journal"

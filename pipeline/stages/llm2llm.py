@@ -17,10 +17,10 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pipeline.artifacts import content_id
-from pipeline.parsers import NOINPUT, Problem, parse_alpaca, parse_yes_no
-from pipeline.prompts import PromptTemplate
+from pipeline.io.artifacts import content_id
 from pipeline.teachers.base import Request, Sampling
+from pipeline.teachers.parsers import NOINPUT, Problem, parse_alpaca, parse_yes_no
+from pipeline.teachers.prompts import PromptTemplate
 
 AUGMENT_PROMPT = "llm2llm_augment"
 GRADE_PROMPT = "llm2llm_grade"
