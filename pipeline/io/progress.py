@@ -76,3 +76,15 @@ def format_summary(stage: str, stats: dict) -> str:
 
 def print_summary(stage: str, stats: dict, *, stream: IO[str] | None = None) -> None:
     print(format_summary(stage, stats), file=stream or sys.stderr)
+
+
+_noted: set[str] = set()
+
+
+def note(message: str, *, stream: IO[str] | None = None) -> None:
+    """One line on stderr ("sift: note: ...") when sift falls back to something slower or recomputes:
+    said once per process, so a fallback taken in a loop does not flood the log."""
+    if message in _noted:
+        return
+    _noted.add(message)
+    print(f"sift: note: {message}", file=stream or sys.stderr, flush=True)
