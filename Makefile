@@ -47,7 +47,7 @@ TEACHER_ARGS = --teacher $(TEACHER) --backend $(BACKEND) $(if $(TEACHER_OPTIONS)
 all: $(STAGES)
 	@echo ""
 	@echo "sift: run '$(RUN)' is complete; artifacts in $(R)/:"
-	@ls -1 $(R)
+	@ls -1 "$(R)"
 
 help:
 	@sed -n '1,5p' Makefile
@@ -69,43 +69,43 @@ setup: $(SETUP) $(MODEL)
 # ---------------------------------------------------------------- stages
 seeds: $(R)/seeds.jsonl
 $(R)/seeds.jsonl: $(SEEDS) | $(SETUP)
-	$(SIFT) seeds $(SEEDS) --run $(RUN)
+	$(SIFT) seeds $(SEEDS) --run "$(RUN)"
 
 generate: $(R)/instructions.jsonl
 $(R)/instructions.jsonl: $(R)/seeds.jsonl | $(MODEL)
-	$(SIFT) generate --run $(RUN) --recipe $(RECIPE) $(TEACHER_ARGS) --n $(N) --seed $(SEED) $(GENERATE_OPTS)
+	$(SIFT) generate --run "$(RUN)" --recipe $(RECIPE) $(TEACHER_ARGS) --n $(N) --seed $(SEED) $(GENERATE_OPTS)
 
 classify: $(R)/classified.jsonl
 $(R)/classified.jsonl: $(R)/instructions.jsonl
-	$(SIFT) classify --run $(RUN) $(TEACHER_ARGS) $(CLASSIFY_OPTS)
+	$(SIFT) classify --run "$(RUN)" $(TEACHER_ARGS) $(CLASSIFY_OPTS)
 
 instances: $(R)/instances.jsonl
 $(R)/instances.jsonl: $(R)/classified.jsonl
-	$(SIFT) instances --run $(RUN) $(TEACHER_ARGS) $(INSTANCES_OPTS)
+	$(SIFT) instances --run "$(RUN)" $(TEACHER_ARGS) $(INSTANCES_OPTS)
 
 filter: $(R)/filtered.jsonl
 $(R)/filtered.jsonl: $(R)/instances.jsonl
-	$(SIFT) filter --run $(RUN) $(FILTER_OPTS)
+	$(SIFT) filter --run "$(RUN)" $(FILTER_OPTS)
 
 export: $(R)/train.jsonl
 $(R)/train.jsonl: $(R)/filtered.jsonl
-	$(SIFT) export --run $(RUN) --seed $(SEED) $(EXPORT_OPTS)
+	$(SIFT) export --run "$(RUN)" --seed $(SEED) $(EXPORT_OPTS)
 
 train: $(R)/student/adapter_model.safetensors
 $(R)/student/adapter_model.safetensors: $(R)/train.jsonl
-	$(SIFT) train --run $(RUN) --student $(STUDENT) --epochs $(EPOCHS) --seed $(SEED) --resume $(TRAIN_OPTS)
+	$(SIFT) train --run "$(RUN)" --student $(STUDENT) --epochs $(EPOCHS) --seed $(SEED) --resume $(TRAIN_OPTS)
 
 eval: $(R)/eval.json
 $(R)/eval.json: $(R)/student/adapter_model.safetensors
-	$(SIFT) eval --run $(RUN) --base $(STUDENT) $(EVAL_OPTS)
+	$(SIFT) eval --run "$(RUN)" --base $(STUDENT) $(EVAL_OPTS)
 
 report: $(R)/report.html
 $(R)/report.html: $(R)/eval.json
-	$(SIFT) report --run $(RUN)
+	$(SIFT) report --run "$(RUN)"
 
 # always runs: `sift loop` skips finished rounds, so a larger ROUNDS extends the loop
 loop: $(R)/filtered.jsonl | $(MODEL)
-	$(SIFT) loop --run $(RUN) --rounds $(ROUNDS) --student $(STUDENT) --epochs $(EPOCHS) --seed $(SEED) \
+	$(SIFT) loop --run "$(RUN)" --rounds $(ROUNDS) --student $(STUDENT) --epochs $(EPOCHS) --seed $(SEED) \
 		$(TEACHER_ARGS) $(LOOP_OPTS)
 
 # ---------------------------------------------------------------- checks
@@ -124,4 +124,4 @@ bench: $(SETUP) $(MODEL)
 	$(PY) bench/train.py --quick
 
 clean:
-	rm -rf $(R)
+	$(SIFT) clean --run "$(RUN)"
