@@ -13,7 +13,10 @@ and writes bfloat16 rounded to nearest even: keys as (slot, kv-head, dim, positi
 The C source below is compiled once per machine with the system C compiler (`$CC`, else `cc`) into
 `$SIFT_CACHE/kernels/` (`-march=native`, so the file name carries the compiler and CPU), and loaded
 with ctypes, which releases the GIL during the call. Without a compiler, or if the build fails,
-`load()` returns None and the decoder uses `scaled_dot_product_attention`.
+`load()` returns None and the decoder uses `scaled_dot_product_attention` (a build failure is said
+once on stderr). The sha256 of each library sift builds is recorded beside it (`.so.sha256`); a
+library that does not match its record (replaced, truncated, or not built by sift) is never loaded:
+it is rebuilt, and that is said once.
 """
 
 from __future__ import annotations
@@ -279,7 +282,32 @@ def _build(cc: str, target: Path) -> None:
         src.write_text(SOURCE)
         for cmd in ([cc, *COMPILE, str(src), "-o", str(obj)], [cc, *LINK, str(obj), "-o", str(lib), *LIBS]):
             subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        record = Path(tmp) / "k.sha256"
+        record.write_text(_sha256(lib) + "\n")
+        os.replace(record, _record(target))  # the record first: a library without its match is rebuilt
         os.replace(lib, target)
+
+
+def _record(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(target: Path) -> bool:
+    """Whether `target` is the very file sift built there (its sha256 matches the record)."""
+    try:
+        return _record(target).read_text().strip() == _sha256(target)
+    except OSError:
+        return False
+
+
+def _failure(e: BaseException) -> str:
+    stderr = getattr(e, "stderr", None)
+    detail = (stderr.decode(errors="replace") if isinstance(stderr, bytes) else str(stderr or "")).strip()
+    return (detail.splitlines()[0] if detail else str(e))[:200]
 
 
 class Kernels:
@@ -298,6 +326,7 @@ class Kernels:
 def load() -> Kernels | None:
     """The compiled kernels, built on first use; None where they cannot be built or would not be vectorised."""
     from pipeline.io.models import cache_dir
+    from pipeline.io.progress import note
 
     with _lock:
         if "kernels" in _loaded:
@@ -310,12 +339,18 @@ def load() -> Kernels | None:
                 key = hashlib.sha256("\0".join([SOURCE, *COMPILE, *LINK, *LIBS, version, _cpu_flags()])
                                      .encode()).hexdigest()[:16]
                 target = cache_dir() / "kernels" / f"sift_kernels-{platform.machine()}-{key}.so"
-                if not target.is_file():
+                if target.is_file() and not _verified(target):
+                    why = ("does not match the sha256 sift recorded when it built it" if _record(target).is_file()
+                           else "has no record of sift building it")
+                    note(f"{target} {why}; not loading it, rebuilding")
+                if not _verified(target):
                     _build(cc, target)
                 lib = ctypes.CDLL(str(target))
                 if lib.sift_kernel_vectorised():
                     kernels = Kernels(lib)
-            except (OSError, subprocess.SubprocessError):
+            except (OSError, subprocess.SubprocessError) as e:
+                note(f"could not build the decode kernels with {cc} ({_failure(e)}); "
+                     "using torch's attention, which is slower")
                 kernels = None
         _loaded["kernels"] = kernels
         return kernels
