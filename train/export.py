@@ -4,7 +4,10 @@
 
 Reads runs/<run>/filtered.jsonl and writes, atomically:
 - train.jsonl / valid.jsonl: {"id", "messages": [user, assistant], "metadata"} a line;
-- alpaca.json: the train split as Alpaca's list of {instruction, input, output}.
+- alpaca.json: the train split as Alpaca's list of {instruction, input, output};
+- export.rejected.jsonl: records dropped as `contaminated`: they share a word 13-gram (or a whole
+  8-12-word text) with a task of sift's general held-out set (train/general_set.py), so a student
+  is never trained on what `sift eval` scores it on. The ledger names the task ids they overlap.
 The split hashes each id with the seed, so it is deterministic and a record stays on its side
 when others are added or removed. All three load with `datasets.load_dataset("json", ...)`.
 """
@@ -18,6 +21,7 @@ from pipeline.errors import SiftError
 from pipeline.io.artifacts import all_or_none, iter_jsonl, require, write_json, write_jsonl
 from pipeline.io.runs import locked, record_stage, run_dir
 from train.format import to_messages
+from train.general_set import GENERAL_PATH, build_eval_index, load_general, overlapping_tasks
 
 METADATA_FIELDS = ("provenance", "source", "task_id", "seed_id", "is_classification", "loop")  # carried if present
 
@@ -61,36 +65,74 @@ def chat_record(r: dict) -> dict:
             "metadata": r.get("metadata", {})}
 
 
-def write_splits(directory: Path, train: list[dict], valid: list[dict]) -> None:
-    """train.jsonl, valid.jsonl and alpaca.json in `directory`, all three or none."""
-    with all_or_none(*(directory / n for n in ("train.jsonl", "valid.jsonl", "alpaca.json"))):
+def decontaminate(records: list[dict], tasks: list[dict], *, eval_set: str = "general"
+                  ) -> tuple[list[dict], list[dict]]:
+    """Split records into kept ones and a rejected ledger of those whose instruction, input or output
+    shares a 13-gram with an eval task: {id, reason: contaminated, score (shared windows), eval_set,
+    eval_ids, record}."""
+    index = build_eval_index(tasks)
+    kept, rejected = [], []
+    for r in records:
+        ids, shared = overlapping_tasks((r["instruction"], r["input"], r["output"]), index)
+        if not ids:
+            kept.append(r)
+            continue
+        rec = {k: v for k, v in r.items() if k != "metadata"} | r.get("metadata", {})
+        rejected.append({"id": r["id"], "reason": "contaminated", "score": shared,
+                         "eval_set": eval_set, "eval_ids": ids, "record": rec})
+    return kept, rejected
+
+
+def write_splits(directory: Path, train: list[dict], valid: list[dict], rejected: list[dict] | None = None) -> None:
+    """train.jsonl, valid.jsonl and alpaca.json in `directory`, and export.rejected.jsonl when a
+    ledger is given (even an empty one, so no stale ledger stays): all or none."""
+    names = ["train.jsonl", "valid.jsonl", "alpaca.json"] + (["export.rejected.jsonl"] if rejected is not None else [])
+    with all_or_none(*(directory / n for n in names)):
+        if rejected is not None:
+            write_jsonl(directory / "export.rejected.jsonl", rejected)
         write_jsonl(directory / "train.jsonl", (chat_record(r) for r in train))
         write_jsonl(directory / "valid.jsonl", (chat_record(r) for r in valid))
         write_json(directory / "alpaca.json", [{"instruction": r["instruction"], "input": r["input"],
                                                 "output": r["output"]} for r in train])
 
 
-def export(*, run: str = "demo", valid_fraction: float = 0.1, seed: int = 0) -> None:
+def export(*, run: str = "demo", valid_fraction: float = 0.1, seed: int = 0, decontaminate_general: bool = True
+           ) -> None:
     """Write train.jsonl, valid.jsonl (chat messages) and alpaca.json from filtered.jsonl.
+
+    Records that share a word 13-gram with sift's general held-out set go to export.rejected.jsonl
+    (reason `contaminated`, with the ids of the tasks they overlap) instead.
 
     Args:
         run: Run name; artifacts live in runs/<run>/.
         valid_fraction: Share of records held out for validation (at least one when there are two).
         seed: Changes which records fall in the validation split.
+        decontaminate_general: Drop records that overlap the general eval set (evalsets/general.jsonl).
     """
     if not 0 <= valid_fraction < 1:
         raise SiftError(f"must be in [0, 1), got {valid_fraction}", field="valid_fraction")
     directory = run_dir(run)
     source = directory / "filtered.jsonl"
     with locked(directory):
-        records = read_filtered(source)
+        read = read_filtered(source)
+        tasks = load_general(GENERAL_PATH) if decontaminate_general else []
+        records, rejected = decontaminate(read, tasks)
+        if not records:
+            first = rejected[0]
+            raise SiftError(f"all {len(read)} records share a 13-gram with the general eval set (the first, "
+                            f"{first['id']!r}, with {', '.join(first['eval_ids'])}); nothing is left to train on",
+                            path=source)
         valid_ids = split_ids([r["id"] for r in records], valid_fraction, seed)
         train = [r for r in records if r["id"] not in valid_ids]
         valid = [r for r in records if r["id"] in valid_ids]
-        write_splits(directory, train, valid)
-        stats = {"records": len(records), "train": len(train), "valid": len(valid),
-                 "with_input": sum(bool(r["input"]) for r in records)}
-        record_stage(directory, "export", {"run": run, "valid_fraction": valid_fraction, "seed": seed},
-                     stats=stats)
+        write_splits(directory, train, valid, rejected)
+        stats = {"records": len(read), "train": len(train), "valid": len(valid),
+                 "with_input": sum(bool(r["input"]) for r in records), "contaminated": len(rejected),
+                 "by_reason": {"contaminated": len(rejected)} if rejected else {}}
+        record_stage(directory, "export", {"run": run, "valid_fraction": valid_fraction, "seed": seed,
+                                           "decontaminate_general": decontaminate_general}, stats=stats)
     print(f"exported {len(train)} train and {len(valid)} validation records to {directory}/"
           " (train.jsonl, valid.jsonl, alpaca.json)")
+    if rejected:
+        print(f"dropped {len(rejected)} records that overlap the general eval set (reason contaminated): "
+              f"{directory / 'export.rejected.jsonl'}")
