@@ -5,7 +5,8 @@
 
 Position bias is real in LLM judges (Zheng et al., 2023, "Judging LLM-as-a-judge"), so each row
 shows the two answers in an order drawn from the row's id and the seed, and the order is kept with
-the verdict. Ties count half. The interval is a percentile bootstrap over rows. The
+the verdict. Ties count half. Only the first word of a reply is read (A, B or tie); a reply that
+starts otherwise is unreadable and left out of the win rate. The interval is a percentile bootstrap over rows. The
 length-controlled win rate follows AlpacaEval 2's idea (Dubois et al., 2024): fit
 P(student wins) = sigmoid(b0 + b1 * tanh(length difference / its std)) and report sigmoid(b0),
 the win rate the judge would give if both answers had the same length.
@@ -16,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +24,8 @@ from pipeline.teachers.base import Sampling, Teacher
 from pipeline.teachers.prompts import load
 
 PROMPT = "judge_pairwise"
-VERDICT = re.compile(r"\b(tie|a|b)\b", re.IGNORECASE)
+VERDICTS = {"a": "A", "b": "B", "tie": "tie"}
+WRAPPING = "*_`\"'()[]{}<>.,:;!?"  # markdown and punctuation around the first word: "**A**", "(B)", "Tie."
 BOOTSTRAP = 2000  # resamples for the confidence interval
 
 
@@ -34,12 +35,20 @@ def answer_order(row_id: str, seed: int) -> bool:
 
 
 def parse_verdict(text: str) -> str | None:
-    """'A', 'B' or 'tie' from the judge's reply (its first such word), None if it gave none."""
-    m = VERDICT.search(text.strip().split("\n", 1)[0] if text.strip() else "")
-    if m is None:
+    """'A', 'B' or 'tie' from the first word of the judge's reply, as the prompt asks; None otherwise.
+
+    Only the first word counts: a reply such as "Both are fine, but a slight edge to B" has the
+    article "a" in it, and searching for any A/B/tie word would read it as a verdict for A. A reply
+    whose first word is not a verdict ("Answer A ...", "Both ...") is unreadable: no score, counted
+    as `unreadable` in the summary, never guessed. A lower-case "a" or "b" counts only as the whole
+    reply ("b."): followed by more words ("a better answer is B") it is the article, unreadable."""
+    words = text.split(maxsplit=1)
+    if not words:
         return None
-    word = m.group(1).lower()
-    return "tie" if word == "tie" else word.upper()
+    first = words[0].strip(WRAPPING)
+    if first in ("a", "b") and len(words) > 1:
+        return None
+    return VERDICTS.get(first.lower())
 
 
 def judge_pairs(
