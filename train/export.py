@@ -134,5 +134,5 @@ def export(*, run: str = "demo", valid_fraction: float = 0.1, seed: int = 0, dec
     print(f"exported {len(train)} train and {len(valid)} validation records to {directory}/"
           " (train.jsonl, valid.jsonl, alpaca.json)")
     if rejected:
-        print(f"dropped {len(rejected)} records that overlap the general eval set (reason contaminated): "
-              f"{directory / 'export.rejected.jsonl'}")
+        print(f"dropped {len(rejected)} record{'s' * (len(rejected) != 1)} that overlap the general eval set"
+              f" (reason contaminated): {directory / 'export.rejected.jsonl'}")
