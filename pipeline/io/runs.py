@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -23,7 +24,15 @@ RUNS_DIR_ENV = "SIFT_RUNS_DIR"
 MANIFEST = "manifest.json"
 LIBRARIES = ("sift-instruct", "torch", "transformers", "peft", "trl", "accelerate", "datasets",
              "rapidfuzz", "rouge-score", "gguf", "vllm", "openai")
-SECRET_HINTS = ("key", "token", "secret", "password")
+# settings whose value is a secret. A key is split into lower-case words ("hfToken" -> hf, token) and is
+# a secret when a word says so, when it ends in "key" (api_key, openai_key; not cache_key), or when it
+# ends in "token" after a credential word (access_token, hf_token; not pad_token, eos_token, max_tokens)
+SECRET_WORDS = frozenset({"password", "passwd", "passphrase", "secret", "secrets", "credential", "credentials",
+                          "apikey", "bearer", "authorization", "auth", "cookie", "privatekey"})
+PLAIN_KEY_WORDS = frozenset({"cache", "sort", "group", "primary", "foreign", "row", "lookup", "partition", "dict",
+                             "hash", "seed", "content", "sampling", "random", "sample"})
+TOKEN_CREDENTIAL_WORDS = frozenset({"access", "api", "hf", "huggingface", "refresh", "id", "session", "github",
+                                    "gh", "oauth", "security", "personal", "csrf", "private", "user", "openai"})
 
 
 def run_dir(run: str, runs_dir: str | Path | None = None) -> Path:
@@ -84,11 +93,27 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def is_secret(key: str) -> bool:
+    """Whether a setting named `key` holds a secret (api keys, passwords, bearer/auth/access tokens),
+    as opposed to a tokenizer or sampling setting (pad_token, eos_token, max_tokens). `*_env` names an
+    environment variable, not its value."""
+    words = re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower())
+    if not words or words[-1] == "env":
+        return False
+    if SECRET_WORDS.intersection(words):
+        return True
+    if words[-1] in ("key", "keys"):
+        return len(words) == 1 or words[-2] not in PLAIN_KEY_WORDS
+    if words[-1] == "token":
+        return len(words) == 1 or words[-2] in TOKEN_CREDENTIAL_WORDS
+    return False
+
+
 def scrub(obj: Any) -> Any:
-    """Drop values whose key looks like a secret, so no API key reaches a manifest."""
+    """Redact the values of secret settings (see is_secret), so no API key reaches a manifest."""
     if isinstance(obj, dict):
-        return {k: ("<redacted>" if any(h in k.lower() for h in SECRET_HINTS) and not k.endswith("_env")
-                    and isinstance(v, str) and v else scrub(v)) for k, v in obj.items()}
+        return {k: ("<redacted>" if isinstance(k, str) and is_secret(k) and isinstance(v, str) and v else scrub(v))
+                for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [scrub(v) for v in obj]
     return obj
