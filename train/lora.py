@@ -401,6 +401,7 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
         if main_process and not resume:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
             journal.remove()
+        # warmup_steps below 1 is a share of the total steps from transformers 5 on (pyproject requires it)
         args = SFTConfig(
             output_dir=str(ckpt_dir), num_train_epochs=epochs, max_steps=max_steps,
             per_device_train_batch_size=per_device, per_device_eval_batch_size=batch_size,
