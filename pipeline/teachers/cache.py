@@ -3,9 +3,11 @@
     teacher = CachedTeacher(make_teacher(...), run_dir / "cache" / "teacher.jsonl")
     completions = teacher.generate(requests)   # only misses reach the real teacher
 
-The key is the hash of (model identity, prompt or messages, sampling including the per-request
-seed). Entries live in a `Journal`, appended after each chunk of misses, so a kill loses at most
-the chunk in flight. Failed requests (finish_reason "error") are not cached: a rerun retries them.
+The key is the hash of (model identity, the backend's `describe()` settings, prompt or messages,
+sampling including the per-request seed): two OpenAI-compatible servers serving the same model name,
+or one vLLM model at two dtypes or context lengths, never share entries. Entries live in a
+`Journal`, appended after each chunk of misses, so a kill loses at most the chunk in flight. Failed
+requests (finish_reason "error") are not cached: a rerun retries them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.io.artifacts import Journal, content_id
+from pipeline.io.artifacts import Journal, canonical_json, content_id
 from pipeline.teachers.base import Completion, Request, Teacher
 
 
@@ -25,6 +27,20 @@ def teacher_identity(teacher: Teacher) -> str:
         return str(identity)
     dtype = getattr(teacher, "dtype", None)
     return f"{teacher.name}|dtype={dtype}" if dtype else str(teacher.name)
+
+
+PROVENANCE_ONLY = frozenset({"api_key_env"})  # describe() entries that do not change what the model writes
+
+
+def cache_identity(teacher: Teacher) -> str:
+    """What the cache keys on: `teacher_identity` plus every setting of the backend's describe()
+    that can change its outputs (vLLM dtype and max_model_len, an OpenAI server's base URL, ...)."""
+    identity = teacher_identity(teacher)
+    describe = getattr(teacher, "describe", None)
+    if not callable(describe):
+        return identity
+    settings = {k: v for k, v in describe().items() if k not in PROVENANCE_ONLY}
+    return f"{identity}|{canonical_json(settings)}"
 
 
 def request_key(identity: str, request: Request) -> str:
@@ -42,7 +58,8 @@ class CachedTeacher:
         self.teacher = teacher
         self.name = teacher.name
         self.backend = backend or getattr(teacher, "backend", None)  # recorded in provenance
-        self.identity = teacher_identity(teacher)
+        self.identity = teacher_identity(teacher)  # provenance and the stages' journal fingerprints
+        self.cache_identity = cache_identity(teacher)
         self.journal = Journal(journal_path)
         self.chunk_size = chunk_size  # None: all misses of one generate() call in one teacher call
         self._cache: dict[str, dict] = {e["key"]: e["completion"] for e in self.journal.read()
@@ -54,7 +71,7 @@ class CachedTeacher:
         return len(self._cache)
 
     def generate(self, requests: list[Request]) -> list[Completion]:
-        keys = [request_key(self.identity, r) for r in requests]
+        keys = [request_key(self.cache_identity, r) for r in requests]
         results: list[Completion | None] = [None] * len(requests)
         todo: dict[str, list[int]] = {}  # key -> positions (identical requests are asked once)
         for i, key in enumerate(keys):
