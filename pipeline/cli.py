@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "pipeline.views.inspect:inspect_artifact",
     "report": "pipeline.views.report:report",
     "loop": "pipeline.stages.loop:loop",
+    "federate": "pipeline.stages.federate:federate",
     "clean": "pipeline.io.clean:clean",
     "model fetch": "pipeline.io.models:model_fetch",
     "model info": "pipeline.io.models:model_info",

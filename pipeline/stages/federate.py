@@ -1,0 +1,220 @@
+"""`sift federate`: federated LoRA on Flower; parties train the student locally, only adapters travel.
+
+    sift federate --run demo --clients 3 --rounds 2 --local-steps 8      # or: make federate CLIENTS=3 ROUNDS=2
+    sift federate --run fed --client-runs hospital-a,hospital-b --rounds 3
+
+Clients are either a deterministic split of runs/<run>/filtered.jsonl into --clients parts (whole
+groups of --split-by, e.g. all instances of one task, go to one client; each part is split into
+train and validation as `sift export` does) written to runs/<run>/federate/clients/client-K/, or
+the run directories named by --client-runs, each holding its own train.jsonl and valid.jsonl from
+`sift export`. Flower's simulation engine runs the ClientApp and ServerApp of
+pipeline/stages/fedapps.py; every round the server sends the global adapter, each client trains it
+for --local-steps steps with `sift train`'s trainer, and the server aggregates (train/fedlora.py:
+fedavg or exact). After every round the global adapter's NLL per answer token is measured on each
+client's validation split (by the client) and on a held-out set (by the server):
+evalsets/general.jsonl when present, else the clients' validation splits pooled. Writes
+runs/<run>/federate.json (settings, clients, one entry per round) and runs/<run>/federate/; a killed
+federation rerun with the same command continues after its last finished round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import SiftError
+from pipeline.io.artifacts import iter_jsonl, write_jsonl
+from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.stages.fedstate import ADAPTERS, check_settings, read_state, write_state
+
+GENERAL = Path(__file__).resolve().parents[2] / "evalsets" / "general.jsonl"
+ENGINES = ("simulation",)
+
+
+def field_value(obj: dict, field: str) -> Any:
+    """obj[field], with dots reaching into nested objects; a list gives its first item."""
+    value: Any = obj
+    for part in field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return value
+
+
+def split_groups(path: Path, clients: int, split_by: str, seed: int) -> list[set[str]]:
+    """The ids of each client: distinct values of `split_by`, ordered by a seeded hash, dealt out in
+    turn, so the split depends on neither file order nor machine and groups stay whole."""
+    groups: dict[str, list[str]] = {}
+    for line, obj in iter_jsonl(path):
+        value = field_value(obj, split_by)
+        if value is None or isinstance(value, dict):
+            raise SiftError(f"no value to split by (--split-by {split_by})", path=path, line=line, field=split_by)
+        groups.setdefault(str(value), []).append(str(obj.get("id")))
+    if len(groups) < clients:
+        raise SiftError(f"only {len(groups)} distinct values of {split_by!r}, fewer than {clients} clients; "
+                        "use fewer clients or another --split-by", path=path, field="split_by")
+    order = sorted(groups, key=lambda v: hashlib.sha256(f"{seed}:{v}".encode()).hexdigest())
+    parts: list[set[str]] = [set() for _ in range(clients)]
+    for i, value in enumerate(order):
+        parts[i % clients].update(groups[value])
+    return parts
+
+
+def split_clients(directory: Path, clients: int, split_by: str, valid_fraction: float, seed: int) -> list[dict]:
+    """Write runs/<run>/federate/clients/client-K/{train,valid}.jsonl from filtered.jsonl."""
+    from train.export import read_filtered, split_ids, write_splits
+
+    source = directory / "filtered.jsonl"
+    records = read_filtered(source)
+    out = []
+    for k, ids in enumerate(split_groups(source, clients, split_by, seed)):
+        folder = directory / ADAPTERS / "clients" / f"client-{k}"
+        mine = [r for r in records if r["id"] in ids]
+        valid_ids = split_ids([r["id"] for r in mine], valid_fraction, seed)  # as `sift export`, per client
+        train = [r for r in mine if r["id"] not in valid_ids]
+        if not train:
+            raise SiftError(f"client {k} has no training record; use fewer clients", path=source)
+        write_splits(folder, train, [r for r in mine if r["id"] in valid_ids])
+        out.append(client_entry(f"client-{k}", folder))
+    return out
+
+
+def client_entry(name: str, folder: Path) -> dict:
+    """name, folder and what is in it (counts and a hash of the ids: changed data is a changed setting)."""
+    from train.lora import read_split
+
+    train = read_split(folder / "train.jsonl")
+    valid = read_split(folder / "valid.jsonl", allow_empty=True) if (folder / "valid.jsonl").exists() else []
+    ids = hashlib.sha256("\n".join(sorted(i for i, _ in train + valid)).encode()).hexdigest()[:16]
+    return {"name": name, "dir": str(folder.resolve()), "train": len(train), "valid": len(valid), "ids_sha": ids}
+
+
+def pooled_heldout(directory: Path, clients: list[dict]) -> Path:
+    """The clients' validation splits in one file: the held-out set when there is no general one."""
+    from train.lora import read_split
+
+    rows = [{"id": i, "messages": m} for c in clients
+            for i, m in read_split(Path(c["dir"]) / "valid.jsonl", allow_empty=True)]
+    if not rows:
+        raise SiftError("no held-out set: no evalsets/general.jsonl and no client has a validation record; "
+                        "pass --eval-file", field="eval_file")
+    path = directory / ADAPTERS / "heldout.jsonl"
+    write_jsonl(path, rows)
+    return path
+
+
+def run_simulation_engine(directory: Path, clients: list[dict], observe: Any = None) -> None:
+    """Flower's simulation engine (Ray): one virtual SuperNode per client, one CPU each."""
+    try:
+        from flwr.simulation import run_simulation
+    except ImportError:
+        raise SiftError("sift federate needs Flower: pip install 'sift-instruct[federated]' "
+                        "(flwr[simulation])", field="engine") from None
+    from pipeline.stages.fedapps import build_client_app, build_server_app
+
+    errors: list[BaseException] = []
+    run_simulation(server_app=build_server_app(directory.resolve(), observe, errors),
+                   client_app=build_client_app([c["dir"] for c in clients]), num_supernodes=len(clients),
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"logging_level": "error", "log_to_driver": True}})
+    if errors:
+        raise errors[0]
+
+
+def federate(*, run: str = "demo", clients: int = 3, rounds: int = 2, local_steps: int = 8,
+             client_runs: str | None = None, split_by: str = "task_id", aggregation: str = "fedavg",
+             student: str = "smollm2-135m-instruct", lora_r: int = 16, lora_alpha: int = 32, lr: float = 2e-4,
+             batch_size: int = 4, grad_accum: int = 2, max_length: int = 512, valid_fraction: float = 0.1,
+             eval_file: str | None = None, eval_limit: int = 64, round_timeout: float = 3600.0,
+             precision: str = "auto", seed: int = 0) -> None:
+    """Federated LoRA with Flower: clients train locally, the server aggregates adapters; writes federate.json.
+
+    Args:
+        run: Run name; the federation's files go in runs/<run>/ (split mode reads its filtered.jsonl).
+        clients: Number of clients when splitting the run's filtered.jsonl.
+        rounds: Rounds in all; a rerun with more rounds continues, finished rounds are kept.
+        local_steps: Optimizer steps each client trains per round.
+        client_runs: Comma-separated run names, one client each (their train.jsonl and valid.jsonl).
+        split_by: Record field whose values keep records together when splitting (dots reach inside, e.g.
+            provenance.seed_ids; a list splits by its first item).
+        aggregation: fedavg (average A and B, weighted by examples) or exact (average B·A, re-factorise).
+        student: Base model: the embedded alias, a local folder, a .gguf file or a Hub id.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator.
+        lr: Learning rate of the clients' local steps (constant within a round).
+        batch_size: Examples per forward pass on a client.
+        grad_accum: Forward passes per optimizer step on a client.
+        max_length: Longest example in tokens; longer ones are dropped.
+        valid_fraction: Share of each client's records held out for its validation split (split mode).
+        eval_file: Held-out set for the server's evaluation (default: evalsets/general.jsonl).
+        eval_limit: Held-out rows scored per round (a seeded subset; 0: all).
+        round_timeout: Seconds the server waits for a round's replies; a client that does not answer failed.
+        precision: Client training precision: auto, bf16, fp16 or fp32.
+        seed: Seed of the split, the initial adapter and the clients' data order.
+    """
+    from train.fedlocal import LocalSettings
+    from train.fedlora import METHODS
+
+    if aggregation not in METHODS:
+        raise SiftError(f"use one of {', '.join(METHODS)}, got {aggregation!r}", field="aggregation")
+    for name, value in (("clients", clients), ("rounds", rounds), ("eval_limit", eval_limit + 1)):
+        if value < 1:
+            raise SiftError(f"must be at least 1, got {value}", field=name)
+    if not 0 <= valid_fraction < 1:
+        raise SiftError(f"must be in [0, 1), got {valid_fraction}", field="valid_fraction")
+    local = LocalSettings(student=student, lora_r=lora_r, lora_alpha=lora_alpha, local_steps=local_steps, lr=lr,
+                          batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
+                          precision=precision, seed=seed)
+    directory = run_dir(run)
+    with locked(directory):
+        if client_runs:
+            names = [n.strip() for n in client_runs.split(",") if n.strip()]
+            members = [client_entry(n, run_dir(n)) for n in names]
+        else:
+            members = split_clients(directory, clients, split_by, valid_fraction, seed)
+        if eval_file:
+            heldout, kind = Path(eval_file), "given"
+        elif GENERAL.is_file():
+            heldout, kind = GENERAL, "general"
+        else:
+            heldout, kind = pooled_heldout(directory, members), "clients-valid-pooled"
+        settings = {"local": local.to_config(), "aggregation": aggregation, "split_by": None if client_runs
+                    else split_by, "valid_fraction": valid_fraction, "heldout": str(heldout.resolve()),
+                    "heldout_kind": kind, "eval_limit": eval_limit, "round_timeout": round_timeout,
+                    "engine": "simulation"}
+        state = check_settings(directory, settings, members)
+        state["target_rounds"] = max(rounds, len(state["rounds"]))
+        write_state(directory, state)
+        done = len(state["rounds"])
+        if done >= rounds:
+            print(f"federate: {done} rounds already finished in {directory}/federate.json")
+        else:
+            if done:
+                print(f"federate: continuing after round {done} of {rounds}")
+            sizes = ", ".join(f"{c['name']}: {c['train']} train" for c in members)
+            print(f"federate: {len(members)} clients ({sizes}), held-out set: {kind} ({heldout})")
+            run_simulation_engine(directory, members)
+        state = read_state(directory) or {}
+        if len(state.get("rounds", [])) < rounds:
+            raise SiftError(f"the federation stopped after round {len(state.get('rounds', []))} of {rounds}; "
+                            "see the log above, then rerun the same command to continue", path=directory)
+        record_stage(directory, "federate", {**settings, "rounds": rounds, "clients": [c["name"] for c in members]},
+                     models={"student": student}, stats={"rounds": len(state["rounds"]),
+                                                         "heldout_nll": state["rounds"][-1]["heldout_nll"]})
+    print(table(state))
+
+
+def table(state: dict) -> str:
+    """The per-round table: held-out NLL and each client's validation NLL."""
+    names = [c["name"] for c in state["clients"]]
+    lines = ["round  held-out NLL  " + "  ".join(f"{n:>10}" for n in names) + "  failed"]
+    for entry in [{"round": 0, **(state.get("initial") or {}), "failed": []}, *state["rounds"]]:
+        valid = entry.get("clients_valid", {})
+        cells = [f"{valid[n]['valid_nll']:10.4f}" if valid.get(n, {}).get("valid_nll") is not None else f"{'-':>10}"
+                 for n in names]
+        lines.append(f"{entry['round']:>5}  {entry.get('heldout_nll', float('nan')):12.4f}  " + "  ".join(cells)
+                     + f"  {len(entry['failed'])}")
+    return "\n".join(lines)
