@@ -26,7 +26,7 @@ INSTANCES_OPTS ?= --max-tokens 200
 FILTER_OPTS    ?=
 EXPORT_OPTS    ?=
 TRAIN_OPTS     ?=
-EVAL_OPTS      ?= --limit 24 --max-new-tokens 96
+EVAL_OPTS      ?= --max-new-tokens 96
 LOOP_OPTS      ?= --eval-limit 48 --max-failures 16 --max-new-tokens 96 --augment-max-tokens 384
 # the CPU build of torch on disk here; on a GPU machine use e.g. TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
@@ -97,7 +97,7 @@ $(R)/student/adapter_model.safetensors: $(R)/train.jsonl
 
 eval: $(R)/eval.json
 $(R)/eval.json: $(R)/student/adapter_model.safetensors
-	$(SIFT) eval --run "$(RUN)" --base $(STUDENT) $(EVAL_OPTS)
+	$(SIFT) eval --run "$(RUN)" --base $(STUDENT) --sets valid,general $(EVAL_OPTS)
 
 report: $(R)/report.html
 $(R)/report.html: $(R)/eval.json

@@ -1,15 +1,19 @@
-"""Evaluate the base model and the student side by side on a held-out set; writes runs/<run>/eval.json.
+"""Evaluate the base model and the student side by side on eval sets; writes runs/<run>/eval.json.
 
-    sift eval --run demo                                                  # or: make eval
+    sift eval --run demo --sets valid,general                             # or: make eval
     sift eval --run demo --eval-file ../shared/data/user_oriented_instructions.jsonl --judge
 
 For each side: mean NLL and perplexity of the reference answers (answer tokens only, EOS
 included, prompts rendered exactly as training rendered them), ROUGE-L F1 of greedy answers
 against the references, stop rate (EOS before the token limit), mean answer length in tokens and
-distinct-2 (unique word bigrams over all answers / all bigrams). With --judge the teacher also
-compares the two answers pairwise (train/judge.py). The held-out set is the run's valid.jsonl by
-default, or any file of Self-Instruct tasks ({instruction, instances}), Alpaca records
-({instruction, input, output}) or chat records ({messages}).
+distinct-2 (unique word bigrams over all answers / all bigrams). Per set: the change and its 95%
+paired bootstrap interval (train/eval_stats.py), and findings in words: a `general` set that got
+significantly worse says "the student forgot". With --judge the teacher also compares the two
+answers pairwise in both orders (train/judge_both.py). Sets: the run's valid.jsonl, sift's own
+general set, or any file of Self-Instruct tasks ({instruction, instances}), Alpaca records
+({instruction, input, output}) or chat records ({messages}); eval.json keeps one entry per set
+(train/eval_sets.py). The passes are fast: the student merged, the fast decode engine, NLL in
+length-sorted batches (train/eval_passes.py; bench/eval.py measures them against the plain path).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SiftError
-from pipeline.io.artifacts import read_json, read_records, write_json
+from pipeline.io.artifacts import read_json, read_records
 from pipeline.io.runs import locked, record_stage, run_dir
 from train.format import DataError, check_messages, prompt_ids, setup_tokenizer, to_messages, tokenize_example
 
@@ -204,92 +208,176 @@ def run_side(
     dtype: str,
     max_new_tokens: int,
     batch_size: int,
-) -> tuple[dict, list[dict]]:
+    engine: str = "fast",
+) -> tuple[list[tuple[float, int]], list[dict], float]:
+    """One model over all rows: (NLL per row, greedy answers, seconds). engine "fast": the student
+    merged, the fast decode engine where it runs (train/eval_passes.py); "plain": the PEFT model and
+    batched `model.generate`, as sift did before (kept for comparison, and the fallback for other models)."""
+    from train.eval_passes import fast_answers, fast_supported, load_side, reference_nll
+
     t0 = time.perf_counter()
-    model = _load_side(spec, tokenizer, dtype, adapter)
-    nll = answer_nll(model, tokenizer, rows, batch_size=batch_size)
-    answers = greedy_answers(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    metrics = side_metrics(nll, answers, [r["messages"][-1]["content"] for r in rows])
-    metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"{name}: evaluated {len(rows)} examples in {metrics['seconds']:.0f} s")
+    model = load_side(spec, tokenizer, dtype, adapter, merge=engine == "fast")
+    if engine == "fast":
+        nll = reference_nll(model, tokenizer, rows, label=f"{name} nll")
+    else:
+        nll = answer_nll(model, tokenizer, rows, batch_size=batch_size)
+    if engine == "fast" and fast_supported(model):
+        answers = fast_answers(model, tokenizer, rows, max_new_tokens=max_new_tokens, label=f"{name} answers")
+    else:
+        answers = greedy_answers(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    seconds = time.perf_counter() - t0
+    made = sum(a["tokens"] for a in answers)
+    rate = made / max(seconds, 1e-9)
+    print(f"{name}: {len(rows)} examples in {seconds:.0f} s ({made} answer tokens, {rate:.0f} tok/s end to end)")
     del model
-    return metrics, answers
+    return nll, answers, seconds
+
+
+# ---------------------------------------------------------------- one eval set's entry
+
+
+def set_entry(rows: list[dict], base: tuple, student: tuple, *, seed: int) -> dict:
+    """base / student metrics, their delta and paired 95% intervals, from each side's (nll, answers)."""
+    from train.eval_stats import per_example, set_intervals
+
+    refs = [r["messages"][-1]["content"] for r in rows]
+    sides, columns = {}, {}
+    for key, (nll, answers) in (("base", base), ("student", student)):
+        sides[key] = side_metrics(nll, answers, refs)
+        columns[key] = per_example(nll, answers, [rouge_l(a["text"], r) for a, r in zip(answers, refs, strict=True)])
+    samples = [
+        {"id": r["id"], "instruction": r["messages"][-2]["content"], "reference": ref, "base": a["text"],
+         "student": b["text"]}
+        for r, ref, a, b in zip(rows, refs, base[1], student[1], strict=True)
+    ]
+    return {
+        "examples": len(rows),
+        "base": sides["base"],
+        "student": sides["student"],
+        "delta": {k: sides["student"][k] - sides["base"][k] for k, _, _ in METRICS},
+        "ci95": set_intervals(columns["base"], columns["student"], seed=seed),
+        "samples": samples,
+    }
+
+
+def add_judge(entry: dict, verdicts: list[dict], teacher_name: str, *, seed: int) -> None:
+    """The judge's summary into a set's entry, and its win rate as a metric against 0.5 (the base
+    judged against itself)."""
+    from train.judge_both import summarize_both
+
+    summary = summarize_both(verdicts, seed=seed)
+    entry["judge"] = summary | {"teacher": teacher_name, "verdicts": verdicts}
+    if summary["win_rate"] is not None and summary["ci95"] is not None:
+        entry["delta"]["judge_win_rate"] = summary["win_rate"] - 0.5
+        entry["ci95"]["judge_win_rate"] = [x - 0.5 for x in summary["ci95"]]
 
 
 # ---------------------------------------------------------------- output
 
 
-def print_table(result: dict) -> None:
-    """Base and student side by side, with the change and whether it is for the better."""
+def _cell(b: float, s: float, d: float, ci: list[float] | None, higher_better: bool | None) -> str:
+    from train.eval_stats import significant
+
+    sig = significant(ci)
+    style = "" if higher_better is None or not sig else ("green" if (sig > 0) == higher_better else "red")
+    band = f" [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else ""
+    change = f"{d:+.4g}{band}"
+    return f"{b:.4g} -> {s:.4g}\n" + (f"[{style}]{change}[/]" if style else change)
+
+
+def print_table(sets: dict[str, dict]) -> None:
+    """Every eval set side by side: base -> student, then the change and its 95% interval
+    (green or red when the interval excludes zero), and the findings in words."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"eval: {result['examples']} examples from {result['eval_file']}")
-    for col in ("metric", f"base ({result['base']['model']})", "student", "delta"):
-        table.add_column(col, justify="left" if col == "metric" else "right")
+    from train.eval_stats import findings
+
+    table = Table(title="eval: base -> student, delta [95% paired bootstrap interval]", show_lines=True)
+    table.add_column("metric")
+    for name, e in sets.items():
+        table.add_column(f"{name} ({e.get('examples', '?')})", justify="right")
     for key, label, higher_better in METRICS:
-        b, s = result["base"][key], result["student"][key]
-        d = s - b
-        style = (
-            ""
-            if higher_better is None or abs(d) < 1e-12
-            else ("green" if (d > 0) == higher_better else "red")
-        )
-        table.add_row(label, f"{b:.4g}", f"{s:.4g}", f"[{style}]{d:+.4g}[/]" if style else f"{d:+.4g}")
-    j = result.get("judge")
-    if j and j.get("win_rate") is not None:
-        ci = j["ci95"]
-        table.add_row("judge win rate", "", f"{j['win_rate']:.3f}", f"95% CI {ci[0]:.2f}-{ci[1]:.2f}")
-        table.add_row("  length-controlled", "", f"{j['length_controlled_win_rate']:.3f}", "")
-    Console().print(table)
+        cells = []
+        for e in sets.values():
+            b, s = e.get("base", {}).get(key), e.get("student", {}).get(key)
+            ok = isinstance(b, int | float) and isinstance(s, int | float)
+            cells.append(_cell(b, s, s - b, (e.get("ci95") or {}).get(key), higher_better) if ok else "")
+        table.add_row(label, *cells)
+    if any((e.get("judge") or {}).get("win_rate") is not None for e in sets.values()):
+        cells = []
+        for e in sets.values():
+            j = e.get("judge") or {}
+            if j.get("win_rate") is None:
+                cells.append("")
+                continue
+            ci = j.get("ci95") or [math.nan, math.nan]
+            cells.append(f"{j['win_rate']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]\nLC {j['length_controlled_win_rate']:.3f}")
+        table.add_row("judge win rate (both orders)", *cells)
+    console = Console()
+    console.print(table)
+    for name, e in sets.items():
+        for line in findings(name, e):
+            console.print(f"[bold red]{line}[/]" if line.startswith("the student forgot") else line)
 
 
 def evaluate(
     *,
     run: str = "demo",
+    sets: str | None = None,
     eval_file: str | None = None,
     base: str = "smollm2-135m-instruct",
-    limit: int = 50,
+    limit: int = 0,
     max_new_tokens: int = 128,
     batch_size: int = 16,
     dtype: str = "auto",
+    engine: str = "fast",
     judge: bool = False,
     teacher: str = "smollm2-135m-instruct",
     backend: str = "transformers",
     base_url: str | None = None,
     seed: int = 0,
 ) -> None:
-    """Compare the base model and the LoRA student on held-out data; writes runs/<run>/eval.json.
+    """Compare the base model and the LoRA student on eval sets; results per set in runs/<run>/eval.json.
 
     Args:
-        run: Run name; reads runs/<run>/student/ and (by default) runs/<run>/valid.jsonl.
-        eval_file: Held-out file instead of valid.jsonl: Self-Instruct tasks, Alpaca records or chat records.
+        run: Run name; reads runs/<run>/student/ and (for the valid set) runs/<run>/valid.jsonl.
+        sets: Built-in eval sets, comma-separated: valid (the run's split), general (shipped with sift).
+            Default: valid, unless --eval-file is given.
+        eval_file: A held-out file of your own, run as one more set named after its stem: Self-Instruct
+            tasks, Alpaca records or chat records. Other sets' results in eval.json stay.
         base: Model to compare against (default: the student's own base before fine-tuning).
-        limit: Evaluate this many examples at most (a seeded subset); 0 for all.
+        limit: Evaluate at most this many examples per set (a seeded subset); 0 for all.
         max_new_tokens: Longest greedy answer; an answer that reaches it counts as not stopped.
-        batch_size: Examples per forward pass.
+        batch_size: Examples per forward pass on the plain engine; judge requests per progress report.
         dtype: auto (bf16 where the CPU has it natively), bfloat16, float16 or float32.
-        judge: Also let the teacher judge base against student pairwise (order randomised per row).
+        engine: fast (student merged, the fast decode engine, length-sorted NLL) or plain (model.generate).
+        judge: Also let the teacher judge base against student pairwise, each pair in both orders.
         teacher: Judge model: the embedded alias, a folder or .gguf (transformers), or a server's model name.
         backend: Judge backend: transformers or openai (any OpenAI-compatible server).
         base_url: Server URL for the openai backend, e.g. http://localhost:8000/v1.
-        seed: Seed for the example subset, the judge's answer order and the bootstrap.
+        seed: Seed for the example subset and the bootstrap.
     """
     if limit < 0 or max_new_tokens < 1 or batch_size < 1:
         raise SiftError("limit >= 0, max_new_tokens >= 1 and batch_size >= 1 required")
     if backend not in ("transformers", "openai"):
         raise SiftError(f"use transformers or openai, got {backend!r}", field="backend")
+    if engine not in ("fast", "plain"):
+        raise SiftError(f"use fast or plain, got {engine!r}", field="engine")
+    if judge and backend == "openai" and not base_url:
+        raise SiftError("the openai backend needs --base-url", field="base_url")
     directory = run_dir(run)
     student_dir = directory / "student"
     if not (student_dir / "adapter_config.json").is_file():
         raise SiftError(
             "no trained student here (adapter_config.json missing); run `sift train` first", path=student_dir
         )
-    source = Path(eval_file) if eval_file else directory / "valid.jsonl"
-    if not eval_file and not source.exists():
-        raise SiftError("no validation split; run `sift export` first or pass --eval-file", path=source)
+    from train.eval_sets import merge_sets, resolve_sets
+
     with locked(directory):
-        rows = pick(load_heldout(source), limit, seed)
+        chosen = {name: (path, pick(load_heldout(path), limit, seed))
+                  for name, path in resolve_sets(directory, sets, eval_file)}
+        rows = [r for _, set_rows in chosen.values() for r in set_rows]
         from transformers import AutoTokenizer
 
         from pipeline.io.models import load_tokenizer, resolve_model
@@ -303,68 +391,56 @@ def evaluate(
         else:
             base_tok = load_tokenizer(base)
             setup_tokenizer(base_tok, str(train_config.get("template", "auto")))
-        kw = {"dtype": dtype, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
-        base_m, base_a = run_side("base", base, base_tok, rows, adapter=None, **kw)
-        student_m, student_a = run_side("student", student_base, student_tok, rows, adapter=student_dir, **kw)
-        base_m["model"] = resolve_model(base).name
-        student_m["model"] = f"{resolve_model(student_base).name} + LoRA ({student_dir})"
-        samples = [
-            {
-                "id": r["id"],
-                "instruction": r["messages"][-2]["content"],
-                "reference": r["messages"][-1]["content"],
-                "base": a["text"],
-                "student": b["text"],
-            }
-            for r, a, b in zip(rows, base_a, student_a, strict=True)
-        ]
-        judged = None
+        kw = {"dtype": dtype, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "engine": engine}
+        b_nll, b_ans, b_sec = run_side("base", base, base_tok, rows, adapter=None, **kw)
+        s_nll, s_ans, s_sec = run_side("student", student_base, student_tok, rows, adapter=student_dir, **kw)
+        base_name = resolve_model(base).name
+        student_name = f"{resolve_model(student_base).name} + LoRA ({student_dir})"
+        entries, start = {}, 0
+        for name, (_, set_rows) in chosen.items():
+            cut = slice(start, start + len(set_rows))
+            start += len(set_rows)
+            entries[name] = set_entry(set_rows, (b_nll[cut], b_ans[cut]), (s_nll[cut], s_ans[cut]), seed=seed)
+        judge_name = None
         if judge:
-            from train.judge import judge_pairs, summarize
+            from train.judge_both import judge_both_orders
 
             if backend == "openai":
                 from pipeline.teachers.openai_compat import OpenAITeacher
 
-                if not base_url:
-                    raise SiftError("the openai backend needs --base-url", field="base_url")
-                judge_teacher: Any = OpenAITeacher(teacher, base_url=base_url)
+                judge_teacher: Any = OpenAITeacher(teacher, base_url=str(base_url))
             else:
                 from pipeline.teachers.hf import TransformersTeacher
 
                 judge_teacher = TransformersTeacher(teacher, batch_size=batch_size, dtype=dtype)
-            verdicts = judge_pairs(judge_teacher, samples, seed=seed)
-            judged = summarize(verdicts, seed=seed) | {"teacher": judge_teacher.name, "verdicts": verdicts}
-        result = {
-            "eval_file": str(source),
-            "examples": len(rows),
-            "base": base_m,
-            "student": student_m,
-            "delta": {k: student_m[k] - base_m[k] for k, _, _ in METRICS},
-            "judge": judged,
-            "samples": samples[:SAMPLES_KEPT],
-        }
-        settings = {
-            "run": run,
-            "eval_file": str(source),
-            "base": base,
-            "student_base": student_base,
-            "limit": limit,
-            "max_new_tokens": max_new_tokens,
-            "batch_size": batch_size,
-            "dtype": dtype,
-            "judge": judge,
-            "teacher": teacher if judge else None,
-            "backend": backend,
-            "seed": seed,
-        }
-        result["settings"] = settings
-        write_json(directory / "eval.json", result)
+            judge_name = judge_teacher.name
+            items = [s for e in entries.values() for s in e["samples"]]
+            verdicts = judge_both_orders(judge_teacher, items, seed=seed)
+            start = 0
+            for entry in entries.values():
+                n = entry["examples"]
+                add_judge(entry, verdicts[start:start + n], judge_name, seed=seed)
+                start += n
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for name, (path, _) in chosen.items():
+            e = entries[name]
+            e["samples"] = e["samples"][:SAMPLES_KEPT]
+            e["base"]["model"], e["student"]["model"] = base_name, student_name
+            e["base"]["seconds"], e["student"]["seconds"] = round(b_sec, 1), round(s_sec, 1)  # all sets together
+            e["eval_file"] = str(path)
+            e["evaluated_at"] = stamp
+            e["settings"] = {"run": run, "set": name, "eval_file": str(path), "base": base,
+                             "student_base": student_base, "limit": limit, "max_new_tokens": max_new_tokens,
+                             "batch_size": batch_size, "dtype": dtype, "engine": engine, "judge": judge,
+                             "teacher": teacher if judge else None, "backend": backend, "seed": seed}
+        merged = merge_sets(directory / "eval.json", entries)
         record_stage(
             directory,
             "eval",
-            settings,
-            stats=dict(result["delta"]),
-            models={"base": base_m["model"], "student": student_m["model"]},
+            {"run": run, "sets": list(entries), "eval_file": eval_file, "base": base, "limit": limit,
+             "max_new_tokens": max_new_tokens, "dtype": dtype, "engine": engine, "judge": judge, "seed": seed},
+            stats={f"{name}.{k}": v for name, e in entries.items() for k, v in e["delta"].items()},
+            models={"base": base_name, "student": student_name, **({"judge": judge_name} if judge_name else {})},
         )
-    print_table(result)
-    print(f"wrote {directory / 'eval.json'}")
+    print_table(merged)
+    print(f"wrote {directory / 'eval.json'} (sets: {', '.join(merged)}; this run: {', '.join(entries)})")

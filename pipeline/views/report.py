@@ -265,63 +265,85 @@ def training_section(d: Path) -> str:
     return "\n".join(out) or _missing("metrics.jsonl has no loss entries.")
 
 
+def _eval_cell(e: dict, key: str, higher: bool | None) -> str:
+    """'base -> student' and the delta with its 95% interval, coloured when the interval excludes zero."""
+    from train.eval_stats import significant
+
+    b, s = e.get("base", {}).get(key), e.get("student", {}).get(key)
+    if not isinstance(b, int | float) or not isinstance(s, int | float):
+        return "<td></td>"
+    ci = (e.get("ci95") or {}).get(key)
+    sig = significant(ci)
+    cls = "" if higher is None or not sig else ("good" if (sig > 0) == higher else "bad")
+    band = f" [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else ""
+    return f"<td class=num>{b:.4g} &rarr; {s:.4g}<br><span class='{cls}'>{s - b:+.4g}{band}</span></td>"
+
+
 def eval_section(d: Path) -> str:
     path = d / "eval.json"
     if not path.is_file():
         return _missing("No eval.json yet (run eval).")
+    from train.eval_sets import read_sets
+    from train.eval_stats import findings
     from train.evaluate import METRICS
 
-    r = read_json(path)
-    rows = []
-    for key, label, higher in METRICS:
-        b, s = r.get("base", {}).get(key), r.get("student", {}).get(key)
-        if not isinstance(b, int | float) or not isinstance(s, int | float):
-            continue
-        delta = s - b
-        cls = "" if higher is None or delta == 0 else ("good" if (delta > 0) == higher else "bad")
-        rows.append(
-            f"<tr><td>{_e(label)}</td><td class=num>{b:.4g}</td><td class=num>{s:.4g}</td>"
-            f"<td class='num {cls}'>{delta:+.4g}</td></tr>"
-        )
+    sets = read_sets(path)
+    if not sets:
+        return _missing("eval.json holds no eval set (run eval).")
+    head = "".join(f"<th>{_e(n)} ({_e(e.get('examples', '?'))})</th>" for n, e in sets.items())
+    rows = [f"<tr><td>{_e(label)}</td>{''.join(_eval_cell(e, key, higher) for e in sets.values())}</tr>"
+            for key, label, higher in METRICS]
+    if any((e.get("judge") or {}).get("win_rate") is not None for e in sets.values()):
+        cells = []
+        for e in sets.values():
+            j = e.get("judge") or {}
+            ci = j.get("ci95") or [float("nan")] * 2
+            cells.append(f"<td class=num>{j['win_rate']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]<br>LC "
+                         f"{_fmt(j.get('length_controlled_win_rate'))}</td>" if j.get("win_rate") is not None
+                         else "<td></td>")
+        rows.append(f"<tr><td>judge win rate (both orders; LC: length-controlled)</td>{''.join(cells)}</tr>")
+    first = next(iter(sets.values()))
     out = [
-        f"<p>{_e(r.get('examples', '?'))} examples from <code>{_e(r.get('eval_file', '?'))}</code>; base "
-        f"<code>{_e(r.get('base', {}).get('model', '?'))}</code>, student "
-        f"<code>{_e(r.get('student', {}).get('model', '?'))}</code>.</p>",
-        "<table><tr><th>metric</th><th>base</th><th>student</th><th>delta</th></tr>"
-        + "".join(rows)
-        + "</table>",
+        "<p>Base &rarr; student per eval set, then the delta and its 95% paired bootstrap interval "
+        "(coloured when the interval excludes zero). Base <code>"
+        f"{_e(first.get('base', {}).get('model', '?'))}</code>, student "
+        f"<code>{_e(first.get('student', {}).get('model', '?'))}</code>; files: "
+        + ", ".join(f"{_e(n)} <code>{_e(e.get('eval_file', '?'))}</code>" for n, e in sets.items()) + ".</p>",
+        f"<table><tr><th>metric</th>{head}</tr>" + "".join(rows) + "</table>",
     ]
-    j = r.get("judge")
-    if j and j.get("win_rate") is not None:
-        ci = j.get("ci95") or [float("nan")] * 2
-        out.append(
-            _table(
-                ["judge (" + str(j.get("teacher", "?")) + ")", "value"],
-                [
-                    ["student win rate (ties half)", f"{j['win_rate']:.3f} (95% CI {ci[0]:.2f}-{ci[1]:.2f})"],
-                    ["length-controlled win rate", _fmt(j.get("length_controlled_win_rate"))],
+    said = [line for n, e in sets.items() for line in findings(n, e)]
+    if said:
+        out.append("<ul>" + "".join(f"<li class='{'bad' if 'forgot' in s else ''}'>{_e(s)}</li>" for s in said)
+                   + "</ul>")
+    for name, e in sets.items():
+        j = e.get("judge")
+        if j and j.get("win_rate") is not None:
+            out.append(
+                _table(
+                    [f"judge on {name} (" + str(j.get("teacher", "?")) + ")", "value"],
                     [
-                        "wins / ties / losses",
-                        f"{j.get('student_wins')} / {j.get('ties')} / {j.get('base_wins')}",
+                        ["student win rate (ties half)", _fmt(j["win_rate"])],
+                        ["length-controlled win rate", _fmt(j.get("length_controlled_win_rate"))],
+                        ["wins / ties / losses", f"{j.get('student_wins')} / {j.get('ties')} / {j.get('base_wins')}"],
+                        ["the two orders agree", _fmt(j.get("orders_agree"))],
+                        ["unreadable verdicts", j.get("unreadable")],
+                        ["answer A chosen", _fmt(j.get("position_a_rate"))],
                     ],
-                    ["unreadable verdicts", j.get("unreadable")],
-                    ["answer A chosen", _fmt(j.get("position_a_rate"))],
-                ],
+                )
             )
-        )
-    samples = r.get("samples") or []
-    if samples:
-        out.append(
-            "<details><summary>sample answers</summary>"
-            + _table(
-                ["instruction", "reference", "base", "student"],
-                [
-                    [s.get(k, "")[:400] for k in ("instruction", "reference", "base", "student")]
-                    for s in samples[:SHOWN_SAMPLES]
-                ],
+        samples = e.get("samples") or []
+        if samples:
+            out.append(
+                f"<details><summary>sample answers: {_e(name)}</summary>"
+                + _table(
+                    ["instruction", "reference", "base", "student"],
+                    [
+                        [s.get(k, "")[:400] for k in ("instruction", "reference", "base", "student")]
+                        for s in samples[:SHOWN_SAMPLES]
+                    ],
+                )
+                + "</details>"
             )
-            + "</details>"
-        )
     return "\n".join(out)
 
 
@@ -352,9 +374,10 @@ def loop_section(d: Path) -> str:
 def contamination_section(d: Path, data: dict[str, list[dict] | None], against: str | None) -> str:
     kept = _kept(data)
     if against is None and (d / "eval.json").is_file():
-        source = read_json(d / "eval.json").get("eval_file")
-        if source and Path(source).name != "valid.jsonl":
-            against = source
+        from train.eval_sets import read_sets
+
+        files = [e.get("eval_file") for n, e in read_sets(d / "eval.json").items() if n not in ("valid", "general")]
+        against = next((f for f in files if f and Path(f).name != "valid.jsonl"), None)
     if against is None:
         return _missing("No evaluation file to check against (pass --against FILE, or run eval --eval-file).")
     if kept is None:

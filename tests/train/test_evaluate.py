@@ -190,7 +190,7 @@ def test_evaluate_writes_eval_json_side_by_side(tiny, runs: Path, capsys: pytest
     folder = tiny[0]
     d = _make_run(runs, folder)
     evaluate(run="t", base=str(folder), limit=0, max_new_tokens=4, batch_size=2, dtype="float32")
-    result = json.loads((d / "eval.json").read_text())
+    result = json.loads((d / "eval.json").read_text())["valid"]
     assert result["examples"] == len(ROWS)
     for side in ("base", "student"):
         assert result[side]["answer_tokens_scored"] > 0
@@ -219,7 +219,7 @@ def test_evaluate_embedded_model_on_user_oriented(runs: Path) -> None:
         pytest.skip("embedded model not fetched (sift model fetch)")
     d = _make_run(runs, embedded_dir(), "emb")
     evaluate(run="emb", eval_file=str(USER_ORIENTED), limit=4, max_new_tokens=12, batch_size=4)
-    result = json.loads((d / "eval.json").read_text())
+    result = json.loads((d / "eval.json").read_text())["user_oriented_instructions"]
     assert result["examples"] == 4
     base = result["base"]
     assert 1 < base["perplexity"] < 1000  # a real instruct model on real answers

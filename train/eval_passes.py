@@ -1,0 +1,126 @@
+"""The model passes of `sift eval`, made fast: the student merged, greedy answers by the fast engine,
+NLL in length-sorted batches with the output layer only where there are labels.
+
+    .venv/bin/python bench/eval.py --quick      # side by side with the plain path (evaluate.greedy_answers)
+
+- `load_side`: the base as it is; the student as its base with the LoRA weights merged in (peft's
+  merge_and_unload on a fresh float32 copy, then cast), so it is a plain Llama for the engine and
+  every forward costs what the base's does;
+- `fast_answers`: greedy answers through pipeline/teachers/fast_decode.py (continuous batching, C
+  kernels); models the engine does not support, and GPUs, use `model.generate` (evaluate.greedy_answers);
+- `reference_nll`: examples sorted by length and cut into batches of about TOKEN_BUDGET padded
+  tokens; the vocabulary projection runs only on answer positions (the prompt's logits were the
+  largest tensor of the old pass and are never used).
+Every pass reports to a progress bar with counts and tokens/s (pipeline/io/progress.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.io.progress import StageProgress
+from train.format import prompt_ids, tokenize_example
+
+TOKEN_BUDGET = 8192  # padded tokens per NLL forward: large enough for the matmuls, small enough for the cache
+MAX_ROWS = 128  # sequences decoding at once in the fast engine (its measured best on 2 cores)
+
+Plain = Callable[..., list[dict]]  # evaluate.greedy_answers, the fallback
+
+
+def load_side(spec: str, tokenizer: Any, dtype: str, adapter: Path | None, *, merge: bool = True) -> Any:
+    """The model of one side, in eval mode. With an adapter and `merge`, LoRA is merged into a float32
+    copy of the base and the result cast to `dtype` (merging in bf16 would round twice)."""
+    from pipeline.io.models import load_model, resolve_dtype
+
+    model = load_model(spec, dtype="float32" if adapter is not None and merge else dtype)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))  # training added a pad token
+    if adapter is None:
+        return model
+    from peft import PeftModel
+
+    peft = PeftModel.from_pretrained(model, str(adapter))
+    if not merge:
+        return peft.eval()
+    return peft.merge_and_unload().to(resolve_dtype(dtype)).eval()
+
+
+def fast_supported(model: Any) -> bool:
+    """Whether the fast engine runs this model (a plain Llama on the CPU)."""
+    from pipeline.teachers.fast_decode import supports
+
+    return supports(model) and model.device.type == "cpu"
+
+
+def fast_answers(
+    model: Any, tokenizer: Any, rows: list[dict], *, max_new_tokens: int, label: str = "answers",
+    max_rows: int = MAX_ROWS,
+) -> list[dict]:
+    """Greedy answers {text, tokens, stopped} as evaluate.greedy_answers gives them (stopped: EOS
+    within max_new_tokens), decoded by the continuous-batching engine, shortest prompts first."""
+    from pipeline.teachers.base import Sampling
+    from pipeline.teachers.fast_decode import FastDecoder, Job
+
+    eos = tokenizer.eos_token_id
+    prompts = [prompt_ids(tokenizer, r["messages"][:-1]) for r in rows]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    greedy = Sampling(temperature=0.0, max_tokens=max_new_tokens, seed=0)
+    decoder = FastDecoder(model, eos_ids=[eos], max_rows=max_rows)
+    out: list[dict] = [{} for _ in rows]
+    with StageProgress(label, len(rows), unit="ans") as bar:
+
+        def finished(j: int, ids: list[int]) -> None:
+            stopped = bool(ids) and ids[-1] == eos
+            new = ids[:-1] if stopped else ids
+            out[order[j]] = {"text": tokenizer.decode(new, skip_special_tokens=True).strip(),
+                             "tokens": len(new), "stopped": stopped}
+            bar.update(done=1, requests=1, tokens_out=len(ids))
+
+        decoder.run([Job(prompts[i], greedy, 0) for i in order], on_finish=finished)
+    return out
+
+
+def _batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices sorted by length, cut so that rows x longest row stays within `budget` tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out: list[list[int]] = []
+    for i in order:
+        if out and (len(out[-1]) + 1) * lengths[i] <= budget:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def reference_nll(
+    model: Any, tokenizer: Any, rows: list[dict], *, token_budget: int = TOKEN_BUDGET, label: str = "nll"
+) -> list[tuple[float, int]]:
+    """(summed NLL, token count) of each reference answer given its prompt, as evaluate.answer_nll
+    computes it (training's labels: answer tokens and EOS), with logits only at answer positions."""
+    import torch
+
+    examples = [tokenize_example(tokenizer, r["messages"]) for r in rows]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    with StageProgress(label, len(rows), unit="ex") as bar, torch.inference_mode():
+        for idx in _batches([len(e.input_ids) for e in examples], token_budget):
+            batch = [examples[i] for i in idx]
+            width = max(len(e.input_ids) for e in batch)
+            ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in batch])
+            labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in batch])
+            mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch])
+            hidden = decoder(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).last_hidden_state
+            target = labels[:, 1:]
+            rows_at, cols_at = (target != -100).nonzero(as_tuple=True)  # position t predicts token t+1
+            logits = head(hidden[:, :-1][rows_at.to(hidden.device), cols_at.to(hidden.device)]).float()
+            losses = torch.nn.functional.cross_entropy(
+                logits, target[rows_at, cols_at].to(logits.device), reduction="none").cpu()
+            sums = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, rows_at, losses.double())
+            counts = torch.bincount(rows_at, minlength=len(batch))
+            for k, i in enumerate(idx):
+                out[i] = (float(sums[k]), int(counts[k]))
+            bar.update(done=len(idx), requests=1, tokens_out=int(mask.sum()))
+    return out
