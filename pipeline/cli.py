@@ -145,11 +145,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_CONFIG_BYTES = 1024 * 1024  # a settings file beyond 1 MiB is a wrong path, not settings
+
+
+def _config_bytes(path: Path) -> bytes:
+    """The settings file's bytes: only a regular file (a FIFO would block, /dev/zero never ends), at
+    most MAX_CONFIG_BYTES."""
+    import stat
+
+    try:
+        mode, size = (st := path.stat()).st_mode, st.st_size
+    except FileNotFoundError:
+        raise SiftError("no such file", path=path) from None
+    except OSError as e:
+        raise SiftError(f"cannot read: {e.strerror or e}", path=path) from None
+    if stat.S_ISDIR(mode):
+        raise SiftError("is a directory, expected a settings file", path=path)
+    if not stat.S_ISREG(mode):
+        raise SiftError("is not a regular file (a pipe, device or socket); --config takes a YAML or TOML file",
+                        path=path)
+    too_big = f"is larger than {MAX_CONFIG_BYTES // 1024} KiB; a settings file is far smaller (wrong path?)"
+    if size > MAX_CONFIG_BYTES:
+        raise SiftError(too_big, path=path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise SiftError(f"cannot read: {e.strerror or e}", path=path) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise SiftError(too_big, path=path)
+    return data
+
+
 def read_config(path: Path) -> dict:
     """Read a YAML (.yaml/.yml) or TOML (.toml) settings file into a dict."""
-    from pipeline.io.artifacts import _read_bytes  # one reader for every file's errors
-
-    data = _read_bytes(path)
+    data = _config_bytes(path)
     try:
         if path.suffix == ".toml":
             import tomllib
@@ -173,21 +203,47 @@ def read_config(path: Path) -> dict:
     return loaded
 
 
+def check_config_keys(raw: dict, path: Path) -> None:
+    """Every top-level key must be an option of some sift command (one file serves every stage), and
+    every section a command's name: a typo is an error naming it, never silently ignored."""
+    import difflib
+
+    sections = {n.replace(" ", "_") for n in COMMANDS}
+    options = {p.name for n in COMMANDS for p, _ in _params(load_command(n))}
+    for key, value in raw.items():
+        norm = str(key).replace("-", "_")
+        if norm in sections and (isinstance(value, dict) or norm not in options):  # `seeds` is both
+            if not isinstance(value, dict):
+                raise SiftError(f"section for `sift {norm.replace('_', ' ')}` must be a mapping of settings, got "
+                                f"{type(value).__name__}", path=path, field=str(key))
+            continue
+        if isinstance(value, dict) and norm not in options:
+            close = difflib.get_close_matches(norm, sorted(sections), n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else f"; sections are named after commands: " \
+                f"{', '.join(sorted(sections))}"
+            raise SiftError(f"unknown section{hint}", path=path, field=str(key))
+        if norm not in options:
+            close = difflib.get_close_matches(norm, sorted(options), n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            raise SiftError(f"unknown setting: no sift command has this option{hint}", path=path, field=str(key))
+
+
 def resolve_settings(func: Callable[..., Any], name: str, ns: argparse.Namespace) -> tuple[list, dict]:
     """Merge defaults < config file < command line into (positional args, keyword args)."""
     params = _params(func)
     config: dict = {}
     if ns.config is not None:
         raw = read_config(ns.config)
+        check_config_keys(raw, ns.config)
         section_name = name.replace(" ", "_")
-        section = raw.get(section_name, {}) if isinstance(raw.get(section_name, {}), dict) else {}
+        section = raw.get(section_name, {})
         known = {p.name for p, _ in params}
         for key in section:
-            if key.replace("-", "_") not in known:
+            if str(key).replace("-", "_") not in known:
                 raise SiftError(f"unknown setting for `sift {name}`", path=ns.config, field=f"{section_name}.{key}")
-        top = {k.replace("-", "_"): v for k, v in raw.items() if not isinstance(v, dict)}
+        top = {str(k).replace("-", "_"): v for k, v in raw.items() if not isinstance(v, dict)}
         config = {k: v for k, v in top.items() if k in known}
-        config.update({k.replace("-", "_"): v for k, v in section.items()})
+        config.update({str(k).replace("-", "_"): v for k, v in section.items()})
     args, kwargs = [], {}
     for param, hint in params:
         value = getattr(ns, param.name, _UNSET)

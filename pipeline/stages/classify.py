@@ -83,12 +83,17 @@ def classify(*, run: str = "demo", teacher: str = "smollm2-135m-instruct", backe
         teacher_options: the backend's own settings as comma-separated key=value pairs, e.g.
             "timeout=300,max_retries=10" (openai), "engine=hf" or "device=cuda" (transformers).
     """
+    if batch_size < 1:
+        raise SiftError(f"must be >= 1, got {batch_size}", field="batch_size")
+    try:
+        sampling = default_sampling(max_tokens)
+    except ValueError as e:
+        raise SiftError(str(e), field="max_tokens") from None
     directory = run_dir(run)
     source = directory / "instructions.jsonl"
     records = _read_input(source)
     template = load(prompt or PROMPT)
     template.check({"instruction"}, required={"instruction"})
-    sampling = default_sampling(max_tokens)
     with locked(directory):
         cached = open_teacher(directory, teacher=teacher, backend=backend, batch_size=batch_size,
                               base_url=base_url, api_key_env=api_key_env,

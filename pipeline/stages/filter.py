@@ -10,6 +10,7 @@ The funnel counts records in and out per rule, in order.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 from filters.contamination import build_ngram_index
 from filters.engine import apply_rules, funnel
-from filters.rouge import RougeIndex
+from filters.rouge import PREFILTERS, RougeIndex
 from filters.rules import parse_rules
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import all_or_none, content_id, read_records, require, write_json, write_jsonl
@@ -92,7 +93,7 @@ def run_filter(records: list[dict], rules: list[str], *, threshold: float, top_k
         index = RougeIndex(threshold=threshold, use_stemmer=use_stemmer, top_k=top_k, workers=workers,
                            prefilter=prefilter)
     except ValueError as e:
-        raise SiftError(str(e), field="threshold") from None
+        raise SiftError(str(e), field="prefilter" if "prefilter" in str(e) else "threshold") from None
     pool = preload_pool(index, seeds) if seeds is not None else 0
     contamination = build_ngram_index(eval_texts(decontaminate)) if decontaminate is not None else None
     kept, rejected = [], []
@@ -116,6 +117,16 @@ def run_filter(records: list[dict], rules: list[str], *, threshold: float, top_k
     stats = {"input": len(records), "kept": len(kept), "rejected": len(rejected),
              "by_reason": {r: c for r, c in reasons.items() if r is not None}, "pool_preloaded": pool}
     return kept, rejected, funnel(rules, reasons), stats
+
+
+def check_prefilter(prefilter: str | None) -> None:
+    """A known --prefilter whose library is installed, checked before any file is read."""
+    if prefilter not in PREFILTERS:
+        valid = ", ".join(p for p in PREFILTERS if p)
+        raise SiftError(f"use {valid} (or leave it out for the exact dedup), got {prefilter!r}", field="prefilter")
+    if prefilter == "minhash" and importlib.util.find_spec("datasketch") is None:
+        raise SiftError("--prefilter minhash needs the datasketch library, which is not installed: "
+                        "pip install 'sift-instruct[minhash]' (or pip install datasketch)", field="prefilter")
 
 
 def filter_records(input: str | None = None, /, *, output: str | None = None, run: str = "demo",
@@ -150,6 +161,7 @@ def filter_records(input: str | None = None, /, *, output: str | None = None, ru
         rule_names = parse_rules(rules or "self-instruct")
     except ValueError as e:
         raise SiftError(str(e), field="rules") from None
+    check_prefilter(prefilter)
     if input is None:
         directory = run_dir(run)
         source = directory / "instances.jsonl"

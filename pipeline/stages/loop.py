@@ -303,7 +303,10 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
     recorded = ("run", "rounds", "base_url", "teacher_options")  # kept in loop.json, free to change on a rerun
     settings = {k: v for k, v in locals().items() if k in SHAPING or k in recorded}
     _check(rounds=rounds, metric=metric, threshold=threshold, max_failures=max_failures, per_failure=per_failure,
-           eval_limit=eval_limit, valid_fraction=valid_fraction, teacher_batch_size=teacher_batch_size)
+           eval_limit=eval_limit, valid_fraction=valid_fraction, teacher_batch_size=teacher_batch_size,
+           temperature=temperature, top_p=top_p, augment_max_tokens=augment_max_tokens,
+           max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length, lr=lr,
+           rouge_threshold=rouge_threshold)
     try:
         rule_names = parse_rules(rules)
     except ValueError as e:
@@ -420,6 +423,18 @@ def _check(**v: Any) -> None:
             raise SiftError(f"must be >= 1, got {v[name]}", field=name)
     if not 0 <= v["valid_fraction"] < 1:
         raise SiftError(f"must be in [0, 1), got {v['valid_fraction']}", field="valid_fraction")
+    # the teacher's and the trainer's own settings, checked here rather than after a round of training
+    for name in ("augment_max_tokens", "max_new_tokens", "batch_size", "max_length"):
+        if v[name] < 1:
+            raise SiftError(f"must be >= 1, got {v[name]}", field=name)
+    if not v["lr"] > 0:
+        raise SiftError(f"must be > 0, got {v['lr']}", field="lr")
+    if not v["temperature"] >= 0:
+        raise SiftError(f"must be >= 0, got {v['temperature']}", field="temperature")
+    if not 0 < v["top_p"] <= 1:
+        raise SiftError(f"must be in (0, 1], got {v['top_p']}", field="top_p")
+    if not 0 <= v["rouge_threshold"] <= 1:
+        raise SiftError(f"must be in [0, 1], got {v['rouge_threshold']}", field="rouge_threshold")
 
 
 def _check_distill(student: str, teacher: str | None, **settings: Any) -> None:
