@@ -364,6 +364,8 @@ def load_topk(folder: Path, key: str) -> TopK | None:
     """The cache written for `key`, or None if there is none (or it is unreadable or stale)."""
     from safetensors import safe_open
 
+    from pipeline.io.progress import note
+
     path = cache_path(folder, key)
     if not path.is_file():
         return None
@@ -371,10 +373,13 @@ def load_topk(folder: Path, key: str) -> TopK | None:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("key") != key:
+                note(f"distillation cache {path} was written for other settings or data; recomputing it")
                 return None
             return TopK(f.get_tensor("logprobs"), f.get_tensor("ids"), f.get_tensor("log_tail"),
                         f.get_tensor("offsets"), int(meta["vocab"]))
-    except Exception:  # a torn or foreign file: recompute rather than fail
+    except Exception as e:  # a torn or foreign file: recompute rather than fail, and say so
+        detail = (str(e).splitlines() or [""])[0][:120]
+        note(f"distillation cache {path} is unreadable ({type(e).__name__}: {detail}); recomputing it")
         return None
 
 
