@@ -1,0 +1,147 @@
+"""`sift federate`: client split, settings on resume, and Flower's simulation engine on the tiny model
+(privacy of every reply, a failing client, resume after the last finished round)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import SiftError
+from pipeline.stages import federate as fed
+from pipeline.stages.fedstate import adapter_path, read_state
+from tests.train.conftest import save_tiny
+from train.export import write_splits
+
+PAIRS = [("give three tips for staying healthy", "eat vegetables sleep well and walk every day"),
+         ("what is the capital of france", "the capital of france is paris"),
+         ("translate hello to spanish", "hola"),
+         ("name a primary color", "red is a primary color"),
+         ("summarize the text below", "a short story about a cat and a dog")]
+
+
+@pytest.fixture
+def runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SIFT_RUNS_DIR", str(tmp_path / "runs"))
+    return tmp_path / "runs"
+
+
+def filtered(path: Path, n: int = 30, tasks: int = 6) -> list[dict]:
+    recs = [{"id": f"ex{i}", "task_id": f"task{i % tasks}", "provenance": {"seed_ids": [f"s{i % 4}", "x"]},
+             "instruction": PAIRS[i % 5][0], "input": "", "output": PAIRS[(i * 3) % 5][1]} for i in range(n)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    return recs
+
+
+def test_split_keeps_groups_whole_and_ignores_file_order(tmp_path: Path) -> None:
+    recs = filtered(tmp_path / "a.jsonl")
+    parts = fed.split_groups(tmp_path / "a.jsonl", 3, "task_id", seed=0)
+    assert sorted(len(p) for p in parts) == [10, 10, 10]  # 6 tasks of 5 records, two tasks each
+    task = {r["id"]: r["task_id"] for r in recs}
+    owners = {task[i]: k for k, p in enumerate(parts) for i in p}
+    assert len(owners) == 6 and all(owners[task[i]] == k for k, p in enumerate(parts) for i in p)
+    (tmp_path / "b.jsonl").write_text("".join(reversed((tmp_path / "a.jsonl").read_text().splitlines(True))))
+    assert fed.split_groups(tmp_path / "b.jsonl", 3, "task_id", seed=0) == parts
+    by_seed = fed.split_groups(tmp_path / "a.jsonl", 2, "provenance.seed_ids", seed=0)  # a list: its first item
+    assert sorted(len(p) for p in by_seed) == [14, 16]
+
+
+def test_split_errors_name_file_line_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "f.jsonl"
+    filtered(path, n=4)
+    with path.open("a") as f:
+        f.write(json.dumps({"id": "z", "instruction": "q", "input": "", "output": "a"}) + "\n")
+    with pytest.raises(SiftError) as e:
+        fed.split_groups(path, 2, "task_id", seed=0)
+    assert (e.value.line, e.value.field) == (5, "task_id")
+    filtered(path, n=4)  # four tasks
+    with pytest.raises(SiftError, match="only 4 distinct values of 'task_id', fewer than 5 clients"):
+        fed.split_groups(path, 5, "task_id", seed=0)
+
+
+def test_changed_settings_are_refused_before_any_training(runs: Path, tmp_path: Path) -> None:
+    filtered(runs / "r" / "filtered.jsonl")
+    heldout = tmp_path / "heldout.jsonl"
+    filtered(heldout, n=3)
+    members = fed.split_clients(runs / "r", 3, "task_id", 0.2, 0)
+    assert [c["name"] for c in members] == ["client-0", "client-1", "client-2"]
+    assert all(c["valid"] >= 1 and c["train"] >= 1 for c in members)
+    settings = {"local": {"local_steps": 4}, "aggregation": "fedavg"}
+    state = fed.check_settings(runs / "r", settings, members)
+    assert state["rounds"] == []
+    (runs / "r" / "federate.json").write_text(json.dumps({**state, "target_rounds": 1}))
+    assert fed.check_settings(runs / "r", settings, members)["settings"] == settings
+    with pytest.raises(SiftError, match=r"changed: aggregation, local"):
+        fed.check_settings(runs / "r", {"local": {"local_steps": 8}, "aggregation": "exact"}, members)
+    with pytest.raises(SiftError, match="changed: clients"):
+        fed.check_settings(runs / "r", settings, members[:2])
+
+
+def _client_run(runs: Path, name: str, pairs: list[tuple[str, str]]) -> list[str]:
+    recs = [{"id": f"{name}{i}", "instruction": q, "input": "", "output": a} for i, (q, a) in enumerate(pairs)]
+    write_splits(runs / name, recs[:-1], recs[-1:])
+    return [r[k] for r in recs for k in ("instruction", "output")]
+
+
+@pytest.mark.slow
+def test_simulation_privacy_failing_client_and_resume(runs: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three parties on Flower's simulation engine; the third's examples are all longer than
+    max_length, so its local training fails every round. Every reply reaching the server is recorded."""
+    model = save_tiny(tmp_path / "tiny")
+    texts = _client_run(runs, "a", [("give three tips for staying healthy", "eat vegetables sleep well"),
+                                    ("what is the capital of france", "paris"), ("name a primary color", "red")])
+    texts += _client_run(runs, "b", [("translate hello to spanish", "hola"), ("summarize the text below",
+                                      "a short story about a cat and a dog"), ("name a primary color", "blue")])
+    long = " ".join(["a short story about a cat and a dog"] * 12)
+    texts += _client_run(runs, "c", [("summarize the text below", long), ("tell a story", long)])
+    heldout = tmp_path / "general.jsonl"
+    filtered(heldout, n=4)
+    seen: list = []
+    real = fed.run_simulation_engine
+    monkeypatch.setattr(fed, "run_simulation_engine", lambda d, c: real(d, c, observe=seen.append))
+    options = dict(run="fed", client_runs="a,b,c", local_steps=2, student=str(model), lora_r=4, lora_alpha=8,
+                   batch_size=2, grad_accum=1, max_length=48, eval_file=str(heldout), precision="fp32")
+    fed.federate(rounds=1, **options)
+
+    state = read_state(runs / "fed")
+    assert [c["name"] for c in state["clients"]] == ["a", "b", "c"]
+    (r1,) = state["rounds"]
+    assert sorted(r1["trained"]) == ["client-0", "client-1"]  # partitions 0 and 1: a and b
+    assert r1["trained"]["client-0"]["examples"] == 2
+    assert [f["error"] for f in r1["failed"]] == ["client 2: SiftError"]  # type only, no message
+    assert r1["heldout_nll"] > 0 and state["initial"]["heldout_nll"] > 0
+    first = adapter_path(runs / "fed", 1).read_bytes()
+
+    # privacy: every reply holds only adapter tensors and numbers, and no client's text
+    from flwr.app import ArrayRecord, MetricRecord
+
+    assert len(seen) == 3 * 3  # initial evaluation, then train and evaluate of round 1, three clients each
+    blob = b""
+    for reply in seen:
+        if reply.has_error():
+            blob += reply.error.reason.encode()
+            continue
+        assert set(reply.content.keys()) <= {"arrays", "metrics"}
+        for key, record in reply.content.items():
+            assert isinstance(record, ArrayRecord if key == "arrays" else MetricRecord)
+            if key == "arrays":
+                assert all(".lora_" in name for name in record)
+                blob += b"".join(record[name].data for name in record)
+            else:
+                assert all(isinstance(v, int | float) for v in record.values())
+                blob += repr(dict(record)).encode()
+    assert len(blob) > 10_000  # the adapters are there to search
+    for text in texts:
+        assert text.encode() not in blob
+
+    # resume: a second command with more rounds keeps round 1 and adds round 2 from its adapter
+    fed.federate(rounds=2, **options)
+    state2 = read_state(runs / "fed")
+    assert [r["round"] for r in state2["rounds"]] == [1, 2]
+    assert state2["rounds"][0] == r1 and adapter_path(runs / "fed", 1).read_bytes() == first
+    assert state2["rounds"][1]["failed"][0]["error"] == "client 2: SiftError"
+    with pytest.raises(SiftError, match="changed: local"):
+        fed.federate(rounds=3, **{**options, "local_steps": 3})
