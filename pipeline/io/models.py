@@ -350,10 +350,12 @@ def _hub_options(ref: ModelRef) -> dict:
     return {"local_files_only": True} if ref.kind == "hub" and not hub_reachable() else {}
 
 
-def _load_failed(ref: ModelRef, what: str, e: Exception) -> SiftError:
+def _load_failed(ref: ModelRef, what: str, e: Exception, *, offline: bool = False) -> SiftError:
     if ref.kind == "hub":
-        return SiftError(f"cannot load {what} {ref.path_or_id!r} from the Hugging Face Hub (no network, "
-                         f"or no such model: {type(e).__name__}); use a local folder, a .gguf file, or "
+        from pipeline.io.hub_errors import explain
+
+        return SiftError(f"cannot load {what} {ref.path_or_id!r} from the Hugging Face Hub: "
+                         f"{explain(e, offline=offline)}; use a local folder, a .gguf file, or "
                          f"{EMBEDDED_ALIAS}", field="model")
     return SiftError(f"cannot load {what}: {type(e).__name__}: {e}", path=ref.path_or_id)
 
@@ -363,13 +365,13 @@ def load_model(spec: str | ModelRef, *, dtype: str = "auto", device: str = "cpu"
     from transformers import AutoModelForCausalLM
 
     ref = _as_ref(spec)
+    options = _hub_options(ref)
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref.path_or_id, dtype=resolve_dtype(dtype, device),
-                                                     **_hub_options(ref))
+        model = AutoModelForCausalLM.from_pretrained(ref.path_or_id, dtype=resolve_dtype(dtype, device), **options)
     except SiftError:
         raise
     except Exception as e:  # OSError offline, ValueError for unknown architectures, ...
-        raise _load_failed(ref, "model", e) from None
+        raise _load_failed(ref, "model", e, offline=bool(options)) from None
     return model.to(device).eval()
 
 
@@ -378,10 +380,11 @@ def load_tokenizer(spec: str | ModelRef) -> Any:
     from transformers import AutoTokenizer
 
     ref = _as_ref(spec)
+    options = _hub_options(ref)
     try:
-        return AutoTokenizer.from_pretrained(ref.path_or_id, **_hub_options(ref))
+        return AutoTokenizer.from_pretrained(ref.path_or_id, **options)
     except Exception as e:
-        raise _load_failed(ref, "tokenizer", e) from None
+        raise _load_failed(ref, "tokenizer", e, offline=bool(options)) from None
 
 
 # ---------------------------------------------------------------- commands
