@@ -33,6 +33,16 @@ def check_ids(records: list[dict], path: Path) -> None:
         seen.add(rid)
 
 
+def _add(total: object, more: object) -> object:
+    """Counter values sum; nested tables (per-teacher figures) sum key by key."""
+    if isinstance(more, dict):
+        out = dict(total) if isinstance(total, dict) else {}
+        for k, v in more.items():
+            out[k] = _add(out.get(k), v)
+        return out
+    return round((total or 0) + more, 6) if isinstance(more, float) else (total or 0) + more  # type: ignore[operator]
+
+
 def run_batches(records: list[dict], work: Work, *, stage: str, journal_path: Path, fingerprint: dict,
                 batch_size: int) -> tuple[list[dict], list[dict], dict]:
     """Run `work` over the records not yet journaled; return everything in input order."""
@@ -49,7 +59,7 @@ def run_batches(records: list[dict], work: Work, *, stage: str, journal_path: Pa
         for rec in entry["rejected"]:
             final[rec["id"]] = ("rejected", rec)
         for k, v in entry["counters"].items():
-            counters[k] = counters.get(k, 0) + v
+            counters[k] = _add(counters.get(k), v)
 
     for entry in entries:
         absorb(entry)

@@ -76,6 +76,8 @@ def decide_round(recipe: Recipe, planned: list[tuple], completions: list[Complet
         prov = {**base, "seed_ids": seed_ids, "machine_ids": machine_ids, "request_index": req_index,
                 "request_seed": req.sampling.seed, "raw_response": comp.text,
                 "finish_reason": comp.finish_reason}
+        if comp.teacher:  # a TeacherPool says which of its teachers wrote this one
+            prov["teacher"] = comp.teacher
         if comp.finish_reason == "error":
             slots.append(_rejected("teacher_error", "", prov, raw=comp.text, detail=comp.error))
             continue

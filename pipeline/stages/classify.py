@@ -20,9 +20,10 @@ from pipeline.io.batched import check_ids, run_batches
 from pipeline.io.progress import print_summary
 from pipeline.io.runs import locked, record_stage, run_dir
 from pipeline.teachers.base import Sampling, Teacher
-from pipeline.teachers.options import open_teacher
 from pipeline.teachers.parsers import parse_yes_no
+from pipeline.teachers.pool import check_teachers, open_teachers, teacher_of
 from pipeline.teachers.prompts import PromptTemplate, load
+from pipeline.teachers.tally import per_teacher
 
 PROMPT = "self_instruct_classify"
 JOURNAL = "classify.journal"
@@ -33,11 +34,6 @@ def default_sampling(max_tokens: int = 3) -> Sampling:
     return Sampling(temperature=0.0, top_p=1.0, max_tokens=max_tokens, stop=("\n", "Task:"))
 
 
-def teacher_provenance(teacher: Teacher) -> dict:
-    return {"name": teacher.name, "identity": getattr(teacher, "identity", teacher.name),
-            "backend": getattr(teacher, "backend", None)}
-
-
 def classify_records(records: list[dict], teacher: Teacher, template: PromptTemplate, sampling: Sampling
                      ) -> tuple[list[dict], list[dict], dict]:
     """One batch: every record gets `is_classification`, except on a teacher error."""
@@ -46,7 +42,7 @@ def classify_records(records: list[dict], teacher: Teacher, template: PromptTemp
     counters = {"requests": len(records), "tokens_in": sum(c.prompt_tokens for c in completions),
                 "tokens_out": sum(c.completion_tokens for c in completions), "unparsed": 0, "yes": 0}
     for rec, comp in zip(records, completions, strict=True):
-        prov = {"stage": "classify", "prompt": template.provenance(), "teacher": teacher_provenance(teacher),
+        prov = {"stage": "classify", "prompt": template.provenance(), "teacher": teacher_of(comp, teacher),
                 "sampling": sampling.to_dict(), "raw_response": comp.text, "finish_reason": comp.finish_reason}
         if comp.finish_reason == "error":
             rejected.append({**rec, "reason": "teacher_error", "detail": comp.error,
@@ -61,12 +57,15 @@ def classify_records(records: list[dict], teacher: Teacher, template: PromptTemp
         counters["yes"] += int(label)
         kept.append({**rec, "is_classification": label,
                      "provenance": {**rec.get("provenance", {}), "classify": prov}})
+    if hasattr(teacher, "last_usage"):  # a TeacherPool: each teacher's figures of this batch
+        counters["by_teacher"] = teacher.last_usage
     return kept, rejected, counters
 
 
 def classify(*, run: str = "demo", teacher: str = "smollm2-135m-instruct", backend: str = "transformers",
              batch_size: int = 32, prompt: str | None = None, max_tokens: int = 3, base_url: str | None = None,
-             api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None) -> None:
+             api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None,
+             teachers: str | None = None) -> None:
     """Mark each generated instruction as a classification task or not (few-shot yes/no).
 
     Resumable: finished batches go to classify.journal; rerunning skips them.
@@ -82,6 +81,8 @@ def classify(*, run: str = "demo", teacher: str = "smollm2-135m-instruct", backe
         api_key_env: environment variable holding the API key (never logged).
         teacher_options: the backend's own settings as comma-separated key=value pairs, e.g.
             "timeout=300,max_retries=10" (openai), "engine=hf" or "device=cuda" (transformers).
+        teachers: several teachers instead of --teacher: a teachers file (YAML/TOML: name, model, backend,
+            options, share) or comma-separated models, each optionally =share; records are spread by share.
     """
     if batch_size < 1:
         raise SiftError(f"must be >= 1, got {batch_size}", field="batch_size")
@@ -94,13 +95,16 @@ def classify(*, run: str = "demo", teacher: str = "smollm2-135m-instruct", backe
     records = _read_input(source)
     template = load(prompt or PROMPT)
     template.check({"instruction"}, required={"instruction"})
+    specs = check_teachers(teachers, backend=backend, base_url=base_url, api_key_env=api_key_env,
+                           teacher_options=teacher_options)
+    options = {"teacher": teacher, "backend": backend, "base_url": base_url, "api_key_env": api_key_env,
+               "teacher_options": teacher_options, **({"teachers": specs} if specs else {})}
     with locked(directory):
-        cached = open_teacher(directory, teacher=teacher, backend=backend, batch_size=batch_size,
-                              base_url=base_url, api_key_env=api_key_env,
-                              teacher_options=teacher_options)
+        cached = open_teachers(directory, teachers=teachers, teacher=teacher, backend=backend,
+                               batch_size=batch_size, base_url=base_url, api_key_env=api_key_env,
+                               teacher_options=teacher_options)
         stats = classify_in(directory, cached, template=template, sampling=sampling, batch_size=batch_size,
-                            records=records, options={"teacher": teacher, "backend": backend, "base_url": base_url,
-                                                      "api_key_env": api_key_env, "teacher_options": teacher_options})
+                            records=records, options=options)
     print_summary("classify", stats)
     print(f"wrote {directory / 'classified.jsonl'} ({stats['accepted']} records, {stats.get('yes', 0)} classification)")
 
@@ -118,6 +122,9 @@ def classify_in(directory: Path, teacher: Teacher, *, template: PromptTemplate |
         records, lambda batch: classify_records(batch, teacher, template, sampling), stage="classify",
         journal_path=directory / JOURNAL, fingerprint=fingerprint, batch_size=batch_size)
     stats["cache_hits"] = getattr(teacher, "hits", 0)
+    if hasattr(teacher, "last_usage"):
+        stats["by_teacher"] = per_teacher(kept, rejected, stage="classify", usage=stats.get("by_teacher"))
+        stats["teachers_down"] = dict(getattr(teacher, "down", {}))
     write_jsonl(directory / "classified.rejected.jsonl", rejected)
     write_json(directory / "classify.stats.json", stats)
     write_jsonl(directory / "classified.jsonl", kept)

@@ -24,8 +24,9 @@ from pipeline.io.progress import StageProgress, print_summary
 from pipeline.io.runs import locked, record_stage, run_dir
 from pipeline.stages.bootstrap import Recipe, decide_round, get_recipe, heuristics_for
 from pipeline.teachers.base import Sampling, Teacher
-from pipeline.teachers.options import open_teacher
+from pipeline.teachers.pool import check_teachers, open_teachers
 from pipeline.teachers.prompts import PromptTemplate, load
+from pipeline.teachers.tally import add_usage, per_teacher
 
 JOURNAL = "generate.journal"
 DEFAULT_BATCH = 16  # requests per round: enough to keep a batched teacher busy
@@ -148,6 +149,8 @@ def run_bootstrap(*, seeds: list[dict], teacher: Teacher, settings: GenerateSett
                      "cache_hits": hits_now - hits_before,
                      "truncated_responses": sum(c.finish_reason == "length" for c in completions),
                      "seconds": round(time.monotonic() - t0, 3)}
+            if hasattr(teacher, "last_usage"):  # a TeacherPool: each teacher's own figures of this round
+                entry["by_teacher"] = teacher.last_usage
             hits_before = hits_now
             journal.append([entry])
             rounds.append(entry)
@@ -171,6 +174,12 @@ def run_bootstrap(*, seeds: list[dict], teacher: Teacher, settings: GenerateSett
              "target": settings.n, "reached_target": len(accepted) >= settings.n,
              "teacher_seconds": round(totals["seconds"], 3),
              "wall_time_s": round(time.monotonic() - started, 3)}
+    if hasattr(teacher, "last_usage"):
+        usage: dict[str, dict] = {}
+        for entry in rounds:
+            add_usage(usage, entry.get("by_teacher"))
+        stats["by_teacher"] = per_teacher(accepted, rejected, usage=usage)
+        stats["teachers_down"] = dict(getattr(teacher, "down", {}))
     return accepted, rejected, stats
 
 
@@ -179,7 +188,8 @@ def generate(*, run: str = "demo", recipe: str = "self-instruct", teacher: str =
              batch_size: int = DEFAULT_BATCH, seed: int = 0, temperature: float | None = None,
              top_p: float | None = None, max_tokens: int | None = None, prompt: str | None = None,
              rules: str | None = None, threshold: float = 0.7, base_url: str | None = None,
-             api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None) -> None:
+             api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None,
+             teachers: str | None = None) -> None:
     """Generate instructions from the run's seeds with a teacher (Self-Instruct or Alpaca recipe).
 
     Resumable: rerunning the same command after a crash continues from generate.journal, and
@@ -205,6 +215,8 @@ def generate(*, run: str = "demo", recipe: str = "self-instruct", teacher: str =
         api_key_env: environment variable holding the API key (never logged).
         teacher_options: the backend's own settings as comma-separated key=value pairs, e.g.
             "timeout=300,max_retries=10" (openai), "engine=hf" or "device=cuda" (transformers).
+        teachers: several teachers instead of --teacher: a teachers file (YAML/TOML: name, model, backend,
+            options, share) or comma-separated models, each optionally =share; requests are spread by share.
     """
     rec = get_recipe(recipe)
     sampling = rec.default_sampling()
@@ -221,13 +233,16 @@ def generate(*, run: str = "demo", recipe: str = "self-instruct", teacher: str =
     # fail on a bad template or rule name before the model loads
     load(settings.prompt or rec.PROMPT).check({"examples", "next"}, required={"examples"})
     heuristics_for(settings.rules or rec.RULES)
+    specs = check_teachers(teachers, backend=backend, base_url=base_url, api_key_env=api_key_env,
+                           teacher_options=teacher_options)
     with locked(directory):
-        cached = open_teacher(directory, teacher=teacher, backend=backend, batch_size=batch_size,
-                              base_url=base_url, api_key_env=api_key_env,
-                              teacher_options=teacher_options)
+        cached = open_teachers(directory, teachers=teachers, teacher=teacher, backend=backend,
+                               batch_size=batch_size, base_url=base_url, api_key_env=api_key_env,
+                               teacher_options=teacher_options)
+        options = {"teacher": teacher, "backend": backend, "base_url": base_url,
+                   "api_key_env": api_key_env, "teacher_options": teacher_options}
         stats = generate_in(directory, cached, settings, seeds=seeds,
-                            options={"teacher": teacher, "backend": backend, "base_url": base_url,
-                                     "api_key_env": api_key_env, "teacher_options": teacher_options})
+                            options={**options, "teachers": specs} if specs else options)
     print_summary("generate", stats)
     print(f"wrote {directory / 'instructions.jsonl'} ({stats['accepted']} records)")
 

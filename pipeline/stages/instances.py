@@ -20,11 +20,11 @@ from pipeline.io.artifacts import iter_jsonl, write_json, write_jsonl
 from pipeline.io.batched import check_ids, run_batches
 from pipeline.io.progress import print_summary
 from pipeline.io.runs import locked, record_stage, run_dir
-from pipeline.stages.classify import teacher_provenance
 from pipeline.teachers.base import Sampling, Teacher
-from pipeline.teachers.options import open_teacher
 from pipeline.teachers.parsers import parse_input_first, parse_output_first
+from pipeline.teachers.pool import check_teachers, open_teachers, teacher_of
 from pipeline.teachers.prompts import PromptTemplate, load
+from pipeline.teachers.tally import per_teacher
 
 PROMPT_INPUT_FIRST = "self_instruct_instances_input_first"
 PROMPT_OUTPUT_FIRST = "self_instruct_instances_output_first"
@@ -65,7 +65,7 @@ def instance_records(records: list[dict], teacher: Teacher, templates: dict[bool
         clf = bool(rec.get("is_classification"))
         template = templates[clf]
         prov = {"stage": "instances", "mode": "output_first" if clf else "input_first",
-                "prompt": template.provenance(), "teacher": teacher_provenance(teacher),
+                "prompt": template.provenance(), "teacher": teacher_of(comp, teacher),
                 "sampling": sampling.to_dict(), "raw_response": comp.text, "finish_reason": comp.finish_reason}
         if comp.finish_reason == "error":
             rejected.append({**rec, "reason": "teacher_error", "detail": comp.error,
@@ -85,6 +85,8 @@ def instance_records(records: list[dict], teacher: Teacher, templates: dict[bool
             continue
         counters["instances"] += len(items)
         kept.append({**rec, "is_classification": clf, "instances": items, "provenance": _provenance(rec, prov)})
+    if hasattr(teacher, "last_usage") and asked:  # a TeacherPool: each teacher's figures of this batch
+        counters["by_teacher"] = teacher.last_usage
     return kept, rejected, counters
 
 
@@ -92,7 +94,7 @@ def instances(*, run: str = "demo", teacher: str = "smollm2-135m-instruct", back
               batch_size: int = 32, max_instances: int = 5, max_tokens: int = 300,
               prompt_input_first: str | None = None, prompt_output_first: str | None = None,
               base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-              teacher_options: str | None = None) -> None:
+              teacher_options: str | None = None, teachers: str | None = None) -> None:
     """Generate input/output instances for each classified instruction (input- or output-first).
 
     Resumable: finished batches go to instances.journal; rerunning skips them.
@@ -110,6 +112,8 @@ def instances(*, run: str = "demo", teacher: str = "smollm2-135m-instruct", back
         api_key_env: environment variable holding the API key (never logged).
         teacher_options: the backend's own settings as comma-separated key=value pairs, e.g.
             "timeout=300,max_retries=10" (openai), "engine=hf" or "device=cuda" (transformers).
+        teachers: several teachers instead of --teacher: a teachers file (YAML/TOML: name, model, backend,
+            options, share) or comma-separated models, each optionally =share; records are spread by share.
     """
     if max_instances < 1:
         raise SiftError(f"must be >= 1, got {max_instances}", field="max_instances")
@@ -123,14 +127,16 @@ def instances(*, run: str = "demo", teacher: str = "smollm2-135m-instruct", back
         sampling = default_sampling(max_tokens, max_instances)
     except ValueError as e:
         raise SiftError(str(e), field="max_tokens") from None
+    specs = check_teachers(teachers, backend=backend, base_url=base_url, api_key_env=api_key_env,
+                           teacher_options=teacher_options)
+    options = {"teacher": teacher, "backend": backend, "base_url": base_url, "api_key_env": api_key_env,
+               "teacher_options": teacher_options, **({"teachers": specs} if specs else {})}
     with locked(directory):
-        cached = open_teacher(directory, teacher=teacher, backend=backend, batch_size=batch_size,
-                              base_url=base_url, api_key_env=api_key_env,
-                              teacher_options=teacher_options)
+        cached = open_teachers(directory, teachers=teachers, teacher=teacher, backend=backend,
+                               batch_size=batch_size, base_url=base_url, api_key_env=api_key_env,
+                               teacher_options=teacher_options)
         stats = instances_in(directory, cached, templates=templates, sampling=sampling, batch_size=batch_size,
-                             max_instances=max_instances, records=records,
-                             options={"teacher": teacher, "backend": backend, "base_url": base_url,
-                                      "api_key_env": api_key_env, "teacher_options": teacher_options})
+                             max_instances=max_instances, records=records, options=options)
     print_summary("instances", stats)
     print(f"wrote {directory / 'instances.jsonl'} ({stats['accepted']} records, {stats.get('instances', 0)} instances)")
 
@@ -150,6 +156,9 @@ def instances_in(directory: Path, teacher: Teacher, *, templates: dict[bool, Pro
         records, lambda batch: instance_records(batch, teacher, templates, sampling, max_instances),
         stage="instances", journal_path=directory / JOURNAL, fingerprint=fingerprint, batch_size=batch_size)
     stats["cache_hits"] = getattr(teacher, "hits", 0)
+    if hasattr(teacher, "last_usage"):
+        stats["by_teacher"] = per_teacher(kept, rejected, stage="instances", usage=stats.get("by_teacher"))
+        stats["teachers_down"] = dict(getattr(teacher, "down", {}))
     write_jsonl(directory / "instances.rejected.jsonl", rejected)
     write_json(directory / "instances.stats.json", stats)
     write_jsonl(directory / "instances.jsonl", kept)

@@ -68,6 +68,7 @@ class Completion:
     completion_tokens: int
     finish_reason: FinishReason
     error: str | None = None  # set when finish_reason == "error" (a request that failed for good)
+    teacher: dict | None = None  # who answered, set by a TeacherPool: {name, model, identity, backend}
 
 
 class Teacher(Protocol):

@@ -33,6 +33,24 @@ def parse_teacher_options(text: str | None, backend: str) -> dict[str, Any]:
     bad value is one SiftError naming it and listing what the backend takes."""
     if not text or not text.strip():
         return {}
+    raw: dict[str, Any] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, eq, value = (x.strip() for x in item.partition("="))
+        key = key.replace("-", "_")
+        if not eq or not key:
+            raise SiftError(f"expected key=value, got {item!r}", field="teacher_options")
+        if key in raw:
+            raise SiftError(f"{key} is given twice", field="teacher_options")
+        raw[key] = value
+    return check_teacher_options(raw, backend)
+
+
+def check_teacher_options(raw: dict[str, Any], backend: str, *, field: str = "teacher_options",
+                          path: Path | None = None, line: int | None = None) -> dict[str, Any]:
+    """The backend's own keyword options from raw values (strings from the command line, or typed
+    values from a teachers file), each converted to the option's type; one SiftError otherwise."""
     import typing
 
     from pipeline.teachers.registry import backend_options, teacher_class
@@ -43,37 +61,33 @@ def parse_teacher_options(text: str | None, backend: str) -> dict[str, Any]:
                 if name not in RESERVED and unwrap_optional(hints.get(name, str))[0] in (bool, int, float, str)}
     listing = ", ".join(f"{k} ({unwrap_optional(h)[0].__name__})" for k, h in settable.items())
     options: dict[str, Any] = {}
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        key, eq, value = (x.strip() for x in item.partition("="))
-        key = key.replace("-", "_")
-        if not eq or not key:
-            raise SiftError(f"expected key=value, got {item!r}", field="teacher_options")
+    for key, value in raw.items():
+        key = str(key).replace("-", "_")
         if key in RESERVED and RESERVED[key]:
-            raise SiftError(f"{key} has its own option: {RESERVED[key]}", field="teacher_options")
+            raise SiftError(f"{key} has its own option: {RESERVED[key]}", field=field, path=path, line=line)
         if key not in settable:
             raise SiftError(f"the {backend} backend has no option {key!r}; it takes: {listing}",
-                            field="teacher_options")
-        if key in options:
-            raise SiftError(f"{key} is given twice", field="teacher_options")
+                            field=field, path=path, line=line)
         hint = settable[key]
-        raw: Any = None if value.lower() == "none" and unwrap_optional(hint)[1] else value
+        given: Any = None if isinstance(value, str) and value.lower() == "none" and unwrap_optional(hint)[1] \
+            else value
         try:
-            options[key] = converter(hint, key)(raw)
+            options[key] = converter(hint, key)(given)
         except (ValueError, TypeError):
             kind = KINDS.get(unwrap_optional(hint)[0], "a string")
-            raise SiftError(f"{key}: expected {kind}, got {value!r}", field="teacher_options") from None
+            raise SiftError(f"{key}: expected {kind}, got {value!r}", field=field, path=path, line=line) from None
     return options
 
 
 def make_backend(*, teacher: str, backend: str, batch_size: int, base_url: str | None = None,
-                 api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None) -> Teacher:
+                 api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None,
+                 checked_options: dict[str, Any] | None = None) -> Teacher:
     """The uncached teacher (loads the model for in-process backends); `teacher_options` are the
-    backend's own settings as key=value pairs (see `parse_teacher_options`)."""
+    backend's own settings as key=value pairs (see `parse_teacher_options`), `checked_options` the
+    same already converted (a teachers file's `options`)."""
     if backend not in BACKENDS:
         raise SiftError(f"unknown backend {backend!r} (choose one of {', '.join(BACKENDS)})", field="backend")
-    own = parse_teacher_options(teacher_options, backend)
+    own = {**parse_teacher_options(teacher_options, backend), **(checked_options or {})}
     options: dict = dict(own)
     if backend == "openai":
         if not base_url:

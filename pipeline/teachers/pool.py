@@ -1,0 +1,221 @@
+"""Several teachers behind the one Teacher protocol: requests spread by shares, each teacher cached on
+its own, every completion naming the teacher that wrote it.
+
+    pool = open_teachers(run_dir, teachers="teachers.yaml", batch_size=16)   # or teachers="a,b=2"
+    completions = pool.generate(requests)       # completion.teacher = {name, model, identity, backend}
+
+Each generate() call (a round of `sift generate`, a batch of classify or instances) is apportioned
+afresh by `apportion`: request k goes to the teacher furthest below its share after k requests, so
+every prefix of a call, and the call itself, gives each teacher its share to within one request,
+and the same call on a resume gets the same assignment. A teacher that fails every request it is
+sent in a call is marked down (`pool.down` says why): those requests, and its share from then on,
+go to the others. Each teacher keeps its own cache, runs/<run>/cache/teachers/<name>.jsonl, and its
+own figures (`usage`: requests, tokens, seconds, errors, cache hits). Without --teachers,
+`open_teachers` returns the single cached teacher exactly as before.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from pipeline.errors import SiftError
+from pipeline.io.artifacts import canonical_json
+from pipeline.teachers.base import Completion, Request, Teacher
+from pipeline.teachers.cache import CachedTeacher, teacher_identity
+from pipeline.teachers.specs import TeacherSpec, parse_teachers
+
+CACHE_DIR = Path("cache") / "teachers"
+USAGE_KEYS = ("requests", "tokens_in", "tokens_out", "teacher_seconds", "errors", "cache_hits")
+
+
+def apportion(count: int, shares: Sequence[float]) -> list[int]:
+    """The teacher index of each of `count` requests: each goes to the teacher with the largest
+    deficit (its share of the requests so far, this one included, minus what it got), the first on
+    ties. Every prefix gives teacher i within one request of prefix * share_i / sum(shares), and a
+    zero share gets nothing."""
+    total = float(sum(shares))
+    if not shares or total <= 0:
+        raise ValueError("apportion needs a positive share")
+    weights = [s / total for s in shares]
+    given = [0] * len(shares)
+    out = []
+    for k in range(1, count + 1):
+        best = max(range(len(weights)), key=lambda j: (k * weights[j] - given[j], -j))
+        given[best] += 1
+        out.append(best)
+    return out
+
+
+@dataclass
+class Member:
+    """One teacher of a pool."""
+
+    name: str
+    teacher: Teacher  # usually a CachedTeacher over the backend
+    share: float
+    backend: str | None = None
+
+    def provenance(self) -> dict:
+        return {"name": self.name, "model": self.teacher.name,
+                "identity": getattr(self.teacher, "identity", teacher_identity(self.teacher)),
+                "backend": self.backend or getattr(self.teacher, "backend", None)}
+
+
+class TeacherPool:
+    """Implements the Teacher protocol over several members (see the module docstring)."""
+
+    backend = "pool"
+
+    def __init__(self, members: list[Member]) -> None:
+        if not members:
+            raise SiftError("a pool needs at least one teacher", field="teachers")
+        names = [m.name for m in members]
+        if len(set(names)) != len(names):
+            raise SiftError(f"teacher names must differ: {names}", field="teachers")
+        if not any(m.share > 0 for m in members):
+            raise SiftError("every share is 0", field="teachers")
+        self.members = {m.name: m for m in members}
+        self.name = "+".join(names)
+        # what the stages' journal fingerprints see: each member's identity and share
+        self.identity = "pool:" + canonical_json([[m.name, m.provenance()["identity"], m.share] for m in members])
+        self.down: dict[str, str] = {}  # name -> the first error of the call in which it failed everything
+        self.usage: dict[str, dict[str, float]] = {n: dict.fromkeys(USAGE_KEYS, 0) for n in names}
+        self.last_usage: dict[str, dict[str, float]] = {}  # the last generate() call's, per member called
+
+    @property
+    def shares(self) -> dict[str, float]:
+        return {n: m.share for n, m in self.members.items()}
+
+    @property
+    def hits(self) -> int:
+        return sum(getattr(m.teacher, "hits", 0) for m in self.members.values())
+
+    def with_shares(self, shares: dict[str, float]) -> TeacherPool:
+        """The same loaded teachers with other shares (a loop round's); `down` carries over."""
+        pool = TeacherPool([replace(m, share=float(shares.get(n, 0.0))) for n, m in self.members.items()])
+        pool.down, pool.usage = self.down, self.usage
+        return pool
+
+    def provenance(self, name: str) -> dict:
+        return self.members[name].provenance()
+
+    def describe(self) -> dict:
+        return {"teachers": [{**m.provenance(), "share": m.share} for m in self.members.values()],
+                "down": dict(self.down)}
+
+    def assign(self, count: int) -> list[str]:
+        """The member name of each of `count` requests, by share among the teachers not down."""
+        live = [n for n, m in self.members.items() if m.share > 0 and n not in self.down]
+        if not live:
+            live = [n for n in self.members if n not in self.down]  # shares all gone to down teachers
+        if not live:
+            return []
+        shares = [self.members[n].share for n in live]
+        if sum(shares) <= 0:
+            shares = [1.0] * len(live)
+        return [live[i] for i in apportion(count, shares)]
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        return self.generate_for(requests, self.assign(len(requests)))
+
+    def generate_for(self, requests: list[Request], names: Sequence[str | None]) -> list[Completion]:
+        """Complete each request with the named member (None or a down member: reassigned by share)."""
+        if len(names) != len(requests):
+            raise ValueError(f"{len(names)} teacher names for {len(requests)} requests")
+        results: list[Completion | None] = [None] * len(requests)
+        self.last_usage = {}
+        pending = list(range(len(requests)))
+        wanted: list[str | None] = list(names)
+        last_error: dict[int, Completion] = {}
+        while pending:
+            moved = [i for i in pending if wanted[i] is None or wanted[i] not in self.members
+                     or wanted[i] in self.down]
+            for i, name in zip(moved, self.assign(len(moved)), strict=False):
+                wanted[i] = name
+            if moved and not self.assign(1):  # every teacher is down: the last errors stand
+                for i in pending:
+                    results[i] = last_error.get(i) or Completion("", 0, 0, "error", error="every teacher is down")
+                break
+            by_member: dict[str, list[int]] = {}
+            for i in pending:
+                by_member.setdefault(str(wanted[i]), []).append(i)
+            pending = []
+            for name, positions in by_member.items():
+                completions = self._call(name, [requests[i] for i in positions])
+                prov = self.members[name].provenance()
+                stamped = [replace(c, teacher=prov) for c in completions]
+                if all(c.finish_reason == "error" for c in stamped):
+                    self.down.setdefault(name, stamped[0].error or "error")
+                    for i, c in zip(positions, stamped, strict=True):
+                        last_error[i] = c
+                    pending += positions  # their share goes to the others
+                    continue
+                for i, c in zip(positions, stamped, strict=True):
+                    results[i] = c
+            pending.sort()
+        return [r for r in results if r is not None]
+
+    def _call(self, name: str, requests: list[Request]) -> list[Completion]:
+        member = self.members[name]
+        hits = getattr(member.teacher, "hits", 0)
+        t0 = time.monotonic()
+        completions = member.teacher.generate(requests)
+        if len(completions) != len(requests):
+            raise RuntimeError(f"teacher {name} returned {len(completions)} completions for {len(requests)} requests")
+        figures = {"requests": len(requests), "tokens_in": sum(c.prompt_tokens for c in completions),
+                   "tokens_out": sum(c.completion_tokens for c in completions),
+                   "teacher_seconds": round(time.monotonic() - t0, 3),
+                   "errors": sum(c.finish_reason == "error" for c in completions),
+                   "cache_hits": getattr(member.teacher, "hits", 0) - hits}
+        for table in (self.usage, self.last_usage):
+            row = table.setdefault(name, dict.fromkeys(USAGE_KEYS, 0))
+            for k, v in figures.items():
+                row[k] = round(row[k] + v, 3)
+        return completions
+
+
+def open_pool(directory: Path, specs: list[TeacherSpec], *, batch_size: int) -> TeacherPool:
+    """Load every teacher of `specs`, each wrapped in its own cache under runs/<run>/cache/teachers/."""
+    from pipeline.teachers.options import make_backend
+
+    members = []
+    for spec in specs:
+        inner = make_backend(teacher=spec.model, backend=spec.backend, batch_size=batch_size, base_url=spec.base_url,
+                             api_key_env=spec.api_key_env, checked_options=spec.options)
+        cached = CachedTeacher(inner, directory / CACHE_DIR / f"{spec.name}.jsonl", backend=spec.backend)
+        members.append(Member(spec.name, cached, spec.share, spec.backend))
+    return TeacherPool(members)
+
+
+def open_teachers(directory: Path, *, teachers: str | None, teacher: str, backend: str, batch_size: int,
+                  base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+                  teacher_options: str | None = None) -> Teacher:
+    """The stage's teacher: a TeacherPool with --teachers, else the single cached teacher as before."""
+    if not teachers:
+        from pipeline.teachers.options import open_teacher
+
+        return open_teacher(directory, teacher=teacher, backend=backend, batch_size=batch_size, base_url=base_url,
+                            api_key_env=api_key_env, teacher_options=teacher_options)
+    specs = parse_teachers(teachers, backend=backend, base_url=base_url, api_key_env=api_key_env,
+                           teacher_options=teacher_options)
+    return open_pool(directory, specs, batch_size=batch_size)
+
+
+def check_teachers(teachers: str | None, *, backend: str, base_url: str | None = None,
+                   api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None) -> list[dict] | None:
+    """The resolved specs of --teachers (checked before any model loads), for the settings a stage records."""
+    if not teachers:
+        return None
+    return [s.to_dict() for s in parse_teachers(teachers, backend=backend, base_url=base_url,
+                                                api_key_env=api_key_env, teacher_options=teacher_options)]
+
+
+def teacher_of(completion: Completion, teacher: Teacher) -> dict:
+    """Provenance of who wrote a completion: the pool member, or the single teacher."""
+    if completion.teacher:
+        return completion.teacher
+    return {"name": teacher.name, "identity": getattr(teacher, "identity", teacher.name),
+            "backend": getattr(teacher, "backend", None)}
