@@ -321,12 +321,25 @@ def print_table(sets: dict[str, dict]) -> None:
             console.print(f"[bold red]{line}[/]" if line.startswith("the student forgot") else line)
 
 
+def student_base_of(student_dir: Path, fallback: str | None = None) -> str:
+    """The model a student was trained from, from PEFT's adapter_config.json (when sift's own
+    train_config.json is missing), else `fallback`."""
+    config_path = student_dir / "adapter_config.json"
+    name = read_json(config_path).get("base_model_name_or_path") if config_path.is_file() else None
+    if isinstance(name, str) and name:
+        return name
+    if fallback:
+        return fallback
+    raise SiftError("cannot tell the student's base model (no train_config.json, no base_model_name_or_path); "
+                    "pass --base", path=config_path)
+
+
 def evaluate(
     *,
     run: str = "demo",
     sets: str | None = None,
     eval_file: str | None = None,
-    base: str = "smollm2-135m-instruct",
+    base: str | None = None,
     limit: int = 0,
     max_new_tokens: int = 128,
     batch_size: int = 16,
@@ -346,7 +359,8 @@ def evaluate(
             Default: valid, unless --eval-file is given.
         eval_file: A held-out file of your own, run as one more set named after its stem: Self-Instruct
             tasks, Alpaca records or chat records. Other sets' results in eval.json stay.
-        base: Model to compare against (default: the student's own base before fine-tuning).
+        base: Model to compare against (default: the student's own base before fine-tuning, as its
+            train_config.json or PEFT's adapter_config.json names it).
         limit: Evaluate at most this many examples per set (a seeded subset); 0 for all.
         max_new_tokens: Longest greedy answer; an answer that reaches it counts as not stopped.
         batch_size: Examples per forward pass on the plain engine; judge requests per progress report.
@@ -384,7 +398,8 @@ def evaluate(
 
         config_path = student_dir / "train_config.json"
         train_config = read_json(config_path) if config_path.exists() else {}
-        student_base = str(train_config.get("student", base))
+        student_base = str(train_config.get("student") or student_base_of(student_dir, base))
+        base = base or student_base
         student_tok = AutoTokenizer.from_pretrained(str(student_dir))
         if resolve_model(base).path_or_id == resolve_model(student_base).path_or_id:
             base_tok = student_tok  # same model: same prompts, so the numbers compare
