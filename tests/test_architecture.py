@@ -6,7 +6,7 @@ Layers, lowest first (docs/architecture.md draws them):
   2  pipeline.teachers                                    backends, cache, prompts, parsers
   3  train                                                the student side
   4  pipeline.stages, pipeline.views                      the stages and what reads their outputs
-  5  pipeline.cli                                         the command line
+  5  pipeline.cli, pipeline.cli_docs                      the command line and its pages
 A module may import its own layer or any lower one. Imports inside functions count too: a lazy
 import that runs upward is still a dependency upward.
 """
@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pipeline.teachers",),
     ("train",),
     ("pipeline.stages", "pipeline.views"),
-    ("pipeline.cli",),
+    ("pipeline.cli", "pipeline.cli_docs"),
 ]
 
 

@@ -23,3 +23,37 @@ def test_every_option_is_documented(name: str) -> None:
     for param, _ in _params(load_command(name)):
         flag = param.name if param.kind is param.POSITIONAL_ONLY else "--" + param.name.replace("_", "-")
         assert f"`{flag}`" in README, f"README lacks {flag} of sift {name}"
+
+
+def test_options_pages_are_written_from_the_cli() -> None:
+    """docs/options.md and the README's flag list come from the commands; after changing one, run
+    `python -m pipeline.cli_docs`."""
+    from pipeline import cli_docs
+
+    assert (REPO / "docs" / "options.md").read_text() == cli_docs.options_page(), "run python -m pipeline.cli_docs"
+    assert README == cli_docs.with_block(README), "run python -m pipeline.cli_docs"
+
+
+def test_readme_is_a_front_door() -> None:
+    assert len(README.encode()) < 15_000, f"README is {len(README.encode())} bytes; move detail into docs/"
+
+
+def _links(text: str) -> list[str]:
+    return [t for t in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text) if "://" not in t]
+
+
+def test_every_link_resolves_and_every_page_is_reachable() -> None:
+    pages = {REPO / "README.md"} | set((REPO / "docs").glob("*.md"))
+    seen, todo = set(), [REPO / "README.md"]
+    while todo:
+        page = todo.pop()
+        if page in seen:
+            continue
+        seen.add(page)
+        for target in _links(page.read_text()):
+            path = (page.parent / target).resolve()
+            assert path.exists(), f"{page.relative_to(REPO)} links to missing {target}"
+            if path.suffix == ".md":
+                todo.append(path)
+    unreachable = sorted(str(p.relative_to(REPO)) for p in pages - seen)
+    assert not unreachable, f"no link leads to {unreachable}"
