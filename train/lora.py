@@ -351,6 +351,9 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
             tok_info = setup_tokenizer(tokenizer, template)
         except ValueError as e:
             raise SiftError(str(e), field="template") from None
+        if template == "auto" and tok_info["template"] == "alpaca":
+            print(f"train: {student} has no chat template (a base model): using --template alpaca "
+                  "(eval and sample use it too)")
 
         def tokenize(records: list, path: Path) -> tuple[list, Any]:
             try:

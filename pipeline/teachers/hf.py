@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline.io.models import load_model, load_tokenizer, resolve_dtype, resolve_model
 from pipeline.teachers.base import Completion, FinishReason, Request, Sampling
+from pipeline.teachers.prompts import PLAIN_CHAT_TEMPLATE, plain_chat_template
 
 OnBatch = Callable[[int, int], None]  # (requests finished in this batch, new tokens kept in it)
 
@@ -174,6 +176,11 @@ class TransformersTeacher:
         # the fast engine is built and measured for CPUs; on a GPU `generate` is the tested path
         self.engine = engine if supports(self.model) and str(device) == "cpu" else "hf"
         self.max_rows, self.lanes, self._fast = max_rows, lanes, None
+        self._plain_chat: str | None = None  # the plain rendering of chat prompts, once needed
+        why = "" if self.engine == engine else (
+            f": the fast engine is for the Llama family on CPU, this is {self.model.config.model_type} "
+            f"on {device}" if str(device) == "cpu" else f": the fast engine is for CPUs, this is {device}")
+        print(f"teacher {self.name}: engine {self.engine}{why}", file=sys.stderr)
 
     @property
     def context(self) -> int | None:
@@ -191,14 +198,22 @@ class TransformersTeacher:
 
     def prompt_ids(self, request: Request) -> list[int]:
         """Chat messages go through the chat template (generation prompt added); plain prompts
-        are tokenized as they are, with the tokenizer's usual special tokens."""
+        are tokenized as they are, with the tokenizer's usual special tokens. A base model has no
+        chat template: its chat messages are rendered as plain text (Alpaca's instruction/response
+        layout, prompts/alpaca_chat_template.jinja), said once on stderr."""
         if request.messages is not None:
-            if not self.tokenizer.chat_template:
-                raise ValueError(f"model {self.name} has no chat template; send plain prompts")
-            text = self.tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True,
-                                                      tokenize=False)
+            template = self.tokenizer.chat_template or self._plain_chat_template()
+            text = self.tokenizer.apply_chat_template(list(request.messages), chat_template=template,
+                                                      add_generation_prompt=True, tokenize=False)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.tokenizer(request.prompt)["input_ids"]
+
+    def _plain_chat_template(self) -> str:
+        if self._plain_chat is None:
+            self._plain_chat = plain_chat_template()
+            print(f"teacher {self.name}: no chat template (a base model); chat prompts are sent as plain "
+                  f"text in the Alpaca layout ({PLAIN_CHAT_TEMPLATE})", file=sys.stderr)
+        return self._plain_chat
 
     # ------------------------------------------------------------ generation
 

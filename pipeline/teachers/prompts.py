@@ -22,6 +22,7 @@ from pipeline.errors import SiftError
 from pipeline.teachers.base import Request, Sampling
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
+PLAIN_CHAT_TEMPLATE = "alpaca_chat_template.jinja"  # chat prompts to a model without a chat template
 KINDS = ("completion", "chat")
 _HEADER_LINE = re.compile(r"^[A-Za-z_][\w-]*\s*:.*$")
 _TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_]\w*)\}")
@@ -127,6 +128,12 @@ def load(name_or_path: str | Path) -> PromptTemplate:
     except (OSError, UnicodeDecodeError) as e:
         raise SiftError(f"cannot read prompt: {e}", path=path) from None
     return parse_template(text, name=name, path=path)
+
+
+def plain_chat_template() -> str:
+    """The chat template a base model's tokenizer lacks: Alpaca's "### Instruction: ... ###
+    Response:" layout as Jinja, shared with the student side (train/format.py)."""
+    return (PROMPTS_DIR / PLAIN_CHAT_TEMPLATE).read_text(encoding="utf-8")
 
 
 def available() -> list[str]:
