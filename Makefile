@@ -3,6 +3,7 @@
 #   make test              set up (once) and run the whole test suite, the slow end-to-end tests included
 #   make generate N=200    any stage by name; RUN, TEACHER, STUDENT, N and the others below override
 #   make loop ROUNDS=2     student-in-the-loop rounds (LLM2LLM) on the filtered data
+#   make federate CLIENTS=3 ROUNDS=2   federated LoRA on Flower over a split of the filtered data
 SHELL := /bin/bash
 .DELETE_ON_ERROR:
 
@@ -24,10 +25,16 @@ GENERATE_OPTS  ?= --max-tokens 256
 CLASSIFY_OPTS  ?=
 INSTANCES_OPTS ?= --max-tokens 200
 FILTER_OPTS    ?=
+# scorers and --keep rules of `sift score` (docs/scoring.md); ifd on the student's base, judge by the teacher
+SCORE_OPTS     ?= --scorers ifd,length,judge --keep 'ifd<1'
 EXPORT_OPTS    ?=
 TRAIN_OPTS     ?=
 EVAL_OPTS      ?= --max-new-tokens 96
 LOOP_OPTS      ?= --eval-limit 48 --max-failures 16 --max-new-tokens 96 --augment-max-tokens 384
+# federated LoRA (sift federate): parties, optimizer steps per party per round, other options
+CLIENTS        ?= 3
+LOCAL_STEPS    ?= 8
+FEDERATE_OPTS  ?=
 # the CPU build of torch on disk here; on a GPU machine use e.g. TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
 PYTHON     ?= python3
@@ -39,10 +46,10 @@ R     := runs/$(RUN)
 SETUP := $(VENV)/.setup-done
 MODEL := $(VENV)/.model-done
 # the stages built so far, in order; `make all` runs these
-STAGES := seeds generate classify instances filter export train eval report
+STAGES := seeds generate classify instances filter score export train eval report
 TEACHER_ARGS = --teacher $(TEACHER) --backend $(BACKEND) $(if $(TEACHER_OPTIONS),--teacher-options $(TEACHER_OPTIONS))
 
-.PHONY: all setup test test-fast lint bench clean $(STAGES) loop help
+.PHONY: all setup test test-fast lint bench clean $(STAGES) loop federate help
 
 all: $(STAGES)
 	@echo ""
@@ -87,8 +94,12 @@ filter: $(R)/filtered.jsonl
 $(R)/filtered.jsonl: $(R)/instances.jsonl
 	$(SIFT) filter --run "$(RUN)" $(FILTER_OPTS)
 
+score: $(R)/scored.jsonl
+$(R)/scored.jsonl: $(R)/filtered.jsonl
+	$(SIFT) score --run "$(RUN)" --model $(STUDENT) $(TEACHER_ARGS) $(SCORE_OPTS)
+
 export: $(R)/train.jsonl
-$(R)/train.jsonl: $(R)/filtered.jsonl
+$(R)/train.jsonl: $(R)/scored.jsonl
 	$(SIFT) export --run "$(RUN)" --seed $(SEED) $(EXPORT_OPTS)
 
 train: $(R)/student/adapter_model.safetensors
@@ -102,6 +113,11 @@ $(R)/eval.json: $(R)/student/adapter_model.safetensors
 report: $(R)/report.html
 $(R)/report.html: $(R)/eval.json
 	$(SIFT) report --run "$(RUN)"
+
+# always runs: `sift federate` skips finished rounds, so a larger ROUNDS extends the federation
+federate: $(R)/filtered.jsonl | $(MODEL)
+	$(SIFT) federate --run "$(RUN)" --clients $(CLIENTS) --rounds $(ROUNDS) --local-steps $(LOCAL_STEPS) \
+		--student $(STUDENT) --seed $(SEED) $(FEDERATE_OPTS)
 
 # always runs: `sift loop` skips finished rounds, so a larger ROUNDS extends the loop
 loop: $(R)/filtered.jsonl | $(MODEL)

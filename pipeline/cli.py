@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "classify": "pipeline.stages.classify:classify",
     "instances": "pipeline.stages.instances:instances",
     "filter": "pipeline.stages.filter:filter_records",
+    "score": "pipeline.stages.score:score",
     "export": "train.export:export",
     "train": "train.lora:train",
     "merge": "train.merge:merge",
@@ -127,7 +128,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sift", description=__doc__.splitlines()[0] if __doc__ else "sift",
-        epilog="Stages in order: seeds, generate, classify, instances, filter, export, train, eval, report. "
+        epilog="Stages in order: seeds, generate, classify, instances, filter, score, export, train, eval, report. "
                "Run `sift CMD --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"sift {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")

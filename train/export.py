@@ -2,7 +2,7 @@
 
     sift export --run demo        # or: make export
 
-Reads runs/<run>/filtered.jsonl and writes, atomically:
+Reads runs/<run>/scored.jsonl (`sift score`; filtered.jsonl when the run has none) and writes, atomically:
 - train.jsonl / valid.jsonl: {"id", "messages": [user, assistant], "metadata"} a line;
 - alpaca.json: the train split as Alpaca's list of {instruction, input, output};
 - export.rejected.jsonl: records dropped as `contaminated`: they share a word 13-gram (or a whole
@@ -23,7 +23,8 @@ from pipeline.io.runs import locked, record_stage, run_dir
 from train.format import to_messages
 from train.general_set import GENERAL_PATH, build_eval_index, load_general, overlapping_tasks
 
-METADATA_FIELDS = ("provenance", "source", "task_id", "seed_id", "is_classification", "loop")  # carried if present
+# carried if present
+METADATA_FIELDS = ("provenance", "source", "task_id", "seed_id", "is_classification", "loop", "scores")
 
 
 def split_score(record_id: str, seed: int) -> float:
@@ -96,9 +97,21 @@ def write_splits(directory: Path, train: list[dict], valid: list[dict], rejected
                                                 "output": r["output"]} for r in train])
 
 
+def export_source(directory: Path) -> Path:
+    """scored.jsonl (the scored and selected records of `sift score`) when the run has it, else
+    filtered.jsonl; a scored.jsonl older than filtered.jsonl is stale, and an error."""
+    scored, filtered = directory / "scored.jsonl", directory / "filtered.jsonl"
+    if not scored.is_file():
+        return filtered
+    if filtered.is_file() and filtered.stat().st_mtime_ns > scored.stat().st_mtime_ns:
+        raise SiftError("older than filtered.jsonl: rerun `sift score` (make score), or delete it to export "
+                        "the filtered records unscored", path=scored)
+    return scored
+
+
 def export(*, run: str = "demo", valid_fraction: float = 0.1, seed: int = 0, decontaminate_general: bool = True
            ) -> None:
-    """Write train.jsonl, valid.jsonl (chat messages) and alpaca.json from filtered.jsonl.
+    """Write train.jsonl, valid.jsonl (chat messages) and alpaca.json from scored.jsonl (else filtered.jsonl).
 
     Records that share a word 13-gram with sift's general held-out set go to export.rejected.jsonl
     (reason `contaminated`, with the ids of the tasks they overlap) instead.
@@ -112,7 +125,7 @@ def export(*, run: str = "demo", valid_fraction: float = 0.1, seed: int = 0, dec
     if not 0 <= valid_fraction < 1:
         raise SiftError(f"must be in [0, 1), got {valid_fraction}", field="valid_fraction")
     directory = run_dir(run)
-    source = directory / "filtered.jsonl"
+    source = export_source(directory)
     with locked(directory):
         read = read_filtered(source)
         tasks = load_general(GENERAL_PATH) if decontaminate_general else []

@@ -1,0 +1,314 @@
+"""Stage `score`: score every record (IFD, length, judge, reward), then keep the best, with a ledger.
+
+    sift score --run demo                                          # filtered.jsonl -> scored.jsonl (make score)
+    sift score alpaca_data.json -o scored.jsonl --scorers ifd,judge --keep "ifd<1,top=0.25:judge"
+
+Every kept record gets a `scores` object of numbers (`scores.ifd`, `scores.ifd_loss_given_prompt`,
+`scores.ifd_loss_alone`, `scores.length`, `scores.judge`, `scores.reward`; None where a record has
+no score) and `score_details` (how each was computed, e.g. the judge's method). `--keep` rules
+(filters/selection.py) then drop records into scored.rejected.jsonl with the reason and the score;
+their funnel rows go into funnel.json after the filter's rules. Scores are cached per (scorer,
+model, settings, record) in an append-only journal (runs/<run>/cache/scores.jsonl, or OUT's
+`.cache.jsonl` stand-alone), written after each batch: a killed run resumes where it stopped, and a
+rerun with other `--keep` rules recomputes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from filters.selection import parse_keep, score_of, select
+from pipeline.errors import SiftError
+from pipeline.io.artifacts import (
+    Journal,
+    all_or_none,
+    content_id,
+    read_json,
+    read_records,
+    require,
+    write_json,
+    write_jsonl,
+)
+from pipeline.io.progress import StageProgress
+from pipeline.io.runs import locked, record_stage, run_dir
+
+SCORERS = ("ifd", "length", "judge", "reward")
+# the numbers each scorer puts in `scores` (the first is the scorer's own name)
+SCORE_FIELDS = {"ifd": ("ifd", "ifd_loss_given_prompt", "ifd_loss_alone"), "length": ("length",),
+                "judge": ("judge",), "reward": ("reward",)}
+CACHE_FILE = Path("cache") / "scores.jsonl"
+CHUNK = 32  # records per journal entry: a kill loses at most this much work per scorer
+
+ScoreFn = Callable[[list[dict]], list[dict]]
+
+
+def parse_scorers(spec: str) -> list[str]:
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise SiftError("name at least one scorer", field="scorers")
+    unknown = [n for n in names if n not in SCORERS]
+    if unknown:
+        raise SiftError(f"unknown scorer {unknown[0]!r}; scorers: {', '.join(SCORERS)}", field="scorers")
+    return list(dict.fromkeys(names))
+
+
+def read_scorable(path: Path) -> list[dict]:
+    """Records with a string instruction and output (input optional), each with an id (given or
+    from its content); a bad record is a SiftError naming file, line and field."""
+    records, seen = [], {}
+    for line, rec in read_records(path):
+        require(rec, "instruction", str, path=path, line=line)
+        require(rec, "output", str, path=path, line=line)
+        require(rec, "input", str, path=path, line=line, optional=True)
+        given = require(rec, "id", (str, int), path=path, line=line, optional=True)
+        rid = str(given) if given is not None else content_id(
+            [rec["instruction"], rec.get("input") or "", rec["output"], line], prefix="rec_")
+        if rid in seen:
+            raise SiftError(f"duplicate id {rid!r} (first on line {seen[rid]})", path=path, line=line, field="id")
+        seen[rid] = line
+        records.append({**rec, "id": rid})
+    return records
+
+
+# ---------------------------------------------------------------- scorers, built lazily
+
+
+class Scorers:
+    """Builds each scorer's model on first use, so a fully cached rerun loads nothing."""
+
+    def __init__(self, *, model: str, dtype: str, batch_size: int, teacher: dict[str, Any],
+                 reward_model: str | None, judge_prompt: str | None) -> None:
+        self.model, self.dtype, self.batch_size = model, dtype, batch_size
+        self.teacher_options, self.reward_model, self.judge_prompt = teacher, reward_model, judge_prompt
+        self._built: dict[str, ScoreFn] = {}
+
+    def identity(self, name: str) -> dict:
+        """What the cache key holds besides the record: the model and every setting that changes the score."""
+        if name == "ifd":
+            return {"model": self.model, "dtype": self.dtype, "format": "chat-or-alpaca/v1"}
+        if name == "judge":
+            from train.rating import load_prompt
+
+            t = self.teacher_options
+            return {"teacher": t["teacher"], "backend": t["backend"], "base_url": t.get("base_url"),
+                    "teacher_options": t.get("teacher_options"), "prompt": load_prompt(self.judge_prompt).sha}
+        if name == "reward":
+            return {"model": self.reward_model}
+        return {}
+
+    def get(self, name: str, progress: Callable[[int], None]) -> ScoreFn:
+        if name not in self._built:
+            self._built[name] = getattr(self, f"_build_{name}")()
+        fn = self._built[name]
+        return lambda recs: fn(recs, progress)  # type: ignore[call-arg]
+
+    def _build_length(self) -> Any:
+        from train.scorers import length_scores
+
+        return lambda recs, progress: (length_scores(recs), progress(len(recs)))[0]
+
+    def _build_ifd(self) -> Any:
+        from pipeline.io.models import load_model, load_tokenizer
+        from train.scorers import ifd_scores, prepare_tokenizer
+
+        model, tok = load_model(self.model, dtype=self.dtype), load_tokenizer(self.model)
+        prepare_tokenizer(tok)
+        return lambda recs, progress: ifd_scores(model, tok, recs, batch_size=self.batch_size, progress=progress)
+
+    def _build_judge(self) -> Any:
+        from pipeline.teachers.options import make_backend
+        from train.rating import judge_scores, load_prompt
+
+        template = load_prompt(self.judge_prompt)
+        teacher = make_backend(batch_size=self.batch_size, **self.teacher_options)
+
+        def run(recs: list[dict], progress: Callable[[int], None]) -> list[dict]:
+            out = judge_scores(teacher, recs, template=template)
+            progress(len(recs))
+            return out
+
+        return run
+
+    def _build_reward(self) -> Any:
+        from train.scorers import reward_scores
+
+        model, tok = load_reward_model(self.reward_model)
+        return lambda recs, progress: reward_scores(model, tok, recs, batch_size=self.batch_size, progress=progress)
+
+
+def load_reward_model(folder: str | None) -> tuple[Any, Any]:
+    if not folder:
+        raise SiftError("the reward scorer needs --reward-model: a folder with a sequence-classification "
+                        "reward model (e.g. OpenAssistant/reward-model-deberta-v3-large-v2 saved locally)",
+                        field="reward_model")
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise SiftError("no config.json: not a model folder", path=path, field="reward_model")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SiftError(f"cannot load a sequence-classification model: {e}", path=path,
+                        field="reward_model") from None
+    model.eval()
+    return model, tok
+
+
+# ---------------------------------------------------------------- the cached loop
+
+
+def score_all(records: list[dict], names: list[str], scorers: Scorers, cache_path: Path) -> dict[str, int]:
+    """Put `scores` and `score_details` on every record, computing only what the cache lacks."""
+    journal = Journal(cache_path)
+    cache = {e["key"]: e["result"] for e in journal.read() if isinstance(e.get("key"), str)}
+    counts = {"computed": 0, "cached": 0}
+    for rec in records:
+        rec["scores"], rec["score_details"] = {}, {}
+    for name in names:
+        ident = scorers.identity(name)
+        keys = [content_id({"scorer": name, **ident, "instruction": r["instruction"], "input": r.get("input") or "",
+                            "output": r["output"]}, prefix="sc_") for r in records]
+        todo = [i for i, k in enumerate(keys) if k not in cache]
+        counts["cached"] += len(records) - len(todo)
+        if todo:
+            with StageProgress(f"score {name}", len(records), initial=len(records) - len(todo)) as bar:
+                fn = scorers.get(name, lambda n: bar.update(done=n))
+                for lo in range(0, len(todo), CHUNK):
+                    chunk = todo[lo:lo + CHUNK]
+                    results = fn([records[i] for i in chunk])
+                    entries = [{"key": keys[i], "result": r} for i, r in zip(chunk, results, strict=True)]
+                    journal.append(entries)
+                    cache.update((e["key"], e["result"]) for e in entries)
+                    counts["computed"] += len(chunk)
+        for rec, key in zip(records, keys, strict=True):
+            result = cache[key]
+            for field in SCORE_FIELDS[name]:
+                source = "value" if field == name else field.removeprefix(f"{name}_")
+                rec["scores"][field] = result.get(source)
+            details = {k: v for k, v in result.items() if k != "value" and f"{name}_{k}" not in SCORE_FIELDS[name]}
+            if details:
+                rec["score_details"][name] = details
+    return counts
+
+
+def score_records(records: list[dict], names: list[str], keep: str | None, scorers: Scorers, cache_path: Path
+                  ) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """Score, then select: kept records, the rejected ledger, the funnel rows and stats."""
+    known = [f for n in names for f in SCORE_FIELDS[n]]
+    rules = parse_keep(keep, known)
+    counts = score_all(records, names, scorers, cache_path)
+    reasons, rows = select(records, rules)
+    kept, rejected = [], []
+    by_rule = {r.reason: r.score for r in rules} | {f"no_{r.score}": r.score for r in rules}
+    for rec, reason in zip(records, reasons, strict=True):
+        if reason is None:
+            kept.append(rec)
+        else:
+            score = by_rule.get(reason, "")
+            rejected.append({"id": rec["id"], "reason": reason, "score": score_of(rec, score), "score_name": score,
+                             "record": rec})
+    by_reason: dict[str, int] = {}
+    for r in rejected:
+        by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
+    stats = {"input": len(records), "kept": len(kept), "rejected": len(rejected), "by_reason": by_reason,
+             "scorers": names, "keep": [r.text for r in rules], **counts}
+    return kept, rejected, rows, stats
+
+
+# ---------------------------------------------------------------- the command
+
+
+def score(input: str | None = None, /, *, output: str | None = None, run: str = "demo",
+          scorers: str = "ifd,length", keep: str | None = None, model: str = "smollm2-135m-instruct",
+          dtype: str = "auto", teacher: str = "smollm2-135m-instruct", backend: str = "transformers",
+          base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None,
+          judge_prompt: str | None = None, reward_model: str | None = None, batch_size: int = 8) -> None:
+    """Score every record (ifd, length, judge, reward) and keep the best, with a ledger of the dropped.
+
+    With no INPUT, the stage: runs/<run>/filtered.jsonl -> scored.jsonl and scored.rejected.jsonl, and
+    the --keep rows appended to funnel.json. With INPUT (JSONL or a JSON list of records with
+    `instruction`, optional `input`, and `output`), writes OUT and OUT.rejected.jsonl, OUT.funnel.json.
+    Every record gets `scores` (numbers) and `score_details`. Cached per (scorer, model, record) and
+    resumable: a killed or repeated run recomputes nothing it finished.
+
+    Args:
+        input: a dataset to score stand-alone; omit to run the stage on runs/<run>/filtered.jsonl
+        output: where kept records go (stand-alone; .jsonl); required with INPUT
+        run: run name for the stage; artifacts live in runs/<run>/
+        scorers: comma list of ifd (instruction-following difficulty, Cherry LLM), length (answer words),
+            judge (the teacher's 1-5 rating, AlpaGasus / G-Eval), reward (a reward model folder)
+        keep: selection rules in order, e.g. "ifd<1,judge>=4,top=0.25:judge" (SCORE<N, <=, >, >=, ==, or
+            top=FRACTION:SCORE; for top= a lower ifd is better); none: keep every record
+        model: the causal LM that computes ifd (default: the embedded student base model)
+        dtype: the ifd model's dtype: auto (bfloat16 where the CPU has it), float32, bfloat16
+        teacher: the judge's model (as for sift generate)
+        backend: the judge's backend: transformers, vllm or openai
+        base_url: server URL for the openai backend
+        api_key_env: environment variable holding the API key (never logged)
+        teacher_options: the judge backend's own settings as key=value pairs (see sift generate)
+        judge_prompt: your own rating prompt file (placeholders {instruction}, {input}, {output})
+        reward_model: a sequence-classification reward model folder (needed by the reward scorer)
+        batch_size: records per forward pass
+    """
+    started = time.time()
+    names = parse_scorers(scorers)
+    try:
+        parse_keep(keep, [f for n in names for f in SCORE_FIELDS[n]])
+    except ValueError as e:
+        raise SiftError(str(e), field="keep") from None
+    if batch_size < 1:
+        raise SiftError(f"must be >= 1, got {batch_size}", field="batch_size")
+    if "reward" in names and not reward_model:
+        load_reward_model(reward_model)  # the clear message, before anything loads
+    if "judge" in names:
+        from train.rating import load_prompt
+
+        load_prompt(judge_prompt)
+    teacher_settings = {"teacher": teacher, "backend": backend, "base_url": base_url, "api_key_env": api_key_env,
+                        "teacher_options": teacher_options}
+    built = Scorers(model=model, dtype=dtype, batch_size=batch_size, teacher=teacher_settings,
+                    reward_model=reward_model, judge_prompt=judge_prompt)
+    settings = {"scorers": names, "keep": keep, "model": model, "dtype": dtype, **teacher_settings,
+                "judge_prompt": judge_prompt, "reward_model": reward_model, "batch_size": batch_size}
+    if input is None:
+        directory = run_dir(run)
+        source = directory / "filtered.jsonl"
+        if not source.exists():
+            raise SiftError("not found; run `sift filter` (or `make filter`) first", path=source)
+        with locked(directory):
+            records = read_scorable(source)
+            kept, rejected, rows, stats = score_records(records, names, keep, built, directory / CACHE_FILE)
+            funnel_path = directory / "funnel.json"
+            funnel = read_json(funnel_path) if funnel_path.is_file() else {"input": len(records), "rules": []}
+            funnel["rules"] = [r for r in funnel.get("rules", []) if not str(r.get("rule", "")).startswith("keep ")]
+            funnel["rules"] += rows
+            funnel["kept"] = len(kept)
+            target = directory / "scored.jsonl"
+            with all_or_none(target, directory / "scored.rejected.jsonl", funnel_path):
+                write_jsonl(directory / "scored.rejected.jsonl", rejected)
+                write_json(funnel_path, funnel)
+                write_jsonl(target, kept)
+            stats["wall_seconds"] = round(time.time() - started, 2)
+            write_json(directory / "score.stats.json", stats)
+            record_stage(directory, "score", {"run": run, **settings}, stats=stats)
+    else:
+        if output is None:
+            raise SiftError("-o/--output is required when scoring a file", field="output")
+        out = Path(output)
+        stem = out.with_suffix("") if out.suffix in (".jsonl", ".json") else out
+        target = out
+        records = read_scorable(Path(input))
+        kept, rejected, rows, stats = score_records(records, names, keep, built, Path(f"{stem}.cache.jsonl"))
+        with all_or_none(out, Path(f"{stem}.rejected.jsonl"), Path(f"{stem}.funnel.json")):
+            write_jsonl(Path(f"{stem}.rejected.jsonl"), rejected)
+            write_json(Path(f"{stem}.funnel.json"), {"input": len(records), "kept": len(kept), "rules": rows})
+            write_jsonl(out, kept)
+        stats["wall_seconds"] = round(time.time() - started, 2)
+    reasons = ", ".join(f"{r} {c}" for r, c in sorted(stats["by_reason"].items(), key=lambda x: -x[1])) or "none"
+    print(f"score: {stats['input']} in, {stats['kept']} kept, {stats['rejected']} rejected ({reasons}); "
+          f"{stats['computed']} scores computed, {stats['cached']} cached, in {stats['wall_seconds']:.1f}s -> {target}")

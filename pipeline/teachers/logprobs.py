@@ -1,0 +1,62 @@
+"""The first token's probabilities of a reply, for backends that can give them.
+
+    dists = first_token_probs(teacher, requests, top=20)   # [{token text: probability}] or None
+
+Used by the `judge` scorer (train/rating.py) to read a 1-5 rating as the probability-weighted mean
+over the rating tokens (G-Eval; Liu et al., 2023) instead of parsing one sampled digit. The
+transformers backend computes the exact next-token distribution after the prompt (one forward pass
+over the chat-templated prompt, the same ids `generate` would start from); other backends return
+None here, and the caller falls back to a sampled reply. Token texts are decoded and stripped, and
+tokens with the same stripped text ("4" and " 4") are summed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.teachers.base import Request
+
+TOP = 20  # tokens kept per request (OpenAI's top_logprobs allows at most 20)
+
+
+def supports_logprobs(teacher: Any) -> bool:
+    """True when `first_token_probs` can read this teacher's distribution (unwrapping a cache)."""
+    inner = getattr(teacher, "teacher", teacher)
+    return all(hasattr(inner, a) for a in ("model", "tokenizer", "prompt_ids"))
+
+
+def first_token_probs(teacher: Any, requests: Sequence[Request], *, top: int = TOP, batch_size: int = 8
+                      ) -> list[dict[str, float]] | None:
+    """The `top` most likely first tokens of each reply, as {stripped text: probability}; None when
+    the backend cannot tell."""
+    inner = getattr(teacher, "teacher", teacher)
+    if not supports_logprobs(inner):
+        return None
+    import torch
+
+    encoded = [inner.prompt_ids(r) for r in requests]
+    model, tok = inner.model, inner.tokenizer
+    device = next(model.parameters()).device
+    out: list[dict[str, float]] = [{} for _ in requests]
+    order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
+    for lo in range(0, len(order), batch_size):
+        batch = order[lo:lo + batch_size]
+        width = max(len(encoded[i]) for i in batch)
+        pad = tok.eos_token_id if tok.eos_token_id is not None else 0
+        # right padding: every prompt keeps the positions it has alone; read each row at its last token
+        ids = torch.tensor([encoded[i] + [pad] * (width - len(encoded[i])) for i in batch])
+        mask = torch.tensor([[1] * len(encoded[i]) + [0] * (width - len(encoded[i])) for i in batch])
+        last = torch.tensor([len(encoded[i]) - 1 for i in batch])
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logits = logits[torch.arange(len(batch)), last.to(logits.device)].float()
+        probs = logits.softmax(-1)
+        values, indices = probs.topk(min(top, probs.shape[-1]), dim=-1)
+        for row, i in enumerate(batch):
+            dist: dict[str, float] = {}
+            for p, t in zip(values[row].tolist(), indices[row].tolist(), strict=True):
+                text = tok.decode([t]).strip()
+                dist[text] = dist.get(text, 0.0) + p
+            out[i] = dist
+    return out

@@ -1,0 +1,165 @@
+"""Model-based quality scores for instruction records: IFD, length and a reward model.
+
+    sift score --run demo --scorers ifd,length           # the stage that calls these (pipeline/stages/score.py)
+    .venv/bin/python -m pytest tests/train/test_scorers.py -q
+
+Each scorer takes records ({instruction, input, output}) and returns one result per record, in
+order; a result is a dict whose "value" is the score (None when the record cannot be scored)
+plus the scorer's own details. No generation anywhere: one forward pass per batch.
+
+- `ifd` (Instruction-Following Difficulty; Li et al., 2024, "From Quantity to Quality", Cherry LLM;
+  Li et al., 2024, "Superfiltering"): the mean loss of the answer tokens given the prompt, divided
+  by their mean loss given an empty instruction. The prompt is rendered exactly as the student is
+  trained (train/format.py: the model's chat template, or the Alpaca template when it has none), and
+  the "alone" side renders the same template with an empty user message, so the two losses differ
+  only by the instruction (and input) text, over the same answer token ids. Below 1: the
+  instruction helps predict the answer; 1 or more: the answer does not depend on the instruction.
+  An answer with no tokens has no loss: its IFD is None (reason "empty_answer").
+- `length`: words in the answer (whitespace split); characters and tokens are in the details.
+- `reward`: any sequence-classification reward model folder (e.g. an OpenAssistant DeBERTa reward
+  model): its logit for (prompt, answer); with two or more labels, the last label's log-odds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from train.format import render_prompt, setup_tokenizer, to_messages
+
+MAX_ANSWER_TOKENS = 512  # answer tokens scored at most (Cherry LLM cuts whole texts at 512)
+MAX_PROMPT_TOKENS = 512  # prompt tokens kept (the last ones) before the answer
+Progress = Callable[[int], None]  # called with the number of records just finished
+
+
+def user_text(record: dict) -> str:
+    """The user turn as the student sees it: instruction, then the input after a blank line."""
+    return to_messages(record["instruction"], record.get("input") or "", "")[0]["content"]
+
+
+# ---------------------------------------------------------------- length
+
+
+def length_scores(records: Sequence[dict]) -> list[dict]:
+    """Words of each answer (whitespace split), with its characters."""
+    return [{"value": len((r.get("output") or "").split()), "chars": len(r.get("output") or "")} for r in records]
+
+
+# ---------------------------------------------------------------- IFD
+
+
+def prepare_tokenizer(tokenizer: Any) -> str:
+    """Give the tokenizer the student's prompt format (chat template, else Alpaca's); returns which."""
+    return setup_tokenizer(tokenizer, "auto")["template"]
+
+
+def ifd_sequences(tokenizer: Any, record: dict, *, max_answer_tokens: int = MAX_ANSWER_TOKENS,
+                  max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, empty-instruction prompt ids, answer ids) of one record. The answer is tokenized
+    on its own (as it follows the assistant header in training) and cut to `max_answer_tokens`;
+    the prompt keeps its last `max_prompt_tokens` tokens."""
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    prompt = ids(render_prompt(tokenizer, [{"role": "user", "content": user_text(record)}]))
+    empty = ids(render_prompt(tokenizer, [{"role": "user", "content": ""}]))
+    answer = ids(record.get("output") or "")[:max_answer_tokens] if (record.get("output") or "").strip() else []
+    return prompt[-max_prompt_tokens:], empty[-max_prompt_tokens:], answer
+
+
+def answer_losses(model: Any, pairs: Sequence[tuple[list[int], list[int]]], *, pad_id: int) -> list[float]:
+    """Mean token cross-entropy (nats) of each answer given its prefix, in one padded forward pass
+    (right padding, so positions are those of an unpadded sequence)."""
+    import torch
+
+    width = max(len(p) + len(a) for p, a in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for i, (p, a) in enumerate(pairs):
+        seq = p + a
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(seq)] = 1
+    device = next(model.parameters()).device
+    rows = torch.tensor([i for i, (p, a) in enumerate(pairs) for _ in a])
+    cols = torch.tensor([len(p) - 1 + k for p, a in pairs for k in range(len(a))])  # positions predicting the answer
+    with torch.inference_mode():
+        hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        # the output layer only where an answer token is predicted: most of the vocabulary work saved
+        logits = model.get_output_embeddings()(hidden[rows.to(device), cols.to(device)]).float()
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        token_loss = torch.nn.functional.cross_entropy(logits, ids[rows, cols + 1].to(device), reduction="none")
+    out, at = [], 0
+    for _, a in pairs:
+        out.append(float(token_loss[at:at + len(a)].mean()))
+        at += len(a)
+    return out
+
+
+def ifd_scores(model: Any, tokenizer: Any, records: Sequence[dict], *, batch_size: int = 8,
+               max_answer_tokens: int = MAX_ANSWER_TOKENS, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+               progress: Progress | None = None) -> list[dict]:
+    """IFD of each record: {"value": loss_given_prompt / loss_alone, "loss_given_prompt",
+    "loss_alone", "answer_tokens"}; value None with a "reason" when the answer has no tokens.
+    `tokenizer` must already have the prompt format (`prepare_tokenizer`)."""
+    seqs = [ifd_sequences(tokenizer, r, max_answer_tokens=max_answer_tokens, max_prompt_tokens=max_prompt_tokens)
+            for r in records]
+    results: list[dict | None] = [None] * len(records)
+    for i, (_, _, answer) in enumerate(seqs):
+        if not answer:
+            results[i] = {"value": None, "reason": "empty_answer", "answer_tokens": 0}
+    todo = sorted((i for i, r in enumerate(results) if r is None), key=lambda i: len(seqs[i][0]) + len(seqs[i][2]))
+    # the loss alone depends only on the answer: once per distinct answer ("Positive", "No", ...)
+    alone: dict[tuple[int, ...], float] = {}
+    for lo in range(0, len(todo), batch_size):
+        batch = todo[lo:lo + batch_size]
+        fresh = list(dict.fromkeys(tuple(seqs[i][2]) for i in batch if tuple(seqs[i][2]) not in alone))
+        empty = seqs[batch[0]][1]
+        losses = answer_losses(model, [(seqs[i][0], seqs[i][2]) for i in batch] + [(empty, list(a)) for a in fresh],
+                               pad_id=tokenizer.eos_token_id)  # any real id: right padding is never attended to
+        alone.update(zip(fresh, losses[len(batch):], strict=True))
+        for k, i in enumerate(batch):
+            given, base = losses[k], alone[tuple(seqs[i][2])]
+            results[i] = {"value": given / base if base > 0 else None, "loss_given_prompt": given,
+                          "loss_alone": base, "answer_tokens": len(seqs[i][2])}
+        if progress is not None:
+            progress(len(batch))
+    return [r for r in results if r is not None]
+
+
+# ---------------------------------------------------------------- reward model
+
+
+def reward_input(tokenizer: Any, record: dict) -> dict:
+    """The reward model's input: the chat rendered by its template when it has one, else the
+    (question, answer) text pair that OpenAssistant-style reward models are trained on."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(to_messages(record["instruction"], record.get("input") or "",
+                                                         record.get("output") or ""), tokenize=False)
+        return {"text": text}
+    return {"text": user_text(record), "text_pair": record.get("output") or ""}
+
+
+def reward_scores(model: Any, tokenizer: Any, records: Sequence[dict], *, batch_size: int = 8,
+                  max_length: int = 1024, progress: Progress | None = None) -> list[dict]:
+    """The reward model's score per record: the logit with one label, else the log-odds of the last."""
+    import torch
+
+    out: list[dict] = []
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for lo in range(0, len(records), batch_size):
+        inputs = [reward_input(tokenizer, r) for r in records[lo:lo + batch_size]]
+        pairs = "text_pair" in inputs[0]
+        enc = tokenizer([x["text"] for x in inputs], [x["text_pair"] for x in inputs] if pairs else None,
+                        padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.inference_mode():
+            logits = model(**enc).logits.float()
+        for row in logits:
+            value = float(row[0]) if row.numel() == 1 else float(row.log_softmax(-1)[-1] - torch.log1p(
+                -row.softmax(-1)[-1].clamp(max=1 - 1e-7)))
+            out.append({"value": value})
+        if progress is not None:
+            progress(len(inputs))
+    return out
