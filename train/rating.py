@@ -26,7 +26,7 @@ from pipeline.teachers.prompts import PromptTemplate, load
 PROMPT = "score_judge"
 RATINGS = ("1", "2", "3", "4", "5")
 MIN_MASS = 0.05  # probability on the rating tokens below which the distribution says nothing
-_DIGIT = re.compile(r"(?<![\d.])([1-5])(?![\d.])")
+_DIGIT = re.compile(r"(?<![\d.])([1-5])(?!\d|\.\d)")
 
 
 def load_prompt(prompt: str | None = None) -> PromptTemplate:
@@ -57,7 +57,7 @@ def judge_scores(teacher: Teacher, records: Sequence[dict], *, template: PromptT
     sampling = Sampling(temperature=0.0, max_tokens=max_tokens, seed=0)
     requests = [template.request(sampling, instruction=r["instruction"], input=r.get("input") or "",
                                  output=r.get("output") or "") for r in records]
-    dists = first_token_probs(teacher, requests) if use_logprobs else None
+    dists = first_token_probs(teacher, requests, include=RATINGS) if use_logprobs else None
     results: list[dict[str, Any] | None] = [None] * len(records)
     if dists is not None:
         for i, dist in enumerate(dists):

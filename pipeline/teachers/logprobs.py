@@ -26,10 +26,21 @@ def supports_logprobs(teacher: Any) -> bool:
     return all(hasattr(inner, a) for a in ("model", "tokenizer", "prompt_ids"))
 
 
-def first_token_probs(teacher: Any, requests: Sequence[Request], *, top: int = TOP, batch_size: int = 8
-                      ) -> list[dict[str, float]] | None:
-    """The `top` most likely first tokens of each reply, as {stripped text: probability}; None when
-    the backend cannot tell."""
+def _single_token_ids(tok: Any, texts: Sequence[str]) -> list[int]:
+    """Ids of the one-token spellings of `texts` ("4" and " 4" are often two different tokens)."""
+    ids = set()
+    for text in texts:
+        for spelling in (text, " " + text):
+            enc = tok(spelling, add_special_tokens=False)["input_ids"]
+            if len(enc) == 1:
+                ids.add(enc[0])
+    return sorted(ids)
+
+
+def first_token_probs(teacher: Any, requests: Sequence[Request], *, top: int = TOP, include: Sequence[str] = (),
+                      batch_size: int = 8) -> list[dict[str, float]] | None:
+    """The `top` most likely first tokens of each reply, plus the tokens spelling `include`, as
+    {stripped text: probability}; None when the backend cannot tell."""
     inner = getattr(teacher, "teacher", teacher)
     if not supports_logprobs(inner):
         return None
@@ -39,6 +50,7 @@ def first_token_probs(teacher: Any, requests: Sequence[Request], *, top: int = T
     model, tok = inner.model, inner.tokenizer
     device = next(model.parameters()).device
     out: list[dict[str, float]] = [{} for _ in requests]
+    wanted = _single_token_ids(tok, include)
     order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
     for lo in range(0, len(order), batch_size):
         batch = order[lo:lo + batch_size]
@@ -55,7 +67,9 @@ def first_token_probs(teacher: Any, requests: Sequence[Request], *, top: int = T
         values, indices = probs.topk(min(top, probs.shape[-1]), dim=-1)
         for row, i in enumerate(batch):
             dist: dict[str, float] = {}
-            for p, t in zip(values[row].tolist(), indices[row].tolist(), strict=True):
+            chosen = dict(zip(indices[row].tolist(), values[row].tolist(), strict=True))
+            chosen.update((t, float(probs[row, t])) for t in wanted)
+            for t, p in chosen.items():
                 text = tok.decode([t]).strip()
                 dist[text] = dist.get(text, 0.0) + p
             out[i] = dist

@@ -1,0 +1,122 @@
+"""The judge scorer: the rating parser, the G-Eval mean, and the log-probability path on a tiny model.
+
+    .venv/bin/python -m pytest tests/train/test_rating.py -q
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.teachers.base import Request
+from pipeline.teachers.logprobs import first_token_probs, supports_logprobs
+from train import rating
+from train.rating import expected_rating, judge_scores, parse_rating
+
+DIGITS = ["rating 1 2 3 4 5", "the answer is good", "the answer is wrong", "below is an answer"]
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("4", 4), (" 5\n", 5), ("Rating: 3/5", 3), ("**2**", 2), ("I would give it a 1.", 1),
+    ("10", None), ("0", None), ("6", None), ("4.5", None), ("", None), ("excellent", None),
+    ("score 7 then 3", 3),
+])
+def test_parse_rating(text: str, value: int | None) -> None:
+    assert parse_rating(text) == value
+
+
+def test_expected_rating_is_the_weighted_mean_over_the_rating_tokens() -> None:
+    value, mass = expected_rating({"4": 0.6, "5": 0.2, "The": 0.2})
+    assert value == pytest.approx((4 * 0.6 + 5 * 0.2) / 0.8)  # 4.25, renormalised over 1..5
+    assert mass == pytest.approx(0.8)
+    assert expected_rating({"The": 1.0}) == (None, 0.0)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory):
+    """A real transformers teacher on a tiny random Llama whose vocabulary has the digits 1-5."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from pipeline.teachers.hf import TransformersTeacher
+    from tests.train.conftest import SENTENCES, make_model
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(SENTENCES + DIGITS, trainers.WordLevelTrainer(
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>")
+    fast.chat_template = CHATML
+    model = make_model(len(fast), seed=3)
+    model.config.eos_token_id = model.generation_config.eos_token_id = fast.eos_token_id
+    folder = tmp_path_factory.mktemp("judge") / "tiny"
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return TransformersTeacher(str(folder), dtype="float32", engine="hf", batch_size=4)
+
+
+RECORDS = [{"instruction": "name a primary color", "input": "", "output": "red is a primary color"},
+           {"instruction": "what is the capital of france", "input": "", "output": "hola"}]
+
+
+def reference_distribution(teacher, request: Request) -> dict[str, float]:
+    import torch
+
+    ids = torch.tensor([teacher.prompt_ids(request)])
+    with torch.no_grad():
+        probs = teacher.model(input_ids=ids).logits[0, -1].double().softmax(-1)
+    return {teacher.tokenizer.decode([i]).strip(): float(probs[i]) for i in range(probs.shape[0])}
+
+
+def test_first_token_probs_match_a_single_prompt_reference(teacher) -> None:
+    template = rating.load_prompt()
+    from pipeline.teachers.base import Sampling
+
+    requests = [template.request(Sampling(temperature=0.0, max_tokens=2), instruction=r["instruction"],
+                                 input=r["input"], output=r["output"]) for r in RECORDS]
+    assert supports_logprobs(teacher)
+    got = first_token_probs(teacher, requests, top=10_000)
+    for request, dist in zip(requests, got, strict=True):
+        ref = reference_distribution(teacher, request)
+        for d in "12345":
+            assert dist[d] == pytest.approx(ref[d], rel=1e-4, abs=1e-7)
+
+
+def test_judge_uses_logprobs_when_the_backend_gives_them(teacher, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rating, "MIN_MASS", 0.0)  # a random model puts little mass on digits; take any
+    got = judge_scores(teacher, RECORDS)
+    for res in got:
+        assert res["method"] == "logprobs"
+        assert 1 <= res["value"] <= 5
+        assert sum(res["probs"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert res["value"] == pytest.approx(sum(int(k) * p for k, p in res["probs"].items()), abs=1e-4)
+
+
+def test_judge_falls_back_to_a_sampled_reply(teacher, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rating, "MIN_MASS", 1.01)  # no distribution is ever enough: parse the reply
+    got = judge_scores(teacher, RECORDS, max_tokens=3)
+    for res in got:
+        assert res["method"] == "sampled"
+        assert res["value"] == parse_rating(res["raw"])
+    assert [r["method"] for r in judge_scores(teacher, RECORDS, use_logprobs=False, max_tokens=3)] == ["sampled"] * 2
+
+
+def test_backends_without_logprobs_say_so() -> None:
+    class Plain:
+        name = "plain"
+
+    assert not supports_logprobs(Plain())
+    assert first_token_probs(Plain(), []) is None
+
+
+def test_a_prompt_without_the_output_placeholder_is_refused(tmp_path: Path) -> None:
+    from pipeline.errors import SiftError
+
+    bad = tmp_path / "rate.txt"
+    bad.write_text("Rate this: {instruction}\n")
+    with pytest.raises(SiftError, match="must use"):
+        rating.load_prompt(str(bad))
