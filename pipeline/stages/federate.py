@@ -29,7 +29,7 @@ from pipeline.io.runs import locked, record_stage, run_dir
 from pipeline.stages.fedstate import ADAPTERS, check_settings, read_state, write_state
 
 GENERAL = Path(__file__).resolve().parents[2] / "evalsets" / "general.jsonl"
-ENGINES = ("simulation",)
+ENGINES = ("simulation", "deployment")
 
 
 def field_value(obj: dict, field: str) -> Any:
@@ -96,7 +96,7 @@ def pooled_heldout(directory: Path, clients: list[dict]) -> Path:
     """The clients' validation splits in one file: the held-out set when there is no general one."""
     from train.lora import read_split
 
-    rows = [{"id": i, "messages": m} for c in clients
+    rows = [{"id": i, "messages": m} for c in clients if c["dir"]
             for i, m in read_split(Path(c["dir"]) / "valid.jsonl", allow_empty=True)]
     if not rows:
         raise SiftError("no held-out set: no evalsets/general.jsonl and no client has a validation record; "
@@ -124,12 +124,87 @@ def run_simulation_engine(directory: Path, clients: list[dict], observe: Any = N
         raise errors[0]
 
 
+FLOWER_APP = """\
+# The Flower app of `sift federate` for Flower's deployment engine, written by sift; run it with
+#   flwr run {folder} sift --run-config "federation-dir='/abs/runs/R'"
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "sift-federate"
+version = "1.0.0"
+description = "Federated LoRA of sift's student: the apps live in the installed sift package"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "sift"
+
+[tool.flwr.app.components]
+serverapp = "sift_flower_app:server_app"
+clientapp = "sift_flower_app:client_app"
+
+[tool.flwr.app.config]
+federation-dir = ""
+"""
+FLOWER_SHIM = '''"""sift federate's ClientApp and ServerApp (pipeline/stages/fedapps.py) for `flwr run`."""
+
+from pipeline.stages import fedapps
+
+client_app = fedapps.client_app  # assigned here: Flower checks the names statically before loading
+server_app = fedapps.server_app
+'''
+
+
+def write_flower_app(folder: Path) -> Path:
+    """The Flower app folder `flwr run` bundles: its pyproject.toml and a module naming sift's apps."""
+    from pipeline.io.artifacts import write_text
+
+    write_text(folder / "pyproject.toml", FLOWER_APP.format(folder=folder))
+    write_text(folder / "sift_flower_app.py", FLOWER_SHIM)
+    return folder
+
+
+def run_deployment_engine(directory: Path, superlink: str, timeout: float) -> None:
+    """`flwr run` of the Flower app on a running SuperLink (its SuperNodes name their data with
+    --node-config "partition-id=K data-dir='...'"); the connection lives in a FLWR_HOME of its own."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from pipeline.io.artifacts import write_text
+
+    flwr = shutil.which("flwr", path=str(Path(sys.executable).parent)) or shutil.which("flwr")
+    if flwr is None:
+        raise SiftError("the deployment engine needs Flower's CLI: pip install 'sift-instruct[federated]'",
+                        field="engine")
+    app = write_flower_app(directory / ADAPTERS / "flower-app")
+    home = directory / ADAPTERS / "flwr-home"
+    write_text(home / "config.toml", f'[superlink]\ndefault = "sift"\n\n[superlink.sift]\naddress = "{superlink}"\n'
+               "insecure = true\n")
+    command = [flwr, "run", str(app), "sift", "--run-config", f"federation-dir='{directory.resolve()}'", "--stream"]
+    try:
+        subprocess.run(command, env={**os.environ, "FLWR_HOME": str(home.resolve())}, timeout=timeout, check=True)
+    except subprocess.TimeoutExpired:
+        raise SiftError(f"the federation on {superlink} did not finish within {timeout:.0f} s; rerun to continue",
+                        field="superlink") from None
+    except subprocess.CalledProcessError as e:
+        raise SiftError(f"`flwr run` failed (exit {e.returncode}); is a SuperLink running on {superlink}?",
+                        field="superlink") from None
+
+
 def federate(*, run: str = "demo", clients: int = 3, rounds: int = 2, local_steps: int = 8,
              client_runs: str | None = None, split_by: str = "task_id", aggregation: str = "fedavg",
              student: str = "smollm2-135m-instruct", lora_r: int = 16, lora_alpha: int = 32, lr: float = 2e-4,
              batch_size: int = 4, grad_accum: int = 2, max_length: int = 512, valid_fraction: float = 0.1,
              eval_file: str | None = None, eval_limit: int = 64, round_timeout: float = 3600.0,
-             precision: str = "auto", seed: int = 0) -> None:
+             precision: str = "auto", seed: int = 0, engine: str = "simulation",
+             superlink: str = "127.0.0.1:9093") -> None:
     """Federated LoRA with Flower: clients train locally, the server aggregates adapters; writes federate.json.
 
     Args:
@@ -154,10 +229,15 @@ def federate(*, run: str = "demo", clients: int = 3, rounds: int = 2, local_step
         round_timeout: Seconds the server waits for a round's replies; a client that does not answer failed.
         precision: Client training precision: auto, bf16, fp16 or fp32.
         seed: Seed of the split, the initial adapter and the clients' data order.
+        engine: simulation (Flower's simulation engine, every client here) or deployment (a running
+            SuperLink, one SuperNode per party started with --node-config "partition-id=K data-dir='...'").
+        superlink: The SuperLink's address for the deployment engine (host:port of flower-superlink).
     """
     from train.fedlocal import LocalSettings
     from train.fedlora import METHODS
 
+    if engine not in ENGINES:
+        raise SiftError(f"use one of {', '.join(ENGINES)}, got {engine!r}", field="engine")
     if aggregation not in METHODS:
         raise SiftError(f"use one of {', '.join(METHODS)}, got {aggregation!r}", field="aggregation")
     for name, value in (("clients", clients), ("rounds", rounds), ("eval_limit", eval_limit + 1)):
@@ -173,6 +253,9 @@ def federate(*, run: str = "demo", clients: int = 3, rounds: int = 2, local_step
         if client_runs:
             names = [n.strip() for n in client_runs.split(",") if n.strip()]
             members = [client_entry(n, run_dir(n)) for n in names]
+        elif engine == "deployment" and not (directory / "filtered.jsonl").exists():
+            # the parties' data is on their own machines: the server knows only how many there are
+            members = [{"name": f"client-{k}", "dir": None} for k in range(clients)]
         else:
             members = split_clients(directory, clients, split_by, valid_fraction, seed)
         if eval_file:
@@ -184,7 +267,7 @@ def federate(*, run: str = "demo", clients: int = 3, rounds: int = 2, local_step
         settings = {"local": local.to_config(), "aggregation": aggregation, "split_by": None if client_runs
                     else split_by, "valid_fraction": valid_fraction, "heldout": str(heldout.resolve()),
                     "heldout_kind": kind, "eval_limit": eval_limit, "round_timeout": round_timeout,
-                    "engine": "simulation"}
+                    }
         state = check_settings(directory, settings, members)
         state["target_rounds"] = max(rounds, len(state["rounds"]))
         write_state(directory, state)
@@ -194,9 +277,12 @@ def federate(*, run: str = "demo", clients: int = 3, rounds: int = 2, local_step
         else:
             if done:
                 print(f"federate: continuing after round {done} of {rounds}")
-            sizes = ", ".join(f"{c['name']}: {c['train']} train" for c in members)
+            sizes = ", ".join(f"{c['name']}: {c.get('train', '?')} train" for c in members)
             print(f"federate: {len(members)} clients ({sizes}), held-out set: {kind} ({heldout})")
-            run_simulation_engine(directory, members)
+            if engine == "deployment":
+                run_deployment_engine(directory, superlink, timeout=round_timeout * (rounds - done + 1))
+            else:
+                run_simulation_engine(directory, members)
         state = read_state(directory) or {}
         if len(state.get("rounds", [])) < rounds:
             raise SiftError(f"the federation stopped after round {len(state.get('rounds', []))} of {rounds}; "
