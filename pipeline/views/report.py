@@ -19,6 +19,7 @@ from pipeline.errors import SiftError
 from pipeline.io.artifacts import iter_jsonl, read_json, read_records, write_text
 from pipeline.io.runs import MANIFEST, locked, record_stage, run_dir
 from pipeline.views import plots
+from pipeline.views.federated import federate_section
 from pipeline.views.stats import (
     contamination,
     example_text,
@@ -450,6 +451,50 @@ def manifest_section(d: Path) -> str:
     return "\n".join(out)
 
 
+def teachers_section(d: Path) -> str:
+    """Per-teacher figures of a run with several teachers (--teachers): what each wrote, what was
+    kept or rejected and why, its tokens and time; and in `sift loop`, each round's shares and evidence."""
+    out = []
+    for stage, file in (("generate", "generate.stats.json"), ("classify", "classify.stats.json"),
+                        ("instances", "instances.stats.json"), ("filter", "funnel.json")):
+        path = d / file
+        table = read_json(path).get("by_teacher") if path.is_file() else None
+        if not isinstance(table, dict) or not table:
+            continue
+        rows = [[name, r.get("requests", "-"), r.get("accepted", "-"), r.get("rejected", 0),
+                 ", ".join(f"{k} {v}" for k, v in r.get("rejected_by_reason", {}).items()) or "none",
+                 r.get("tokens_in", "-"), r.get("tokens_out", "-"), _fmt(r.get("teacher_seconds", "-")),
+                 r.get("errors", "-")] for name, r in table.items()]
+        kept = "kept" if stage == "filter" else "accepted"
+        out.append(f"<h3>{_e(stage)} ({_e(file)})</h3>")
+        out.append(_table(["teacher", "requests", kept, "rejected", "rejected by reason", "tokens in", "tokens out",
+                           "seconds", "errors"], rows, {1, 2, 3, 5, 6, 7, 8}))
+        down = read_json(path).get("teachers_down") or {}
+        out += [f"<p>teacher <code>{_e(n)}</code> failed every request it was sent; its share went to the "
+                f"others: {_e(why)}</p>" for n, why in down.items()]
+    loop = d / "loop.json"
+    rounds = [r for r in (read_json(loop).get("rounds") or []) if r.get("teachers")] if loop.is_file() else []
+    if rounds:
+        names = list(rounds[0]["teachers"]["shares"])
+        rows = []
+        for r in rounds:
+            t = r["teachers"]
+            for n in names:
+                ev = t["evidence"].get(n) or {}
+                rows.append([r["round"], t["policy"], n, _fmt(t["shares"].get(n)), t["sent"].get(n, 0),
+                             t["new_records"].get(n, 0), ev.get("sent", "-"), ev.get("improved", "-"),
+                             _fmt(ev.get("mean_delta", "-")), _fmt(ev.get("valid_loss_delta", "-")),
+                             " / ".join(_fmt(x) for x in t["posterior"].get(n, []))])
+        out.append("<h3>sift loop: each round's shares and the evidence behind them</h3>")
+        out.append("<p>Evidence in round r: the failures each teacher was sent in round r-1, how many it added "
+                   "records for and whose score rose, the mean change, and the change in eval loss; the "
+                   "posterior is Beta(successes + 1, failures + 1) (docs/teachers.md).</p>")
+        out.append(_table(["round", "policy", "teacher", "share", "failures sent", "new records",
+                           "evidence: sent before", "improved", "mean score change", "eval loss change",
+                           "posterior a / b"], rows, {0, 3, 4, 5, 6, 7, 8, 9}))
+    return "\n".join(out) if out else _missing("One teacher in this run (several with --teachers; docs/teachers.md).")
+
+
 # ---------------------------------------------------------------- page
 
 
@@ -464,6 +509,8 @@ def build_page(run: str, d: Path, *, against: str | None = None) -> str:
         ("training", "Training curves", training_section(d)),
         ("eval", "Evaluation: base and student", eval_section(d)),
         ("loop", "Student-in-the-loop rounds (LLM2LLM)", loop_section(d)),
+        ("federate", "Federated LoRA: NLL per round", federate_section(d)),
+        ("teachers", "Teachers: per-teacher funnel, tokens, time and loop shares", teachers_section(d)),
         (
             "contamination",
             "Contamination: n-gram overlap with the evaluation file",

@@ -145,3 +145,20 @@ def test_simulation_privacy_failing_client_and_resume(runs: Path, tmp_path: Path
     assert state2["rounds"][1]["failed"][0]["error"] == "client 2: SiftError"
     with pytest.raises(SiftError, match="changed: local"):
         fed.federate(rounds=3, **{**options, "local_steps": 3})
+
+
+def test_report_section_shows_rounds_curves_and_failures(tmp_path: Path) -> None:
+    from pipeline.views.federated import federate_section
+
+    assert "No federate.json" in federate_section(tmp_path)
+    valid = {"client-0": {"valid_nll": 2.0, "valid_tokens": 9}, "client-1": {"valid_nll": None, "valid_tokens": 0}}
+    state = {"settings": {"aggregation": "exact", "heldout_kind": "general", "heldout": "g.jsonl",
+                          "local": {"local_steps": 4}},
+             "clients": [{"name": "a", "dir": "x"}, {"name": "b", "dir": "y"}],
+             "initial": {"heldout_nll": 3.0, "clients_valid": valid},
+             "rounds": [{"round": 1, "heldout_nll": 2.5, "clients_valid": valid, "trained": {"client-0": {}},
+                         "failed": [{"node": 7, "error": "client 1: SiftError"}], "seconds": 12.0}]}
+    (tmp_path / "federate.json").write_text(json.dumps(state))
+    html = federate_section(tmp_path)
+    assert "data:image/png;base64," in html and "client 1: SiftError" in html and "2.5000" in html
+    assert "aggregation <b>exact</b>" in html
