@@ -23,6 +23,7 @@ from filters.rules import parse_rules
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import all_or_none, content_id, read_records, require, write_json, write_jsonl
 from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.teachers.tally import per_teacher, record_teacher
 
 
 def flatten_tasks(rows: list[tuple[int, dict]], path: Path) -> list[dict]:
@@ -200,9 +201,12 @@ def _filter_files(source: Path, targets: tuple[Path, Path, Path], rules: list[st
     records = flatten_tasks(read_records(source), source)
     kept, rejected, rows, stats = run_filter(records, rules, **options)
     kept_path, rejected_path, funnel_path = targets
+    funnel_doc: dict[str, Any] = {"input": len(records), "kept": len(kept), "rules": rows}
+    if len({record_teacher(r) for r in records} - {None}) > 1:  # several teachers (--teachers): each one's funnel
+        funnel_doc["by_teacher"] = per_teacher(kept, rejected)
     with all_or_none(*targets):
         write_jsonl(rejected_path, rejected)
-        write_json(funnel_path, {"input": len(records), "kept": len(kept), "rules": rows})
+        write_json(funnel_path, funnel_doc)
         if kept_path.suffix == ".json":
             write_json(kept_path, [{k: v for k, v in r.items() if k not in ("filter",)} for r in kept],
                        indent=None)

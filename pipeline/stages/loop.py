@@ -39,6 +39,7 @@ from pipeline.io.artifacts import Journal, file_sha256, iter_jsonl, read_json, r
 from pipeline.io.batched import run_batches
 from pipeline.io.runs import locked, record_stage, run_dir
 from pipeline.stages import llm2llm
+from pipeline.stages import teacher_policy as policies
 from pipeline.stages.filter import flatten_tasks
 from pipeline.teachers.base import Sampling, Teacher
 from pipeline.teachers.prompts import PromptTemplate, load
@@ -51,7 +52,7 @@ SHAPING = ("student", "teacher", "backend", "metric", "threshold", "max_failures
            "max_new_tokens", "augment_max_tokens", "temperature", "top_p", "rules", "rouge_threshold",
            "train_on_seeds", "valid_fraction", "epochs", "max_steps", "lr", "batch_size", "max_length", "seed",
            "prompt", "grade_prompt", "distill", "distill_teacher", "distill_temperature", "distill_alpha",
-           "distill_top_k")
+           "distill_top_k", "teachers", "teacher_policy")
 
 
 # ---------------------------------------------------------------- data
@@ -200,10 +201,12 @@ def score_examples(round_dir: Path, rows: list[dict], *, metric: str, max_new_to
 
 def augment(round_dir: Path, failures: list[dict], answers: dict[str, str], *, round_index: int,
             template: PromptTemplate, teacher: Callable[[], Teacher], teacher_name: str, per_failure: int,
-            temperature: float, top_p: float, max_tokens: int, seed: int, batch_size: int
-            ) -> tuple[list[dict], list[dict], dict]:
+            temperature: float, top_p: float, max_tokens: int, seed: int, batch_size: int,
+            assignment: dict[str, str] | None = None) -> tuple[list[dict], list[dict], dict]:
     """New candidate records from the teacher, one request per failure, journaled per batch; the
-    ledger holds parse problems and failures the teacher could not serve."""
+    ledger holds parse problems and failures the teacher could not serve. With several teachers,
+    `assignment` names the teacher of each failure id (a TeacherPool), and every added record's
+    lineage names the teacher that actually wrote it."""
 
     def sampling_for(failure: dict) -> Sampling:
         return llm2llm.augment_sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
@@ -213,17 +216,26 @@ def augment(round_dir: Path, failures: list[dict], answers: dict[str, str], *, r
     def work(batch: list[dict]) -> tuple[list[dict], list[dict], dict]:
         requests = [llm2llm.augment_request(template, sampling_for(f), f, answer=answers.get(f["id"], ""),
                                             count=per_failure) for f in batch]
-        completions = teacher().generate(requests)
+        t = teacher()
+        completions = (t.generate_for(requests, [assignment[f["id"]] for f in batch])  # type: ignore[attr-defined]
+                       if assignment is not None else t.generate(requests))
         kept, rejected = [], []
         for f, c in zip(batch, completions, strict=True):
+            who = {"teacher": c.teacher["name"]} if c.teacher else {}
             if c.finish_reason == "error":
-                rejected.append({"id": f["id"], "reason": "teacher_error", "detail": c.error})
+                rejected.append({"id": f["id"], "reason": "teacher_error", "detail": c.error, **who})
                 continue
             records, problems = llm2llm.parse_augmentation(c.text, f, round_index=round_index, count=per_failure,
                                                            truncated=c.finish_reason == "length")
+            if who:
+                records = [{**r, "loop": {**r["loop"], **who}} for r in records]
             kept.append({"id": f["id"], "records": records, "raw": c.text, "finish_reason": c.finish_reason,
-                         "problems": [{"reason": p.reason, "raw": p.raw} for p in problems]})
-        return kept, rejected, {"requests": len(batch), "tokens_out": sum(c.completion_tokens for c in completions)}
+                         "problems": [{"reason": p.reason, "raw": p.raw} for p in problems], **who})
+        counters: dict[str, Any] = {"requests": len(batch),
+                                    "tokens_out": sum(c.completion_tokens for c in completions)}
+        if assignment is not None:
+            counters["by_teacher"] = t.last_usage  # type: ignore[attr-defined]
+        return kept, rejected, counters
 
     probe = sampling_for({"id": ""}).to_dict()
     probe.pop("seed")
@@ -235,6 +247,8 @@ def augment(round_dir: Path, failures: list[dict], answers: dict[str, str], *, r
     ledger = [{"id": d["id"], "reason": p["reason"], "score": None, "raw": p["raw"], "parent_id": d["id"]}
               for d in done for p in d["problems"]]
     ledger += [{**e, "score": None, "parent_id": e["id"]} for e in errors]
+    if assignment is not None:  # who answered each failure (a down teacher's went to another)
+        counters["served"] = {d["id"]: d.get("teacher", assignment[d["id"]]) for d in [*done, *errors]}
     return candidates, ledger, counters
 
 
@@ -252,7 +266,7 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
          batch_size: int = 8, max_length: int = 512, seed: int = 0, teacher_batch_size: int = 16,
          prompt: str | None = None, grade_prompt: str | None = None, distill: bool = False,
          distill_teacher: str | None = None, distill_temperature: float = 2.0, distill_alpha: float = 0.5,
-         distill_top_k: int = 0) -> None:
+         distill_top_k: int = 0, teachers: str | None = None, teacher_policy: str = "fixed") -> None:
     """Student-in-the-loop rounds (LLM2LLM): train, find the examples the student fails, augment them.
 
     Reads runs/<run>/filtered.jsonl and seeds.jsonl; writes loop.json, loop/data.jsonl and
@@ -296,6 +310,11 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
         distill_temperature: Softmax temperature of the distillation KL.
         distill_alpha: Weight of the KL term; 1 - alpha weighs the cross-entropy.
         distill_top_k: Cache the distillation teacher's top-k log-probabilities per round (0: on the fly).
+        teachers: Several teachers instead of --teacher: a teachers file (YAML/TOML: name, model, backend,
+            options, share) or comma-separated models, each optionally =share; failures are spread by share,
+            and --metric judge grades with the first.
+        teacher_policy: fixed (the shares as given) or learned (after each round, Thompson sampling on
+            whether the failures each teacher's additions targeted improved; docs/teachers.md).
     """
     started = time.monotonic()
     if distill and distill_teacher is None and backend == "transformers":
@@ -311,6 +330,16 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
         rule_names = parse_rules(rules)
     except ValueError as e:
         raise SiftError(str(e), field="rules") from None
+    if teacher_policy not in policies.POLICIES:
+        raise SiftError(f"use one of {', '.join(policies.POLICIES)}, got {teacher_policy!r}",
+                        field="teacher_policy")
+    from pipeline.teachers.pool import check_teachers
+
+    specs = check_teachers(teachers, backend=backend, base_url=base_url, api_key_env=api_key_env,
+                           teacher_options=teacher_options)
+    settings["teachers"] = specs  # the resolved teachers, not the file name: an edited file is a change
+    if teacher_policy == "learned" and not (specs and len(specs) > 1):
+        raise SiftError("the learned policy needs several teachers (--teachers FILE or a,b)", field="teacher_policy")
     if distill:
         _check_distill(student, distill_teacher, temperature=distill_temperature, alpha=distill_alpha,
                        top_k=distill_top_k)
@@ -330,12 +359,17 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
 
         def get_teacher() -> Teacher:
             if not teacher_cache:
-                from pipeline.teachers.options import open_teacher
+                from pipeline.teachers.pool import open_teachers
 
-                teacher_cache["t"] = open_teacher(directory, teacher=teacher, backend=backend,
-                                                  batch_size=teacher_batch_size, base_url=base_url,
-                                                  api_key_env=api_key_env, teacher_options=teacher_options)
+                teacher_cache["t"] = open_teachers(directory, teachers=teachers, teacher=teacher, backend=backend,
+                                                   batch_size=teacher_batch_size, base_url=base_url,
+                                                   api_key_env=api_key_env, teacher_options=teacher_options)
             return teacher_cache["t"]
+
+        def get_grader() -> Teacher:  # with several teachers, the first grades (one judge for every round)
+            t = get_teacher()
+            members = getattr(t, "members", None)
+            return next(iter(members.values())).teacher if members else t
 
         added: list[dict] = []
         summaries: list[dict] = []
@@ -356,17 +390,24 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
                 "distill_temperature": distill_temperature, "distill_alpha": distill_alpha,
                 "distill_top_k": distill_top_k}, eval_before=untrained_eval(loop_dir / "round-1") if r > 1 else None)
             scored = score_examples(round_dir, rows, metric=metric, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size, teacher=get_teacher, grade_template=grade_template)
+                                    batch_size=batch_size, teacher=get_grader, grade_template=grade_template)
             by_id = {r_["id"]: r_ for r_ in rows}
             graded = [s for s in scored if s["score"] is not None]
             failed_all = llm2llm.select_failures(graded, threshold=threshold)
             failures = [{**by_id[f["id"]], "score": f["score"]} for f in failed_all[:max_failures or None]]
             answers = {s["id"]: s["answer"] for s in scored}
+            plan = plan_teachers(loop_dir, r, specs, teacher_policy, summaries, scored, failures,
+                                 eval_loss=summary.get("eval_loss_after"), seed=seed) if specs else None
+            round_teacher: Callable[[], Teacher] = get_teacher
+            teacher_name = f"{backend}:{teacher}"
+            if plan is not None:  # the round's shares over the teachers loaded once
+                round_pool = get_teacher().with_shares(plan["shares"])  # type: ignore[attr-defined]
+                round_teacher, teacher_name = _constant(round_pool), round_pool.identity
             candidates, ledger, counters = augment(
-                round_dir, failures, answers, round_index=r, template=template, teacher=get_teacher,
-                teacher_name=f"{backend}:{teacher}",
+                round_dir, failures, answers, round_index=r, template=template, teacher=round_teacher,
+                teacher_name=teacher_name,
                 per_failure=per_failure, temperature=temperature, top_p=top_p, max_tokens=augment_max_tokens,
-                seed=seed, batch_size=teacher_batch_size)
+                seed=seed, batch_size=teacher_batch_size, assignment=plan["assignment"] if plan else None)
             kept, rejected = filter_new(candidates, pool_instructions(data, directory / "seeds.jsonl"),
                                         {d["id"] for d in data}, rules=rule_names, rouge_threshold=rouge_threshold)
             reasons = Counter(e["reason"] for e in [*ledger, *rejected])
@@ -386,6 +427,8 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
                             "rejected": sum(reasons.values()), "rejected_by_reason": dict(sorted(reasons.items()))},
                 "seconds": round(time.monotonic() - t0, 1),
             }
+            if plan is not None:
+                info["teachers"] = teacher_figures(plan, counters, kept, get_teacher())
             write_jsonl(round_dir / "scores.jsonl", scored)
             write_jsonl(round_dir / "added.rejected.jsonl", [*ledger, *rejected])
             write_jsonl(round_dir / "added.jsonl", kept)
@@ -404,6 +447,58 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
     print_table(summaries)
     print(f"loop: {len(originals)} original + {len(added)} added records in {loop_dir / 'data.jsonl'}; "
           f"figures in {directory / 'loop.json'}")
+
+
+# ---------------------------------------------------------------- several teachers
+
+
+def _constant(teacher: Teacher) -> Callable[[], Teacher]:
+    return lambda: teacher
+
+
+def plan_teachers(loop_dir: Path, r: int, specs: list[dict], policy: str, summaries: list[dict],
+                  scored: list[dict], failures: list[dict], *, eval_loss: float | None, seed: int) -> dict:
+    """Round r's shares and which teacher each failure goes to, with the evidence behind the shares:
+    how the failures of round r-1 that each teacher's additions targeted scored now (teacher_policy)."""
+    from pipeline.teachers.pool import apportion
+
+    names = [s["name"] for s in specs]
+    given = {s["name"]: float(s["share"]) for s in specs}
+    ev: dict[str, dict] = {}
+    previous = summaries[-1] if summaries else None
+    if previous is not None and previous.get("teachers"):
+        prev_dir = loop_dir / f"round-{r - 1}"
+        before = {s["id"]: s["score"] for s in read_jsonl(prev_dir / "scores.jsonl", allow_empty=True)}
+        after = {s["id"]: s["score"] for s in scored}
+        targeted: dict[str, set[str]] = {}
+        added: Counter[str] = Counter()
+        for a in read_jsonl(prev_dir / "added.jsonl", allow_empty=True):
+            name = a["loop"].get("teacher")
+            targeted.setdefault(name, set()).add(a["loop"]["parent_id"])
+            added[name] += 1
+        prev_loss = previous["train"].get("eval_loss_after")
+        delta = None if prev_loss is None or eval_loss is None else round(eval_loss - prev_loss, 6)
+        ev = policies.evidence(previous["teachers"]["served"], before, after, targeted, added, names=names,
+                                     valid_loss_delta=delta)
+    history = [s["teachers"]["evidence"] for s in summaries if s.get("teachers")] + [ev]
+    post = policies.posterior(history, names)
+    if policy == "learned" and ev:
+        shares = policies.thompson_shares(post, seed=seed, round_index=r)
+    else:
+        shares = given
+    live = [n for n in names if shares[n] > 0]
+    order = apportion(len(failures), [shares[n] for n in live]) if live else []
+    assignment = {f["id"]: live[i] for f, i in zip(failures, order, strict=True)}
+    return {"policy": policy, "shares": shares, "evidence": ev, "posterior": post, "assignment": assignment}
+
+
+def teacher_figures(plan: dict, counters: dict, kept: list[dict], pool: Teacher) -> dict:
+    """What loop.json shows per round for several teachers: shares, evidence, who did what."""
+    served = counters.get("served", {})
+    return {"policy": plan["policy"], "shares": plan["shares"], "evidence": plan["evidence"],
+            "posterior": plan["posterior"], "sent": dict(sorted(Counter(plan["assignment"].values()).items())),
+            "served": served, "new_records": dict(sorted(Counter(str(a["loop"].get("teacher")) for a in kept).items())),
+            "usage": counters.get("by_teacher", {}), "down": dict(getattr(pool, "down", {}))}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -471,7 +566,9 @@ def round_line(info: dict) -> str:
     loss = f", eval loss {t['eval_loss_after']:.3f}" if t.get("eval_loss_after") is not None else ""
     return (f"round {info['round']}: {info['data']['train']} train records{loss}; {e['metric']} "
             f"{_fmt(e['mean_score'])} on {e['examples']}, {e['failures']} failures; {a['failures_used']} augmented "
-            f"-> {a['candidates']} candidates, {a['new_records']} new ({info['seconds']:.0f} s)")
+            f"-> {a['candidates']} candidates, {a['new_records']} new ({info['seconds']:.0f} s)"
+            + ("; shares " + ", ".join(f"{n} {v:g}" for n, v in info["teachers"]["shares"].items())
+               if info.get("teachers") else ""))
 
 
 def _fmt(x: float | None) -> str:

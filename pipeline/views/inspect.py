@@ -5,6 +5,7 @@
     sift inspect runs/demo/instructions.jsonl --grep "poem" --sample 5
     sift inspect runs/demo/filtered.jsonl --against ../shared/data/user_oriented_instructions.jsonl
     sift inspect runs/demo                      # every artifact of a run with its record count
+    sift inspect runs/demo/instructions.rejected.jsonl --by teacher   # per teacher: records, reasons
 
 Reads JSONL, a JSON list (alpaca.json) or one JSON document (funnel.json, manifest.json,
 eval.json). `--where` and `--grep` narrow the records first; the summary describes what is left.
@@ -20,6 +21,7 @@ from typing import Any
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import read_json, read_records
+from pipeline.teachers.tally import record_teacher
 from pipeline.views.stats import (
     contamination,
     example_text,
@@ -95,6 +97,39 @@ def summarize(
     if against is not None:
         out["contamination"] = contamination(records, against, n=ngram)
     return out
+
+
+def group_by(records: list[dict], by: str) -> dict[str, dict]:
+    """{value: {records, rejected_by_reason}} for `--by`: `teacher` (who wrote the instruction),
+    `classify.teacher` or `instances.teacher` (who answered that stage), or any dotted field."""
+    groups: dict[str, dict] = {}
+    stage = by.removesuffix(".teacher") if by in ("classify.teacher", "instances.teacher") else None
+    for r in records:
+        if by == "teacher" or stage:
+            value: Any = record_teacher(r, stage)
+        else:
+            value = lookup(r, by)
+            if value is None and isinstance(r.get("record"), dict):  # a ledger row keeps its record inside
+                value = lookup(r["record"], by)
+        row = groups.setdefault("-" if value is None else str(value), {"records": 0, "rejected_by_reason": {}})
+        row["records"] += 1
+        if isinstance(r.get("reason"), str):
+            row["rejected_by_reason"][r["reason"]] = row["rejected_by_reason"].get(r["reason"], 0) + 1
+    return dict(sorted(groups.items()))
+
+
+def _print_groups(by: str, groups: dict[str, dict], console: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"records by {by}")
+    t.add_column(by)
+    t.add_column("records", justify="right")
+    t.add_column("rejected, by reason")
+    for value, row in groups.items():
+        ranked = sorted(row["rejected_by_reason"].items(), key=lambda kv: -kv[1])
+        reasons_text = ", ".join(f"{k} {v}" for k, v in ranked)
+        t.add_row(value, str(row["records"]), reasons_text or "-")
+    console.print(t)
 
 
 def eval_texts(path: Path) -> list[str]:
@@ -201,6 +236,7 @@ def inspect_artifact(
     ngram: int = 13,
     threshold: float = 0.7,
     seed: int = 0,
+    by: str | None = None,
 ) -> None:
     """Summarise an artifact: count, fields, lengths, root verbs, near-duplicates, rejection reasons.
 
@@ -213,6 +249,8 @@ def inspect_artifact(
         ngram: n of the contamination check's word n-grams.
         threshold: ROUGE-L F1 above which two instructions share a near-duplicate bucket.
         seed: Seed for --sample.
+        by: Count records and rejection reasons per group instead of the summary: teacher (who wrote the
+            instruction), classify.teacher, instances.teacher, or any dotted field (e.g. provenance.recipe).
     """
     from rich.console import Console
 
@@ -241,6 +279,9 @@ def inspect_artifact(
         )
         if not records:
             return
+    if by:
+        _print_groups(by, group_by(records, by), console)
+        return
     against_texts = eval_texts(Path(against)) if against else None
     _print_summary(p, summarize(records, against=against_texts, threshold=threshold, ngram=ngram), console)
     shown = sample or (SHOWN_ROWS if pattern is not None or condition is not None else 0)

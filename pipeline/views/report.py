@@ -458,8 +458,9 @@ def teachers_section(d: Path) -> str:
     for stage, file in (("generate", "generate.stats.json"), ("classify", "classify.stats.json"),
                         ("instances", "instances.stats.json"), ("filter", "funnel.json")):
         path = d / file
-        table = read_json(path).get("by_teacher") if path.is_file() else None
-        if not isinstance(table, dict) or not table:
+        doc = read_json(path) if path.is_file() else None
+        table = doc.get("by_teacher") if isinstance(doc, dict) else None
+        if not isinstance(doc, dict) or not isinstance(table, dict) or not table:
             continue
         rows = [[name, r.get("requests", "-"), r.get("accepted", "-"), r.get("rejected", 0),
                  ", ".join(f"{k} {v}" for k, v in r.get("rejected_by_reason", {}).items()) or "none",
@@ -469,11 +470,13 @@ def teachers_section(d: Path) -> str:
         out.append(f"<h3>{_e(stage)} ({_e(file)})</h3>")
         out.append(_table(["teacher", "requests", kept, "rejected", "rejected by reason", "tokens in", "tokens out",
                            "seconds", "errors"], rows, {1, 2, 3, 5, 6, 7, 8}))
-        down = read_json(path).get("teachers_down") or {}
+        down = doc.get("teachers_down") or {}
         out += [f"<p>teacher <code>{_e(n)}</code> failed every request it was sent; its share went to the "
                 f"others: {_e(why)}</p>" for n, why in down.items()]
     loop = d / "loop.json"
-    rounds = [r for r in (read_json(loop).get("rounds") or []) if r.get("teachers")] if loop.is_file() else []
+    loop_doc = read_json(loop) if loop.is_file() else None
+    rounds = [r for r in (loop_doc.get("rounds") or []) if isinstance(r, dict) and r.get("teachers")] \
+        if isinstance(loop_doc, dict) else []
     if rounds:
         names = list(rounds[0]["teachers"]["shares"])
         rows = []
@@ -492,7 +495,9 @@ def teachers_section(d: Path) -> str:
         out.append(_table(["round", "policy", "teacher", "share", "failures sent", "new records",
                            "evidence: sent before", "improved", "mean score change", "eval loss change",
                            "posterior a / b"], rows, {0, 3, 4, 5, 6, 7, 8, 9}))
-    return "\n".join(out) if out else _missing("One teacher in this run (several with --teachers; docs/teachers.md).")
+    if not out:  # not missing data: a run with one teacher has no per-teacher split
+        return "<p>One teacher in this run (several with --teachers; docs/teachers.md).</p>"
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------- page

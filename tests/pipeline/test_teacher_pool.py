@@ -13,11 +13,14 @@ import pytest
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import Journal, read_json, read_jsonl
 from pipeline.stages.classify import classify
+from pipeline.stages.filter import filter_records
 from pipeline.stages.generate import generate
 from pipeline.stages.instances import instances
 from pipeline.stages.seeds import seeds
 from pipeline.teachers.pool import apportion
 from pipeline.teachers.specs import parse_teachers
+from pipeline.views.inspect import group_by, inspect_artifact
+from pipeline.views.report import teachers_section
 from tests.pipeline.kill_harness import check_run, same_artifacts, scripted_reply, sift_killed, sift_ok
 from tests.pipeline.openai_server import FakeOpenAI
 
@@ -65,7 +68,8 @@ def test_every_prefix_gives_each_teacher_its_share_within_one_request() -> None:
 # ---------------------------------------------------------------- stages
 
 
-def test_generate_spreads_each_round_by_share_and_every_record_names_its_teacher(runs: Path, tmp_path: Path) -> None:
+def test_generate_spreads_each_round_by_share_and_every_record_names_its_teacher(
+        runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     seeds("seeds/default.jsonl", run="r")
     with FakeOpenAI(reply=scripted_reply) as a, FakeOpenAI(reply=scripted_reply) as b:
         spec = teachers_yaml(tmp_path / "teachers.yaml", [("alpha", a.url, 2), ("beta", b.url, 1)])
@@ -110,6 +114,24 @@ def test_generate_spreads_each_round_by_share_and_every_record_names_its_teacher
         assert abs(names["alpha"] - names["beta"]) <= 4  # within one per batch of 8 (30 records: 4 batches)
         assert {n: st["by_teacher"][n]["accepted"] for n in names} == dict(names)
         assert st["by_teacher"]["alpha"]["requests"] + st["by_teacher"]["beta"]["requests"] == st["requests"]
+
+    # the filter's funnel, `sift inspect --by teacher` and the report split the figures per teacher
+    filter_records(run="r")
+    funnel = read_json(d / "funnel.json")
+    table = funnel["by_teacher"]
+    assert set(table) == {"alpha", "beta"} and sum(r["accepted"] for r in table.values()) == funnel["kept"]
+    assert sum(r["accepted"] + r["rejected"] for r in table.values()) == funnel["input"]
+    ledger = read_jsonl(d / "filtered.rejected.jsonl")
+    groups = group_by(ledger, "teacher")
+    assert {n: g["records"] for n, g in groups.items()} == {n: r["rejected"] for n, r in table.items() if r["rejected"]}
+    assert {n: g["rejected_by_reason"] for n, g in groups.items()} == {
+        n: r["rejected_by_reason"] for n, r in table.items() if r["rejected"]}
+    inspect_artifact(str(d / "instructions.rejected.jsonl"), by="teacher")
+    out = capsys.readouterr().out
+    assert "records by teacher" in out and "alpha" in out and "beta" in out
+    html = teachers_section(d)
+    for text in ("generate.stats.json", "classify.stats.json", "instances.stats.json", "funnel.json", "alpha", "beta"):
+        assert text in html
 
 
 def test_a_teacher_that_fails_every_request_is_reported_and_its_share_goes_to_the_others(
