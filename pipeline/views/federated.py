@@ -37,7 +37,7 @@ def curves(series: dict[str, list[tuple[int, float]]]) -> str:
 def federate_section(d: Path) -> str:
     path = d / "federate.json"
     if not path.is_file():
-        return '<p class="missing">No federate.json (run `sift federate` / `make federate` for federated LoRA).</p>'
+        return "<p class=missing>No federate.json (run `sift federate` / `make federate` for federated LoRA).</p>"
     state = read_json(path)
     entries = [{"round": 0, **(state.get("initial") or {}), "trained": {}, "failed": []}, *state.get("rounds", [])]
     series: dict[str, list[tuple[int, float]]] = {f"held-out ({state['settings'].get('heldout_kind')})": [

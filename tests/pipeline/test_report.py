@@ -139,6 +139,13 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (d / "loop" / "round-1" / "added.jsonl").write_text(json.dumps(
         {"id": "loop_1", "instruction": "Name a <i>new</i> task.", "input": "", "output": "ok",
          "loop": {"round": 1, "parent_id": "ex_1", "parent_score": 0.1, "parent_instruction": "Old task."}}) + "\n")
+    valid = {"client-0": {"valid_nll": 2.0, "valid_tokens": 9}}
+    (d / "federate.json").write_text(json.dumps({
+        "settings": {"aggregation": "fedavg", "heldout_kind": "general", "heldout": "g.jsonl",
+                     "local": {"local_steps": 4}}, "clients": [{"name": "a", "dir": "x"}],
+        "initial": {"heldout_nll": 3.0, "clients_valid": valid},
+        "rounds": [{"round": 1, "heldout_nll": 2.5, "clients_valid": valid, "trained": {"client-0": {}},
+                    "failed": [], "seconds": 12.0}]}))
     record_stage(d, "seeds", {"run": "r"}, stats={"seeds": 120})
     return d
 
@@ -154,11 +161,12 @@ def test_every_section_is_filled_from_the_artifacts(run: Path) -> None:
         "eval",
         "contamination",
         "loop",
+        "federate",
         "manifest",
     ):
         assert f'<section id="{section}">' in page
     assert "class=missing" not in page  # every stage ran, so no section is empty
-    assert page.count('<img src="data:image/png;base64,') == 5
+    assert page.count('<img src="data:image/png;base64,') == 6
     assert "instructions: rouge_similar" in page and "filtered: output_empty" in page
     assert "word_count" in page  # funnel.json's rules
     assert "&lt;b&gt;not bold&lt;/b&gt;" in page and "<b>not bold</b>" not in page  # escaped
@@ -173,7 +181,7 @@ def test_missing_stages_are_said_not_crashed(tmp_path: Path, monkeypatch: pytest
     d.mkdir()
     report(run="empty")
     page = (d / "report.html").read_text()
-    assert page.count("class=missing") == 9
+    assert page.count("class=missing") == 10
     assert "run train" in page and "run eval" in page
     assert "report" in json.loads((d / "manifest.json").read_text())["stages"]
 
