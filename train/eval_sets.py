@@ -18,8 +18,8 @@ from pathlib import Path
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import read_json, write_json
+from train.general_set import GENERAL_PATH as GENERAL
 
-GENERAL = Path(__file__).resolve().parents[1] / "evalsets" / "general.jsonl"
 BUILTIN = ("valid", "general")
 
 
