@@ -19,6 +19,10 @@ ROUNDS   ?= 2
 RECIPE   ?= self-instruct
 # the teacher backend's own settings, e.g. TEACHER_OPTIONS=timeout=300,concurrency=32 (see --teacher-options)
 TEACHER_OPTIONS ?=
+# several teachers (docs/teachers.md): TEACHERS=teachers.yaml (or a,b=2) for generate, classify, instances
+# and loop; TEACHER_POLICY=learned lets the loop move the shares by what the student learns from each
+TEACHERS       ?=
+TEACHER_POLICY ?= fixed
 # extra options passed through to a stage, e.g. GENERATE_OPTS="--max-tokens 512"; the defaults keep the
 # embedded 135M teacher quick on a CPU (the reference recipes' own budgets are the commands' defaults)
 GENERATE_OPTS  ?= --max-tokens 256
@@ -48,6 +52,7 @@ MODEL := $(VENV)/.model-done
 # the stages built so far, in order; `make all` runs these
 STAGES := seeds generate classify instances filter score export train eval report
 TEACHER_ARGS = --teacher $(TEACHER) --backend $(BACKEND) $(if $(TEACHER_OPTIONS),--teacher-options $(TEACHER_OPTIONS))
+POOL_ARGS = $(if $(TEACHERS),--teachers "$(TEACHERS)")
 
 .PHONY: all setup test test-fast lint bench clean $(STAGES) loop federate help
 
@@ -80,15 +85,15 @@ $(R)/seeds.jsonl: $(SEEDS) | $(SETUP)
 
 generate: $(R)/instructions.jsonl
 $(R)/instructions.jsonl: $(R)/seeds.jsonl | $(MODEL)
-	$(SIFT) generate --run "$(RUN)" --recipe $(RECIPE) $(TEACHER_ARGS) --n $(N) --seed $(SEED) $(GENERATE_OPTS)
+	$(SIFT) generate --run "$(RUN)" --recipe $(RECIPE) $(TEACHER_ARGS) $(POOL_ARGS) --n $(N) --seed $(SEED) $(GENERATE_OPTS)
 
 classify: $(R)/classified.jsonl
 $(R)/classified.jsonl: $(R)/instructions.jsonl
-	$(SIFT) classify --run "$(RUN)" $(TEACHER_ARGS) $(CLASSIFY_OPTS)
+	$(SIFT) classify --run "$(RUN)" $(TEACHER_ARGS) $(POOL_ARGS) $(CLASSIFY_OPTS)
 
 instances: $(R)/instances.jsonl
 $(R)/instances.jsonl: $(R)/classified.jsonl
-	$(SIFT) instances --run "$(RUN)" $(TEACHER_ARGS) $(INSTANCES_OPTS)
+	$(SIFT) instances --run "$(RUN)" $(TEACHER_ARGS) $(POOL_ARGS) $(INSTANCES_OPTS)
 
 filter: $(R)/filtered.jsonl
 $(R)/filtered.jsonl: $(R)/instances.jsonl
@@ -122,7 +127,7 @@ federate: $(R)/filtered.jsonl | $(MODEL)
 # always runs: `sift loop` skips finished rounds, so a larger ROUNDS extends the loop
 loop: $(R)/filtered.jsonl | $(MODEL)
 	$(SIFT) loop --run "$(RUN)" --rounds $(ROUNDS) --student $(STUDENT) --epochs $(EPOCHS) --seed $(SEED) \
-		$(TEACHER_ARGS) $(LOOP_OPTS)
+		$(TEACHER_ARGS) $(POOL_ARGS) $(if $(TEACHERS),--teacher-policy $(TEACHER_POLICY)) $(LOOP_OPTS)
 
 # ---------------------------------------------------------------- checks
 test: $(SETUP) $(MODEL)

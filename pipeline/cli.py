@@ -46,6 +46,17 @@ COMMANDS: dict[str, str] = {
 
 _UNSET = object()
 SHORT_FLAGS = {"output": "-o"}  # the few options common enough to deserve one letter
+# an option that, given more than once, means the plural option: `--teacher a --teacher b` is `--teachers a,b`
+REPEATED = {"teacher": "teachers"}
+
+
+class _Repeatable(argparse.Action):
+    """Collects every use of the option in a list; `resolve_settings` turns two or more into the plural."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        got = getattr(namespace, self.dest, _UNSET)
+        setattr(namespace, self.dest, [values] if got is _UNSET else [*got, values])
 
 
 class _Doc(typing.NamedTuple):
@@ -115,8 +126,13 @@ def add_command(sub: argparse._SubParsersAction, name: str, func: Callable[..., 
                            help=help_text + default_text)
         else:
             choices = typing.get_args(base) if typing.get_origin(base) is typing.Literal else None
+            names = {q.name for q, _ in _params(func)}
+            repeatable = REPEATED.get(param.name) in names
+            if repeatable:
+                help_text += f" Given more than once: several teachers, as --{REPEATED[param.name]} a,b."
             p.add_argument(*flags, dest=param.name, type=conv, default=_UNSET, choices=choices,
-                           metavar=param.name.upper(), help=help_text + default_text)
+                           metavar=param.name.upper(), help=help_text + default_text,
+                           **({"action": _Repeatable} if repeatable else {}))
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -261,6 +277,17 @@ def resolve_settings(func: Callable[..., Any], name: str, ns: argparse.Namespace
             args.append(value)
         else:
             kwargs[param.name] = value
+    defaults = {p.name: p.default for p, _ in params}
+    for single, plural in REPEATED.items():
+        given = kwargs.get(single)
+        if not isinstance(given, list):
+            continue
+        if len(given) == 1:
+            kwargs[single] = given[0]
+            continue
+        if getattr(ns, plural, _UNSET) is not _UNSET:
+            raise SiftError(f"give --{single} more than once or --{plural}, not both", field=plural)
+        kwargs[single], kwargs[plural] = defaults[single], ",".join(given)
     return args, kwargs
 
 

@@ -234,3 +234,18 @@ def test_generate_and_classify_with_two_teachers_killed_and_rerun_give_the_same_
         sift_ok(cls, runs=killed)
     check_run(killed / "r")
     same_artifacts(ref / "r", killed / "r", ref_runs=ref)
+
+
+def test_teacher_given_twice_on_the_command_line_means_two_teachers(capsys: pytest.CaptureFixture) -> None:
+    from pipeline.cli import build_parser, main, resolve_settings
+
+    parser = build_parser()
+    for argv, want in ((["generate", "--teacher", "a"], ("a", None)),
+                       (["classify", "--teacher", "a", "--teacher", "b.gguf=2"],
+                        ("smollm2-135m-instruct", "a,b.gguf=2")),
+                       (["loop", "--teacher", "a", "--teacher", "b"], ("smollm2-135m-instruct", "a,b"))):
+        ns = parser.parse_args(argv)
+        _, kwargs = resolve_settings(ns._func, ns._name, ns)
+        assert (kwargs["teacher"], kwargs["teachers"]) == want
+    assert main(["generate", "--teacher", "a", "--teacher", "b", "--teachers", "c,d"]) == 2
+    assert "give --teacher more than once or --teachers, not both" in capsys.readouterr().err
