@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import iter_jsonl, write_jsonl
@@ -199,11 +199,12 @@ def run_deployment_engine(directory: Path, superlink: str, timeout: float) -> No
 
 
 def federate(*, run: str = "demo", clients: int = 3, rounds: int = 2, local_steps: int = 8,
-             client_runs: str | None = None, split_by: str = "task_id", aggregation: str = "fedavg",
+             client_runs: str | None = None, split_by: str = "task_id",
+             aggregation: Literal["fedavg", "exact"] = "fedavg",
              student: str = "smollm2-135m-instruct", lora_r: int = 16, lora_alpha: int = 32, lr: float = 2e-4,
              batch_size: int = 4, grad_accum: int = 2, max_length: int = 512, valid_fraction: float = 0.1,
              eval_file: str | None = None, eval_limit: int = 64, round_timeout: float = 3600.0,
-             precision: str = "auto", seed: int = 0, engine: str = "simulation",
+             precision: str = "auto", seed: int = 0, engine: Literal["simulation", "deployment"] = "simulation",
              superlink: str = "127.0.0.1:9093") -> None:
     """Federated LoRA with Flower: clients train locally, the server aggregates adapters; writes federate.json.
 
