@@ -442,7 +442,8 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
         result = {"settings": settings, "rounds": summaries, "data": {"records": len(final), "original":
                   len(originals), "added": len(added)}, "seconds": round(time.monotonic() - started, 1)}
         write_json(directory / "loop.json", result)
-        record_stage(directory, "loop", settings, models={"student": student, "teacher": teacher},
+        teacher_models = ",".join(f"{t['name']}={t['model']}" for t in specs) if specs else teacher
+        record_stage(directory, "loop", settings, models={"student": student, "teacher": teacher_models},
                      stats=result["data"])
     print_table(summaries)
     print(f"loop: {len(originals)} original + {len(added)} added records in {loop_dir / 'data.jsonl'}; "

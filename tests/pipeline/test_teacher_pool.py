@@ -249,3 +249,9 @@ def test_teacher_given_twice_on_the_command_line_means_two_teachers(capsys: pyte
         assert (kwargs["teacher"], kwargs["teachers"]) == want
     assert main(["generate", "--teacher", "a", "--teacher", "b", "--teachers", "c,d"]) == 2
     assert "give --teacher more than once or --teachers, not both" in capsys.readouterr().err
+
+
+def test_the_repository_teachers_file_loads() -> None:
+    specs = parse_teachers(str(REPO / "teachers.yaml"))
+    assert [(s.name, s.model, s.backend) for s in specs] == [("smollm2", "smollm2-135m-instruct", "transformers"),
+                                                             ("gemma", "gemma-3-270m", "transformers")]
