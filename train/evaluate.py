@@ -280,8 +280,8 @@ def _cell(b: float, s: float, d: float, ci: list[float] | None, higher_better: b
 
     sig = significant(ci)
     style = "" if higher_better is None or not sig else ("green" if (sig > 0) == higher_better else "red")
-    band = f" [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else ""
-    change = f"{d:+.4g}{band}"
+    band = f" [{ci[0]:+.2g}, {ci[1]:+.2g}]" if ci else ""
+    change = f"{d:+.3g}{band}"
     return f"{b:.4g} -> {s:.4g}\n" + (f"[{style}]{change}[/]" if style else change)
 
 

@@ -20,6 +20,7 @@ from pipeline.io.artifacts import iter_jsonl, read_json, read_records, write_tex
 from pipeline.io.runs import MANIFEST, locked, record_stage, run_dir
 from pipeline.views import plots
 from pipeline.views.federated import federate_section
+from pipeline.views.scores import scores_section
 from pipeline.views.stats import (
     contamination,
     example_text,
@@ -37,6 +38,7 @@ STAGE_FILES = (  # funnel order: label, artifact
     ("classified", "classified.jsonl"),
     ("instances", "instances.jsonl"),
     ("filtered", "filtered.jsonl"),
+    ("scored", "scored.jsonl"),
     ("train split", "train.jsonl"),
     ("valid split", "valid.jsonl"),
 )
@@ -276,8 +278,8 @@ def _eval_cell(e: dict, key: str, higher: bool | None) -> str:
     ci = (e.get("ci95") or {}).get(key)
     sig = significant(ci)
     cls = "" if higher is None or not sig else ("good" if (sig > 0) == higher else "bad")
-    band = f" [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else ""
-    return f"<td class=num>{b:.4g} &rarr; {s:.4g}<br><span class='{cls}'>{s - b:+.4g}{band}</span></td>"
+    band = f" [{ci[0]:+.2g}, {ci[1]:+.2g}]" if ci else ""
+    return f"<td class=num>{b:.4g} &rarr; {s:.4g}<br><span class='{cls}'>{s - b:+.3g}{band}</span></td>"
 
 
 def eval_section(d: Path) -> str:
@@ -512,6 +514,7 @@ def build_page(run: str, d: Path, *, against: str | None = None) -> str:
         ("similarity", "ROUGE-L to the nearest seed and pool instruction", similarity_section(data)),
         ("verbs", "Root verbs and direct objects", verbs_section(data)),
         ("training", "Training curves", training_section(d)),
+        ("scores", "Scores: IFD, judge, length, reward; best and worst examples", scores_section(d)),
         ("eval", "Evaluation: base and student", eval_section(d)),
         ("loop", "Student-in-the-loop rounds (LLM2LLM)", loop_section(d)),
         ("federate", "Federated LoRA: NLL per round", federate_section(d)),
