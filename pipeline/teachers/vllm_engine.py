@@ -6,7 +6,9 @@
 All pending requests go to one `LLM.generate` call, each with its own `SamplingParams`, so vLLM's
 scheduler batches them continuously (feeding it small batches leaves the GPU idle). Chat requests
 are rendered with the model's chat template and handed over as token ids encoded without special
-tokens, so a template that writes BOS itself does not get a second one.
+tokens, so a template that writes BOS itself does not get a second one. A base model has no chat
+template: its chat requests are rendered in Alpaca's plain-text layout (said once on stderr), as
+the transformers teacher does.
 The mapping functions are pure and tested without vLLM; the engine is imported and loaded only
 when the first request arrives.
 """
@@ -14,11 +16,13 @@ when the first request arrives.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from pipeline.errors import SiftError
 from pipeline.teachers.base import Completion, FinishReason, Request, Sampling
+from pipeline.teachers.prompts import PLAIN_CHAT_TEMPLATE, plain_chat_template
 
 INSTALL_HINT = "pip install 'sift-instruct[vllm]' on a machine with a GPU"
 
@@ -41,13 +45,13 @@ def sampling_kwargs(sampling: Sampling) -> dict[str, Any]:
 
 
 def render_prompt(request: Request, tokenizer: Any) -> str | dict[str, list[int]]:
-    """A vLLM prompt: the text as is, or chat messages as a TokensPrompt dict via the chat template."""
+    """A vLLM prompt: the text as is, or chat messages as a TokensPrompt dict via the chat template
+    (Alpaca's plain-text layout when the tokenizer has none)."""
     if request.messages is None:
         return request.prompt
-    if not getattr(tokenizer, "chat_template", None):
-        raise SiftError("the model's tokenizer has no chat template; use plain-text prompts with it")
-    text = tokenizer.apply_chat_template([dict(m) for m in request.messages], tokenize=False,
-                                         add_generation_prompt=True)
+    template = getattr(tokenizer, "chat_template", None) or plain_chat_template()
+    text = tokenizer.apply_chat_template([dict(m) for m in request.messages], chat_template=template,
+                                         tokenize=False, add_generation_prompt=True)
     return {"prompt_token_ids": list(tokenizer.encode(text, add_special_tokens=False))}
 
 
@@ -113,6 +117,11 @@ class VLLMTeacher:
         from vllm import SamplingParams
 
         tokenizer = llm.get_tokenizer()
+        if not getattr(tokenizer, "chat_template", None) and any(r.messages is not None for r in requests) \
+                and not getattr(self, "_plain_noted", False):
+            self._plain_noted = True
+            print(f"teacher {self.name}: no chat template (a base model); chat prompts are sent as plain "
+                  f"text in the Alpaca layout ({PLAIN_CHAT_TEMPLATE})", file=sys.stderr)
         prompts = [render_prompt(r, tokenizer) for r in requests]
         params = [SamplingParams(**sampling_kwargs(r.sampling)) for r in requests]
         outputs = llm.generate(prompts, params, use_tqdm=True)

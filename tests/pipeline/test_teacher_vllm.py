@@ -74,10 +74,16 @@ def test_chat_is_rendered_with_the_template_and_one_bos(tokenizer: Any) -> None:
     assert tokenizer.encode(text).count(tokenizer.bos_token_id) == 2  # what a plain-text prompt would get
 
 
-def test_chat_without_template_is_a_clear_error(tokenizer: Any) -> None:
-    bare = SimpleNamespace(chat_template=None)
-    with pytest.raises(SiftError, match="no chat template"):
-        render_prompt(Request(messages=({"role": "user", "content": "x"},)), bare)
+def test_chat_without_template_is_rendered_in_the_alpaca_layout(tokenizer: Any) -> None:
+    import copy
+
+    base = copy.deepcopy(tokenizer)
+    base.chat_template = None  # a base model
+    ids = render_prompt(Request(messages=({"role": "user", "content": "name three colours"},)), base)
+    expected = ("<s>Below is an instruction that describes a task. Write a response that appropriately "
+                "completes the request.\n\n### Instruction:\nname three colours\n\n### Response:\n")
+    assert ids["prompt_token_ids"] == base.encode(expected, add_special_tokens=False)
+    assert ids["prompt_token_ids"].count(base.bos_token_id) == 1
 
 
 def _output(text: str, tokens: int, reason: str | None, prompt_tokens: int = 4) -> SimpleNamespace:
