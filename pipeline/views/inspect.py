@@ -22,6 +22,7 @@ from typing import Any
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import read_json, read_records
 from pipeline.teachers.tally import record_teacher
+from pipeline.views.scores import inspect_rows, print_percentiles
 from pipeline.views.stats import (
     contamination,
     example_text,
@@ -83,6 +84,7 @@ def summarize(
         "instructions": len(instructions),
         "fields": field_stats(records),
         "lengths": length_table(examples),
+        "scores": inspect_rows(records),
         "reasons": reasons(records),
         "verbs": top_verb_objects(pairs, verbs=10, objects=4),
         "parser": parser,
@@ -163,6 +165,7 @@ def _print_summary(path: Path, s: dict, console: Any) -> None:
         for name, row in s["lengths"].items():
             t.add_row(name, *(f"{row[c]:.0f}" for c in cols))
         console.print(t)
+    print_percentiles(s.get("scores") or [], console)
     if s["reasons"]:
         t = Table(title="rejected, by reason")
         t.add_column("reason")

@@ -67,6 +67,11 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     ]
     _jsonl(d / "filtered.jsonl", flat[:-3])
     _jsonl(d / "filtered.rejected.jsonl", [{**r, "reason": "output_empty"} for r in flat[-3:]])
+    scored = [{**r, "scores": {"ifd": 0.5 + 0.05 * i, "length": len(r.get("output", "").split())}}
+              for i, r in enumerate(flat[:-3])]
+    _jsonl(d / "scored.jsonl", scored[:-1])
+    _jsonl(d / "scored.rejected.jsonl", [{"id": scored[-1].get("id"), "reason": "ifd_at_least_1", "score": 1.2,
+                                          "record": {**scored[-1], "scores": {"ifd": 1.2, "length": 3}}}])
     (d / "funnel.json").write_text(
         json.dumps(
             [
@@ -162,11 +167,13 @@ def test_every_section_is_filled_from_the_artifacts(run: Path) -> None:
         "contamination",
         "loop",
         "federate",
+        "scores",
         "manifest",
     ):
         assert f'<section id="{section}">' in page
     assert "class=missing" not in page  # every stage ran, so no section is empty
-    assert page.count('<img src="data:image/png;base64,') == 6
+    assert page.count('<img src="data:image/png;base64,') == 7
+    assert "ifd: the 5 best" in page and "scored: ifd_at_least_1" in page
     assert "instructions: rouge_similar" in page and "filtered: output_empty" in page
     assert "word_count" in page  # funnel.json's rules
     assert "&lt;b&gt;not bold&lt;/b&gt;" in page and "<b>not bold</b>" not in page  # escaped
@@ -181,7 +188,7 @@ def test_missing_stages_are_said_not_crashed(tmp_path: Path, monkeypatch: pytest
     d.mkdir()
     report(run="empty")
     page = (d / "report.html").read_text()
-    assert page.count("class=missing") == 10
+    assert page.count("class=missing") == 11
     assert "run train" in page and "run eval" in page
     assert "report" in json.loads((d / "manifest.json").read_text())["stages"]
 

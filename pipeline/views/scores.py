@@ -1,0 +1,148 @@
+"""The report's score section and `sift inspect`'s score percentiles, from records that carry `scores`.
+
+    sift report --run demo          # the "scores" section, when the run has scored.jsonl
+    sift inspect runs/demo/scored.jsonl
+
+Reads scored.jsonl (kept) and scored.rejected.jsonl (each entry's `record`), so the histograms and
+the best and worst examples cover every scored record, selected or not. Only reads: `sift score`
+writes the scores.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from filters.selection import LOWER_IS_BETTER
+from pipeline.io.artifacts import iter_jsonl
+from pipeline.views import plots
+from pipeline.views.stats import percentile
+
+SHOWN = 5  # best and worst examples per score
+PERCENTILES = (0, 10, 25, 50, 75, 90, 100)
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def score_names(records: Sequence[dict]) -> list[str]:
+    """Every numeric score any record carries, in first-seen order."""
+    names: dict[str, None] = {}
+    for r in records:
+        for k, v in (r.get("scores") or {}).items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                names.setdefault(k, None)
+    return list(names)
+
+
+def values(records: Sequence[dict], name: str) -> list[tuple[float, dict]]:
+    out = []
+    for r in records:
+        v = (r.get("scores") or {}).get(name)
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            out.append((float(v), r))
+    return out
+
+
+def percentile_table(records: Sequence[dict]) -> list[dict]:
+    """Per score: n, missing, mean and the PERCENTILES (for `sift inspect`)."""
+    rows = []
+    for name in score_names(records):
+        vals = sorted(v for v, _ in values(records, name))
+        if not vals:
+            continue
+        row: dict[str, Any] = {"score": name, "n": len(vals), "missing": len(records) - len(vals),
+                               "mean": sum(vals) / len(vals)}
+        row.update({f"p{q}": percentile(vals, q) for q in PERCENTILES})
+        rows.append(row)
+    return rows
+
+
+def score_histograms(series: dict[str, Sequence[float]], pairs: dict[str, Sequence[tuple[float, int]]]) -> str:
+    """Top row: each score's histogram with its median; bottom row: each score against answer words."""
+    plt = plots._pyplot()
+    names = list(series)
+    fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 6), squeeze=False)
+    for i, name in enumerate(names):
+        vals = sorted(series[name])
+        ax = axes[0][i]
+        ax.hist(vals, bins=min(30, max(5, len(vals) // 4)), color=plots.COLORS[i % len(plots.COLORS)])
+        ax.axvline(percentile(vals, 50), color="#222", linestyle="--", linewidth=1)
+        ax.set_title(f"{name} (n={len(vals)}, median {percentile(vals, 50):.3g})", fontsize=9)
+        ax = axes[1][i]
+        ax.scatter([w for _, w in pairs[name]], [s for s, _ in pairs[name]], s=8, alpha=0.6,
+                   color=plots.COLORS[i % len(plots.COLORS)])
+        ax.set_xlabel("answer words", fontsize=8)
+        ax.set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    return plots.to_data_uri(fig)
+
+
+def _example_rows(ranked: Sequence[tuple[float, dict]]) -> str:
+    rows = "".join(
+        f"<tr><td class=num>{v:.4g}</td><td>{_e(r.get('instruction', ''))[:300]}</td>"
+        f"<td>{_e(r.get('input', ''))[:200]}</td><td>{_e(r.get('output', ''))[:300]}</td></tr>" for v, r in ranked)
+    return f"<table><tr><th>score</th><th>instruction</th><th>input</th><th>output</th></tr>{rows}</table>"
+
+
+def scored_records(d: Path) -> list[dict] | None:
+    """Kept and rejected scored records of a run; None when `sift score` has not run."""
+    kept = d / "scored.jsonl"
+    if not kept.is_file():
+        return None
+    records = [r for _, r in iter_jsonl(kept, allow_empty=True)]
+    rejected = d / "scored.rejected.jsonl"
+    if rejected.is_file():
+        records += [r["record"] for _, r in iter_jsonl(rejected, allow_empty=True) if isinstance(r.get("record"), dict)]
+    return records
+
+
+def scores_section(d: Path) -> str:
+    """Histograms, score against answer length, and the best and worst examples by each score."""
+    records = scored_records(d)
+    if records is None:
+        return "<p class=missing>No scored.jsonl yet: run `sift score` (make score).</p>"
+    names = [n for n in score_names(records) if values(records, n)]
+    if not names:
+        return "<p class=missing>scored.jsonl has no numeric scores.</p>"
+    series = {n: [v for v, _ in values(records, n)] for n in names}
+    pairs = {n: [(v, len((r.get("output") or "").split())) for v, r in values(records, n)] for n in names}
+    out = [f"<p>{len(records)} scored records (kept and dropped by --keep). Lower is better for "
+           f"{', '.join(sorted(LOWER_IS_BETTER))}; higher for the others.</p>",
+           f'<img src="{score_histograms(series, pairs)}" alt="score histograms and score against answer length">']
+    table = percentile_table(records)
+    cols = ["score", "n", "missing", "mean", *(f"p{q}" for q in PERCENTILES)]
+    out.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td class=num>{_e(f'{r[c]:.4g}' if isinstance(r[c], float) else r[c])}</td>"
+                         for c in cols) + "</tr>" for r in table) + "</table>")
+    for name in names:
+        ranked = sorted(values(records, name), key=lambda x: x[0], reverse=name not in LOWER_IS_BETTER)
+        out.append(f"<h3>{_e(name)}: the {SHOWN} best</h3>{_example_rows(ranked[:SHOWN])}")
+        out.append(f"<h3>{_e(name)}: the {SHOWN} worst</h3>{_example_rows(ranked[::-1][:SHOWN])}")
+    return "\n".join(out)
+
+
+def inspect_rows(records: Sequence[dict]) -> list[dict]:
+    """`percentile_table` of records or of ledger rows (whose `record` carries the scores)."""
+    return percentile_table([r["record"] if "scores" not in r and isinstance(r.get("record"), dict) else r
+                             for r in records])
+
+
+def print_percentiles(rows: Sequence[dict], console: Any) -> None:
+    """The `sift inspect` table of score percentiles (nothing when no record has scores)."""
+    if not rows:
+        return
+    from rich.table import Table
+
+    t = Table(title="scores (sift score): percentiles")
+    cols = ["n", "missing", "mean", *(f"p{q}" for q in PERCENTILES)]
+    t.add_column("score")
+    for c in cols:
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(r["score"], *(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+    console.print(t)

@@ -1,0 +1,155 @@
+"""`sift score`: stand-alone and as a stage, its ledger and funnel, the cache, kill and resume, bad input.
+
+    .venv/bin/python -m pytest tests/pipeline/test_score_stage.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import SiftError
+from pipeline.io.artifacts import Journal, read_json, read_jsonl, write_json, write_jsonl
+from pipeline.stages.score import score
+from tests.pipeline.kill_harness import sift, sift_killed
+from tests.train.conftest import save_tiny
+
+WORDS = ["give three tips for staying healthy", "what is the capital of france", "name a primary color",
+         "translate hello to spanish", "summarize the text below", "the capital of france is paris", "hola",
+         "red is a primary color", "eat vegetables sleep well and walk every day", "a short story about a cat"]
+
+
+def dataset(n: int) -> list[dict]:
+    return [{"instruction": WORDS[i % 5] + f" {i}", "input": "" if i % 3 else WORDS[4],
+             "output": " ".join(WORDS[5 + (i * 7 + k) % 5] for k in range(1 + i % 4))} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("score") / "tiny")
+
+
+def test_standalone_scores_every_record_and_keeps_a_ledger(tmp_path: Path, tiny: Path) -> None:
+    src = tmp_path / "data.json"
+    rows = dataset(12) + [{"instruction": "name a primary color", "output": "   "}]
+    write_json(src, rows)
+    out = tmp_path / "out.jsonl"
+    score(str(src), output=str(out), scorers="ifd,length", keep="ifd<1,top=0.5:length", model=str(tiny),
+          dtype="float32")
+    kept = read_jsonl(out)
+    rejected = read_jsonl(tmp_path / "out.rejected.jsonl", allow_empty=True)
+    funnel = read_json(tmp_path / "out.funnel.json")
+    assert len(kept) + len(rejected) == len(rows)
+    for rec in kept:
+        assert rec["scores"]["ifd"] < 1
+        assert rec["scores"]["ifd"] == pytest.approx(
+            rec["scores"]["ifd_loss_given_prompt"] / rec["scores"]["ifd_loss_alone"], rel=1e-9)
+        assert rec["scores"]["length"] == len(rec["output"].split())
+    by_id = {r["id"]: r for r in rejected}
+    empty = next(r for r in rejected if not r["record"]["output"].strip())
+    assert empty["reason"] == "no_ifd" and empty["score"] is None
+    assert empty["record"]["score_details"]["ifd"]["reason"] == "empty_answer"
+    for r in by_id.values():
+        assert r["reason"] in {"ifd_at_least_1", "low_length", "no_ifd"}
+        if r["reason"] == "ifd_at_least_1":
+            assert r["score"] >= 1 and r["score_name"] == "ifd"
+    assert [row["rule"] for row in funnel["rules"]] == ["keep ifd<1", "keep top=0.5:length"]
+    assert funnel["rules"][-1]["out"] == len(kept) and funnel["input"] == len(rows)
+
+
+def test_a_rerun_reads_every_score_from_the_cache(tmp_path: Path, tiny: Path, capsys) -> None:
+    src = tmp_path / "data.jsonl"
+    write_jsonl(src, dataset(6))
+    score(str(src), output=str(tmp_path / "a.jsonl"), scorers="ifd,length", model=str(tiny), dtype="float32")
+    first = read_jsonl(tmp_path / "a.jsonl")
+    capsys.readouterr()
+    score(str(src), output=str(tmp_path / "a.jsonl"), scorers="ifd,length", keep="length>=2", model=str(tiny),
+          dtype="float32")
+    assert "0 scores computed, 12 cached" in capsys.readouterr().out
+    again = {r["id"]: r["scores"] for r in read_jsonl(tmp_path / "a.jsonl")}
+    assert all(again[r["id"]] == r["scores"] for r in first if r["id"] in again)
+
+
+@pytest.mark.parametrize(("keep", "message"), [
+    ("ifd=<1", "cannot read keep rule"),
+    ("judge>=4", "no scorer computes 'judge'"),
+    ("top=2:ifd", "fraction of top="),
+])
+def test_bad_keep_fails_before_anything_loads(tmp_path: Path, keep: str, message: str) -> None:
+    src = tmp_path / "data.jsonl"
+    write_jsonl(src, dataset(2))
+    with pytest.raises(SiftError, match=message) as e:  # the model does not exist: it was never loaded
+        score(str(src), output=str(tmp_path / "o.jsonl"), scorers="ifd,length", keep=keep,
+              model=str(tmp_path / "no-such-model"))
+    assert e.value.field == "keep"
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_bad_records_name_file_line_and_field(tmp_path: Path) -> None:
+    src = tmp_path / "data.jsonl"
+    src.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n")
+    with pytest.raises(SiftError) as e:
+        score(str(src), output=str(tmp_path / "o.jsonl"), scorers="length")
+    assert (e.value.line, e.value.field) == (2, "output")
+    assert not (tmp_path / "o.jsonl").exists()
+    with pytest.raises(SiftError, match="unknown scorer 'quality'"):
+        score(str(src), output=str(tmp_path / "o.jsonl"), scorers="quality")
+    with pytest.raises(SiftError, match="--reward-model"):
+        score(str(src), output=str(tmp_path / "o.jsonl"), scorers="reward")
+
+
+def test_the_stage_writes_scored_and_extends_the_funnel(tmp_path: Path, tiny: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIFT_RUNS_DIR", str(tmp_path / "runs"))
+    d = tmp_path / "runs" / "r"
+    d.mkdir(parents=True)
+    write_jsonl(d / "filtered.jsonl", [{"id": f"ex_{i}", **r} for i, r in enumerate(dataset(8))])
+    write_json(d / "funnel.json", {"input": 10, "kept": 8, "rules": [{"rule": "too_short", "in": 10, "out": 8,
+                                                                      "dropped": 2}]})
+    for keep in ("length>=3", "top=0.5:length"):  # a rerun replaces the keep rows, never stacks them
+        score(run="r", scorers="length", keep=keep, model=str(tiny))
+    funnel = read_json(d / "funnel.json")
+    assert [r["rule"] for r in funnel["rules"]] == ["too_short", "keep top=0.5:length"]
+    kept, rejected = read_jsonl(d / "scored.jsonl"), read_jsonl(d / "scored.rejected.jsonl", allow_empty=True)
+    assert funnel["kept"] == len(kept) == 4 and len(rejected) == 4
+    assert all(r["reason"] == "low_length" for r in rejected)
+    assert read_json(d / "manifest.json")["stages"]["score"]["settings"]["keep"] == "top=0.5:length"
+
+    from pipeline.views.inspect import summarize
+    from pipeline.views.report import build_page
+    from pipeline.views.scores import scores_section
+
+    section = scores_section(d)
+    assert "data:image/png;base64," in section and "length: the 5 best" in section and "length: the 5 worst" in section
+    assert 'id="scores"' in build_page("r", d)
+    rows = summarize(read_jsonl(d / "scored.jsonl"))["scores"]
+    assert rows[0]["score"] == "length" and rows[0]["n"] == len(kept)
+    ledger = summarize(read_jsonl(d / "scored.rejected.jsonl"))["scores"]  # the ledger's records carry scores too
+    assert ledger[0]["n"] == len(rejected) and ledger[0]["p100"] <= rows[0]["p0"]
+
+
+def test_kill_and_resume_loses_and_repeats_nothing(tmp_path: Path, tiny: Path) -> None:
+    src = tmp_path / "data.jsonl"
+    write_jsonl(src, dataset(40))  # journal appends of 32 and 8 records per scorer
+    args = ["score", str(src), "--scorers", "ifd,length", "--model", str(tiny), "--dtype", "float32"]
+    code, _, err = sift([*args, "-o", str(tmp_path / "ref.jsonl")], runs=tmp_path / "runs")
+    assert code == 0, err
+    out = tmp_path / "out.jsonl"
+    sift_killed([*args, "-o", str(out)], runs=tmp_path / "runs", kill_at="out.cache.jsonl:2:mid")
+    assert not out.exists()
+    code, stdout, err = sift([*args, "-o", str(out)], runs=tmp_path / "runs")
+    assert code == 0, err
+    computed, cached = map(int, re.search(r"(\d+) scores computed, (\d+) cached", stdout).groups())
+    # ifd's first chunk of 32 survived, and the whole lines of the torn second one; the rest is redone
+    assert computed + cached == 80 and 32 <= cached < 40
+    keys = [e["key"] for e in Journal(tmp_path / "out.cache.jsonl").read()]
+    assert len(keys) == len(set(keys)) == 80  # every score once, none repeated
+    ref, got = read_jsonl(tmp_path / "ref.jsonl"), read_jsonl(out)
+    assert [r["id"] for r in got] == [r["id"] for r in ref]
+    for a, b in zip(ref, got, strict=True):
+        assert a["scores"].keys() == b["scores"].keys()
+        for k in a["scores"]:
+            assert b["scores"][k] == pytest.approx(a["scores"][k], rel=1e-5)
