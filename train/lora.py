@@ -120,6 +120,20 @@ def _metrics_callback(journal: Journal, tokens_per_epoch: int) -> Any:
     return Metrics()
 
 
+def _no_final_eval_callback() -> Any:
+    """A TrainerCallback that cancels the evaluation transformers adds at the last step: `train_in`
+    evaluates once after training anyway, and the duplicate sat inside the timed training loop."""
+    from transformers import TrainerCallback
+
+    class NoFinalEval(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if state.global_step >= state.max_steps:
+                control.should_evaluate = False
+            return control
+
+    return NoFinalEval()
+
+
 def last_checkpoint(ckpt_dir: Path, *, remove_partial: bool) -> str | None:
     """The newest checkpoint whose save finished. The trainer writes trainer_state.json last, so a
     folder without a readable one is what a kill in the middle of a save left; resuming from it
@@ -432,7 +446,12 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
             eval_dataset=Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in valid_ex])
             if valid_ex else None,
             data_collator=collator,
-            callbacks=[_metrics_callback(journal, train_stats.tokens)])
+            callbacks=[_metrics_callback(journal, train_stats.tokens), _no_final_eval_callback()])
+        if not cuda:  # TRL's fused LM head falls back to slow float32 tiles without Triton (train/lm_head.py)
+            from train.lm_head import plain_lm_head
+
+            plain_lm_head(trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model")
+                          else trainer.model)
 
         # ---- train
         # killed after the last checkpoint: resuming, transformers (5.23) would run a step past the end
