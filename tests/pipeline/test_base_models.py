@@ -241,3 +241,12 @@ def test_real_gemma_3_base_fetches_converts_and_models_text() -> None:
     text = "1. Give three tips for staying healthy.\n2. What is the capital of France?\n3. Write a short poem."
     natural, reversed_ = nll(text), nll(" ".join(reversed(text.split())))
     assert natural < 4.0 and reversed_ - natural > 2.0
+
+
+def test_fetching_an_unknown_name_is_one_clear_line(cache: Path, capsys: pytest.CaptureFixture) -> None:
+    from pipeline.cli import main
+
+    assert main(["model", "fetch", "gemma-9"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "field 'name'" in err and "known: smollm2-135m-instruct, gemma-3-270m" in err
+    assert not (cache / "models").exists()
