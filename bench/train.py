@@ -2,8 +2,18 @@
 
     .venv/bin/python bench/train.py                  # the embedded SmolLM2-135M if fetched, else a random Llama
     .venv/bin/python bench/train.py --steps 4 --batch-size 8 --max-length 512 --examples 2000
+    .venv/bin/python bench/train.py --path-only --run demo    # `sift train`'s own path on runs/demo/train.jsonl
+    .venv/bin/python bench/train.py --quick                   # make bench
 
-A stripped copy of the training hot loop (LoRA rank 16 on all linear layers, AdamW, bf16 autocast
+Part 1, the training path against the stripped loop, side by side in one process: `sift train`
+itself (train/lora.py: SFTTrainer, PEFT, packing, callbacks, checkpoint, precision as `auto`
+picks it) for one epoch over chat records (a run's train.jsonl with --run, else synthetic text of
+Alpaca-like lengths), and the stripped loop below over the very same packed rows, batch and
+accumulation. tokens/s is trained non-pad tokens per second of wall time of the training loop
+(`sift train`'s summary; its evaluations before and after are outside it). The stripped loop runs
+before and after the path and their mean is the reference, so a change in load shows up.
+
+Part 2, a stripped copy of the training hot loop (LoRA rank 16 on all linear layers, AdamW, bf16 autocast
 where the CPU has it) over synthetic examples whose lengths follow an Alpaca-like distribution:
 a ~30-token template, an instruction of median 20 tokens, an input on 40% of examples, and an
 answer of median 50 tokens with a long tail (log-normal), cut at max_length as training does.
@@ -75,6 +85,82 @@ def packed_batches(examples: list[dict], batch: int, max_length: int, seed: int)
     return [rows[i:i + per] for i in range(0, len(rows), per)]
 
 
+def synthetic_records(n: int, max_length: int, seed: int) -> list[dict]:
+    """Chat records whose word counts follow `alpaca_like_lengths` (a word is about a token)."""
+    rng = random.Random(seed)
+    words = ("the a of to and in is for on with as by at from this that it be are was can your time data "
+             "water light city plan story reason number simple write list explain give name").split()
+
+    def text(k: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(max(1, k)))
+
+    return [{"id": f"bench-{i}", "messages": [{"role": "user", "content": text(p - 30)},
+                                               {"role": "assistant", "content": text(a - 1)}]}
+            for i, (p, a) in enumerate(alpaca_like_lengths(n, max_length // 2, seed))]
+
+
+def path_vs_stripped(model_spec: str, records: list[dict], *, batch_size: int, max_length: int, seed: int) -> None:
+    """`sift train`'s own path for one epoch, and the stripped loop on the same packed rows."""
+    import json
+    import shutil
+    import tempfile
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.io.artifacts import write_jsonl
+    from pipeline.io.models import cpu_supports_bf16, load_tokenizer
+    from train.format import setup_tokenizer, tokenize_records
+    from train.lora import packed_batch, read_split, train_in
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    try:
+        write_jsonl(folder / "train.jsonl", records)
+        settings = dict(run="bench", student=model_spec, epochs=1.0, lr=2e-4, lora_r=16, lora_alpha=32,
+                        lora_dropout=0.05, target_modules="all-linear", max_length=max_length,
+                        batch_size=batch_size, grad_accum=4, packing=True, overlong="drop", eval_steps=10**6,
+                        save_steps=50, logging_steps=5, resume=False, gradient_checkpointing=False, qlora=False,
+                        precision="auto", max_steps=-1, warmup_ratio=0.03, seed=seed, template="auto")
+        tokenizer = load_tokenizer(model_spec)
+        setup_tokenizer(tokenizer, "auto")
+        examples, stats = tokenize_records(tokenizer, read_split(folder / "train.jsonl"), max_length=max_length,
+                                           overlong="drop")
+        rows = pack_rows([{"input_ids": e.input_ids, "labels": e.labels} for e in examples], max_length)
+        per_device, accum = packed_batch(len(examples), len(rows), batch_size, 4)
+        random.Random(seed).shuffle(rows)
+        bf16 = cpu_supports_bf16() and not torch.cuda.is_available()
+        collate = Collator(tokenizer.pad_token_id)
+
+        def stripped() -> float:
+            torch.manual_seed(seed)
+            _, base = load_model(model_spec)
+            model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                    target_modules="all-linear", task_type="CAUSAL_LM")).train()
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+            t0 = time.perf_counter()
+            for start in range(0, len(rows), per_device * accum):
+                for i in range(start, min(start + per_device * accum, len(rows)), per_device):
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        loss = model(**collate(rows[i:i + per_device]), use_cache=False).loss
+                    (loss / accum).backward()
+                opt.step()
+                opt.zero_grad()
+            return stats.tokens / (time.perf_counter() - t0)
+
+        print(f"training path vs stripped loop: {stats.examples} examples, {stats.tokens} tokens in {len(rows)} "
+              f"packed rows, {per_device} rows x {accum} accumulation; {'bf16 autocast' if bf16 else 'fp32'}")
+        first = stripped()
+        train_in(folder, **settings)
+        summary = json.loads((folder / "student" / "metrics.jsonl").read_text().splitlines()[-1])
+        second = stripped()
+        ref = (first + second) / 2
+        print(f"{'stripped loop':<22} {ref:>9.0f} tokens/s  (before {first:.0f}, after {second:.0f})")
+        print(f"{'sift train (path)':<22} {summary['tokens_per_s']:>9.0f} tokens/s  "
+              f"{summary['tokens_per_s'] / ref:.2f}x the stripped loop\n")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def load_model(name: str):
     import torch
 
@@ -121,7 +207,26 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per method; 0: padding waste only")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    ap.add_argument("--run", help="part 1 on runs/RUN/train.jsonl instead of synthetic records")
+    ap.add_argument("--path-examples", type=int, default=96, help="synthetic records for part 1")
+    ap.add_argument("--path-only", action="store_true", help="part 1 only")
+    ap.add_argument("--quick", action="store_true", help="small counts (make bench)")
     args = ap.parse_args()
+    if args.quick:
+        args.examples, args.steps, args.path_examples = 400, 2, 48
+
+    from pipeline.io.artifacts import iter_jsonl
+    from pipeline.io.models import EMBEDDED_ALIAS, embedded_dir, folder_problem
+
+    spec = args.model
+    if spec == "auto":
+        spec = EMBEDDED_ALIAS if folder_problem(embedded_dir(), converted=True) is None else "random"
+    if spec != "random":  # part 1 loads the model through `sift train`, which needs a real model folder
+        records = [obj for _, obj in iter_jsonl(Path("runs") / args.run / "train.jsonl")] if args.run else \
+            synthetic_records(args.path_examples, args.max_length, args.seed)
+        path_vs_stripped(spec, records, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
+    if args.path_only:
+        return
 
     import torch
     from peft import LoraConfig, get_peft_model

@@ -6,7 +6,7 @@ that never builds the full logits. On a GPU it runs Triton kernels over the answ
 CPU it falls back to torch ops over every position, prompt and padding included, in 32K-column tiles:
 about ten float32 passes over each tile forward and again backward, plus a float32 matrix product
 for the gradient (TRL's `_addmm_fp32`), where autocast would have used bfloat16. Profiled on a
-`sift train` of SmolLM2-135M (docs/training.md) that head took 46% of each training step.
+`sift train` of SmolLM2-135M (docs/training.md) that head took 37% of each training step.
 
 `plain_lm_head(model)` wraps the forward TRL installed: called with `fused_lm_head=True`, it returns
 the same `FusedCausalLMOutput` fields SFTTrainer reads (loss, log_probs, entropy, is_top1,
