@@ -120,3 +120,20 @@ def test_a_prompt_without_the_output_placeholder_is_refused(tmp_path: Path) -> N
     bad.write_text("Rate this: {instruction}\n")
     with pytest.raises(SiftError, match="must use"):
         rating.load_prompt(str(bad))
+
+
+def test_judge_through_an_openai_compatible_server_parses_the_reply() -> None:
+    """The openai backend gives no first-token distribution here: the greedy reply is parsed."""
+    from pipeline.teachers.openai_compat import OpenAITeacher
+    from tests.pipeline.openai_server import FakeOpenAI
+
+    replies = {"red is a primary color": "Rating: 4/5", "hola": "I cannot rate this."}
+
+    def reply(body: dict) -> tuple[str, str]:
+        prompt = body["messages"][-1]["content"]
+        return next(v for k, v in replies.items() if f"### Answer\n{k}" in prompt), "stop"
+
+    with FakeOpenAI(reply=reply) as server:
+        got = judge_scores(OpenAITeacher("fake", base_url=server.url, max_retries=0), RECORDS)
+    assert [(r["method"], r["value"]) for r in got] == [("sampled", 4), ("sampled", None)]
+    assert got[0]["raw"] == "Rating: 4/5"
