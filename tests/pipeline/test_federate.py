@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,11 +142,28 @@ def test_simulation_privacy_failing_client_and_resume(runs: Path, tmp_path: Path
     for text in texts:
         assert text.encode() not in blob
 
-    # resume: a second command with more rounds keeps round 1 and adds round 2 from its adapter
+    # killed: `sift federate --rounds 2` SIGKILLs itself while writing round 2 into federate.json
+    # (its adapter is on disk, the round is not); round 1 stays, nothing is half-written
+    args = ["federate", "--run", "fed", "--rounds", "2", *[f"--{k.replace('_', '-')}={v}" for k, v in options.items()
+                                                           if k != "run"]]
+    log = tmp_path / "killed.log"
+    with log.open("w") as out:  # a session of its own: Ray's daemons go with it
+        child = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "SIFT_TEST_KILL_AT": "federate.json:2:mid"}, start_new_session=True)
+        try:
+            assert child.wait(timeout=900) == -signal.SIGKILL, log.read_text()[-3000:]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+    assert [r["round"] for r in read_state(runs / "fed")["rounds"]] == [1]
+    assert adapter_path(runs / "fed", 2).is_file() and list((runs / "fed").glob(".federate.json.*.tmp"))
+
+    # rerun: the same command continues after round 1 from its adapter
     fed.federate(rounds=2, **options)
     state2 = read_state(runs / "fed")
     assert [r["round"] for r in state2["rounds"]] == [1, 2]
     assert state2["rounds"][0] == r1 and adapter_path(runs / "fed", 1).read_bytes() == first
+    assert not list((runs / "fed").glob(".federate.json.*.tmp"))
     assert state2["rounds"][1]["failed"][0]["error"] == "client 2: SiftError"
     with pytest.raises(SiftError, match="changed: local"):
         fed.federate(rounds=3, **{**options, "local_steps": 3})
