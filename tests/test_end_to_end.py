@@ -36,7 +36,11 @@ def test_every_stage_on_the_embedded_model(tmp_path: Path, monkeypatch: pytest.M
                  "--eval-limit", "4", "--max-failures", "2", "--max-new-tokens", "24",
                  "--augment-max-tokens", "200"]) == 0
     assert main(["report", *run]) == 0
+    check_run(d)
 
+
+def check_run(d: Path) -> None:
+    """What a working pipeline leaves in the run folder `d` after the commands above."""
     generated = read_json(d / "generate.stats.json")
     assert generated["accepted"] == 10
     assert generated["candidates"] == generated["accepted"] + sum(generated["rejected_by_reason"].values())
@@ -47,8 +51,27 @@ def test_every_stage_on_the_embedded_model(tmp_path: Path, monkeypatch: pytest.M
     rejected = read_jsonl(d / "filtered.rejected.jsonl", allow_empty=True)
     assert funnel["kept"] == len(kept) and funnel["input"] == len(kept) + len(rejected)
     assert all(r["provenance"]["teacher"]["name"] == "smollm2-135m-instruct" for r in kept)
-    assert (d / "student" / "adapter_model.safetensors").stat().st_size > 10_000
-    assert read_json(d / "eval.json")
+    classified = read_jsonl(d / "classified.jsonl")
+    assert len(classified) + len(read_jsonl(d / "classified.rejected.jsonl", allow_empty=True)) == 10
+    assert all(isinstance(r["is_classification"], bool) for r in classified)
+    # every kept record is in exactly one of train, valid and the export's contamination ledger
+    exported = [r["id"] for name in ("train.jsonl", "valid.jsonl") for r in read_jsonl(d / name, allow_empty=True)]
+    if (d / "export.rejected.jsonl").exists():
+        exported += [r["id"] for r in read_jsonl(d / "export.rejected.jsonl", allow_empty=True)]
+    assert sorted(exported) == sorted(r["id"] for r in kept)
+    from safetensors.torch import load_file
+
+    lora_b = [v for k, v in load_file(d / "student" / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert lora_b and any(float(v.abs().sum()) > 0 for v in lora_b)  # 3 steps moved the adapter off zero
+    evaluated = read_json(d / "eval.json")["valid"]
+    n_valid = len(read_jsonl(d / "valid.jsonl"))
+    assert evaluated["examples"] == min(3, n_valid) and evaluated["base"]["model"] == "smollm2-135m-instruct"
+    for side in ("base", "student"):  # a real model on real answers: finite, plausible numbers
+        m = evaluated[side]
+        assert 1 < m["perplexity"] < 1e4 and 0 <= m["rouge_l"] <= 1 and 0 <= m["stop_rate"] <= 1
+    for key, delta in evaluated["delta"].items():
+        assert delta == pytest.approx(evaluated["student"][key] - evaluated["base"][key], abs=1e-9)
+    assert all(isinstance(s["student"], str) and isinstance(s["base"], str) for s in evaluated["samples"])
     html = (d / "report.html").read_text()
     assert "<img" in html and "data:image/png;base64," in html
     from tests.pipeline.test_report import CHROMIUM, _check_in_browser
@@ -60,10 +83,39 @@ def test_every_stage_on_the_embedded_model(tmp_path: Path, monkeypatch: pytest.M
     loop = read_json(d / "loop.json")
     assert [r["round"] for r in loop["rounds"]] == [1, 2]
     assert all(r["eval"]["examples"] == 4 for r in loop["rounds"])
-    added = read_jsonl(d / "loop" / "data.jsonl")[len(kept):]
-    assert len(added) == loop["data"]["added"]
-    assert all(a["metadata"]["loop"]["round"] in (1, 2) and a["metadata"]["loop"]["parent_id"] for a in added)
+    # lineage on the records that exist: the originals are filtered.jsonl, in order, marked round 0
+    data = read_jsonl(d / "loop" / "data.jsonl")
+    originals, added = data[:len(kept)], data[len(kept):]
+    assert [r["id"] for r in originals] == [r["id"] for r in kept]
+    assert all(r["metadata"]["loop"] == {"round": 0} for r in originals)
+    assert len(added) == loop["data"]["added"] == sum(r["augment"]["new_records"] for r in loop["rounds"])
+    original_ids = {r["id"] for r in originals}
+    for r in loop["rounds"]:
+        round_dir = d / "loop" / f"round-{r['round']}"
+        scores = read_jsonl(round_dir / "scores.jsonl")  # the student answered, and was scored, on 4 originals
+        assert len(scores) == 4 and {s["id"] for s in scores} <= original_ids
+        a = r["augment"]
+        assert a["failures_used"] == min(r["eval"]["failures"], 2)
+        assert a["requests"] == a["failures_used"]  # one teacher request per failure augmented
+        # the failures augmented are the worst-scored below the threshold (0.5), at most 2, ties by id
+        used = {s["id"] for s in sorted((s for s in scores if s["score"] is not None and s["score"] < 0.5),
+                                        key=lambda s: (s["score"], s["id"]))[:2]}
+        assert len(used) == a["failures_used"]
+        new = read_jsonl(round_dir / "added.jsonl", allow_empty=True)
+        ledger = read_jsonl(round_dir / "added.rejected.jsonl", allow_empty=True)
+        assert len(new) == a["new_records"] and len(ledger) == a["rejected"]
+        for rec in new:  # whatever the teacher added carries its round and a parent among those failures
+            assert rec["loop"]["round"] == r["round"] and rec["loop"]["parent_id"] in used
+        for e in ledger:  # and so does every row it wrote that was turned away (parse problem, filter, error)
+            parent = e.get("parent_id") or (e.get("record") or {}).get("loop", {}).get("parent_id") or (
+                e["id"] if e["reason"] == "teacher_error" else None)
+            assert parent in used, e
+    assert all(a["metadata"]["loop"]["round"] in (1, 2) and a["metadata"]["loop"]["parent_id"] in original_ids
+               for a in added)
     assert 'id="loop"' in html
     manifest = read_json(d / "manifest.json")
     assert set(STAGES) <= set(manifest["stages"])
-    assert "filtered.jsonl" in manifest["artifacts"]
+    from pipeline.io.artifacts import file_sha256
+
+    for name in ("filtered.jsonl", "train.jsonl", "loop/data.jsonl"):  # the recorded hashes are the files'
+        assert manifest["artifacts"][name]["sha256"] == file_sha256(d / name)
