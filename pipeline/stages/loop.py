@@ -480,7 +480,7 @@ def plan_teachers(loop_dir: Path, r: int, specs: list[dict], policy: str, summar
         prev_loss = previous["train"].get("eval_loss_after")
         delta = None if prev_loss is None or eval_loss is None else round(eval_loss - prev_loss, 6)
         ev = policies.evidence(previous["teachers"]["served"], before, after, targeted, added, names=names,
-                                     valid_loss_delta=delta)
+                               valid_loss_delta=delta, assigned=previous["teachers"].get("assignment"))
     history = [s["teachers"]["evidence"] for s in summaries if s.get("teachers")] + [ev]
     post = policies.posterior(history, names)
     if policy == "learned" and ev:
@@ -498,6 +498,7 @@ def teacher_figures(plan: dict, counters: dict, kept: list[dict], pool: Teacher)
     served = counters.get("served", {})
     return {"policy": plan["policy"], "shares": plan["shares"], "evidence": plan["evidence"],
             "posterior": plan["posterior"], "sent": dict(sorted(Counter(plan["assignment"].values()).items())),
+            "assignment": plan["assignment"],
             "served": served, "new_records": dict(sorted(Counter(str(a["loop"].get("teacher")) for a in kept).items())),
             "usage": counters.get("by_teacher", {}), "down": dict(getattr(pool, "down", {}))}
 

@@ -140,6 +140,10 @@ def test_evidence_counts_improved_targets_and_unserved_failures() -> None:
     assert ev["a"]["improved"] == 1 and ev["a"]["failures"] == 1 and ev["a"]["successes"] == pytest.approx(1.8)
     # b: f3 did not improve; f4 improved but b added nothing for it, so it cannot take the credit
     assert ev["b"]["improved"] == 0 and ev["b"]["failures"] == 2 and ev["b"]["successes"] == pytest.approx(0.2)
+    # c was sent f5 but failed it, so a served it: a failed trial for c, none for a
+    ev = teacher_policy.evidence({"f5": "a"}, {"f5": 0.0}, {"f5": 0.0}, {}, {}, names=["a", "c"],
+                                 valid_loss_delta=None, assigned={"f5": "c"})
+    assert ev["c"]["passed_on"] == 1 and ev["c"]["failures"] == 1 and ev["a"]["failures"] == 1
 
 
 def test_thompson_shares_follow_the_evidence_and_can_reach_zero() -> None:
