@@ -1,8 +1,9 @@
-"""Packing and length grouping against naively padded batches: padding waste and LoRA tokens/s.
+"""Training speed: `sift train` beside a stripped loop; packing and length grouping against naive padding.
 
     .venv/bin/python bench/train.py                  # the embedded SmolLM2-135M if fetched, else a random Llama
     .venv/bin/python bench/train.py --steps 4 --batch-size 8 --max-length 512 --examples 2000
     .venv/bin/python bench/train.py --path-only --run demo    # `sift train`'s own path on runs/demo/train.jsonl
+    .venv/bin/python bench/train.py --path-only --trl-head    # also the path with TRL's own LM head (before)
     .venv/bin/python bench/train.py --quick                   # make bench
 
 Part 1, the training path against the stripped loop, side by side in one process: `sift train`
@@ -99,7 +100,8 @@ def synthetic_records(n: int, max_length: int, seed: int) -> list[dict]:
             for i, (p, a) in enumerate(alpaca_like_lengths(n, max_length // 2, seed))]
 
 
-def path_vs_stripped(model_spec: str, records: list[dict], *, batch_size: int, max_length: int, seed: int) -> None:
+def path_vs_stripped(model_spec: str, records: list[dict], *, batch_size: int, max_length: int, seed: int,
+                     trl_head: bool = False) -> None:
     """`sift train`'s own path for one epoch, and the stripped loop on the same packed rows."""
     import json
     import shutil
@@ -149,14 +151,26 @@ def path_vs_stripped(model_spec: str, records: list[dict], *, batch_size: int, m
 
         print(f"training path vs stripped loop: {stats.examples} examples, {stats.tokens} tokens in {len(rows)} "
               f"packed rows, {per_device} rows x {accum} accumulation; {'bf16 autocast' if bf16 else 'fp32'}")
+        def path() -> float:
+            train_in(folder, **settings)
+            return json.loads((folder / "student" / "metrics.jsonl").read_text().splitlines()[-1])["tokens_per_s"]
+
         first = stripped()
-        train_in(folder, **settings)
-        summary = json.loads((folder / "student" / "metrics.jsonl").read_text().splitlines()[-1])
+        rates = {"sift train (path)": path()}
+        if trl_head:  # the same path with TRL's own LM head, as before train/lm_head.py
+            import train.lm_head
+
+            ours, train.lm_head.plain_lm_head = train.lm_head.plain_lm_head, lambda model: False
+            try:
+                rates["path, TRL's LM head"] = path()
+            finally:
+                train.lm_head.plain_lm_head = ours
         second = stripped()
         ref = (first + second) / 2
         print(f"{'stripped loop':<22} {ref:>9.0f} tokens/s  (before {first:.0f}, after {second:.0f})")
-        print(f"{'sift train (path)':<22} {summary['tokens_per_s']:>9.0f} tokens/s  "
-              f"{summary['tokens_per_s'] / ref:.2f}x the stripped loop\n")
+        for label, rate in rates.items():
+            print(f"{label:<22} {rate:>9.0f} tokens/s  {rate / ref:.2f}x the stripped loop")
+        print()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -211,6 +225,7 @@ def main() -> None:
     ap.add_argument("--path-examples", type=int, default=96, help="synthetic records for part 1")
     ap.add_argument("--path-only", action="store_true", help="part 1 only")
     ap.add_argument("--quick", action="store_true", help="small counts (make bench)")
+    ap.add_argument("--trl-head", action="store_true", help="part 1 also with TRL's own LM head (the old path)")
     args = ap.parse_args()
     if args.quick:
         args.examples, args.steps, args.path_examples = 400, 2, 48
@@ -224,7 +239,8 @@ def main() -> None:
     if spec != "random":  # part 1 loads the model through `sift train`, which needs a real model folder
         records = [obj for _, obj in iter_jsonl(Path("runs") / args.run / "train.jsonl")] if args.run else \
             synthetic_records(args.path_examples, args.max_length, args.seed)
-        path_vs_stripped(spec, records, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
+        path_vs_stripped(spec, records, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+                         trl_head=args.trl_head)
     if args.path_only:
         return
 
