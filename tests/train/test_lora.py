@@ -50,6 +50,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
         yield d, tiny_model_dir, mp
 
 
+def test_each_evaluation_is_logged_once(trained) -> None:
+    """transformers' own evaluation at the last step is cancelled: train_in evaluates right after."""
+    d, _, _ = trained
+    assert [e["step"] for e in _metrics(d) if e["kind"] == "eval"] == [0, 10, 20, 30]
+
+
 def _logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=torch.tensor([ids])).logits
