@@ -241,6 +241,8 @@ def main() -> None:
             synthetic_records(args.path_examples, args.max_length, args.seed)
         path_vs_stripped(spec, records, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                          trl_head=args.trl_head)
+    else:
+        print("part 1 (sift train beside the stripped loop) needs a model folder: run `sift model fetch`")
     if args.path_only:
         return
 
