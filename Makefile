@@ -29,8 +29,9 @@ GENERATE_OPTS  ?= --max-tokens 256
 CLASSIFY_OPTS  ?=
 INSTANCES_OPTS ?= --max-tokens 200
 FILTER_OPTS    ?=
-# scorers and --keep rules of `sift score` (docs/scoring.md); ifd on the student's base, judge by the teacher
-SCORE_OPTS     ?= --scorers ifd,length,judge --keep 'ifd<1'
+# scorers and --keep rules of `sift score` (docs/scoring.md): ifd on the student's base; add judge with a teacher
+# that rates well (the embedded 135M gives a usable rating for about half the records)
+SCORE_OPTS     ?= --scorers ifd,length --keep 'ifd<1'
 EXPORT_OPTS    ?=
 TRAIN_OPTS     ?=
 EVAL_OPTS      ?= --max-new-tokens 96
