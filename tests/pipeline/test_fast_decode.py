@@ -263,9 +263,13 @@ def test_lanes_report_every_job_once_and_pass_errors_on(tiny) -> None:
 
 @with_kernels
 def test_bfloat16_kernel_path_agrees_with_torch_attention(tiny) -> None:
-    """In bfloat16 the C attention (and the C sampler candidates) replace torch's; the texts agree with
-    the torch path's apart from rounding: here the greedy tokens of a small random Llama with
-    SmolLM2's head shape (head_dim 64, 3 query heads per key-value head) are the same."""
+    """In bfloat16 the C attention (and the C sampler candidates) replace torch's. Which greedy token
+    wins a near-tie depends on the CPU's bf16 kernels, so the texts are not compared with each other;
+    instead every token either path picks must be one the same weights in float32 rate within
+    TINY_BF16_GAP of their favourite at that step (teacher-forced along the path's own text), on a
+    small random Llama with SmolLM2's head shape (head_dim 64, 3 query heads per key-value head)."""
+    import copy
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -275,12 +279,23 @@ def test_bfloat16_kernel_path_agrees_with_torch_attention(tiny) -> None:
                          num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=512,
                          initializer_range=0.2, tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    model32 = copy.deepcopy(model).float()  # the same (bf16-rounded) weights, float32 arithmetic
     prompts = encode(tok, PROMPTS + SENTENCES)
     jobs = [Job(p, Sampling(temperature=0, max_tokens=12), 0) for p in prompts]
     fast = FastDecoder(model, eos_ids=[tok.eos_token_id], max_rows=4, lanes=1)
     plain = FastDecoder(model, eos_ids=[tok.eos_token_id], max_rows=4, lanes=1, kernel=False)
     assert fast.kernel is not None and plain.kernel is None
-    assert fast.run(jobs) == plain.run(jobs)
+    for dec in (fast, plain):
+        outs = dec.run(jobs)
+        gaps = [g for p, ids in zip(prompts, outs, strict=True) for g in float32_gaps(model32, p, ids)]
+        assert len(gaps) == sum(len(o) for o in outs) > 0
+        assert max(gaps) <= TINY_BF16_GAP, (dec.kernel is not None, max(gaps))
+
+
+# The tiny model's logits span about -9 to 10. Measured on an AMD EPYC (avx512_bf16): the largest gap of
+# either bf16 path was 0.09 over 125 tokens, and a decoder that skipped one of the two layers picked
+# tokens up to 8.9 below the float32 favourite; 0.25 leaves room for other CPUs' rounding.
+TINY_BF16_GAP = 0.25
 
 
 def test_seeded_rows_ignore_their_neighbours(tiny) -> None:
@@ -337,7 +352,7 @@ def test_only_plain_llama_is_supported(tiny) -> None:
 
 @pytest.mark.slow
 def test_embedded_model_greedy_float32_matches_generate() -> None:
-    """The hard requirement: float32 greedy tokens identical to plain batched `generate`."""
+    """The hard requirement: float32 greedy tokens identical to plain batched `generate`, but for ties."""
     import torch
 
     from pipeline.io.models import EMBEDDED_ALIAS, load_model, load_tokenizer, resolve_model
@@ -358,45 +373,71 @@ def test_embedded_model_greedy_float32_matches_generate() -> None:
     expected = [row[:row.index(eos) + 1] if eos in row else row for row in out]
     got = FastDecoder(model, eos_ids=[eos], max_rows=4).run(
         [Job(p, Sampling(temperature=0, max_tokens=40), 0) for p in prompts])
-    assert got == expected
+    # Identical on the CPUs tried. Batch shapes differ between the two paths, so float32 sums may round
+    # differently on another CPU's kernels; a difference is allowed only where the float32 model rates
+    # the two tokens within 1e-3 of each other (a true tie), and at most one prompt in seven may show one.
+    differing = [i for i, (g, e) in enumerate(zip(got, expected, strict=True)) if g != e]
+    assert len(differing) <= 1, differing
+    assert all(first_divergence_is_a_tie(model, prompts[i], got[i], expected[i], tol=1e-3) for i in differing)
+
+
+def float32_gaps(model32, prompt: list[int], generated: list[int]) -> list[float]:
+    """For each generated token, how far its float32 logit lies below the float32 favourite at that
+    step (teacher-forced along `generated`): 0 where greedy float32 would pick the same token."""
+    import torch
+
+    with torch.inference_mode():
+        logits = model32(torch.tensor([prompt + generated])).logits[0, len(prompt) - 1:-1].float()
+    chosen = logits.gather(1, torch.tensor(generated)[:, None])[:, 0]
+    return (logits.max(dim=1).values - chosen).tolist()
+
+
+def first_divergence_is_a_tie(model32, prompt: list[int], a: list[int], b: list[int], tol: float) -> bool:
+    """Two greedy texts agree up to their first difference, and there the float32 model can hardly tell
+    the two tokens apart (logits within `tol`): a rounding tie, not a wrong computation."""
+    import torch
+
+    i = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+    if i is None:
+        return True  # one is a prefix of the other: budgets and EOS are checked elsewhere
+    with torch.inference_mode():
+        logits = model32(torch.tensor([prompt + a[:i]])).logits[0, -1].float()
+    return abs(float(logits[a[i]] - logits[b[i]])) <= tol
 
 
 @pytest.mark.slow
-def test_embedded_model_bfloat16_diverges_no_more_than_generate_does() -> None:
-    """In bfloat16 the batch's shape alone changes rounding, so greedy texts drift apart after a while.
-    The bar: the fast engine agrees with plain `generate` (tokens before the first difference, summed
-    over prompts) at least as well as `generate` one prompt at a time agrees with `generate` batched."""
-    import torch
+def test_embedded_model_bfloat16_picks_only_float32_near_ties() -> None:
+    """In bfloat16 the batch's shape and the CPU's bf16 kernels change rounding, so greedy texts of two
+    paths drift apart at near-ties, differently on each CPU (AMD with avx512_bf16, Intel with AMX, or
+    neither). What holds on every CPU: each token either path picks in bfloat16 is one the float32
+    model rates within BF16_GAP of its favourite at that step (teacher-forced along the path's own
+    text). A wrong kernel (a bad mask, a stale cache slot, a wrong rotary position) picks tokens far
+    below the favourite (on the tiny model above, skipping one layer gave gaps up to 8.9).
 
+    BF16_GAP = 1.0: bfloat16 keeps 8 significant bits (relative error 2^-9 per rounding); through 30
+    layers the embedded model's logits (magnitudes up to ~30) move by a few tenths, and the largest
+    gaps measured on an AMD EPYC with avx512_bf16 were 0.39 for the fast engine and 0.07 for `generate`
+    (8 prompts x 48 tokens)."""
     from pipeline.io.models import EMBEDDED_ALIAS, load_model, load_tokenizer, resolve_model
 
     ref = resolve_model(EMBEDDED_ALIAS)
-    model, tok = load_model(ref, dtype="bfloat16"), load_tokenizer(ref)
+    model, model32, tok = load_model(ref, dtype="bfloat16"), load_model(ref, dtype="float32"), load_tokenizer(ref)
     texts = ["Write a haiku about autumn.", "List three prime numbers.", "Why is the sky blue?",
              "Give two tips for learning Python.", "Explain what a noun is.", "Name a famous painter.",
              "Describe a rainy day in one sentence.", "What is the boiling point of water?"]
     prompts = [tok(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                            tokenize=False), add_special_tokens=False)["input_ids"] for t in texts]
     eos = tok.eos_token_id
-
-    def plain(batch: int) -> list[list[int]]:
-        outs = []
-        for i in range(0, len(prompts), batch):
-            part = prompts[i:i + batch]
-            width = max(map(len, part))
-            ids = torch.tensor([[eos] * (width - len(p)) + p for p in part])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in part])
-            with torch.inference_mode():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=48, do_sample=False,
-                                     pad_token_id=eos, eos_token_id=eos)[:, width:].tolist()
-            outs += [row[:row.index(eos) + 1] if eos in row else row for row in out]
-        return outs
-
-    def agreement(a: list[list[int]], b: list[list[int]]) -> int:
-        return sum(next((i for i, (x, y) in enumerate(zip(p, q, strict=False)) if x != y), min(len(p), len(q)))
-                   for p, q in zip(a, b, strict=True))
-
-    alone, batched = plain(1), plain(len(prompts))
     fast = FastDecoder(model, eos_ids=[eos], max_rows=len(prompts)).run(
         [Job(p, Sampling(temperature=0, max_tokens=48), 0) for p in prompts])
-    assert max(agreement(fast, alone), agreement(fast, batched)) >= agreement(alone, batched)
+    plain = [plain_generate(model, tok, p, 48) for p in prompts]
+    worst = {"fast": 0.0, "generate": 0.0}
+    for name, outs in (("fast", fast), ("generate", plain)):
+        for p, ids in zip(prompts, outs, strict=True):
+            assert ids, f"{name} produced nothing"
+            worst[name] = max(worst[name], *float32_gaps(model32, p, ids))
+    print(f"largest float32 gap of a bf16 greedy pick: {worst}")
+    assert worst["fast"] <= BF16_GAP and worst["generate"] <= BF16_GAP, worst
+
+
+BF16_GAP = 1.0
