@@ -30,7 +30,7 @@ CLASSIFY_OPTS  ?=
 INSTANCES_OPTS ?= --max-tokens 200
 FILTER_OPTS    ?=
 # scorers and --keep rules of `sift score` (docs/scoring.md): ifd on the student's base; add judge with a teacher
-# that rates well (the embedded 135M rates 77 of 111 records, all between 1 and 2.4: docs/scoring.md)
+# that rates well (the embedded 135M rates 77 of 111 records, 90% of them at most 2.4: docs/scoring.md)
 SCORE_OPTS     ?= --scorers ifd,length --keep 'ifd<1'
 EXPORT_OPTS    ?=
 TRAIN_OPTS     ?=
