@@ -1,1 +1,1 @@
-"""The prompt templates, shipped as package data so an installed sift finds them (see pipeline/prompts.py)."""
+"""The prompt templates, shipped as package data so an installed sift finds them (see pipeline/teachers/prompts.py)."""

@@ -18,4 +18,4 @@ def test_the_wheel_carries_every_prompt(tmp_path: Path) -> None:
     prompts = {f"prompts/{p.name}" for p in (REPO / "prompts").iterdir() if p.suffix in (".txt", ".jinja")}
     assert prompts and prompts <= names
     assert "pipeline/cli.py" in names and "filters/rouge.py" in names and "train/lora.py" in names
-    assert "evalsets/general.jsonl" in names  # the general held-out set train/general_set.py loads
+    assert "train/evalsets/general.jsonl" in names  # the general held-out set train/general_set.py loads

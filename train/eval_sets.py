@@ -4,7 +4,7 @@
     sift eval --run demo --eval-file ../shared/data/user_oriented_instructions.jsonl
 
 Sets by name: `valid` is the run's own split (runs/<run>/valid.jsonl), `general` the held-out set
-sift ships (evalsets/general.jsonl), and a file given with --eval-file is named after its stem
+sift ships (train/evalsets/general.jsonl), and a file given with --eval-file is named after its stem
 (`user_oriented_instructions`). eval.json maps each name to its results; running one set reads the
 file, replaces only that set's entry and writes it back atomically (the caller holds the run lock),
 so earlier sets stay. An eval.json from before sets existed (one result at the top) is kept as the

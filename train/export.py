@@ -120,7 +120,7 @@ def export(*, run: str = "demo", valid_fraction: float = 0.1, seed: int = 0, dec
         run: Run name; artifacts live in runs/<run>/.
         valid_fraction: Share of records held out for validation (at least one when there are two).
         seed: Changes which records fall in the validation split.
-        decontaminate_general: Drop records that overlap the general eval set (evalsets/general.jsonl).
+        decontaminate_general: Drop records that overlap the general eval set (train/evalsets/general.jsonl).
     """
     if not 0 <= valid_fraction < 1:
         raise SiftError(f"must be in [0, 1), got {valid_fraction}", field="valid_fraction")

@@ -3,7 +3,7 @@
     .venv/bin/python -m pytest tests/train/test_general_set.py -q
     sift export --run demo            # drops records that overlap the set (reason `contaminated`)
 
-evalsets/general.jsonl holds tasks written for sift, one a line: {"id", "category", "instruction",
+train/evalsets/general.jsonl holds tasks written for sift, one a line: {"id", "category", "instruction",
 "input", "output"}, spread over writing, rewriting, extraction, classification, reasoning, short
 code, lists, markdown tables, open questions and summaries (docs/evalsets.md). It measures what a
 student can still do outside its own synthetic data, so none of it may reach training: export drops
@@ -21,7 +21,7 @@ from filters.contamination import NgramIndex, build_ngram_index, contaminated, n
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import iter_jsonl, require
 
-GENERAL_PATH = Path(__file__).resolve().parents[1] / "evalsets" / "general.jsonl"
+GENERAL_PATH = Path(__file__).resolve().parent / "evalsets" / "general.jsonl"
 CATEGORIES = ("writing", "rewriting", "extraction", "classification", "reasoning", "code", "lists", "tables",
               "qa", "summarization")
 FIELDS = ("id", "category", "instruction", "input", "output")
@@ -34,7 +34,7 @@ def load_general(path: str | Path = GENERAL_PATH) -> list[dict]:
     the line and the field."""
     path = Path(path)
     if not path.is_file():
-        raise SiftError("the general eval set is missing (it ships with sift in evalsets/)", path=path)
+        raise SiftError("the general eval set is missing (it ships with sift in train/evalsets/)", path=path)
     tasks: list[dict] = []
     first_line: dict[tuple[str, str], int] = {}
     for line, obj in iter_jsonl(path):

@@ -12,7 +12,7 @@ pipeline/stages/fedapps.py; every round the server sends the global adapter, eac
 for --local-steps steps with `sift train`'s trainer, and the server aggregates (train/fedlora.py:
 fedavg or exact). After every round the global adapter's NLL per answer token is measured on each
 client's validation split (by the client) and on a held-out set (by the server):
-evalsets/general.jsonl when present, else the clients' validation splits pooled. Writes
+train/evalsets/general.jsonl when present, else the clients' validation splits pooled. Writes
 runs/<run>/federate.json (settings, clients, one entry per round) and runs/<run>/federate/; a killed
 federation rerun with the same command continues after its last finished round.
 """
@@ -27,8 +27,9 @@ from pipeline.errors import SiftError
 from pipeline.io.artifacts import iter_jsonl, write_jsonl
 from pipeline.io.runs import locked, record_stage, run_dir
 from pipeline.stages.fedstate import ADAPTERS, check_settings, read_state, write_state
+from train.general_set import GENERAL_PATH
 
-GENERAL = Path(__file__).resolve().parents[2] / "evalsets" / "general.jsonl"
+GENERAL = GENERAL_PATH
 ENGINES = ("simulation", "deployment")
 
 
@@ -99,7 +100,7 @@ def pooled_heldout(directory: Path, clients: list[dict]) -> Path:
     rows = [{"id": i, "messages": m} for c in clients if c["dir"]
             for i, m in read_split(Path(c["dir"]) / "valid.jsonl", allow_empty=True)]
     if not rows:
-        raise SiftError("no held-out set: no evalsets/general.jsonl and no client has a validation record; "
+        raise SiftError("no held-out set: no train/evalsets/general.jsonl and no client has a validation record; "
                         "pass --eval-file", field="eval_file")
     path = directory / ADAPTERS / "heldout.jsonl"
     write_jsonl(path, rows)
@@ -225,7 +226,7 @@ def federate(*, run: str = "demo", clients: int = 3, rounds: int = 2, local_step
         grad_accum: Forward passes per optimizer step on a client.
         max_length: Longest example in tokens; longer ones are dropped.
         valid_fraction: Share of each client's records held out for its validation split (split mode).
-        eval_file: Held-out set for the server's evaluation (default: evalsets/general.jsonl).
+        eval_file: Held-out set for the server's evaluation (default: train/evalsets/general.jsonl).
         eval_limit: Held-out rows scored per round (a seeded subset; 0: all).
         round_timeout: Seconds the server waits for a round's replies; a client that does not answer failed.
         precision: Client training precision: auto, bf16, fp16 or fp32.

@@ -41,7 +41,7 @@ def _texts(task: dict) -> list[str]:
 
 
 def test_the_set_is_large_varied_and_well_formed(tasks: list[dict]) -> None:
-    assert GENERAL_PATH == REPO / "evalsets" / "general.jsonl"
+    assert GENERAL_PATH == REPO / "train" / "evalsets" / "general.jsonl"
     assert 150 <= len(tasks) <= 250
     counts = Counter(t["category"] for t in tasks)
     assert {c: n for c, n in counts.items() if n < MIN_PER_CATEGORY[c]} == {}
