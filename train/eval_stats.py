@@ -92,14 +92,14 @@ def significant(ci: Sequence[float] | None) -> int:
 
 
 def findings(name: str, entry: dict) -> list[str]:
-    """What a reader should take from one set, in words: too small to tell; on `general`, that the
+    """What a reader should take from one set, in words: too small to tell (and then nothing else); on `general`, that the
     student forgot (NLL of the references or the judge's win rate significantly worse); otherwise
     which metrics changed beyond their interval."""
     n = int(entry.get("examples", 0))
     ci, delta = entry.get("ci95") or {}, entry.get("delta") or {}
+    if n < MIN_EXAMPLES:  # an interval from a handful of examples is not evidence either way: say only that
+        return [f"{name}: {n} examples is too small to tell a change from noise (want at least {MIN_EXAMPLES})"]
     out = []
-    if n < MIN_EXAMPLES:
-        out.append(f"{name}: {n} examples is too small to tell a change from noise (want at least {MIN_EXAMPLES})")
     forgot = []
     if significant(ci.get("nll")) > 0:
         lo, hi = ci["nll"]

@@ -85,6 +85,10 @@ def test_a_small_set_is_said_to_be_too_small() -> None:
     lines = findings("valid", _entry(6, (-0.5, 0.4)))
     assert any("too small to tell" in line for line in lines)
     assert not any("too small" in line for line in findings("valid", _entry(MIN_EXAMPLES, (-0.5, 0.4))))
+    # an interval clear of zero on a handful of examples is not called better or worse in the same breath
+    small = findings("valid", _entry(6, (-0.3, -0.1)))
+    assert len(small) == 1 and "too small" in small[0]
+    assert findings("general", _entry(6, (0.05, 0.20))) == small[:0] + [small[0].replace("valid", "general")]
 
 
 # ---------------------------------------------------------------- sets and eval.json
