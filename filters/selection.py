@@ -3,8 +3,10 @@
     .venv/bin/python -m pytest tests/filters/test_selection.py -q
 
 A rule is `SCORE OP NUMBER` (OP one of < <= > >= ==), e.g. `ifd<1` or `judge>=4`, or `top=F:SCORE`,
-the fraction F of the records still alive with the highest SCORE (lowest for `ifd`, where lower is
-better; ties at the cut are kept in input order). Rules apply in the given order, each to what the
+the fraction F of the records still alive with the highest SCORE (ties at the cut kept in input order).
+For `ifd` the highest are the hardest examples, which Cherry LLM and Superfiltering select; put `ifd<1`
+first, as they do, so that answers the instruction does not help predict are dropped before the cut.
+Rules apply in the given order, each to what the
 previous ones kept, like the filter rules. A dropped record's reason is `low_<score>`, except
 `ifd<1`, whose reason is `ifd_at_least_1` (Superfiltering drops answers that do not depend on their
 instruction); a record without the score (None: e.g. an empty answer's IFD) is dropped as `no_<score>`.
@@ -21,7 +23,8 @@ from typing import Any
 
 OPS: dict[str, Callable[[float, float], bool]] = {"<=": operator.le, ">=": operator.ge, "==": operator.eq,
                                                   "<": operator.lt, ">": operator.gt}
-LOWER_IS_BETTER = frozenset({"ifd"})  # for `top=`: the scores where the best records have the smallest values
+LOWER_IS_BETTER: frozenset[str] = frozenset()  # for `top=`: scores whose best records have the smallest values
+# (none today: ifd is ranked highest first, as Cherry LLM and Superfiltering rank it)
 _NAME = r"[a-z][a-z0-9_]*"
 _THRESHOLD = re.compile(rf"^({_NAME})\s*(<=|>=|==|<|>)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)$")
 _TOP = re.compile(rf"^top\s*=\s*([-+]?(?:\d+\.?\d*|\.\d+))\s*:\s*({_NAME})$")

@@ -23,7 +23,8 @@ from typing import Any
 from pipeline.io.progress import StageProgress
 from train.format import prompt_ids, tokenize_example
 
-TOKEN_BUDGET = 2048  # padded tokens per NLL forward: measured on 2 cores, 64 tasks: 2048 9.8 s, 8192 17.3 s (less padding, cache-sized)
+# padded tokens per NLL forward; on 2 cores, 64 tasks: 2048 took 9.8 s, 8192 17.3 s (less padding, cache-sized)
+TOKEN_BUDGET = 2048
 MAX_ROWS = 128  # sequences decoding at once in the fast engine (its measured best on 2 cores)
 
 Plain = Callable[..., list[dict]]  # evaluate.greedy_answers, the fallback

@@ -92,7 +92,8 @@ def significant(ci: Sequence[float] | None) -> int:
 
 
 def findings(name: str, entry: dict) -> list[str]:
-    """What a reader should take from one set, in words: too small to tell (and then nothing else); on `general`, that the
+    """What a reader should take from one set, in words: too small to tell (and then nothing else); on
+    `general`, that the
     student forgot (NLL of the references or the judge's win rate significantly worse); otherwise
     which metrics changed beyond their interval."""
     n = int(entry.get("examples", 0))

@@ -243,7 +243,7 @@ def score(input: str | None = None, /, *, output: str | None = None, run: str = 
         scorers: comma list of ifd (instruction-following difficulty, Cherry LLM), length (answer words),
             judge (the teacher's 1-5 rating, AlpaGasus / G-Eval), reward (a reward model folder)
         keep: selection rules in order, e.g. "ifd<1,judge>=4,top=0.25:judge" (SCORE<N, <=, >, >=, ==, or
-            top=FRACTION:SCORE; for top= a lower ifd is better); none: keep every record
+            top=FRACTION:SCORE, the highest; for ifd the hardest, so put ifd<1 first); none: keep all
         model: the causal LM that computes ifd (default: the embedded student base model)
         dtype: the ifd model's dtype: auto (bfloat16 where the CPU has it), float32, bfloat16
         teacher: the judge's model (as for sift generate)

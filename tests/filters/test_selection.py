@@ -29,8 +29,10 @@ DATA = recs({"ifd": 0.5, "judge": 4.5}, {"ifd": 1.2, "judge": 5.0}, {"ifd": 0.9,
     ("ifd<1,judge>=4", [None, "ifd_at_least_1", "low_judge", "no_ifd", None, "low_judge"]),
     # top half by judge (higher is better): of 6, the 3 best are 1 (5.0), 0 (4.5), 4 (4.0)
     ("top=0.5:judge", [None, None, "low_judge", "low_judge", None, "low_judge"]),
-    # top third by ifd (lower is better) of the 5 records that have one: ceil(1.7) = 2, records 5 and 0
-    ("top=0.34:ifd", [None, "low_ifd", "low_ifd", "no_ifd", "low_ifd", None]),
+    # top third by ifd (highest first, as Cherry LLM) of the 5 records that have one: ceil(1.7) = 2, records 1, 2
+    ("top=0.34:ifd", ["low_ifd", None, None, "no_ifd", "low_ifd", "low_ifd"]),
+    # Superfiltering's order: drop ifd >= 1, then the highest half of the four left (0.9 and 0.7)
+    ("ifd<1,top=0.5:ifd", ["low_ifd", "ifd_at_least_1", None, "no_ifd", None, "low_ifd"]),
     # combined: after ifd<1 four remain (0, 2, 4, 5); the top half by judge are 0 (4.5) and 4 (4.0)
     ("ifd<1,top=0.5:judge", [None, "ifd_at_least_1", "low_judge", "no_ifd", None, "low_judge"]),
     ("top=1:judge", [None] * 6),

@@ -123,7 +123,8 @@ def test_the_stage_writes_scored_and_extends_the_funnel(tmp_path: Path, tiny: Pa
     from pipeline.views.scores import scores_section
 
     section = scores_section(d)
-    assert "data:image/png;base64," in section and "length: the 5 best" in section and "length: the 5 worst" in section
+    assert "data:image/png;base64," in section
+    assert "length: the 5 highest" in section and "length: the 5 lowest" in section
     assert 'id="scores"' in build_page("r", d)
     rows = summarize(read_jsonl(d / "scored.jsonl"))["scores"]
     assert rows[0]["score"] == "length" and rows[0]["n"] == len(kept)
