@@ -65,9 +65,13 @@ def main() -> None:
 
     source = run_dir(a.run) / "filtered.jsonl"
     scratch = run_dir(f"{a.run}-fedbench")
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    shutil.copy(source, scratch / "filtered.jsonl")
+    # a rerun on the same data continues the federation where it stopped (sift federate resumes; changed
+    # settings are refused); other data starts the scratch run afresh
+    if not (scratch / "filtered.jsonl").is_file() or \
+            (scratch / "filtered.jsonl").read_bytes() != source.read_bytes():
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        shutil.copy(source, scratch / "filtered.jsonl")
     settings = LocalSettings(student=a.student, local_steps=a.local_steps, lr=a.lr, batch_size=a.batch_size,
                              grad_accum=a.grad_accum, max_length=a.max_length, seed=a.seed)
     heldout = [(r["id"], r["messages"]) for r in pick(load_heldout(fed.GENERAL), a.eval_limit, a.seed)]
