@@ -93,8 +93,12 @@ class Scorers:
             from train.rating import load_prompt
 
             t = self.teacher_options
-            return {"teacher": t["teacher"], "backend": t["backend"], "base_url": t.get("base_url"),
-                    "teacher_options": t.get("teacher_options"), "prompt": load_prompt(self.judge_prompt).sha}
+            ident = {"teacher": t["teacher"], "backend": t["backend"], "base_url": t.get("base_url"),
+                     "teacher_options": t.get("teacher_options"), "prompt": load_prompt(self.judge_prompt).sha}
+            specs = judge_specs(t)
+            if specs:  # several judges: each one's model, backend, server, options and share
+                ident["teachers"] = [{k: v for k, v in spec.items() if k != "api_key_env"} for spec in specs]
+            return ident
         if name == "reward":
             return {"model": self.reward_model}
         return {}
@@ -123,7 +127,9 @@ class Scorers:
         from train.rating import judge_scores, load_prompt
 
         template = load_prompt(self.judge_prompt)
-        teacher = make_backend(batch_size=self.batch_size, **self.teacher_options)
+        options = {k: v for k, v in self.teacher_options.items() if k != "teachers"}
+        teacher = judge_pool(self.teacher_options, batch_size=self.batch_size) \
+            if self.teacher_options.get("teachers") else make_backend(batch_size=self.batch_size, **options)
 
         def run(recs: list[dict], progress: Callable[[int], None]) -> list[dict]:
             out = judge_scores(teacher, recs, template=template)
@@ -137,6 +143,48 @@ class Scorers:
 
         model, tok = load_reward_model(self.reward_model)
         return lambda recs, progress: reward_scores(model, tok, recs, batch_size=self.batch_size, progress=progress)
+
+
+def judge_specs(settings: dict[str, Any]) -> list[dict] | None:
+    """The resolved --teachers specs of the judge settings (None for a single judge)."""
+    from pipeline.teachers.pool import check_teachers
+
+    return check_teachers(settings.get("teachers"), backend=settings["backend"], base_url=settings.get("base_url"),
+                          api_key_env=settings.get("api_key_env") or "OPENAI_API_KEY",
+                          teacher_options=settings.get("teacher_options"))
+
+
+def judge_pool(settings: dict[str, Any], *, batch_size: int) -> Any:
+    """Several judges as one TeacherPool. Like the single judge, no teacher cache: the scores cache
+    keeps every rating."""
+    from pipeline.teachers.options import make_backend
+    from pipeline.teachers.pool import Member, TeacherPool
+    from pipeline.teachers.specs import parse_teachers
+
+    specs = parse_teachers(settings["teachers"], backend=settings["backend"], base_url=settings.get("base_url"),
+                           api_key_env=settings.get("api_key_env") or "OPENAI_API_KEY",
+                           teacher_options=settings.get("teacher_options"))
+    members = [Member(spec.name, make_backend(teacher=spec.model, backend=spec.backend, batch_size=batch_size,
+                                              base_url=spec.base_url, api_key_env=spec.api_key_env,
+                                              checked_options=spec.options), spec.share, spec.backend)
+               for spec in specs]
+    return TeacherPool(members)
+
+
+def judge_tally(records: list[dict]) -> dict[str, dict[str, int]]:
+    """{judge name: {"logprobs": n, "sampled": n, "unrated": n}} from the records' score_details.judge."""
+    table: dict[str, dict[str, int]] = {}
+    for rec in records:
+        details = (rec.get("score_details") or {}).get("judge")
+        if not isinstance(details, dict):
+            continue
+        row = table.setdefault(str(details.get("teacher")), {"logprobs": 0, "sampled": 0, "unrated": 0})
+        method = details.get("method")
+        if method in ("logprobs", "sampled"):
+            row[method] += 1
+        if rec.get("scores", {}).get("judge") is None:
+            row["unrated"] += 1
+    return dict(sorted(table.items()))
 
 
 def load_reward_model(folder: str | None) -> tuple[Any, Any]:
@@ -217,6 +265,8 @@ def score_records(records: list[dict], names: list[str], keep: str | None, score
         by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
     stats = {"input": len(records), "kept": len(kept), "rejected": len(rejected), "by_reason": by_reason,
              "scorers": names, "keep": [r.text for r in rules], **counts}
+    if "judge" in names:  # which judge rated how many records, and how
+        stats["judge_by_teacher"] = judge_tally(records)
     return kept, rejected, rows, stats
 
 
@@ -227,7 +277,8 @@ def score(input: str | None = None, /, *, output: str | None = None, run: str = 
           scorers: str = "ifd,length", keep: str | None = None, model: str = "smollm2-135m-instruct",
           dtype: str = "auto", teacher: str = "smollm2-135m-instruct", backend: str = "transformers",
           base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None,
-          judge_prompt: str | None = None, reward_model: str | None = None, batch_size: int = 8) -> None:
+          judge_prompt: str | None = None, reward_model: str | None = None, batch_size: int = 8,
+          teachers: str | None = None) -> None:
     """Score every record (ifd, length, judge, reward) and keep the best, with a ledger of the dropped.
 
     With no INPUT, the stage: runs/<run>/filtered.jsonl -> scored.jsonl and scored.rejected.jsonl, and
@@ -254,6 +305,9 @@ def score(input: str | None = None, /, *, output: str | None = None, run: str = 
         judge_prompt: your own rating prompt file (placeholders {instruction}, {input}, {output})
         reward_model: a sequence-classification reward model folder (needed by the reward scorer)
         batch_size: records per forward pass
+        teachers: several judges instead of --teacher: a teachers file (YAML/TOML: name, model, backend,
+            options, share) or comma-separated models, each optionally =share; records are spread by share,
+            and score_details.judge.teacher names the judge of each
     """
     started = time.time()
     names = parse_scorers(scorers)
@@ -265,16 +319,22 @@ def score(input: str | None = None, /, *, output: str | None = None, run: str = 
         raise SiftError(f"must be >= 1, got {batch_size}", field="batch_size")
     if "reward" in names and not reward_model:
         load_reward_model(reward_model)  # the clear message, before anything loads
+    teacher_settings = {"teacher": teacher, "backend": backend, "base_url": base_url, "api_key_env": api_key_env,
+                        "teacher_options": teacher_options}
+    specs = None
     if "judge" in names:
         from train.rating import load_prompt
 
         load_prompt(judge_prompt)
-    teacher_settings = {"teacher": teacher, "backend": backend, "base_url": base_url, "api_key_env": api_key_env,
-                        "teacher_options": teacher_options}
+        if teachers:
+            specs = judge_specs({**teacher_settings, "teachers": teachers})  # a bad file fails before anything loads
+            teacher_settings["teachers"] = teachers
     built = Scorers(model=model, dtype=dtype, batch_size=batch_size, teacher=teacher_settings,
                     reward_model=reward_model, judge_prompt=judge_prompt)
     settings = {"scorers": names, "keep": keep, "model": model, "dtype": dtype, **teacher_settings,
                 "judge_prompt": judge_prompt, "reward_model": reward_model, "batch_size": batch_size}
+    if specs:
+        settings["teachers"] = specs
     if input is None:
         directory = run_dir(run)
         source = directory / "filtered.jsonl"

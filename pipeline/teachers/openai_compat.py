@@ -8,6 +8,10 @@ backoff and full jitter on 429, 408, 409, 5xx, dropped or refused connections, t
 malformed 200 responses (Retry-After is honoured, capped at `backoff_max`). A request that still
 fails comes back as a Completion with finish_reason "error", so one bad prompt never loses the
 others. The API key is read from the environment at call time and kept in no attribute.
+`first_token_probs` asks for one greedy token with its top log-probabilities (chat: `logprobs: true,
+top_logprobs: 20`, read from `choices[0].logprobs.content[0].top_logprobs`; completions: `logprobs:
+20`, read from `choices[0].logprobs.top_logprobs[0]`), with the same concurrency, timeouts and
+retries; a server that refuses or omits them gives None for that request (said once per teacher).
 Standard library only (http.client), so nothing to install.
 """
 
@@ -17,12 +21,15 @@ import email.utils
 import http.client
 import json
 import logging
+import math
 import os
 import random
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.errors import SiftError
@@ -68,6 +75,65 @@ def map_finish_reason(reason: object) -> tuple[FinishReason, str | None]:
     if reason == "content_filter":
         return "error", "the server's content filter stopped the completion"
     return "stop", None  # "stop" and its synonyms; null or unknown values mean it ended on its own
+
+
+def logprobs_body(model: str, request: Request, *, chat: bool, top: int) -> dict:
+    """The body asking for one greedy token and the `top` most likely first tokens' log-probabilities."""
+    sampling = replace(request.sampling, temperature=0.0, max_tokens=1)
+    body = request_body(model, replace(request, sampling=sampling), chat=chat)
+    if chat:
+        body.update(logprobs=True, top_logprobs=top)
+    else:
+        body["logprobs"] = top  # the legacy completions shape: an integer
+    return body
+
+
+def _add(dist: dict[str, float], token: object, logprob: object) -> None:
+    if not isinstance(token, str) or isinstance(logprob, bool) or not isinstance(logprob, (int, float)):
+        return
+    if not math.isfinite(logprob):
+        return
+    text = token.strip()
+    dist[text] = dist.get(text, 0.0) + math.exp(logprob)
+
+
+def parse_first_token_probs(data: object) -> dict[str, float] | None:
+    """{stripped token text: probability} of the first generated token in a decoded 200 body, tokens
+    with the same stripped text summed; None when the body carries no log-probabilities.
+
+    Chat completions (OpenAI, vLLM, llama.cpp): choices[0].logprobs.content[0].top_logprobs, a list
+    of {token, logprob, bytes}. Completions: choices[0].logprobs.top_logprobs[0], a {token: logprob}
+    dict (a list of {token, logprob} or the chat shape is read too, as some servers send them).
+    """
+    if not isinstance(data, dict):
+        raise BadResponse(f"expected a JSON object, got {type(data).__name__}")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise BadResponse("no 'choices' in the response")
+    logprobs = choices[0].get("logprobs")
+    if not isinstance(logprobs, dict):
+        return None
+    dist: dict[str, float] = {}
+    content = logprobs.get("content")
+    top = logprobs.get("top_logprobs")
+    if isinstance(content, list) and content and isinstance(content[0], dict):
+        entries = content[0].get("top_logprobs")
+        if isinstance(entries, list):
+            for e in entries:
+                if isinstance(e, dict):
+                    _add(dist, e.get("token"), e.get("logprob"))
+        if not dist:  # no alternatives given: the chosen token alone
+            _add(dist, content[0].get("token"), content[0].get("logprob"))
+    elif isinstance(top, list) and top:
+        first = top[0]
+        if isinstance(first, dict):
+            for token, logprob in first.items():
+                _add(dist, token, logprob)
+        elif isinstance(first, list):
+            for e in first:
+                if isinstance(e, dict):
+                    _add(dist, e.get("token"), e.get("logprob"))
+    return dist or None
 
 
 class BadResponse(ValueError):
@@ -175,6 +241,9 @@ class OpenAITeacher:
         self._rng = random.Random()
         self._lock = threading.Lock()
         self.stats: dict[str, int] = {}  # counters of the last generate call, for the stage's stats
+        self.logprob_stats: dict[str, int] = {}  # the last first_token_probs call's: given, refused, failed
+        self._no_logprobs: str | None = None  # why the server gives none, once a whole call got none
+        self._logprobs_noted = False
 
     def describe(self) -> dict:
         """Provenance: what produced the data, never the key."""
@@ -201,12 +270,78 @@ class OpenAITeacher:
                         self.stats["missing_usage"], len(requests), self.base_url)
         return results
 
+    def first_token_probs(self, requests: Sequence[Request], *, top: int = 20,
+                          include: Sequence[str] = ()) -> list[dict[str, float] | None]:
+        """The first token's distribution of each request's greedy reply, {stripped text: probability}
+        over the `top` most likely tokens (at most 20 on OpenAI), or None where the server refused
+        log-probabilities, sent none, or failed. `include` is not asked for (the API cannot name
+        tokens); the rating digits are among the top 20 whenever they matter."""
+        del include
+        if self.chat is False and any(r.messages is not None for r in requests):
+            raise SiftError("chat=False, but a request has chat messages; use chat=None or True")
+        self.logprob_stats = {"requests": len(requests), "given": 0, "refused": 0, "failed": 0, "attempts": 0,
+                              "retries": 0}
+        if not requests:
+            return []
+        if self._no_logprobs:  # learnt from an earlier call: the server gives none
+            self.logprob_stats["refused"] = len(requests)
+            return [None] * len(requests)
+        key = os.environ.get(self.api_key_env) or None
+        deadline = None if self.total_timeout is None else time.monotonic() + self.total_timeout
+        workers = min(self.concurrency, len(requests))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sift-openai") as pool:
+            answers = list(pool.map(lambda r: self._first_token(r, key, deadline, top), requests))
+        dists = [d for d, _ in answers]
+        refusals = [why for d, why in answers if d is None and why is not None]
+        for d, why in answers:
+            self.logprob_stats["given" if d is not None else "refused" if why is not None else "failed"] += 1
+        if refusals and not any(d is not None for d in dists):
+            self._no_logprobs = refusals[0]
+        if refusals and not self._logprobs_noted:
+            self._logprobs_noted = True
+            log.warning("%s gives no log-probabilities for %s (%s): its ratings are parsed from a sampled "
+                        "reply instead", self.base_url, self.model, refusals[0])
+        return dists
+
+    def _first_token(self, request: Request, key: str | None, deadline: float | None,
+                     top: int) -> tuple[dict[str, float] | None, str | None]:
+        """(the distribution, None); (None, why) when the server refused or omitted log-probabilities;
+        (None, None) when the request failed (retries exhausted): a sampled reply may still work."""
+        chat = self.chat is True or request.messages is not None
+        path = self._prefix + ("/chat/completions" if chat else "/completions")
+        payload = json.dumps(logprobs_body(self.model, request, chat=chat, top=top)).encode("utf-8")
+        value, error, final = self._exchange(path, payload, key, deadline, parse_first_token_probs,
+                                             counters=self.logprob_stats)
+        if value is not None:
+            return value, None
+        if final:  # a 4xx the server will repeat: it does not take these parameters
+            return None, error
+        if error is None:  # a clean 200 without log-probabilities
+            return None, "the response carried no logprobs"
+        return None, None
+
     # -- one request, all its attempts
 
     def _complete(self, request: Request, key: str | None, deadline: float | None) -> Completion:
         chat = self.chat is True or request.messages is not None
         path = self._prefix + ("/chat/completions" if chat else "/completions")
         payload = json.dumps(request_body(self.model, request, chat=chat)).encode("utf-8")
+        value, error, _ = self._exchange(path, payload, key, deadline, lambda data: parse_response(data, chat=chat),
+                                         counters=self.stats)
+        if value is None:
+            self._count("errors")
+            return Completion("", 0, 0, "error", error=error)
+        completion, has_usage = value
+        if not has_usage:
+            self._count("missing_usage")
+        if completion.finish_reason == "error":
+            self._count("errors")
+        return completion
+
+    def _exchange(self, path: str, payload: bytes, key: str | None, deadline: float | None,
+                  parse: Callable[[object], Any], *, counters: dict[str, int]) -> tuple[Any, str | None, bool]:
+        """POST with retries: (parse(decoded 200 body), None, False); or (None, why, final) when it
+        failed for good, `final` saying the server refused it (a 4xx that is not retried)."""
         failure, attempts = "not attempted", 0
         for attempt in range(self.max_retries + 1):
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -214,14 +349,12 @@ class OpenAITeacher:
                 failure = f"total_timeout of {self.total_timeout}s reached; last problem: {failure}"
                 break
             attempts += 1
-            self._count("attempts")
+            self._count("attempts", counters)
             if attempt:
-                self._count("retries")
-            outcome = self._attempt(path, payload, key, chat=chat,
+                self._count("retries", counters)
+            outcome = self._attempt(path, payload, key, parse,
                                     timeout=self.timeout if remaining is None else min(self.timeout, remaining))
-            if isinstance(outcome, Completion):
-                if outcome.finish_reason == "error":
-                    self._count("errors")
+            if not isinstance(outcome, _Retry):
                 return outcome
             failure = outcome.reason
             if attempt == self.max_retries:
@@ -232,12 +365,11 @@ class OpenAITeacher:
             if deadline is not None:
                 wait = min(wait, max(0.0, deadline - time.monotonic()))
             time.sleep(wait)
-        self._count("errors")
-        return Completion("", 0, 0, "error", error=self._redact(f"{failure} ({attempts} attempt(s))", key))
+        return None, self._redact(f"{failure} ({attempts} attempt(s))", key), False
 
-    def _attempt(self, path: str, payload: bytes, key: str | None, *, chat: bool,
-                 timeout: float) -> Completion | _Retry:
-        """One HTTP exchange: a Completion (success or final error) or a reason to retry."""
+    def _attempt(self, path: str, payload: bytes, key: str | None, parse: Callable[[object], Any], *,
+                 timeout: float) -> tuple[Any, str | None, bool] | _Retry:
+        """One HTTP exchange: (parsed value, None, False), a final (None, error, True), or a reason to retry."""
         cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
         conn = cls(self._host, self._port, timeout=timeout)
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -255,20 +387,18 @@ class OpenAITeacher:
             conn.close()
         if status == 200:
             try:
-                completion, has_usage = parse_response(json.loads(raw), chat=chat)
+                return parse(json.loads(raw)), None, False
             except (ValueError, RecursionError) as e:  # JSONDecodeError and BadResponse are ValueErrors
                 return _Retry(f"malformed 200 response: {e}")
-            if not has_usage:
-                self._count("missing_usage")
-            return completion
         detail = f"HTTP {status}: {_error_text(raw)}"
         if status in RETRY_STATUS or status >= 500:
             return _Retry(detail, retry_after_seconds(retry_after))
-        return Completion("", 0, 0, "error", error=self._redact(detail, key))
+        return None, self._redact(detail, key), True
 
-    def _count(self, name: str) -> None:
+    def _count(self, name: str, counters: dict[str, int] | None = None) -> None:
         with self._lock:
-            self.stats[name] += 1
+            table = self.stats if counters is None else counters
+            table[name] = table.get(name, 0) + 1
 
     @staticmethod
     def _redact(text: str, key: str | None) -> str:

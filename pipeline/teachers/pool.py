@@ -12,6 +12,10 @@ sent in a call is marked down (`pool.down` says why): those requests, and its sh
 go to the others. Each teacher keeps its own cache, runs/<run>/cache/teachers/<name>.jsonl, and its
 own figures (`usage`: requests, tokens, seconds, errors, cache hits). Without --teachers,
 `open_teachers` returns the single cached teacher exactly as before.
+
+`first_token_probs(requests, names=pool.assign(n))` (the judge's G-Eval rating, logprobs.py) asks
+each request's member for its first-token distribution: a pool of judges gives log-probabilities
+where its members do, and None for the requests of members that cannot.
 """
 
 from __future__ import annotations
@@ -157,6 +161,40 @@ class TeacherPool:
                     results[i] = c
             pending.sort()
         return [r for r in results if r is not None]
+
+    def supports_logprobs(self) -> bool:
+        """True when any member can give a first-token distribution."""
+        from pipeline.teachers.logprobs import supports_logprobs
+
+        return any(supports_logprobs(m.teacher) for m in self.members.values())
+
+    def first_token_probs(self, requests: list[Request], *, top: int = 20, include: Sequence[str] = (),
+                          names: Sequence[str | None] | None = None) -> list[dict[str, float] | None]:
+        """Each request's first-token distribution from the member named for it (`names`, as from
+        `assign`; None or a down member: assigned by share), None where that member gives none."""
+        from pipeline.teachers.logprobs import first_token_probs
+
+        wanted = list(names) if names is not None else self.assign(len(requests))
+        if len(wanted) != len(requests):
+            raise ValueError(f"{len(wanted)} teacher names for {len(requests)} requests")
+        moved = [i for i, n in enumerate(wanted) if n is None or n not in self.members or n in self.down]
+        for i, name in zip(moved, self.assign(len(moved)), strict=False):
+            wanted[i] = name
+        out: list[dict[str, float] | None] = [None] * len(requests)
+        by_member: dict[str, list[int]] = {}
+        for i, name in enumerate(wanted):
+            if name in self.members:
+                by_member.setdefault(str(name), []).append(i)
+        for name, positions in by_member.items():
+            dists = first_token_probs(self.members[name].teacher, [requests[i] for i in positions], top=top,
+                                      include=include)
+            if dists is None:
+                continue
+            if len(dists) != len(positions):
+                raise RuntimeError(f"teacher {name} returned {len(dists)} distributions for {len(positions)} requests")
+            for i, d in zip(positions, dists, strict=True):
+                out[i] = d
+        return out
 
     def _call(self, name: str, requests: list[Request]) -> list[Completion]:
         member = self.members[name]

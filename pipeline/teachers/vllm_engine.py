@@ -9,6 +9,8 @@ are rendered with the model's chat template and handed over as token ids encoded
 tokens, so a template that writes BOS itself does not get a second one. A base model has no chat
 template: its chat requests are rendered in Alpaca's plain-text layout (said once on stderr), as
 the transformers teacher does.
+`first_token_probs` asks for one greedy token with `SamplingParams(logprobs=20)` and reads
+`outputs[0].logprobs[0]` ({token id: Logprob}), for the judge's G-Eval rating.
 The mapping functions are pure and tested without vLLM; the engine is imported and loaded only
 when the first request arrives.
 """
@@ -16,8 +18,10 @@ when the first request arrives.
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from pipeline.errors import SiftError
@@ -72,6 +76,37 @@ def to_completion(output: Any) -> Completion:
                       completion_tokens=len(first.token_ids or ()), finish_reason=finish, error=error)
 
 
+def logprob_kwargs(sampling: Sampling, top: int) -> dict[str, Any]:
+    """`SamplingParams` keywords for one greedy token with the `top` most likely first tokens'
+    log-probabilities (vLLM's max_logprobs engine setting, 20 by default, caps `top`)."""
+    return {**sampling_kwargs(replace(sampling, temperature=0.0, max_tokens=1)), "logprobs": top}
+
+
+def first_token_dist(output: Any, tokenizer: Any = None) -> dict[str, float] | None:
+    """{stripped token text: probability} of the first generated token of one `vllm.RequestOutput`,
+    from `outputs[0].logprobs[0]` (a dict token id -> Logprob with .logprob and .decoded_token);
+    tokens with the same stripped text are summed. A token without decoded text is decoded with
+    `tokenizer` when given. None when the output carries no log-probabilities."""
+    if not output.outputs:
+        return None
+    steps = getattr(output.outputs[0], "logprobs", None)
+    if not steps:
+        return None
+    dist: dict[str, float] = {}
+    for token_id, lp in steps[0].items():
+        value = getattr(lp, "logprob", lp)
+        if value is None or not math.isfinite(value):
+            continue
+        text = getattr(lp, "decoded_token", None)
+        if text is None:
+            if tokenizer is None:
+                continue
+            text = tokenizer.decode([token_id])
+        key = text.strip()
+        dist[key] = dist.get(key, 0.0) + math.exp(value)
+    return dist or None
+
+
 class VLLMTeacher:
     """A Teacher on vLLM's offline `LLM`, loaded at the first request (a cached rerun never loads it)."""
 
@@ -113,6 +148,20 @@ class VLLMTeacher:
         """Complete every request in one engine call, in input order."""
         if not requests:
             return []
+        return [to_completion(o) for o in self._run(requests, sampling_kwargs)]
+
+    def first_token_probs(self, requests: Sequence[Request], *, top: int = 20,
+                          include: Sequence[str] = ()) -> list[dict[str, float] | None]:
+        """The first token's distribution of each request's greedy reply over the `top` most likely
+        tokens ({stripped text: probability}), None where vLLM gave none. `include` is not asked for."""
+        del include
+        if not requests:
+            return []
+        tokenizer = self._engine().get_tokenizer()
+        return [first_token_dist(o, tokenizer) for o in self._run(requests, lambda s: logprob_kwargs(s, top))]
+
+    def _run(self, requests: Sequence[Request], params_of: Any) -> list[Any]:
+        """One engine call over every request; `params_of(sampling)` gives each one's SamplingParams keywords."""
         llm = self._engine()
         from vllm import SamplingParams
 
@@ -123,8 +172,8 @@ class VLLMTeacher:
             print(f"teacher {self.name}: no chat template (a base model); chat prompts are sent as plain "
                   f"text in the Alpaca layout ({PLAIN_CHAT_TEMPLATE})", file=sys.stderr)
         prompts = [render_prompt(r, tokenizer) for r in requests]
-        params = [SamplingParams(**sampling_kwargs(r.sampling)) for r in requests]
+        params = [SamplingParams(**params_of(r.sampling)) for r in requests]
         outputs = llm.generate(prompts, params, use_tqdm=True)
         if len(outputs) != len(requests):
             raise SiftError(f"vLLM returned {len(outputs)} outputs for {len(requests)} prompts")
-        return [to_completion(o) for o in outputs]
+        return outputs

@@ -13,11 +13,17 @@ after `slow_seconds`, uncounted), "truncated" (200 with half the JSON), "short_b
 bytes than it sends), "schema" (200 without choices), "no_usage" (a success without usage).
 Only clean successes are counted in `successes`, so a retried request shows up exactly once.
 `reply(body) -> (text, finish_reason)` replaces the echo, for stage tests that need real-looking answers.
+`logprobs(body) -> {token: probability} or None`: a request for one token with log-probabilities
+(chat `logprobs: true, top_logprobs: k`; completions `logprobs: k`) gets the k most likely of these
+in OpenAI's shape (chat: choices[0].logprobs.content[0].top_logprobs; completions:
+choices[0].logprobs.top_logprobs[0]), the likeliest as the text. Without it such requests get no
+logprobs (a server that ignores the parameter); `reject_logprobs=True` answers them 400 instead.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import socket
 import struct
 import threading
@@ -28,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 FaultSchedule = dict[str, list[str]] | Callable[[str, int], str | None]
 Reply = Callable[[dict], tuple[str, str]]  # request body -> (text, finish_reason)
+Logprobs = Callable[[dict], dict[str, float] | None]  # request body -> {token: probability} of the first token
 
 
 class _Server(ThreadingHTTPServer):
@@ -43,9 +50,11 @@ class FakeOpenAI:
     """Start with `with FakeOpenAI(...) as server:`; `server.url` is the base_url to use."""
 
     def __init__(self, faults: FaultSchedule | None = None, *, delay: float = 0.0,
-                 slow_seconds: float = 1.0, retry_after: str | None = "0", reply: Reply | None = None) -> None:
+                 slow_seconds: float = 1.0, retry_after: str | None = "0", reply: Reply | None = None,
+                 logprobs: Logprobs | None = None, reject_logprobs: bool = False) -> None:
         self.faults = faults or {}
         self.reply = reply
+        self.logprobs, self.reject_logprobs = logprobs, reject_logprobs
         self.delay, self.slow_seconds, self.retry_after = delay, slow_seconds, retry_after
         self.lock = threading.Lock()
         self.attempts: Counter[str] = Counter()  # every request per key, faults included
@@ -86,15 +95,42 @@ def _prompt_key(body: dict) -> str:
     return str(body.get("prompt"))
 
 
-def _success(body: dict, key: str, *, chat: bool, usage: bool, reply: Reply | None = None) -> dict:
+def wants_logprobs(body: dict) -> int:
+    """How many top log-probabilities a request asks for (0: none)."""
+    if "messages" in body:
+        return int(body.get("top_logprobs") or 0) if body.get("logprobs") is True else 0
+    value = body.get("logprobs")
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _logprobs_reply(probs: dict[str, float], top: int, *, chat: bool) -> tuple[str, dict]:
+    """(the likeliest token, the choice's `logprobs` object in OpenAI's shape)."""
+    ranked = sorted(probs.items(), key=lambda kv: -kv[1])[:top]
+    best, best_p = ranked[0]
+    if chat:
+        entries = [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in ranked]
+        return best, {"content": [{"token": best, "logprob": math.log(best_p), "bytes": list(best.encode()),
+                                   "top_logprobs": entries}]}
+    return best, {"tokens": [best], "token_logprobs": [math.log(best_p)], "text_offset": [0],
+                  "top_logprobs": [{t: math.log(p) for t, p in ranked}]}
+
+
+def _success(body: dict, key: str, *, chat: bool, usage: bool, reply: Reply | None = None,
+             logprobs: Logprobs | None = None) -> dict:
     words = reply_text(key).split()
     max_tokens = int(body.get("max_tokens") or 16)
     finish = "length" if len(words) > max_tokens else "stop"
     text = " ".join(words[:max_tokens])
-    if reply is not None:
+    top = wants_logprobs(body)
+    probs = logprobs(body) if logprobs is not None and top else None
+    extra: dict = {}
+    if probs:
+        text, extra["logprobs"] = _logprobs_reply(probs, top, chat=chat)
+        words, finish = [text], "length"
+    elif reply is not None:
         text, finish = reply(body)
         words = text.split()
-    choice: dict = {"index": 0, "finish_reason": finish}
+    choice: dict = {"index": 0, "finish_reason": finish, **extra}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
@@ -140,6 +176,8 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 server.auth_headers.append(self.headers.get("Authorization"))
             if not (self.path.endswith("/completions")):
                 return self._send(404, {"error": {"message": f"no route {self.path}"}})
+            if server.reject_logprobs and wants_logprobs(body):
+                return self._send(400, {"error": {"message": "logprobs are not supported by this model"}})
             fault = server.fault_for(key, attempt)
             if server.delay:
                 time.sleep(server.delay)
@@ -159,7 +197,8 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 return None
             if fault == "slow":
                 time.sleep(server.slow_seconds)
-                return self._send(200, _success(body, key, chat=chat, usage=True, reply=server.reply))
+                return self._send(200, _success(body, key, chat=chat, usage=True, reply=server.reply,
+                                                logprobs=server.logprobs))
             if fault == "truncated":
                 data = json.dumps(_success(body, key, chat=chat, usage=True, reply=server.reply)).encode()
                 return self._send_raw(200, data[: len(data) // 2])
@@ -178,7 +217,8 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 raise ValueError(f"unknown fault {fault!r}")
             with server.lock:
                 server.successes[key] += 1
-            return self._send(200, _success(body, key, chat=chat, usage=fault != "no_usage", reply=server.reply))
+            return self._send(200, _success(body, key, chat=chat, usage=fault != "no_usage", reply=server.reply,
+                                            logprobs=server.logprobs))
 
         def _send(self, status: int, obj: dict, headers: dict | None = None) -> None:
             self._send_raw(status, json.dumps(obj).encode(), headers)

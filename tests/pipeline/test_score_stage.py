@@ -154,3 +154,35 @@ def test_kill_and_resume_loses_and_repeats_nothing(tmp_path: Path, tiny: Path) -
         assert a["scores"].keys() == b["scores"].keys()
         for k in a["scores"]:
             assert b["scores"][k] == pytest.approx(a["scores"][k], rel=1e-5)
+
+
+def test_several_judges_rate_the_stage_and_say_who_rated_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sift score --scorers judge --teachers FILE`: two loopback judges, one with log-probabilities."""
+    from tests.pipeline.openai_server import FakeOpenAI
+
+    monkeypatch.setenv("SIFT_RUNS_DIR", str(tmp_path / "runs"))
+    d = tmp_path / "runs" / "r"
+    d.mkdir(parents=True)
+    write_jsonl(d / "filtered.jsonl", [{"id": f"ex_{i}", **r} for i, r in enumerate(dataset(6))])
+    with FakeOpenAI(logprobs=lambda body: {"5": 0.5, "4": 0.5}) as a, FakeOpenAI(reply=lambda body: ("3", "stop")) as b:
+        spec = tmp_path / "judges.yaml"
+        spec.write_text("teachers:\n" + "".join(
+            f"  - name: {name}\n    model: {name}-model\n    backend: openai\n    base_url: {url}\n"
+            f"    options: {{max_retries: 0}}\n" for name, url in (("alpha", a.url), ("beta", b.url))))
+        score(run="r", scorers="judge", teachers=str(spec))
+        asked = len(a.bodies) + len(b.bodies)
+        score(run="r", scorers="judge", keep="judge>=4", teachers=str(spec))  # every rating from the cache
+        assert len(a.bodies) + len(b.bodies) == asked
+    kept = read_jsonl(d / "scored.jsonl")
+    rejected = read_jsonl(d / "scored.rejected.jsonl", allow_empty=True)
+    by_teacher = {}
+    for rec in kept + [r["record"] for r in rejected]:
+        details = rec["score_details"]["judge"]
+        by_teacher.setdefault(details["teacher"], set()).add((details["method"], rec["scores"]["judge"]))
+    assert by_teacher == {"alpha": {("logprobs", 4.5)}, "beta": {("sampled", 3)}}
+    assert len(kept) == 3 and len(rejected) == 3
+    stats = read_json(d / "score.stats.json")
+    assert stats["judge_by_teacher"] == {"alpha": {"logprobs": 3, "sampled": 0, "unrated": 0},
+                                         "beta": {"logprobs": 0, "sampled": 3, "unrated": 0}}
+    settings = read_json(d / "manifest.json")["stages"]["score"]["settings"]
+    assert [t["name"] for t in settings["teachers"]] == ["alpha", "beta"]

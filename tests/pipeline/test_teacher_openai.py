@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import socket
 import subprocess
@@ -22,7 +23,9 @@ from pipeline.teachers.openai_compat import (
     BadResponse,
     OpenAITeacher,
     backoff_delay,
+    logprobs_body,
     map_finish_reason,
+    parse_first_token_probs,
     parse_response,
     request_body,
     retry_after_seconds,
@@ -282,3 +285,76 @@ def test_registry_errors_name_the_problem() -> None:
     assert isinstance(make_teacher("openai", "m", base_url="http://127.0.0.1:9/v1", chat=None), OpenAITeacher)
     assert {"batch_size", "dtype", "device"} <= set(backend_options("transformers"))
     assert backend_options("openai")["concurrency"] == 8
+
+
+# ---------------------------------------------------------------- first-token log-probabilities (the judge)
+
+PROBS = {"4": 0.36, " 4": 0.12, "5": 0.24, "2": 0.08, "The": 0.2}
+
+
+def _chat(key: str) -> Request:
+    return Request(messages=({"role": "user", "content": key},), sampling=Sampling(temperature=0.7, max_tokens=8))
+
+
+def test_first_token_probs_from_chat_and_completions_endpoints() -> None:
+    with FakeOpenAI(logprobs=lambda body: PROBS) as server:
+        t = teacher(server)
+        got = t.first_token_probs([_chat("c0"), Request(prompt="p0", sampling=Sampling(max_tokens=8))])
+    for dist in got:  # " 4" and "4" summed, probabilities back from the log-probabilities
+        assert dist == pytest.approx({"4": 0.48, "5": 0.24, "2": 0.08, "The": 0.2})
+    chat_body, plain_body = sorted(server.bodies, key=lambda b: "prompt" in b)
+    assert (chat_body["logprobs"], chat_body["top_logprobs"]) == (True, 20)
+    assert plain_body["logprobs"] == 20 and "top_logprobs" not in plain_body
+    for body in server.bodies:  # greedy, one token
+        assert (body["temperature"], body["max_tokens"]) == (0.0, 1)
+    assert t.logprob_stats["given"] == 2
+
+
+def test_first_token_probs_are_retried_like_any_request() -> None:
+    with FakeOpenAI({"c0": ["500", "429"]}, logprobs=lambda body: PROBS) as server:
+        t = teacher(server)
+        got = t.first_token_probs([_chat("c0")])
+    assert got[0] == pytest.approx({"4": 0.48, "5": 0.24, "2": 0.08, "The": 0.2})
+    assert server.attempts["c0"] == 3 and t.logprob_stats["retries"] == 2
+    with FakeOpenAI(lambda key, attempt: "500") as server:  # retries exhausted: None, not "refused"
+        t = teacher(server, max_retries=1)
+        assert t.first_token_probs([_chat("c0")]) == [None]
+    assert t.logprob_stats["failed"] == 1 and t._no_logprobs is None
+
+
+@pytest.mark.parametrize("reject", [False, True])
+def test_a_server_without_logprobs_gives_none_and_says_so_once(reject: bool,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    with FakeOpenAI(reject_logprobs=reject) as server, caplog.at_level(logging.WARNING):
+        t = teacher(server)
+        assert t.first_token_probs([_chat("c0"), _chat("c1")]) == [None, None]
+        asked = len(server.bodies)
+        assert t.first_token_probs([_chat("c2")]) == [None]  # learnt: not asked again
+        assert len(server.bodies) == asked == 2
+    assert caplog.text.count("gives no log-probabilities") == 1
+    assert ("not supported" in caplog.text) == reject
+
+
+def test_parse_first_token_probs_shapes() -> None:
+    chat = {"choices": [{"logprobs": {"content": [{"token": "4", "logprob": -0.5, "top_logprobs": [
+        {"token": "4", "logprob": -0.5, "bytes": [52]}, {"token": " 4", "logprob": -2.0, "bytes": [32, 52]},
+        {"token": "x", "logprob": -9999.0, "bytes": None}]}]}}]}
+    assert parse_first_token_probs(chat) == pytest.approx({"4": math.exp(-0.5) + math.exp(-2.0),
+                                                           "x": math.exp(-9999.0)})
+    legacy = {"choices": [{"text": "3", "logprobs": {"tokens": ["3"], "token_logprobs": [-0.1],
+                                                     "top_logprobs": [{"3": -0.1, "2": -3.0}]}}]}
+    assert parse_first_token_probs(legacy) == pytest.approx({"3": math.exp(-0.1), "2": math.exp(-3.0)})
+    alone = {"choices": [{"logprobs": {"content": [{"token": "5", "logprob": 0.0, "top_logprobs": []}]}}]}
+    assert parse_first_token_probs(alone) == {"5": 1.0}
+    for none in ({"choices": [{"text": "4"}]}, {"choices": [{"logprobs": None}]},
+                 {"choices": [{"logprobs": {"content": []}}]}):
+        assert parse_first_token_probs(none) is None
+    with pytest.raises(BadResponse):
+        parse_first_token_probs({"result": "4"})
+
+
+def test_logprobs_body_is_greedy_and_one_token() -> None:
+    body = logprobs_body("m", _chat("hi"), chat=True, top=20)
+    assert (body["max_tokens"], body["temperature"], body["logprobs"], body["top_logprobs"]) == (1, 0.0, True, 20)
+    body = logprobs_body("m", Request(prompt="hi"), chat=False, top=5)
+    assert (body["max_tokens"], body["logprobs"]) == (1, 5) and "top_logprobs" not in body

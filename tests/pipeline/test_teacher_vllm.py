@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import importlib.util
+import math
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,6 +18,8 @@ from pipeline.teachers.base import Request, Sampling
 from pipeline.teachers.vllm_engine import (
     VLLMTeacher,
     finish_reason,
+    first_token_dist,
+    logprob_kwargs,
     render_prompt,
     sampling_kwargs,
     to_completion,
@@ -102,6 +106,49 @@ def test_output_conversion() -> None:
     empty = to_completion(SimpleNamespace(prompt_token_ids=[1], outputs=[]))
     assert empty.finish_reason == "error"
     assert finish_reason(None)[0] == "error"
+
+
+@dataclass
+class FakeLogprob:
+    """Shaped like vllm.logprobs.Logprob: logprob, rank, decoded_token (None without detokenizing)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+def _with_logprobs(steps: list[dict[int, FakeLogprob]] | None) -> SimpleNamespace:
+    """A RequestOutput whose first CompletionOutput carries `logprobs` (one {id: Logprob} per token)."""
+    return SimpleNamespace(prompt_token_ids=[1, 2], outputs=[SimpleNamespace(
+        text="4", token_ids=[7], finish_reason="length", logprobs=steps)])
+
+
+def test_first_token_distribution_from_vllm_logprobs(tokenizer: Any) -> None:
+    step = {7: FakeLogprob(math.log(0.5), 1, "4"), 8: FakeLogprob(math.log(0.2), 2, " 4"),
+            9: FakeLogprob(math.log(0.2), 3, "5"), 10: FakeLogprob(-math.inf, 4, "2")}
+    later = {11: FakeLogprob(0.0, 1, "ignored")}  # only the first generated token counts
+    assert first_token_dist(_with_logprobs([step, later])) == pytest.approx({"4": 0.7, "5": 0.2})
+    # a token without decoded text is decoded with the tokenizer, or skipped without one
+    word = tokenizer.convert_tokens_to_ids("poem")
+    bare = {word: FakeLogprob(math.log(0.3), 1, None), 7: FakeLogprob(math.log(0.6), 2, "3")}
+    assert first_token_dist(_with_logprobs([bare]), tokenizer) == pytest.approx({"poem": 0.3, "3": 0.6})
+    assert first_token_dist(_with_logprobs([bare])) == pytest.approx({"3": 0.6})
+    assert first_token_dist(_with_logprobs(None)) is None  # logprobs were not asked for
+    assert first_token_dist(SimpleNamespace(prompt_token_ids=[1], outputs=[])) is None
+
+
+def test_logprob_sampling_params_are_greedy_one_token() -> None:
+    kwargs = logprob_kwargs(Sampling(temperature=0.7, max_tokens=8, seed=0), 20)
+    assert (kwargs["max_tokens"], kwargs["temperature"], kwargs["logprobs"], kwargs["seed"]) == (1, 0.0, 20, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_vllm_and_gpu(), reason="needs vllm and a GPU (vLLM cannot run on this machine)")
+def test_real_engine_gives_first_token_probs() -> None:  # pragma: no cover - GPU machines only
+    teacher = VLLMTeacher("HuggingFaceTB/SmolLM2-135M-Instruct", gpu_memory_utilization=0.3, max_model_len=512)
+    reqs = [Request(messages=({"role": "user", "content": "Rate 1 to 5. Reply with one digit."},))]
+    dist = teacher.first_token_probs(reqs)[0]
+    assert dist and 0 < sum(dist.values()) <= 1.0 + 1e-6
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")

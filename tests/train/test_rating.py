@@ -123,7 +123,7 @@ def test_a_prompt_without_the_output_placeholder_is_refused(tmp_path: Path) -> N
 
 
 def test_judge_through_an_openai_compatible_server_parses_the_reply() -> None:
-    """The openai backend gives no first-token distribution here: the greedy reply is parsed."""
+    """A server that ignores `logprobs` gives no first-token distribution: the greedy reply is parsed."""
     from pipeline.teachers.openai_compat import OpenAITeacher
     from tests.pipeline.openai_server import FakeOpenAI
 
@@ -136,4 +136,69 @@ def test_judge_through_an_openai_compatible_server_parses_the_reply() -> None:
     with FakeOpenAI(reply=reply) as server:
         got = judge_scores(OpenAITeacher("fake", base_url=server.url, max_retries=0), RECORDS)
     assert [(r["method"], r["value"]) for r in got] == [("sampled", 4), ("sampled", None)]
-    assert got[0]["raw"] == "Rating: 4/5"
+    assert got[0]["raw"] == "Rating: 4/5" and got[0]["teacher"] == "fake"
+
+
+# the first token's probabilities per answer; "The" is not a rating, " 4" is another spelling of "4"
+LOOPBACK_PROBS = {"red is a primary color": {"4": 0.36, " 4": 0.12, "5": 0.24, "2": 0.08, "The": 0.2},
+                  "hola": {"1": 0.5, "2": 0.25, "I": 0.25}}
+
+
+def _answer_of(body: dict) -> str:
+    prompt = body["messages"][-1]["content"]
+    return next(k for k in LOOPBACK_PROBS if f"### Answer\n{k}" in prompt)
+
+
+def _loopback_logprobs(body: dict) -> dict[str, float]:
+    return LOOPBACK_PROBS[_answer_of(body)]
+
+
+def _never_sampled(body: dict) -> tuple[str, str]:
+    raise AssertionError("the judge sampled a reply although the server gave log-probabilities")
+
+
+def test_judge_reads_log_probabilities_from_an_openai_compatible_server() -> None:
+    from pipeline.teachers.openai_compat import OpenAITeacher
+    from tests.pipeline.openai_server import FakeOpenAI
+
+    with FakeOpenAI(logprobs=_loopback_logprobs, reply=_never_sampled) as server:
+        got = judge_scores(OpenAITeacher("fake", base_url=server.url, max_retries=0), RECORDS)
+    # by hand: 4 -> 0.48, 5 -> 0.24, 2 -> 0.08 of mass 0.8: 4*0.6 + 5*0.3 + 2*0.1 = 2.4 + 1.5 + 0.2 = 4.1
+    assert [r["method"] for r in got] == ["logprobs", "logprobs"]
+    assert got[0]["value"] == pytest.approx(4.1) and got[0]["mass"] == pytest.approx(0.8)
+    assert got[0]["probs"] == pytest.approx({"1": 0.0, "2": 0.1, "3": 0.0, "4": 0.6, "5": 0.3})
+    assert got[1]["value"] == pytest.approx((1 * 0.5 + 2 * 0.25) / 0.75)
+    assert {r["teacher"] for r in got} == {"fake"}
+    assert all(b["max_tokens"] == 1 and b["top_logprobs"] == 20 and b["logprobs"] is True for b in server.bodies)
+
+
+@pytest.mark.parametrize("reject", [False, True])
+def test_judge_falls_back_to_sampled_when_the_server_refuses_logprobs(reject: bool) -> None:
+    from pipeline.teachers.openai_compat import OpenAITeacher
+    from tests.pipeline.openai_server import FakeOpenAI
+
+    with FakeOpenAI(reject_logprobs=reject, reply=lambda body: ("Rating: 3", "stop")) as server:
+        got = judge_scores(OpenAITeacher("fake", base_url=server.url, max_retries=0), RECORDS)
+    assert [(r["method"], r["value"]) for r in got] == [("sampled", 3), ("sampled", 3)]
+
+
+def test_a_pool_of_two_judges_names_the_judge_of_each_record(tmp_path: Path) -> None:
+    """Two loopback judges, one giving log-probabilities and one not: each record says who rated it and how."""
+    from pipeline.teachers.openai_compat import OpenAITeacher
+    from pipeline.teachers.pool import Member, TeacherPool
+    from tests.pipeline.openai_server import FakeOpenAI
+
+    records = RECORDS * 3
+    with FakeOpenAI(logprobs=_loopback_logprobs, reply=_never_sampled) as a, \
+            FakeOpenAI(reply=lambda body: ("2", "stop")) as b:
+        pool = TeacherPool([Member("alpha", OpenAITeacher("m-a", base_url=a.url, max_retries=0), 1.0, "openai"),
+                            Member("beta", OpenAITeacher("m-b", base_url=b.url, max_retries=0), 1.0, "openai")])
+        got = judge_scores(pool, records)
+    assert [r["teacher"] for r in got] == ["alpha", "beta"] * 3  # by share, one each in turn
+    for rec, res in zip(records, got, strict=True):
+        if res["teacher"] == "alpha":
+            assert res["method"] == "logprobs"
+            assert res["value"] == pytest.approx(4.1 if rec["output"].startswith("red") else 4 / 3)
+        else:
+            assert (res["method"], res["value"]) == ("sampled", 2)
+    assert len(a.bodies) == 3  # alpha: one log-probability request per record, nothing sampled
