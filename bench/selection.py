@@ -123,8 +123,13 @@ def eval_model(cache: Path, adapter: Path | None, rows: list[dict], max_new: int
     from train.evaluate import rouge_l
     from train.format import setup_tokenizer
 
-    tok = load_tokenizer(str(adapter) if adapter else STUDENT)
-    setup_tokenizer(tok, "auto")
+    if adapter is None:
+        tok = load_tokenizer(STUDENT)
+        setup_tokenizer(tok, "auto")
+    else:  # the student's own tokenizer, as `sift eval` loads it (training may have added a pad token)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(adapter))
     model = load_side(resolve_model(STUDENT).path_or_id, tok, "auto", adapter)
     nll = reference_nll(model, tok, rows, label=f"{cache.stem} nll")
     answers = fast_answers(model, tok, rows, max_new_tokens=max_new, label=f"{cache.stem} answers")
