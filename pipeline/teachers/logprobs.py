@@ -55,6 +55,21 @@ def _single_token_ids(tok: Any, texts: Sequence[str]) -> list[int]:
     return sorted(ids)
 
 
+def _last_logits(model: Any, ids: Any, mask: Any, last: Any) -> Any:
+    """Float logits at one position per row. The output layer runs only there: over all positions it
+    was most of the pass's memory traffic (rows x width x vocabulary)."""
+    import torch
+
+    decoder, head = getattr(model, "get_decoder", lambda: None)(), model.get_output_embeddings()
+    if decoder is None or head is None:  # an unusual architecture: the whole forward, then pick
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        return logits[torch.arange(len(ids)), last.to(logits.device)].float()
+    hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    logits = head(hidden[torch.arange(len(ids)), last.to(hidden.device)]).float()
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits  # as the model's own forward does (Gemma 2)
+
+
 def first_token_probs(teacher: Any, requests: Sequence[Request], *, top: int = TOP, include: Sequence[str] = (),
                       batch_size: int = 8, names: Sequence[str | None] | None = None
                       ) -> list[dict[str, float] | None] | None:
@@ -94,8 +109,7 @@ def _transformers_probs(inner: Any, requests: Sequence[Request], *, top: int, in
         mask = torch.tensor([[1] * len(encoded[i]) + [0] * (width - len(encoded[i])) for i in batch])
         last = torch.tensor([len(encoded[i]) - 1 for i in batch])
         with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logits = logits[torch.arange(len(batch)), last.to(logits.device)].float()
+            logits = _last_logits(model, ids.to(device), mask.to(device), last.to(device))
         probs = logits.softmax(-1)
         values, indices = probs.topk(min(top, probs.shape[-1]), dim=-1)
         for row, i in enumerate(batch):
