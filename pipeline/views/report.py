@@ -514,7 +514,7 @@ def build_page(run: str, d: Path, *, against: str | None = None) -> str:
         ("similarity", "ROUGE-L to the nearest seed and pool instruction", similarity_section(data)),
         ("verbs", "Root verbs and direct objects", verbs_section(data)),
         ("training", "Training curves", training_section(d)),
-        ("scores", "Scores: IFD, judge, length, reward; best and worst examples", scores_section(d)),
+        ("scores", "Scores: IFD, judge, length, reward; highest and lowest examples", scores_section(d)),
         ("eval", "Evaluation: base and student", eval_section(d)),
         ("loop", "Student-in-the-loop rounds (LLM2LLM)", loop_section(d)),
         ("federate", "Federated LoRA: NLL per round", federate_section(d)),

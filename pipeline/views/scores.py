@@ -4,7 +4,7 @@
     sift inspect runs/demo/scored.jsonl
 
 Reads scored.jsonl (kept) and scored.rejected.jsonl (each entry's `record`), so the histograms and
-the best and worst examples cover every scored record, selected or not. Only reads: `sift score`
+the highest and lowest examples cover every scored record, selected or not. Only reads: `sift score`
 writes the scores.
 """
 
@@ -21,7 +21,7 @@ from pipeline.io.artifacts import iter_jsonl
 from pipeline.views import plots
 from pipeline.views.stats import percentile
 
-SHOWN = 5  # best and worst examples per score
+SHOWN = 5  # highest and lowest examples per score
 PERCENTILES = (0, 10, 25, 50, 75, 90, 100)
 
 
@@ -102,7 +102,7 @@ def scored_records(d: Path) -> list[dict] | None:
 
 
 def scores_section(d: Path) -> str:
-    """Histograms, score against answer length, and the best and worst examples by each score."""
+    """Histograms, score against answer length, and the highest and lowest examples by each score."""
     records = scored_records(d)
     if records is None:
         return "<p class=missing>No scored.jsonl yet: run `sift score` (make score).</p>"
