@@ -107,6 +107,14 @@ def first_token_dist(output: Any, tokenizer: Any = None) -> dict[str, float] | N
     return dist or None
 
 
+def engine_model(spec: str) -> str:
+    """What vLLM loads for a sift model spec: an alias (gemma-3-270m) or a .gguf file becomes its
+    converted folder in the cache, a folder its absolute path; a Hub id stays as it is."""
+    from pipeline.io.models import resolve_model
+
+    return resolve_model(spec).path_or_id
+
+
 class VLLMTeacher:
     """A Teacher on vLLM's offline `LLM`, loaded at the first request (a cached rerun never loads it)."""
 
@@ -124,7 +132,7 @@ class VLLMTeacher:
         if importlib.util.find_spec("vllm") is None:
             raise SiftError(f"the vllm backend needs vLLM: {INSTALL_HINT}")
         self.name = model
-        self.engine_args = {"model": model, "tensor_parallel_size": tensor_parallel_size, "dtype": dtype,
+        self.engine_args = {"model": engine_model(model), "tensor_parallel_size": tensor_parallel_size, "dtype": dtype,
                             "gpu_memory_utilization": gpu_memory_utilization,
                             "max_model_len": max_model_len, "seed": seed}
         self._llm: Any = None

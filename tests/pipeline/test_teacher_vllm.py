@@ -176,3 +176,15 @@ def test_registry_vllm_backend_without_vllm_is_a_clear_error() -> None:
 
     with pytest.raises(SiftError, match="sift-instruct"):
         make_teacher("vllm", "some/model", max_model_len=None, seed=1)
+
+
+def test_vllm_loads_the_converted_folder_of_an_alias_and_keeps_a_hub_id() -> None:
+    from pipeline.io.models import EMBEDDED_ALIAS, alias_dir
+    from pipeline.teachers.vllm_engine import engine_model
+
+    try:
+        got = engine_model(EMBEDDED_ALIAS)
+    except SiftError as e:  # the embedded model not fetched on this machine
+        pytest.skip(f"needs `sift model fetch`: {e}")
+    assert got == str(alias_dir(EMBEDDED_ALIAS))
+    assert engine_model("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
