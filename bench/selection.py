@@ -67,8 +67,9 @@ def quarter_ids(records: list[dict], arm: str, seed: int) -> list[str]:
         below = [r for r in records if (r["scores"].get("ifd") is not None and r["scores"]["ifd"] < 1)]
         fraction = min(1.0, q / max(len(below), 1))
         reasons, _ = select(records, parse_keep(f"ifd<1,top={fraction:.6f}:ifd"))
-    elif arm == "top_judge":
-        reasons, _ = select(records, parse_keep(f"top={q / len(records):.6f}:judge"))
+    elif arm == "top_judge":  # the quarter's count from the records the judge rated (it may leave some unrated)
+        rated = [r for r in records if r["scores"].get("judge") is not None]
+        reasons, _ = select(records, parse_keep(f"top={min(1.0, q / max(len(rated), 1)):.6f}:judge"))
     else:
         raise ValueError(arm)
     return [r["id"] for r, why in zip(records, reasons, strict=True) if why is None]
