@@ -173,7 +173,7 @@ def test_every_section_is_filled_from_the_artifacts(run: Path) -> None:
         assert f'<section id="{section}">' in page
     assert "class=missing" not in page  # every stage ran, so no section is empty
     assert page.count('<img src="data:image/png;base64,') == 7
-    assert "ifd: the 5 best" in page and "scored: ifd_at_least_1" in page
+    assert "ifd: the 5 highest" in page and "scored: ifd_at_least_1" in page
     assert "instructions: rouge_similar" in page and "filtered: output_empty" in page
     assert "word_count" in page  # funnel.json's rules
     assert "&lt;b&gt;not bold&lt;/b&gt;" in page and "<b>not bold</b>" not in page  # escaped
