@@ -57,6 +57,7 @@ class LocalSettings:
 
 
 _CACHE: dict[LocalSettings, tuple[Any, Any]] = {}  # one PEFT model per process (a Flower client is reused)
+_INITIAL: dict[Any, dict[str, Any]] = {}  # the same key -> the adapter as PEFT initialised it
 
 
 def peft_model(settings: LocalSettings) -> tuple[Any, Any]:
@@ -86,6 +87,8 @@ def peft_model(settings: LocalSettings) -> tuple[Any, Any]:
                                              task_type="CAUSAL_LM"))
     _CACHE.clear()
     _CACHE[key] = (model, tokenizer)
+    _INITIAL.clear()
+    _INITIAL[key] = adapter_state(model)  # kept apart: the cached model's LoRA weights change with every load
     return model, tokenizer
 
 
@@ -109,9 +112,11 @@ def load_adapter(model: Any, state: dict[str, Any]) -> None:
 
 
 def initial_adapter(settings: LocalSettings) -> dict[str, Any]:
-    """The round-0 global adapter: PEFT's own initialisation (B = 0, so the base model's outputs)."""
-    model, _ = peft_model(settings)
-    return adapter_state(model)
+    """The round-0 global adapter: PEFT's own initialisation (B = 0, so the base model's outputs), as it
+    was when the model was built, whatever adapter has been loaded into the cached model since."""
+    peft_model(settings)
+    key = dataclasses.replace(settings, local_steps=1, lr=1.0)
+    return {k: v.clone() for k, v in _INITIAL[key].items()}
 
 
 def examples(tokenizer: Any, path: Path, settings: LocalSettings, *, allow_empty: bool) -> list[dict]:

@@ -58,6 +58,18 @@ def test_local_training_starts_from_the_sent_adapter_and_lowers_the_loss(setting
     assert after / tokens < before / tokens  # 6 steps at lr 5e-3 on 8 examples it trains on
 
 
+def test_the_initial_adapter_stays_the_initial_one_after_another_is_loaded(settings: LocalSettings,
+                                                                         tmp_path: Path) -> None:
+    # bench/federate.py scores the federated adapter (loading it into the cached model) before it asks
+    # for the initial adapter that local-only and centralised training start from
+    start = initial_adapter(settings)
+    trained, _, _ = local_train(start, client_dir(tmp_path / "c"), settings, round_=1, client=0)
+    load_adapter(peft_model(settings)[0], trained)
+    again = initial_adapter(settings)
+    assert set(again) == set(start) and all(torch.equal(again[k], start[k]) for k in start)
+    assert all(not v.any() for k, v in again.items() if ".lora_B." in k)
+
+
 def test_an_adapter_from_other_lora_settings_is_refused(settings: LocalSettings) -> None:
     model, _ = peft_model(settings)
     with pytest.raises(SiftError, match="do not match"):
