@@ -23,8 +23,6 @@ from typing import Any
 
 OPS: dict[str, Callable[[float, float], bool]] = {"<=": operator.le, ">=": operator.ge, "==": operator.eq,
                                                   "<": operator.lt, ">": operator.gt}
-LOWER_IS_BETTER: frozenset[str] = frozenset()  # for `top=`: scores whose best records have the smallest values
-# (none today: ifd is ranked highest first, as Cherry LLM and Superfiltering rank it)
 _NAME = r"[a-z][a-z0-9_]*"
 _THRESHOLD = re.compile(rf"^({_NAME})\s*(<=|>=|==|<|>)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)$")
 _TOP = re.compile(rf"^top\s*=\s*([-+]?(?:\d+\.?\d*|\.\d+))\s*:\s*({_NAME})$")
@@ -80,8 +78,7 @@ def score_of(record: Mapping[str, Any], score: str) -> float | None:
 def _top_ids(alive: Sequence[tuple[int, float]], rule: KeepRule) -> set[int]:
     """Positions of the best ceil(fraction * n) records among (position, score) pairs."""
     n = math.ceil(rule.value * len(alive) - 1e-9)
-    sign = 1.0 if rule.score in LOWER_IS_BETTER else -1.0
-    ranked = sorted(alive, key=lambda x: (sign * x[1], x[0]))
+    ranked = sorted(alive, key=lambda x: (-x[1], x[0]))  # highest first, ties in input order
     return {pos for pos, _ in ranked[:n]}
 
 

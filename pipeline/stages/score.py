@@ -157,18 +157,13 @@ def judge_specs(settings: dict[str, Any]) -> list[dict] | None:
 def judge_pool(settings: dict[str, Any], *, batch_size: int) -> Any:
     """Several judges as one TeacherPool. Like the single judge, no teacher cache: the scores cache
     keeps every rating."""
-    from pipeline.teachers.options import make_backend
-    from pipeline.teachers.pool import Member, TeacherPool
+    from pipeline.teachers.pool import open_pool
     from pipeline.teachers.specs import parse_teachers
 
     specs = parse_teachers(settings["teachers"], backend=settings["backend"], base_url=settings.get("base_url"),
                            api_key_env=settings.get("api_key_env") or "OPENAI_API_KEY",
                            teacher_options=settings.get("teacher_options"))
-    members = [Member(spec.name, make_backend(teacher=spec.model, backend=spec.backend, batch_size=batch_size,
-                                              base_url=spec.base_url, api_key_env=spec.api_key_env,
-                                              checked_options=spec.options), spec.share, spec.backend)
-               for spec in specs]
-    return TeacherPool(members)
+    return open_pool(None, specs, batch_size=batch_size)
 
 
 def judge_tally(records: list[dict]) -> dict[str, dict[str, int]]:

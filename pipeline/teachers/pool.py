@@ -215,16 +215,18 @@ class TeacherPool:
         return completions
 
 
-def open_pool(directory: Path, specs: list[TeacherSpec], *, batch_size: int) -> TeacherPool:
-    """Load every teacher of `specs`, each wrapped in its own cache under runs/<run>/cache/teachers/."""
+def open_pool(directory: Path | None, specs: list[TeacherSpec], *, batch_size: int) -> TeacherPool:
+    """Load every teacher of `specs`, each wrapped in its own cache under runs/<run>/cache/teachers/
+    (no cache with `directory` None: the score stage's judges, whose ratings its own cache keeps)."""
     from pipeline.teachers.options import make_backend
 
     members = []
     for spec in specs:
         inner = make_backend(teacher=spec.model, backend=spec.backend, batch_size=batch_size, base_url=spec.base_url,
                              api_key_env=spec.api_key_env, checked_options=spec.options)
-        cached = CachedTeacher(inner, directory / CACHE_DIR / f"{spec.name}.jsonl", backend=spec.backend)
-        members.append(Member(spec.name, cached, spec.share, spec.backend))
+        if directory is not None:
+            inner = CachedTeacher(inner, directory / CACHE_DIR / f"{spec.name}.jsonl", backend=spec.backend)
+        members.append(Member(spec.name, inner, spec.share, spec.backend))
     return TeacherPool(members)
 
 

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from filters.selection import LOWER_IS_BETTER
 from pipeline.io.artifacts import iter_jsonl
 from pipeline.views import plots
 from pipeline.views.stats import percentile
@@ -111,10 +110,9 @@ def scores_section(d: Path) -> str:
         return "<p class=missing>scored.jsonl has no numeric scores.</p>"
     series = {n: [v for v, _ in values(records, n)] for n in names}
     pairs = {n: [(v, len((r.get("output") or "").split())) for v, r in values(records, n)] for n in names}
-    lower = f"Lower is better for {', '.join(sorted(LOWER_IS_BETTER))}; higher for the others. " if LOWER_IS_BETTER \
-        else "Ranked highest first; "
-    out = [f"<p>{len(records)} scored records (kept and dropped by --keep). {lower}for ifd the highest are the "
-           "hardest (Cherry LLM's pick), and 1 or more means the instruction does not help (`ifd<1` drops them).</p>",
+    out = [f"<p>{len(records)} scored records (kept and dropped by --keep), ranked highest first; for ifd the "
+           "highest are the hardest (Cherry LLM's pick), and 1 or more means the instruction does not help "
+           "(`ifd<1` drops them).</p>",
            f'<img src="{score_histograms(series, pairs)}" alt="score histograms and score against answer length">']
     table = percentile_table(records)
     cols = ["score", "n", "missing", "mean", *(f"p{q}" for q in PERCENTILES)]
@@ -122,7 +120,7 @@ def scores_section(d: Path) -> str:
         "<tr>" + "".join(f"<td class=num>{_e(f'{r[c]:.4g}' if isinstance(r[c], float) else r[c])}</td>"
                          for c in cols) + "</tr>" for r in table) + "</table>")
     for name in names:
-        ranked = sorted(values(records, name), key=lambda x: x[0], reverse=name not in LOWER_IS_BETTER)
+        ranked = sorted(values(records, name), key=lambda x: x[0], reverse=True)
         out.append(f"<h3>{_e(name)}: the {SHOWN} highest</h3>{_example_rows(ranked[:SHOWN])}")
         out.append(f"<h3>{_e(name)}: the {SHOWN} lowest</h3>{_example_rows(ranked[::-1][:SHOWN])}")
     return "\n".join(out)
