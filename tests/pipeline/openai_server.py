@@ -155,11 +155,19 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             with server.lock:
                 server.in_flight += 1
                 server.max_in_flight = max(server.max_in_flight, server.in_flight)
+            self._counted = True
             try:
                 self._serve()
             except OSError:  # the client gave up (timeout) before the answer: what a real server sees
                 self.close_connection = True
             finally:
+                self._leave()
+
+        def _leave(self) -> None:
+            """Out of flight, once: before the answer is written, since the client may send its next
+            request as soon as it has read this one (counting after the write let 4 of 3 overlap)."""
+            if self._counted:
+                self._counted = False
                 with server.lock:
                     server.in_flight -= 1
 
@@ -204,6 +212,7 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 return self._send_raw(200, data[: len(data) // 2])
             if fault == "short_body":
                 data = json.dumps(_success(body, key, chat=chat, usage=True, reply=server.reply)).encode()
+                self._leave()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data) + 100))
@@ -224,6 +233,7 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             self._send_raw(status, json.dumps(obj).encode(), headers)
 
         def _send_raw(self, status: int, data: bytes, headers: dict | None = None) -> None:
+            self._leave()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
