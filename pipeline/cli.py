@@ -1,13 +1,24 @@
 """The `sift` command line: one mapping from command name to function.
 
 Each command is a plain function; its signature gives the options and its docstring the help
-(summary line, then an `Args:` section). Settings come from the function's defaults, then a
-config file (`--config run.yaml`), then the command line. Usage: `sift --help`, `sift CMD --help`.
+(summary line, then an `Args:` section). A parameter typed with a settings section of
+`pipeline/settings.py` becomes nested flags (`--train.lr 1e-4`) and a config-file section
+(`train:`), documented by the section's own docstring. Settings come from the defaults in
+`pipeline/settings.py`, then a config file (`--config run.yaml`), then the command line; `--print-config`
+shows the result. Usage: `sift --help`, `sift CMD --help`.
+
+Why not jsonargparse (which litgpt uses)? This layer is about 300 lines and gives what sift's users rely on
+and jsonargparse does not: one config file shared by every stage (each command takes the sections it
+composes and ignores the rest, while an unknown or misplaced key anywhere is an error with a
+did-you-mean), YAML read without aliases and with a size bound (an alias bomb cannot exhaust memory),
+errors as one line naming file and field, and NaN refused in every float.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import importlib
 import inspect
 import os
@@ -20,7 +31,8 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.errors import SiftError
-from pipeline.typed import converter, unwrap_optional
+from pipeline.settings import SettingsError, is_section, to_dict
+from pipeline.typed import converter, short, unwrap_optional
 
 # command name -> "module:function"; a name with a space is a subcommand of a group.
 COMMANDS: dict[str, str] = {
@@ -46,17 +58,8 @@ COMMANDS: dict[str, str] = {
 
 _UNSET = object()
 SHORT_FLAGS = {"output": "-o"}  # the few options common enough to deserve one letter
-# an option that, given more than once, means the plural option: `--teacher a --teacher b` is `--teachers a,b`
-REPEATED = {"teacher": "teachers"}
-
-
-class _Repeatable(argparse.Action):
-    """Collects every use of the option in a list; `resolve_settings` turns two or more into the plural."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        got = getattr(namespace, self.dest, _UNSET)
-        setattr(namespace, self.dest, [values] if got is _UNSET else [*got, values])
+GLOBAL_KEYS = {"run"}  # plain options a config file may set at its top level, for every command that has one
+EXCLUSIVE = {"teacher": ("model", "pool")}  # section -> two fields that cannot both be given
 
 
 class _Doc(typing.NamedTuple):
@@ -101,49 +104,78 @@ def _params(func: Callable[..., Any]) -> list[tuple[inspect.Parameter, Any]]:
             if p.kind in (p.POSITIONAL_ONLY, p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
+def section_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """A settings section's fields with their resolved type hints."""
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def plain_params(func: Callable[..., Any]) -> list[tuple[inspect.Parameter, Any]]:
+    return [(p, h) for p, h in _params(func) if not is_section(h)]
+
+
+def sections_of(func: Callable[..., Any]) -> list[tuple[inspect.Parameter, type]]:
+    return [(p, h) for p, h in _params(func) if is_section(h)]
+
+
+def _default_text(value: Any) -> str:
+    return f" (default: {value!r})"
+
+
+def _add_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup, flags: list[str], dest: str, hint: Any,
+              help_text: str) -> None:
+    base, _ = unwrap_optional(hint)
+    if base is bool:
+        p.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=_UNSET, help=help_text)
+        return
+    choices = typing.get_args(base) if typing.get_origin(base) is typing.Literal else None
+    p.add_argument(*flags, dest=dest, type=converter(hint, dest), default=_UNSET, choices=choices,
+                   metavar=dest.rpartition(".")[2].upper(), help=help_text)
+
+
 def add_command(sub: argparse._SubParsersAction, name: str, func: Callable[..., Any]) -> None:
     doc = parse_docstring(func.__doc__)
+    # allow_abbrev off: `--train.l` must not quietly mean `--train.lr`, nor `--teacher` `--teacher.model`
     p = sub.add_parser(name, help=doc.summary, description=(doc.summary + "\n\n" + doc.description).strip(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.set_defaults(_func=func, _name=name)
     _add_common(p)
-    for param, hint in _params(func):
+    for param, hint in plain_params(func):
         help_text = doc.params.get(param.name, "")
-        conv = converter(hint, param.name)
         if param.kind is param.POSITIONAL_ONLY:
             nargs = "?" if param.default is not param.empty else None
-            p.add_argument(param.name, type=conv, help=help_text, nargs=nargs, default=_UNSET)
+            p.add_argument(param.name, type=converter(hint, param.name), help=help_text, nargs=nargs, default=_UNSET)
             continue
         flags = [f"--{param.name.replace('_', '-')}"]
         if param.name in SHORT_FLAGS:
             flags.insert(0, SHORT_FLAGS[param.name])
         if "_" in param.name:
             flags.append(f"--{param.name}")
-        default_text = "" if param.default is param.empty else f" (default: {param.default!r})"
-        base, _ = unwrap_optional(hint)
-        if base is bool:
-            p.add_argument(*flags, dest=param.name, action=argparse.BooleanOptionalAction, default=_UNSET,
-                           help=help_text + default_text)
-        else:
-            choices = typing.get_args(base) if typing.get_origin(base) is typing.Literal else None
-            names = {q.name for q, _ in _params(func)}
-            repeatable = REPEATED.get(param.name) in names
-            if repeatable:
-                help_text += f" Given more than once: several teachers, as --{REPEATED[param.name]} a,b."
-            p.add_argument(*flags, dest=param.name, type=conv, default=_UNSET, choices=choices,
-                           metavar=param.name.upper(), help=help_text + default_text,
-                           **({"action": _Repeatable} if repeatable else {}))
+        default_text = "" if param.default is param.empty else _default_text(param.default)
+        _add_flag(p, flags, param.name, hint, help_text + default_text)
+    for param, cls in sections_of(func):
+        cdoc = parse_docstring(cls.__doc__)
+        group = p.add_argument_group(f"{param.name} (config section `{param.name}:`)", cdoc.summary)
+        default = param.default if param.default is not param.empty else cls()
+        for f, hint in section_fields(cls):
+            flags = [f"--{param.name}.{f.name}"] + ([f"--{param.name}.{f.name.replace('_', '-')}"]
+                                                    if "_" in f.name else [])
+            _add_flag(group, flags, f"{param.name}.{f.name}", hint,
+                      cdoc.params.get(f.name, "") + _default_text(getattr(default, f.name)))
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
-                   help="YAML or TOML settings: top-level keys, or a section named after the command")
+                   help="YAML or TOML settings: one section per component (teacher:, train:, ...), "
+                        "`run:` at the top; the command line wins")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective settings as a config file and exit without running")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sift", description=__doc__.splitlines()[0] if __doc__ else "sift",
+        prog="sift", description=__doc__.splitlines()[0] if __doc__ else "sift", allow_abbrev=False,
         epilog="Stages in order: seeds, generate, classify, instances, filter, score, export, train, eval, report. "
                "Run `sift CMD --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"sift {__version__}")
@@ -194,6 +226,22 @@ def _config_bytes(path: Path) -> bytes:
     return data
 
 
+def _yaml_without_aliases(text: str) -> Any:
+    """YAML with anchors and aliases refused: nine nested aliases of nine items each are a billion
+    elements once expanded (a 700-byte "billion laughs" file), and settings never need them."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.MarkedYAMLError(problem="aliases (*name) are not allowed in a settings file",
+                                           problem_mark=mark)
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_config(path: Path) -> dict:
     """Read a YAML (.yaml/.yml) or TOML (.toml) settings file into a dict."""
     data = _config_bytes(path)
@@ -203,11 +251,11 @@ def read_config(path: Path) -> dict:
 
             loaded = tomllib.loads(data.decode("utf-8"))
         else:
-            import yaml
-
-            loaded = yaml.safe_load(data.decode("utf-8"))
+            loaded = _yaml_without_aliases(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise SiftError("invalid UTF-8", path=path) from None
+    except RecursionError:
+        raise SiftError("invalid settings file: nested too deeply", path=path) from None
     except Exception as e:  # yaml/toml parse errors carry their own line info
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark is not None else getattr(e, "lineno", None)
@@ -220,55 +268,111 @@ def read_config(path: Path) -> dict:
     return loaded
 
 
-def check_config_keys(raw: dict, path: Path) -> None:
-    """Every top-level key must be an option of some sift command (one file serves every stage), and
-    every section a command's name: a typo is an error naming it, never silently ignored."""
-    import difflib
+def _norm(key: Any) -> str:
+    return str(key).replace("-", "_")
 
-    sections = {n.replace(" ", "_") for n in COMMANDS}
-    options = {p.name for n in COMMANDS for p, _ in _params(load_command(n))}
+
+def config_schema() -> tuple[dict[str, type], dict[str, set[str]]]:
+    """(section name -> its class, command name -> its plain options) over every command: one file serves
+    every stage, so a key is checked against all of them."""
+    sections: dict[str, type] = {}
+    plain: dict[str, set[str]] = {}
+    for name in COMMANDS:
+        func = load_command(name)
+        for param, cls in sections_of(func):
+            if sections.setdefault(param.name, cls) is not cls:
+                raise TypeError(f"section {param.name!r} has two classes: {cls.__name__}, "
+                                f"{sections[param.name].__name__}")
+        plain[name.replace(" ", "_")] = {p.name for p, _ in plain_params(func) if p.kind is not p.POSITIONAL_ONLY}
+    return sections, {k: v for k, v in plain.items() if k not in sections}
+
+
+def _did_you_mean(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def check_config(raw: dict, path: Path) -> None:
+    """Every key must be a known section and field, `run`, or a command's own plain option under its
+    name: a typo or a key in the wrong section is an error naming it, never silently ignored."""
+    sections, plain = config_schema()
+    dotted = sorted(f"{s}.{f.name}" for s, cls in sections.items() for f in dataclasses.fields(cls))
+    dotted += sorted(f"{c}.{o}" for c, opts in plain.items() for o in opts)
     for key, value in raw.items():
-        norm = str(key).replace("-", "_")
-        if norm in sections and (isinstance(value, dict) or norm not in options):  # `seeds` is both
-            if not isinstance(value, dict):
-                raise SiftError(f"section for `sift {norm.replace('_', ' ')}` must be a mapping of settings, got "
-                                f"{type(value).__name__}", path=path, field=str(key))
+        k = _norm(key)
+        if k in GLOBAL_KEYS:
             continue
-        if isinstance(value, dict) and norm not in options:
-            close = difflib.get_close_matches(norm, sorted(sections), n=1)
-            hint = f"; did you mean `{close[0]}`?" if close else f"; sections are named after commands: " \
-                f"{', '.join(sorted(sections))}"
-            raise SiftError(f"unknown section{hint}", path=path, field=str(key))
-        if norm not in options:
-            close = difflib.get_close_matches(norm, sorted(options), n=1)
-            hint = f"; did you mean `{close[0]}`?" if close else ""
-            raise SiftError(f"unknown setting: no sift command has this option{hint}", path=path, field=str(key))
+        if k not in sections and k not in plain:
+            misplaced = [d for d in dotted if d.rpartition(".")[2] == k]
+            hint = f"; did you mean `{misplaced[0]}`?" if misplaced else _did_you_mean(k, [*sections, *plain])
+            raise SiftError(f"unknown setting or section{hint}", path=path, field=str(key))
+        if not isinstance(value, dict):
+            raise SiftError(f"section `{k}` must be a mapping of settings, got {type(value).__name__}", path=path,
+                            field=str(key))
+        known = {f.name for f in dataclasses.fields(sections[k])} if k in sections else plain[k]
+        for sub in value:
+            if _norm(sub) in known:
+                continue
+            elsewhere = [d for d in dotted if d.rpartition(".")[2] == _norm(sub)]
+            hint = f"; did you mean `{elsewhere[0]}`?" if elsewhere else _did_you_mean(
+                f"{k}.{_norm(sub)}", [f"{k}.{o}" for o in sorted(known)])
+            raise SiftError(f"unknown setting in section `{k}`{hint}", path=path, field=f"{key}.{sub}")
+
+
+def _from_config(config: dict, key: str) -> Any:
+    return next((v for k, v in config.items() if _norm(k) == key), _UNSET)
+
+
+def _convert(hint: Any, value: Any, *, field: str, path: Path | None) -> Any:
+    try:
+        return converter(hint, field)(value)
+    except (ValueError, TypeError) as e:
+        raise SiftError(str(e), path=path, field=field) from None
+
+
+def _section(param: inspect.Parameter, cls: type, ns: argparse.Namespace, config: dict,
+             path: Path | None) -> Any:
+    """One settings section: its default, then the config file's section, then the flags."""
+    default = param.default if param.default is not param.empty else cls()
+    block = _from_config(config, param.name)
+    block = {} if block is _UNSET else {_norm(k): v for k, v in block.items()}
+    values, where = {}, {}
+    for f, hint in section_fields(cls):
+        dest = f"{param.name}.{f.name}"
+        value = getattr(ns, dest, _UNSET)
+        if value is not _UNSET:
+            values[f.name], where[f.name] = value, None
+        elif f.name in block:
+            values[f.name], where[f.name] = _convert(hint, block[f.name], field=dest, path=path), path
+    pair = EXCLUSIVE.get(param.name)
+    if pair and all(name in values for name in pair):
+        a, b = (f"{param.name}.{n}" for n in pair)
+        raise SiftError(f"give {a} or {b}, not both ({b} replaces {a})", path=where[pair[1]], field=b)
+    try:
+        return dataclasses.replace(default, **values)
+    except SettingsError as e:
+        raise SiftError(str(e), path=where.get(e.field), field=f"{param.name}.{e.field}") from None
 
 
 def resolve_settings(func: Callable[..., Any], name: str, ns: argparse.Namespace) -> tuple[list, dict]:
     """Merge defaults < config file < command line into (positional args, keyword args)."""
-    params = _params(func)
     config: dict = {}
     if ns.config is not None:
-        raw = read_config(ns.config)
-        check_config_keys(raw, ns.config)
-        section_name = name.replace(" ", "_")
-        section = raw.get(section_name, {})
-        known = {p.name for p, _ in params}
-        for key in section:
-            if str(key).replace("-", "_") not in known:
-                raise SiftError(f"unknown setting for `sift {name}`", path=ns.config, field=f"{section_name}.{key}")
-        top = {str(k).replace("-", "_"): v for k, v in raw.items() if not isinstance(v, dict)}
-        config = {k: v for k, v in top.items() if k in known}
-        config.update({str(k).replace("-", "_"): v for k, v in section.items()})
+        config = read_config(ns.config)
+        check_config(config, ns.config)
+    own = _from_config(config, name.replace(" ", "_"))
+    sections = {p.name for p, _ in sections_of(func)}
+    own = {} if own is _UNSET or name.replace(" ", "_") in sections else {_norm(k): v for k, v in own.items()}
     args, kwargs = [], {}
-    for param, hint in params:
+    for param, hint in _params(func):
+        if is_section(hint):
+            kwargs[param.name] = _section(param, hint, ns, config, ns.config)
+            continue
         value = getattr(ns, param.name, _UNSET)
-        if value is _UNSET and param.name in config:
-            try:
-                value = converter(hint, param.name)(config[param.name])
-            except (ValueError, TypeError) as e:
-                raise SiftError(str(e), path=ns.config, field=param.name) from None
+        if value is _UNSET and param.kind is not param.POSITIONAL_ONLY:
+            raw = own.get(param.name, _from_config(config, param.name) if param.name in GLOBAL_KEYS else _UNSET)
+            if raw is not _UNSET:
+                value = _convert(hint, raw, field=param.name, path=ns.config)
         if value is _UNSET:
             if param.default is param.empty:
                 raise SiftError(f"missing argument: {param.name}")
@@ -277,18 +381,38 @@ def resolve_settings(func: Callable[..., Any], name: str, ns: argparse.Namespace
             args.append(value)
         else:
             kwargs[param.name] = value
-    defaults = {p.name: p.default for p, _ in params}
-    for single, plural in REPEATED.items():
-        given = kwargs.get(single)
-        if not isinstance(given, list):
-            continue
-        if len(given) == 1:
-            kwargs[single] = given[0]
-            continue
-        if getattr(ns, plural, _UNSET) is not _UNSET:
-            raise SiftError(f"give --{single} more than once or --{plural}, not both", field=plural)
-        kwargs[single], kwargs[plural] = defaults[single], ",".join(given)
     return args, kwargs
+
+
+def effective_config(name: str, func: Callable[..., Any], kwargs: dict) -> dict:
+    """The settings a command runs with, shaped as a config file (`--print-config`)."""
+    out: dict[str, Any] = {k: v for k, v in kwargs.items() if k in GLOBAL_KEYS}
+    sections = {p.name for p, _ in sections_of(func)}
+    own = {k: v for k, v in kwargs.items() if k not in sections and k not in GLOBAL_KEYS}
+    if own and name.replace(" ", "_") not in sections:
+        out[name.replace(" ", "_")] = {k: str(v) if isinstance(v, Path) else v for k, v in own.items()}
+    out.update(to_dict(**{k: v for k, v in kwargs.items() if k in sections}))
+    return out
+
+
+def _unknown_option(parser: argparse.ArgumentParser, argv: list[str], extras: list[str]) -> SiftError:
+    """argparse's "unrecognized arguments", with a did-you-mean over the command's own flags."""
+    sub = parser
+    for word in argv:  # walk down to the (sub)command's parser, where the flags are
+        action = next((a for a in sub._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if action is None or word not in action.choices:
+            continue
+        sub = action.choices[word]
+    flags = [s for a in sub._actions for s in a.option_strings if s.startswith("--")]
+    first = extras[0]
+    word = first.split("=", 1)[0]
+    if not word.startswith("-"):
+        return SiftError(f"unexpected argument {short(first)}")
+    hint = _did_you_mean(word, flags)
+    if not hint:
+        nested = [f for f in flags if f.rpartition(".")[2] == word.lstrip("-").replace("-", "_")]
+        hint = f"; did you mean `{nested[0]}`?" if nested else ""
+    return SiftError(f"unknown option {word}{hint} (see `sift {sub.prog.removeprefix('sift ')} --help`)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,11 +420,18 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or bool(os.environ.get("SIFT_DEBUG"))
     try:
         parser = build_parser()
-        ns = parser.parse_args(argv)
+        ns, extras = parser.parse_known_args(argv)
+        if extras:
+            raise _unknown_option(parser, argv, extras)
         if not hasattr(ns, "_func"):
             parser.print_help()
             return 2
         args, kwargs = resolve_settings(ns._func, ns._name, ns)
+        if ns.print_config:
+            import yaml
+
+            print(yaml.safe_dump(effective_config(ns._name, ns._func, kwargs), sort_keys=False), end="")
+            return 0
         result = ns._func(*args, **kwargs)
         return int(result) if isinstance(result, int) else 0
     except SiftError as e:

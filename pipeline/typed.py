@@ -6,6 +6,8 @@ so a value is checked the same way wherever it comes from.
 
 from __future__ import annotations
 
+import math
+import reprlib
 import types
 import typing
 from collections.abc import Callable
@@ -23,6 +25,16 @@ def unwrap_optional(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 60, 60, 4, 4, 2
+
+
+def short(value: Any) -> str:
+    """A bounded repr for error messages: a config value can be a huge (or aliased) structure, and
+    its full repr could take gigabytes."""
+    return _SHORT.repr(value)
+
+
 def converter(hint: Any, name: str) -> Callable[[Any], Any]:
     """A function turning a command-line string or a config value into the parameter's type."""
     base, optional = unwrap_optional(hint)
@@ -33,27 +45,40 @@ def converter(hint: Any, name: str) -> Callable[[Any], Any]:
             return None
         if choices is not None:
             if value not in choices:
-                raise ValueError(f"expected one of {', '.join(map(str, choices))}, got {value!r}")
+                raise ValueError(f"expected one of {', '.join(map(str, choices))}, got {short(value)}")
             return value
         if base is bool:
             if isinstance(value, bool):
                 return value
             if isinstance(value, str) and value.lower() in {"true", "yes", "1", "false", "no", "0"}:
                 return value.lower() in {"true", "yes", "1"}
-            raise ValueError(f"expected true or false, got {value!r}")
+            raise ValueError(f"expected true or false, got {short(value)}")
         if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(f"expected an integer, got {value!r}")
-            return int(value)
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()) \
+                    or not isinstance(value, int | float | str):
+                raise ValueError(f"expected an integer, got {short(value)}")
+            try:
+                return int(value)
+            except (ValueError, OverflowError):
+                raise ValueError(f"expected an integer, got {short(value)}") from None
         if base is float:
-            if isinstance(value, bool):
-                raise ValueError(f"expected a number, got {value!r}")
-            return float(value)
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise ValueError(f"expected a number, got {short(value)}")
+            try:
+                number = float(value)
+            except (ValueError, OverflowError):
+                raise ValueError(f"expected a number, got {short(value)}") from None
+            # NaN passes every range check (all comparisons are false) and infinity is never a setting
+            if not math.isfinite(number):
+                raise ValueError(f"expected a finite number, got {short(value)}")
+            return number
         if base is Path:
+            if not isinstance(value, str):
+                raise ValueError(f"expected a path, got {short(value)}")
             return Path(value)
         if base is str:
             if not isinstance(value, str | int | float) or isinstance(value, bool):
-                raise ValueError(f"expected a string, got {value!r}")
+                raise ValueError(f"expected a string, got {short(value)}")
             return str(value)
         return value
 

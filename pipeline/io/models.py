@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -324,6 +325,28 @@ def resolve_dtype(dtype: str = "auto", device: str = "cpu") -> Any:
     return torch.bfloat16 if device == "cpu" and cpu_supports_bf16() else torch.float32
 
 
+_ANNOUNCED: set[str] = set()
+
+
+def resolve_device(setting: str = "auto") -> str:
+    """`student.device` -> the device a model loads on: `auto` is CUDA when torch sees a GPU, else the
+    CPU, and says which once per process, so a GPU user sees where the student runs (and a CPU-only
+    run on a GPU machine is noticed). An explicit device is taken as given."""
+    import torch
+
+    if setting != "auto":
+        if setting.startswith("cuda") and not torch.cuda.is_available():
+            raise SiftError(f"device {setting!r} asked for, but torch sees no CUDA GPU (use auto or cpu)",
+                            field="student.device")
+        return setting
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in _ANNOUNCED:
+        _ANNOUNCED.add(device)
+        name = torch.cuda.get_device_name(0) if device == "cuda" else "no CUDA GPU seen"
+        print(f"sift: device auto -> {device} ({name})", file=sys.stderr)
+    return device
+
+
 def _as_ref(spec: str | ModelRef) -> ModelRef:
     return spec if isinstance(spec, ModelRef) else resolve_model(spec)
 
@@ -360,10 +383,12 @@ def _load_failed(ref: ModelRef, what: str, e: Exception, *, offline: bool = Fals
     return SiftError(f"cannot load {what}: {type(e).__name__}: {e}", path=ref.path_or_id)
 
 
-def load_model(spec: str | ModelRef, *, dtype: str = "auto", device: str = "cpu") -> Any:
-    """A causal LM in eval mode on `device`; every stage (teacher, student, eval) loads this way."""
+def load_model(spec: str | ModelRef, *, dtype: str = "auto", device: str) -> Any:
+    """A causal LM in eval mode on `device` (a resolved one: see resolve_device); every stage (teacher,
+    student, eval) loads this way, so a test can spy here that a device setting reaches every load."""
     from transformers import AutoModelForCausalLM
 
+    device = resolve_device(device)
     ref = _as_ref(spec)
     options = _hub_options(ref)
     try:

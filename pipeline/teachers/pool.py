@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import canonical_json
+from pipeline.settings import TeacherSettings
 from pipeline.teachers.base import Completion, Request, Teacher
 from pipeline.teachers.cache import CachedTeacher, teacher_identity
 from pipeline.teachers.specs import TeacherSpec, parse_teachers
@@ -230,27 +231,35 @@ def open_pool(directory: Path | None, specs: list[TeacherSpec], *, batch_size: i
     return TeacherPool(members)
 
 
-def open_teachers(directory: Path, *, teachers: str | None, teacher: str, backend: str, batch_size: int,
-                  base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-                  teacher_options: str | None = None) -> Teacher:
-    """The stage's teacher: a TeacherPool with --teachers, else the single cached teacher as before."""
-    if not teachers:
-        from pipeline.teachers.options import open_teacher
+def open_teachers(directory: Path | None, teacher: TeacherSettings, *, batch_size: int) -> Teacher:
+    """The one place a teacher is built from settings: a TeacherPool with `teacher.pool`, else the single
+    teacher, each cached under runs/<run>/cache/ (no cache with `directory` None: the judges, whose
+    ratings their own stage's cache keeps). Every stage, judge and loop gets its teacher here, so every
+    backend, option and pool works everywhere."""
+    if not teacher.pool:
+        from pipeline.teachers.options import make_backend, open_teacher
 
-        return open_teacher(directory, teacher=teacher, backend=backend, batch_size=batch_size, base_url=base_url,
-                            api_key_env=api_key_env, teacher_options=teacher_options)
-    specs = parse_teachers(teachers, backend=backend, base_url=base_url, api_key_env=api_key_env,
-                           teacher_options=teacher_options)
-    return open_pool(directory, specs, batch_size=batch_size)
+        if directory is None:
+            return make_backend(teacher=teacher.model, backend=teacher.backend, batch_size=batch_size,
+                                base_url=teacher.base_url, api_key_env=teacher.api_key_env,
+                                teacher_options=teacher.options)
+        return open_teacher(directory, teacher=teacher.model, backend=teacher.backend, batch_size=batch_size,
+                            base_url=teacher.base_url, api_key_env=teacher.api_key_env,
+                            teacher_options=teacher.options)
+    return open_pool(directory, _specs(teacher), batch_size=batch_size)
 
 
-def check_teachers(teachers: str | None, *, backend: str, base_url: str | None = None,
-                   api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None) -> list[dict] | None:
-    """The resolved specs of --teachers (checked before any model loads), for the settings a stage records."""
-    if not teachers:
+def _specs(teacher: TeacherSettings) -> list[TeacherSpec]:
+    return parse_teachers(teacher.pool or "", backend=teacher.backend, base_url=teacher.base_url,
+                          api_key_env=teacher.api_key_env, teacher_options=teacher.options)
+
+
+def check_teachers(teacher: TeacherSettings) -> list[dict] | None:
+    """The resolved specs of `teacher.pool` (checked before any model loads), for the settings a stage
+    records; None for a single teacher."""
+    if not teacher.pool:
         return None
-    return [s.to_dict() for s in parse_teachers(teachers, backend=backend, base_url=base_url,
-                                                api_key_env=api_key_env, teacher_options=teacher_options)]
+    return [s.to_dict() for s in _specs(teacher)]
 
 
 def teacher_of(completion: Completion, teacher: Teacher) -> dict:
