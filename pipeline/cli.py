@@ -408,7 +408,8 @@ def _unknown_option(parser: argparse.ArgumentParser, argv: list[str], extras: li
     word = first.split("=", 1)[0]
     if not word.startswith("-"):
         return SiftError(f"unexpected argument {short(first)}")
-    hint = _did_you_mean(word, flags)
+    in_section = [f for f in flags if f.startswith(word + ".") and "-" not in f[len(word) + 1:]]
+    hint = f"; `{word}` is a section: {', '.join(in_section[:6])}" if in_section else _did_you_mean(word, flags)
     if not hint:
         nested = [f for f in flags if f.rpartition(".")[2] == word.lstrip("-").replace("-", "_")]
         hint = f"; did you mean `{nested[0]}`?" if nested else ""
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.print_config:
             import yaml
 
-            print(yaml.safe_dump(effective_config(ns._name, ns._func, kwargs), sort_keys=False), end="")
+            print(yaml.safe_dump(effective_config(ns._name, ns._func, kwargs), sort_keys=False).rstrip("\n."))
             return 0
         result = ns._func(*args, **kwargs)
         return int(result) if isinstance(result, int) else 0

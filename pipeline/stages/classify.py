@@ -19,6 +19,7 @@ from pipeline.io.artifacts import iter_jsonl, write_json, write_jsonl
 from pipeline.io.batched import check_ids, run_batches
 from pipeline.io.progress import print_summary
 from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.settings import ClassifySettings, TeacherSettings, to_dict
 from pipeline.teachers.base import Sampling, Teacher
 from pipeline.teachers.parsers import parse_yes_no
 from pipeline.teachers.pool import check_teachers, open_teachers, teacher_of
@@ -62,49 +63,29 @@ def classify_records(records: list[dict], teacher: Teacher, template: PromptTemp
     return kept, rejected, counters
 
 
-def classify(*, run: str = "demo", teacher: str = "smollm2-135m-instruct", backend: str = "transformers",
-             batch_size: int = 32, prompt: str | None = None, max_tokens: int = 3, base_url: str | None = None,
-             api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None,
-             teachers: str | None = None) -> None:
+def classify(*, run: str = "demo", teacher: TeacherSettings = TeacherSettings(),
+             classify: ClassifySettings = ClassifySettings()) -> None:
     """Mark each generated instruction as a classification task or not (few-shot yes/no).
 
     Resumable: finished batches go to classify.journal; rerunning skips them.
 
     Args:
         run: run name; artifacts live in runs/<run>/.
-        teacher: model: the embedded alias, a local folder, a .gguf file, or a served model name.
-        backend: "transformers" (in-process), "vllm" (GPU) or "openai" (any compatible server).
-        batch_size: records per batch (and per journal entry).
-        prompt: your own template file (placeholder {instruction}); default the few-shot yes/no prompt.
-        max_tokens: tokens of the answer (3 in the reference).
-        base_url: server URL for the openai backend.
-        api_key_env: environment variable holding the API key (never logged).
-        teacher_options: the backend's own settings as comma-separated key=value pairs, e.g.
-            "timeout=300,max_retries=10" (openai), "engine=hf" or "device=cuda" (transformers).
-        teachers: several teachers instead of --teacher: a teachers file (YAML/TOML: name, model, backend,
-            options, share) or comma-separated models, each optionally =share; records are spread by share.
+        teacher: the teacher (or teacher.pool) that answers.
+        classify: this stage's own settings.
     """
-    if batch_size < 1:
-        raise SiftError(f"must be >= 1, got {batch_size}", field="batch_size")
-    try:
-        sampling = default_sampling(max_tokens)
-    except ValueError as e:
-        raise SiftError(str(e), field="max_tokens") from None
+    sampling = default_sampling(classify.max_tokens)
     directory = run_dir(run)
     source = directory / "instructions.jsonl"
     records = _read_input(source)
-    template = load(prompt or PROMPT)
+    template = load(classify.prompt or PROMPT)
     template.check({"instruction"}, required={"instruction"})
-    specs = check_teachers(teachers, backend=backend, base_url=base_url, api_key_env=api_key_env,
-                           teacher_options=teacher_options)
-    options = {"teacher": teacher, "backend": backend, "base_url": base_url, "api_key_env": api_key_env,
-               "teacher_options": teacher_options, **({"teachers": specs} if specs else {})}
+    specs = check_teachers(teacher)
+    options = {**to_dict(teacher=teacher, classify=classify), **({"teachers": specs} if specs else {})}
     with locked(directory):
-        cached = open_teachers(directory, teachers=teachers, teacher=teacher, backend=backend,
-                               batch_size=batch_size, base_url=base_url, api_key_env=api_key_env,
-                               teacher_options=teacher_options)
-        stats = classify_in(directory, cached, template=template, sampling=sampling, batch_size=batch_size,
-                            records=records, options=options)
+        cached = open_teachers(directory, teacher, batch_size=classify.batch_size)
+        stats = classify_in(directory, cached, template=template, sampling=sampling,
+                            batch_size=classify.batch_size, records=records, options=options)
     print_summary("classify", stats)
     print(f"wrote {directory / 'classified.jsonl'} ({stats['accepted']} records, {stats.get('yes', 0)} classification)")
 
@@ -128,8 +109,7 @@ def classify_in(directory: Path, teacher: Teacher, *, template: PromptTemplate |
     write_jsonl(directory / "classified.rejected.jsonl", rejected)
     write_json(directory / "classify.stats.json", stats)
     write_jsonl(directory / "classified.jsonl", kept)
-    settings = {**(options or {}), "batch_size": batch_size, "prompt": template.provenance(),
-                "sampling": sampling.to_dict()}
+    settings = {**(options or {}), "prompt": template.provenance(), "sampling": sampling.to_dict()}
     record_stage(directory, "classify", settings, models={"teacher": identity}, stats=stats)
     return stats
 

@@ -47,8 +47,8 @@ INSTRUCTION = {"id": "i1", "instruction": "Name three primary colors.", "input":
 
 
 @pytest.mark.parametrize(("argv", "field"), [
-    (["classify", "--run", "r", "--max-tokens", "0"], "max_tokens"),
-    (["classify", "--run", "r", "--batch-size", "0"], "batch_size"),
+    (["classify", "--run", "r", "--classify.max_tokens", "0"], "classify.max_tokens"),
+    (["classify", "--run", "r", "--classify.batch_size", "0"], "classify.batch_size"),
     (["loop", "--run", "r", "--top-p", "0"], "top_p"),
     (["loop", "--run", "r", "--top-p", "1.5"], "top_p"),
     (["loop", "--run", "r", "--temperature", "-1"], "temperature"),
