@@ -431,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         if ns.print_config:
             import yaml
 
-            print(yaml.safe_dump(effective_config(ns._name, ns._func, kwargs), sort_keys=False).rstrip("\n."))
+            text = yaml.safe_dump(effective_config(ns._name, ns._func, kwargs), sort_keys=False)
+            print(text.removesuffix("...\n").rstrip("\n"))  # PyYAML ends some documents with "..."
             return 0
         result = ns._func(*args, **kwargs)
         return int(result) if isinstance(result, int) else 0
