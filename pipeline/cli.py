@@ -345,7 +345,8 @@ def _section(param: inspect.Parameter, cls: type, ns: argparse.Namespace, config
         elif f.name in block:
             values[f.name], where[f.name] = _convert(hint, block[f.name], field=dest, path=path), path
     pair = EXCLUSIVE.get(param.name)
-    if pair and all(name in values for name in pair):
+    # both given, and neither is a no-op (a printed config names the default model beside its pool)
+    if pair and values.get(pair[1]) and values.get(pair[0], getattr(default, pair[0])) != getattr(default, pair[0]):
         a, b = (f"{param.name}.{n}" for n in pair)
         raise SiftError(f"give {a} or {b}, not both ({b} replaces {a})", path=where[pair[1]], field=b)
     try:
