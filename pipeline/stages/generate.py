@@ -22,7 +22,7 @@ from pipeline.io.artifacts import content_id, read_jsonl, require, write_json, w
 from pipeline.io.journal import open_journal
 from pipeline.io.progress import StageProgress, print_summary
 from pipeline.io.runs import locked, record_stage, run_dir
-from pipeline.stages.bootstrap import Recipe, decide_round, get_recipe, heuristics_for
+from pipeline.recipes.bootstrap import Recipe, decide_round, get_recipe, heuristics_for
 from pipeline.teachers.base import Sampling, Teacher
 from pipeline.teachers.pool import check_teachers, open_teachers
 from pipeline.teachers.prompts import PromptTemplate, load

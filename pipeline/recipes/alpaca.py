@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from pipeline.stages.recipes.self_instruct import clean
+from pipeline.recipes.self_instruct import clean
 from pipeline.teachers.base import Sampling
 from pipeline.teachers.parsers import NOINPUT, Problem, parse_alpaca
 
