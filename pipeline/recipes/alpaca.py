@@ -1,6 +1,6 @@
 """The Stanford Alpaca recipe (Taori et al. 2023), pure parts.
 
-    sift generate --recipe alpaca             # driven by pipeline/stages/generate.py
+    sift generate --generate.recipe alpaca    # driven by pipeline/stages/generate.py
 
 Each prompt shows 3 random seed tasks (seeds only) as "###"-separated instruction/input/output
 chunks and asks for 20; the model writes instruction, input and output together. `<noinput>`
