@@ -99,7 +99,7 @@ CASES: list[tuple[str, list[str], str | None, list[str]]] = [
     ("filter-input-is-directory", ["filter", "{out}", "-o", "{out}/kept.jsonl"], None,
      ["is a directory"]),
     ("filter-unknown-rule", ["filter", "{f}", "-o", "{out}/kept.jsonl", "--filter.rules", "rouge,nope"],
-     "filter_list_empty.json", ["field 'rules'", "unknown rule 'nope'"]),
+     "filter_list_empty.json", ["field 'filter.rules'", "unknown rule 'nope'"]),
     ("filter-stage-without-instances", ["filter", "--run", "r"], None,
      ["instances.jsonl", "not found", "sift instances"]),
     # sift export: a bad runs/r/filtered.jsonl
