@@ -23,10 +23,10 @@ def test_every_stage_on_the_embedded_model(tmp_path: Path, monkeypatch: pytest.M
     run = ["--run", "e2e"]
     d = tmp_path / "e2e"
     assert main(["seeds", str(REPO / "seeds" / "default.jsonl"), *run]) == 0
-    assert main(["generate", *run, "--n", "10", "--batch-size", "8", "--max-tokens", "160",
-                 "--max-requests", "64"]) == 0
-    assert main(["classify", *run, "--batch-size", "16"]) == 0
-    assert main(["instances", *run, "--batch-size", "16", "--max-tokens", "120"]) == 0
+    assert main(["generate", *run, "--generate.n", "10", "--generate.batch_size", "8", "--generate.max_tokens", "160",
+                 "--generate.max_requests", "64"]) == 0
+    assert main(["classify", *run, "--classify.batch_size", "16"]) == 0
+    assert main(["instances", *run, "--instances.batch_size", "16", "--instances.max_tokens", "120"]) == 0
     assert main(["filter", *run]) == 0
     assert main(["export", *run]) == 0
     assert main(["train", *run, "--max-steps", "3", "--batch-size", "4", "--grad-accum", "1",

@@ -2,7 +2,8 @@
 
     .venv/bin/python -m pytest -q tests/pipeline/test_bad_settings.py
 
-Out-of-range sampling (classify, loop), `--prefilter` (unknown, or minhash without datasketch), and
+Out-of-range settings (generate, classify, instances, filter, loop), `filter.prefilter` (unknown, or
+minhash without datasketch), and
 `--config` files with unknown keys, misspelt sections, or that are not regular files at all.
 """
 
@@ -49,6 +50,14 @@ INSTRUCTION = {"id": "i1", "instruction": "Name three primary colors.", "input":
 @pytest.mark.parametrize(("argv", "field"), [
     (["classify", "--run", "r", "--classify.max_tokens", "0"], "classify.max_tokens"),
     (["classify", "--run", "r", "--classify.batch_size", "0"], "classify.batch_size"),
+    (["generate", "--run", "r", "--generate.n", "0"], "generate.n"),
+    (["generate", "--run", "r", "--generate.top_p", "0"], "generate.top_p"),
+    (["generate", "--run", "r", "--generate.max_requests", "0"], "generate.max_requests"),
+    (["generate", "--run", "r", "--filter.threshold", "1.5"], "filter.threshold"),
+    (["instances", "--run", "r", "--instances.max_instances", "0"], "instances.max_instances"),
+    (["instances", "--run", "r", "--teacher.model", " "], "teacher.model"),
+    (["filter", "--run", "r", "--filter.workers", "0"], "filter.workers"),
+    (["filter", "--run", "r", "--filter.top_k", "-1"], "filter.top_k"),
     (["loop", "--run", "r", "--top-p", "0"], "top_p"),
     (["loop", "--run", "r", "--top-p", "1.5"], "top_p"),
     (["loop", "--run", "r", "--temperature", "-1"], "temperature"),
@@ -64,15 +73,16 @@ def test_out_of_range_sampling_is_refused_first(in_tmp: Path, capsys, argv: list
 
 def test_an_unknown_prefilter_is_reported_under_prefilter(in_tmp: Path, capsys) -> None:
     (in_tmp / "in.jsonl").write_text(json.dumps(INSTRUCTION) + "\n")
-    _fails(["filter", "in.jsonl", "-o", "out.jsonl", "--prefilter", "simhash"], in_tmp, capsys,
-           "field 'prefilter'", "minhash", "simhash")
+    (in_tmp / "run.yaml").write_text("filter:\n  prefilter: simhash\n")
+    _fails(["filter", "in.jsonl", "-o", "out.jsonl", "--config", "run.yaml"], in_tmp, capsys,
+           "run.yaml: field 'filter.prefilter'", "minhash", "simhash")
 
 
 def test_minhash_without_datasketch_says_how_to_install_it(in_tmp: Path, capsys, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "datasketch", None)  # as on an install without the [minhash] extra
     (in_tmp / "in.jsonl").write_text(json.dumps(INSTRUCTION) + "\n")
-    _fails(["filter", "in.jsonl", "-o", "out.jsonl", "--prefilter", "minhash"], in_tmp, capsys,
-           "field 'prefilter'", "datasketch", "pip install 'sift-instruct[minhash]'")
+    _fails(["filter", "in.jsonl", "-o", "out.jsonl", "--filter.prefilter", "minhash"], in_tmp, capsys,
+           "field 'filter.prefilter'", "datasketch", "pip install 'sift-instruct[minhash]'")
 
 
 @pytest.mark.parametrize(("text", "expected"), [

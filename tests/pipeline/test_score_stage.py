@@ -157,7 +157,7 @@ def test_kill_and_resume_loses_and_repeats_nothing(tmp_path: Path, tiny: Path) -
 
 
 def test_several_judges_rate_the_stage_and_say_who_rated_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`sift score --scorers judge --teachers FILE`: two loopback judges, one with log-probabilities."""
+    """`sift score --scorers judge --teacher.pool FILE`: two loopback judges, one with log-probabilities."""
     from tests.pipeline.openai_server import FakeOpenAI
 
     monkeypatch.setenv("SIFT_RUNS_DIR", str(tmp_path / "runs"))
