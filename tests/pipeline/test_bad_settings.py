@@ -87,7 +87,10 @@ def test_minhash_without_datasketch_says_how_to_install_it(in_tmp: Path, capsys,
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("rnu: demo\n", ["field 'rnu'", "unknown setting", "did you mean `run`?"]),
-    ("max_token: 5\n", ["field 'max_token'", "did you mean `max_tokens`?"]),
+    ("max_token: 5\n", ["field 'max_token'", "did you mean `classify.max_tokens`, `generate.max_tokens` or"]),
+    ("max_tokens: 5\n", ["field 'max_tokens'", "unknown setting", "`instances.max_tokens`?"]),
+    ("export:\n  sed: 3\n", ["field 'export.sed'", "did you mean `export.seed`?"]),
+    ("export:\n  lr: 3\n", ["field 'export.lr'", "did you mean `train.lr`?"]),
     ("generat:\n  n: 5\n", ["field 'generat'", "unknown section", "did you mean `generate`?"]),
     ("clasify:\n  max_tokens: 3\n", ["field 'clasify'", "unknown section", "`classify`"]),
     ("export: 5\n", ["field 'export'", "must be a mapping"]),
@@ -100,9 +103,9 @@ def test_unknown_keys_and_misspelt_sections_are_named(in_tmp: Path, capsys, text
 
 def test_a_shared_config_with_other_commands_settings_is_fine(in_tmp: Path, capsys) -> None:
     _run_with(in_tmp, "filtered.jsonl", [INSTRUCTION])
-    # top-level keys of other commands (n, max_tokens) and `seeds` as filter's option, plus other sections
-    (in_tmp / "run.yaml").write_text("run: r\nn: 50\nmax_tokens: 256\nseeds: seeds/default.jsonl\n"
-                                     "generate:\n  n: 10\nexport:\n  seed: 3\n")
+    # sections of other commands, and filter's own plain option in its section
+    (in_tmp / "run.yaml").write_text("run: r\nfilter:\n  seeds: seeds/default.jsonl\n  threshold: 0.6\n"
+                                     "generate:\n  n: 10\nteacher:\n  backend: openai\nexport:\n  seed: 3\n")
     assert main(["export", "--config", "run.yaml"]) == 0, capsys.readouterr().err
     assert (in_tmp / "runs" / "r" / "train.jsonl").exists()
 
