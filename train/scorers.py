@@ -1,6 +1,6 @@
 """Model-based quality scores for instruction records: IFD, length and a reward model.
 
-    sift score --run demo --scorers ifd,length           # the stage that calls these (pipeline/stages/score.py)
+    sift score --run demo --score.scorers ifd,length     # the stage that calls these (pipeline/stages/score.py)
     .venv/bin/python -m pytest tests/train/test_scorers.py -q
 
 Each scorer takes records ({instruction, input, output}) and returns one result per record, in
@@ -153,7 +153,7 @@ def reward_scores(model: Any, tokenizer: Any, records: Sequence[dict], *, batch_
         inputs = [reward_input(tokenizer, r) for r in records[lo:lo + batch_size]]
         pairs = "text_pair" in inputs[0]
         enc = tokenizer([x["text"] for x in inputs], [x["text_pair"] for x in inputs] if pairs else None,
-                        padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+                        padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(model.device)
         with torch.inference_mode():
             logits = model(**enc).logits.float()
         for row in logits:

@@ -1,108 +1,51 @@
 """Evaluate the base model and the student side by side on eval sets; writes runs/<run>/eval.json.
 
-    sift eval --run demo --sets valid,general                             # or: make eval
-    sift eval --run demo --eval-file ../shared/data/user_oriented_instructions.jsonl --judge
+    sift eval --run demo --eval.sets valid,general                             # or: make eval
+    sift eval --run demo --eval.eval_file ../shared/data/user_oriented_instructions.jsonl --eval.judge
 
 For each side: mean NLL and perplexity of the reference answers (answer tokens only, EOS
 included, prompts rendered exactly as training rendered them), ROUGE-L F1 of greedy answers
 against the references, stop rate (EOS before the token limit), mean answer length in tokens and
 distinct-2 (unique word bigrams over all answers / all bigrams). Per set: the change and its 95%
 paired bootstrap interval (train/eval_stats.py), and findings in words: a `general` set that got
-significantly worse says "the student forgot". With --judge the teacher also compares the two
-answers pairwise in both orders (train/judge_both.py). Sets: the run's valid.jsonl, sift's own
+significantly worse says "the student forgot". With eval.judge the teacher (built like every stage's,
+so its options, key variable, vLLM and pools work) also compares the two answers pairwise in both
+orders (train/judge_both.py). Sets: the run's valid.jsonl, sift's own
 general set, or any file of Self-Instruct tasks ({instruction, instances}), Alpaca records
 ({instruction, input, output}) or chat records ({messages}); eval.json keeps one entry per set
 (train/eval_sets.py). The passes are fast: the student merged, the fast decode engine, NLL in
 length-sorted batches (train/eval_passes.py; bench/eval.py measures them against the plain path).
+Both sides run on `student.device` (auto: CUDA when torch sees a GPU).
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SiftError
-from pipeline.io.artifacts import read_json, read_records
+from pipeline.io.artifacts import read_json
 from pipeline.io.runs import locked, record_stage, run_dir
-from train.format import DataError, check_messages, prompt_ids, setup_tokenizer, to_messages, tokenize_example
+from pipeline.settings import EvalSettings, StudentSettings, TeacherSettings, to_dict
+from pipeline.teachers.pool import check_teachers, open_teachers
+from train.eval_passes import answer_nll, greedy_answers, load_side
+from train.eval_sets import load_heldout, pick
+from train.eval_stats import METRICS, distinct_n, rouge_l
+from train.format import setup_tokenizer
 
-METRICS = (  # name, label, True when higher is better
-    ("nll", "NLL / answer token", False),
-    ("perplexity", "perplexity", False),
-    ("rouge_l", "ROUGE-L F1", True),
-    ("stop_rate", "stop rate", True),
-    ("mean_output_tokens", "mean answer tokens", None),
-    ("distinct_2", "distinct-2", True),
-)
 SAMPLES_KEPT = 20  # answers stored in eval.json for reading
 
 
-# ---------------------------------------------------------------- held-out data
-
-
-def load_heldout(path: Path) -> list[dict]:
-    """Rows {id, messages} from chat, Alpaca or Self-Instruct records; one row per instance."""
-    rows: list[dict] = []
-    for pos, rec in read_records(path):
-        rec_id = str(rec.get("id", f"row{pos}"))
-        try:
-            if "messages" in rec:
-                rows.append({"id": rec_id, "messages": check_messages(rec["messages"])})
-            elif isinstance(rec.get("instances"), list):
-                for k, inst in enumerate(rec["instances"]):
-                    out = inst.get("output", "") if isinstance(inst, dict) else ""
-                    if isinstance(out, str) and out.strip():
-                        rows.append(
-                            {
-                                "id": f"{rec_id}#{k}",
-                                "messages": to_messages(
-                                    str(rec.get("instruction", "")), str(inst.get("input", "") or ""), out
-                                ),
-                            }
-                        )
-            elif isinstance(rec.get("instruction"), str) and isinstance(rec.get("output"), str):
-                messages = to_messages(rec["instruction"], str(rec.get("input") or ""), rec["output"])
-                rows.append({"id": rec_id, "messages": messages})
-            else:
-                raise DataError(
-                    "expected messages, instances, or instruction and output", field="instruction"
-                )
-        except DataError as e:
-            raise SiftError(str(e), path=path, line=pos, field=e.field) from None
-    rows = [r for r in rows if r["messages"][-1]["content"].strip()]
-    if not rows:
-        raise SiftError("no record with a reference answer", path=path)
-    return rows
-
-
-def pick(rows: list[dict], limit: int, seed: int) -> list[dict]:
-    """A seeded subset that does not depend on file order (the file may be grouped by source)."""
-    key = {r["id"]: hashlib.sha256(f"{seed}:{r['id']}".encode()).digest() for r in rows}
-    return sorted(rows, key=lambda r: key[r["id"]])[:limit] if limit > 0 else rows
+def _load_side(spec: str, tokenizer: Any, dtype: str, adapter: Path | None) -> Any:
+    """What train/evaluate.py's loader did (the PEFT model, not merged, device auto), until its last
+    caller uses train.eval_passes.load_side(..., merge=False) instead."""
+    return load_side(spec, tokenizer, adapter, student=StudentSettings(dtype=dtype), merge=False)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- metrics (pure)
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 as rouge_score computes it (filters.rouge when present, else rouge_score itself)."""
-    try:
-        from filters.rouge import rouge_l as fast
-    except ImportError:
-        from rouge_score import rouge_scorer
-
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-        return scorer.score(reference, prediction)["rougeL"].fmeasure
-    return fast(prediction, reference)
-
-
-def distinct_n(texts: list[str], n: int = 2) -> float:
-    """Unique word n-grams over all n-grams of all texts (Li et al., 2016); 0 when there are none."""
-    grams = [tuple(w[i : i + n]) for w in (t.lower().split() for t in texts) for i in range(len(w) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def side_metrics(nll: list[tuple[float, int]], answers: list[dict], references: list[str]) -> dict:
@@ -124,80 +67,6 @@ def side_metrics(nll: list[tuple[float, int]], answers: list[dict], references: 
 # ---------------------------------------------------------------- model passes
 
 
-def answer_nll(
-    model: Any, tokenizer: Any, rows: list[dict], *, batch_size: int = 8
-) -> list[tuple[float, int]]:
-    """(summed NLL, token count) of each reference answer given its prompt, as in training's labels."""
-    import torch
-
-    examples = [tokenize_example(tokenizer, r["messages"]) for r in rows]
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    pad = tokenizer.pad_token_id
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = [examples[i] for i in idx]
-        width = max(len(e.input_ids) for e in batch)
-        ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in batch])
-        labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in batch])
-        mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch])
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
-        )
-        for row, i in enumerate(idx):
-            out[i] = (loss[row].sum().item(), int((shift_labels[row] != -100).sum()))
-    return out
-
-
-def greedy_answers(
-    model: Any, tokenizer: Any, rows: list[dict], *, max_new_tokens: int, batch_size: int = 16
-) -> list[dict]:
-    """Greedy answers {text, tokens, stopped}; left-padded batches of similar prompt length."""
-    import torch
-    from transformers import GenerationConfig
-
-    prompts = [prompt_ids(tokenizer, r["messages"][:-1]) for r in rows]
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad
-    )
-    out: list[dict] = [{}] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx])
-        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
-        with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        for row, i in enumerate(idx):
-            new = gen[row, width:].tolist()
-            stopped = eos in new
-            new = new[: new.index(eos)] if stopped else new
-            out[i] = {
-                "text": tokenizer.decode(new, skip_special_tokens=True).strip(),
-                "tokens": len(new),
-                "stopped": stopped,
-            }
-    return out
-
-
-def _load_side(spec: str, tokenizer: Any, dtype: str, adapter: Path | None) -> Any:
-    from pipeline.io.models import load_model
-
-    model = load_model(spec, dtype=dtype)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))  # training added a pad token
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter)).eval()
-    return model
-
-
 def run_side(
     name: str,
     spec: str,
@@ -205,26 +74,27 @@ def run_side(
     rows: list[dict],
     *,
     adapter: Path | None,
-    dtype: str,
-    max_new_tokens: int,
-    batch_size: int,
-    engine: str = "fast",
+    student: StudentSettings,
+    eval: EvalSettings,
 ) -> tuple[list[tuple[float, int]], list[dict], float]:
-    """One model over all rows: (NLL per row, greedy answers, seconds). engine "fast": the student
-    merged, the fast decode engine where it runs (train/eval_passes.py); "plain": the PEFT model and
-    batched `model.generate`, as sift did before (kept for comparison, and the fallback for other models)."""
-    from train.eval_passes import fast_answers, fast_supported, load_side, reference_nll
+    """One model over all rows, on `student.device`: (NLL per row, greedy answers, seconds). eval.engine
+    "fast": the student merged, the fast decode engine where it runs (train/eval_passes.py); "plain": the
+    PEFT model and batched `model.generate`, as sift did before (kept for comparison, and the fallback for
+    other models and GPUs)."""
+    from train.eval_passes import fast_answers, fast_supported, reference_nll
 
     t0 = time.perf_counter()
-    model = load_side(spec, tokenizer, dtype, adapter, merge=engine == "fast")
-    if engine == "fast":
+    fast = eval.engine == "fast"
+    model = load_side(spec, tokenizer, adapter, student=student, merge=fast)
+    if fast:
         nll = reference_nll(model, tokenizer, rows, label=f"{name} nll")
     else:
-        nll = answer_nll(model, tokenizer, rows, batch_size=batch_size)
-    if engine == "fast" and fast_supported(model):
-        answers = fast_answers(model, tokenizer, rows, max_new_tokens=max_new_tokens, label=f"{name} answers")
+        nll = answer_nll(model, tokenizer, rows, batch_size=eval.batch_size)
+    if fast and fast_supported(model):
+        answers = fast_answers(model, tokenizer, rows, max_new_tokens=eval.max_new_tokens, label=f"{name} answers")
     else:
-        answers = greedy_answers(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        answers = greedy_answers(model, tokenizer, rows, max_new_tokens=eval.max_new_tokens,
+                                 batch_size=eval.batch_size)
     seconds = time.perf_counter() - t0
     made = sum(a["tokens"] for a in answers)
     rate = made / max(seconds, 1e-9)
@@ -331,57 +201,28 @@ def student_base_of(student_dir: Path, fallback: str | None = None) -> str:
     if fallback:
         return fallback
     raise SiftError("cannot tell the student's base model (no train_config.json, no base_model_name_or_path); "
-                    "pass --base", path=config_path)
+                    "pass --eval.base", path=config_path)
 
 
 def evaluate(
     *,
     run: str = "demo",
-    sets: str | None = None,
-    eval_file: str | None = None,
-    base: str | None = None,
-    limit: int = 0,
-    max_new_tokens: int = 128,
-    batch_size: int = 16,
-    dtype: str = "auto",
-    engine: str = "fast",
-    judge: bool = False,
-    teacher: str = "smollm2-135m-instruct",
-    backend: str = "transformers",
-    base_url: str | None = None,
-    seed: int = 0,
+    student: StudentSettings = StudentSettings(),
+    teacher: TeacherSettings = TeacherSettings(),
+    eval: EvalSettings = EvalSettings(),
 ) -> None:
     """Compare the base model and the LoRA student on eval sets; results per set in runs/<run>/eval.json.
 
     Args:
         run: Run name; reads runs/<run>/student/ and (for the valid set) runs/<run>/valid.jsonl.
-        sets: Built-in eval sets, comma-separated: valid (the run's split), general (shipped with sift).
-            Default: valid, unless --eval-file is given.
-        eval_file: A held-out file of your own, run as one more set named after its stem: Self-Instruct
-            tasks, Alpaca records or chat records. Other sets' results in eval.json stay.
-        base: Model to compare against (default: the student's own base before fine-tuning, as its
-            train_config.json or PEFT's adapter_config.json names it).
-        limit: Evaluate at most this many examples per set (a seeded subset); 0 for all.
-        max_new_tokens: Longest greedy answer; an answer that reaches it counts as not stopped.
-        batch_size: Examples per forward pass on the plain engine; judge requests per progress report.
-        dtype: auto (bf16 where the CPU has it natively), bfloat16, float16 or float32.
-        engine: fast (student merged, the fast decode engine, length-sorted NLL) or plain (model.generate).
-        judge: Also let the teacher judge base against student pairwise, each pair in both orders.
-        teacher: Judge model: the embedded alias, a folder or .gguf (transformers), or a server's model name.
-        backend: Judge backend: transformers or openai (any OpenAI-compatible server).
-        base_url: Server URL for the openai backend, e.g. http://localhost:8000/v1.
-        seed: Seed for the example subset and the bootstrap.
+        student: where both sides run (device) and in what precision (dtype); the student's base is the
+            one it was trained from.
+        teacher: the judge (or teacher.pool, several judges), with eval.judge.
+        eval: this stage's own settings: sets, limit, answer length, engine, judge.
     """
-    if limit < 0 or max_new_tokens < 1 or batch_size < 1:
-        raise SiftError("limit >= 0, max_new_tokens >= 1 and batch_size >= 1 required")
-    if backend not in ("transformers", "openai"):
-        raise SiftError(f"use transformers or openai, got {backend!r}", field="backend")
-    if engine not in ("fast", "plain"):
-        raise SiftError(f"use fast or plain, got {engine!r}", field="engine")
-    if judge and backend == "openai" and not base_url:
-        raise SiftError("the openai backend needs --base-url", field="base_url")
     directory = run_dir(run)
     student_dir = directory / "student"
+    judges = check_teachers(teacher) if eval.judge else None  # a bad teachers file fails before any work
     if not (student_dir / "adapter_config.json").is_file():
         raise SiftError(
             "no trained student here (adapter_config.json missing); run `sift train` first", path=student_dir
@@ -389,8 +230,8 @@ def evaluate(
     from train.eval_sets import merge_sets, resolve_sets
 
     with locked(directory):
-        chosen = {name: (path, pick(load_heldout(path), limit, seed))
-                  for name, path in resolve_sets(directory, sets, eval_file)}
+        chosen = {name: (path, pick(load_heldout(path), eval.limit, eval.seed))
+                  for name, path in resolve_sets(directory, eval.sets, eval.eval_file)}
         rows = [r for _, set_rows in chosen.values() for r in set_rows]
         from transformers import AutoTokenizer
 
@@ -398,45 +239,44 @@ def evaluate(
 
         config_path = student_dir / "train_config.json"
         train_config = read_json(config_path) if config_path.exists() else {}
-        student_base = str(train_config.get("student") or student_base_of(student_dir, base))
-        base = base or student_base
+        student_base = str(train_config.get("student") or student_base_of(student_dir, eval.base))
+        base = eval.base or student_base
         student_tok = AutoTokenizer.from_pretrained(str(student_dir))
         if resolve_model(base).path_or_id == resolve_model(student_base).path_or_id:
             base_tok = student_tok  # same model: same prompts, so the numbers compare
         else:
             base_tok = load_tokenizer(base)
             setup_tokenizer(base_tok, str(train_config.get("template", "auto")))
-        kw = {"dtype": dtype, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "engine": engine}
-        b_nll, b_ans, b_sec = run_side("base", base, base_tok, rows, adapter=None, **kw)
-        s_nll, s_ans, s_sec = run_side("student", student_base, student_tok, rows, adapter=student_dir, **kw)
+        b_nll, b_ans, b_sec = run_side("base", base, base_tok, rows, adapter=None, student=student, eval=eval)
+        s_nll, s_ans, s_sec = run_side("student", student_base, student_tok, rows, adapter=student_dir,
+                                       student=student, eval=eval)
         base_name = resolve_model(base).name
         student_name = f"{resolve_model(student_base).name} + LoRA ({student_dir})"
         entries, start = {}, 0
         for name, (_, set_rows) in chosen.items():
             cut = slice(start, start + len(set_rows))
             start += len(set_rows)
-            entries[name] = set_entry(set_rows, (b_nll[cut], b_ans[cut]), (s_nll[cut], s_ans[cut]), seed=seed)
+            entries[name] = set_entry(set_rows, (b_nll[cut], b_ans[cut]), (s_nll[cut], s_ans[cut]),
+                                      seed=eval.seed)
         judge_name = None
-        if judge:
+        if eval.judge:
             from train.judge_both import judge_both_orders
 
-            if backend == "openai":
-                from pipeline.teachers.openai_compat import OpenAITeacher
-
-                judge_teacher: Any = OpenAITeacher(teacher, base_url=str(base_url))
-            else:
-                from pipeline.teachers.hf import TransformersTeacher
-
-                judge_teacher = TransformersTeacher(teacher, batch_size=batch_size, dtype=dtype)
+            # uncached, like the score stage's judge: eval.json keeps every verdict
+            judge_teacher = open_teachers(None, teacher, batch_size=eval.batch_size)
             judge_name = judge_teacher.name
             items = [s for e in entries.values() for s in e["samples"]]
-            verdicts = judge_both_orders(judge_teacher, items, seed=seed)
+            verdicts = judge_both_orders(judge_teacher, items, seed=eval.seed)
             start = 0
             for entry in entries.values():
                 n = entry["examples"]
-                add_judge(entry, verdicts[start:start + n], judge_name, seed=seed)
+                add_judge(entry, verdicts[start:start + n], judge_name, seed=eval.seed)
                 start += n
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        settings = to_dict(student=dataclasses.replace(student, model=student_base), eval=eval,
+                           teacher=teacher if eval.judge else None)
+        if judges:
+            settings["teachers"] = judges
         for name, (path, _) in chosen.items():
             e = entries[name]
             e["samples"] = e["samples"][:SAMPLES_KEPT]
@@ -445,15 +285,12 @@ def evaluate(
             e["eval_file"] = str(path)
             e["evaluated_at"] = stamp
             e["settings"] = {"run": run, "set": name, "eval_file": str(path), "base": base,
-                             "student_base": student_base, "limit": limit, "max_new_tokens": max_new_tokens,
-                             "batch_size": batch_size, "dtype": dtype, "engine": engine, "judge": judge,
-                             "teacher": teacher if judge else None, "backend": backend, "seed": seed}
+                             "student_base": student_base, **settings}
         merged = merge_sets(directory / "eval.json", entries)
         record_stage(
             directory,
             "eval",
-            {"run": run, "sets": list(entries), "eval_file": eval_file, "base": base, "limit": limit,
-             "max_new_tokens": max_new_tokens, "dtype": dtype, "engine": engine, "judge": judge, "seed": seed},
+            {"run": run, "sets": list(entries), "base": base, **settings},
             stats={f"{name}.{k}": v for name, e in entries.items() for k, v in e["delta"].items()},
             models={"base": base_name, "student": student_name, **({"judge": judge_name} if judge_name else {})},
         )
