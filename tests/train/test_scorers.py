@@ -121,7 +121,7 @@ def test_ifd_on_the_embedded_model_copy_own_and_unrelated_answers() -> None:
     folder = embedded_dir()
     if not (folder / "config.json").is_file():
         pytest.skip("the embedded model is not converted here (sift model fetch)")
-    model, tok = load_model(str(folder), dtype="float32"), load_tokenizer(str(folder))
+    model, tok = load_model(str(folder), dtype="float32", device="cpu"), load_tokenizer(str(folder))
     prepare_tokenizer(tok)
     instruction = "Translate the following sentence into French: The cat sleeps on the red sofa."
     recs = [{"instruction": instruction, "output": instruction},
