@@ -220,6 +220,9 @@ def evaluate(
         teacher: the judge (or teacher.pool, several judges), with eval.judge.
         eval: this stage's own settings: sets, limit, answer length, engine, judge.
     """
+    from pipeline.io.models import resolve_device
+
+    resolve_device(student.device)  # a device torch does not have fails here, before any work
     directory = run_dir(run)
     student_dir = directory / "student"
     judges = check_teachers(teacher) if eval.judge else None  # a bad teachers file fails before any work

@@ -63,6 +63,9 @@ def merge(*, run: str = "demo", output: str | None = None, dtype: str = "float32
     """
     if dtype not in DTYPES:
         raise SiftError(f"use one of {', '.join(DTYPES)}, got {dtype!r}", field="dtype")
+    from pipeline.io.models import resolve_device
+
+    resolve_device(student.device)  # a device torch does not have fails here, before any work
     directory = run_dir(run)
     target = (Path(output) if output else directory / "merged").expanduser().absolute()
     target = target.parent.resolve() / target.name if target.name not in ("", ".", "..") else target.resolve()

@@ -78,6 +78,9 @@ def sample(prompt: str, /, *, run: str = "demo", max_new_tokens: int = 128, adap
     """
     if not prompt.strip():
         raise SiftError("empty prompt", field="prompt")
+    from pipeline.io.models import resolve_device
+
+    resolve_device(student.device)  # a device torch does not have fails here, before any work
     model, tokenizer, _ = load_student(run, student=student, adapter=adapter)
     new = generate_ids(model, tokenizer, [{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens)
     stopped = tokenizer.eos_token_id in new

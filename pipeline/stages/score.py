@@ -288,6 +288,10 @@ def score(input: str | None = None, /, *, output: str | None = None, run: str = 
         raise SiftError(str(e), field="score.keep") from None
     if "reward" in names:
         check_reward_model(score.reward_model)  # the clear message, before anything loads
+    if {"ifd", "reward"} & set(names):
+        from pipeline.io.models import resolve_device
+
+        resolve_device(student.device)  # a device torch does not have fails here, before any work
     specs = None
     if "judge" in names:
         from train.rating import load_prompt
