@@ -72,7 +72,7 @@ def main() -> None:
         perm = derangement(len(own), args.seed)
         other = [{**own[i], "output": own[j]["output"]} for i, j in enumerate(perm)]
         started = time.time()
-        scores = ifd_scores(model, tok, own + other)
+        scores = ifd_scores(model, tok, own + other, batch_size=8)
         pos = [s["value"] for s in scores[:len(own)]]
         neg = [s["value"] for s in scores[len(own):]]
         pooled_pos += pos

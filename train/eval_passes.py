@@ -136,7 +136,7 @@ def reference_nll(
 
 
 def answer_nll(
-    model: Any, tokenizer: Any, rows: list[dict], *, batch_size: int = 8
+    model: Any, tokenizer: Any, rows: list[dict], *, batch_size: int
 ) -> list[tuple[float, int]]:
     """(summed NLL, token count) of each reference answer given its prompt, as in training's labels."""
     import torch
@@ -164,7 +164,7 @@ def answer_nll(
 
 
 def greedy_answers(
-    model: Any, tokenizer: Any, rows: list[dict], *, max_new_tokens: int, batch_size: int = 16
+    model: Any, tokenizer: Any, rows: list[dict], *, max_new_tokens: int, batch_size: int
 ) -> list[dict]:
     """Greedy answers {text, tokens, stopped}; left-padded batches of similar prompt length."""
     import torch

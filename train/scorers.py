@@ -97,7 +97,7 @@ def answer_losses(model: Any, pairs: Sequence[tuple[list[int], list[int]]], *, p
     return out
 
 
-def ifd_scores(model: Any, tokenizer: Any, records: Sequence[dict], *, batch_size: int = 8,
+def ifd_scores(model: Any, tokenizer: Any, records: Sequence[dict], *, batch_size: int,
                max_answer_tokens: int = MAX_ANSWER_TOKENS, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
                progress: Progress | None = None) -> list[dict]:
     """IFD of each record: {"value": loss_given_prompt / loss_alone, "loss_given_prompt",
@@ -141,7 +141,7 @@ def reward_input(tokenizer: Any, record: dict) -> dict:
     return {"text": user_text(record), "text_pair": record.get("output") or ""}
 
 
-def reward_scores(model: Any, tokenizer: Any, records: Sequence[dict], *, batch_size: int = 8,
+def reward_scores(model: Any, tokenizer: Any, records: Sequence[dict], *, batch_size: int,
                   max_length: int = 1024, progress: Progress | None = None) -> list[dict]:
     """The reward model's score per record: the logit with one label, else the log-odds of the last."""
     import torch

@@ -51,7 +51,7 @@ def load_student(run: str, *, student: StudentSettings, adapter: bool = True) ->
     return model, tokenizer, config
 
 
-def generate_ids(model: Any, tokenizer: Any, messages: list[dict], *, max_new_tokens: int = 128) -> list[int]:
+def generate_ids(model: Any, tokenizer: Any, messages: list[dict], *, max_new_tokens: int) -> list[int]:
     """Greedy continuation of the rendered prompt, up to and including EOS if the model stops."""
     import torch
 
