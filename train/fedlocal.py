@@ -1,6 +1,6 @@
 """One federated client's work on its own data: train the global LoRA adapter locally, and score an
 adapter's NLL on a set of chat records. Called by the Flower ClientApp of `sift federate`
-(pipeline/stages/fedapps.py); the server uses `initial_adapter` and `adapter_nll` too.
+(pipeline/federated/apps.py); the server uses `initial_adapter` and `adapter_nll` too.
 
     sift federate --run demo --clients 3 --rounds 2 --local-steps 8
 

@@ -8,7 +8,7 @@ groups of --split-by, e.g. all instances of one task, go to one client; each par
 train and validation as `sift export` does) written to runs/<run>/federate/clients/client-K/, or
 the run directories named by --client-runs, each holding its own train.jsonl and valid.jsonl from
 `sift export`. Flower's simulation engine runs the ClientApp and ServerApp of
-pipeline/stages/fedapps.py; every round the server sends the global adapter, each client trains it
+pipeline/federated/apps.py; every round the server sends the global adapter, each client trains it
 for --local-steps steps with `sift train`'s trainer, and the server aggregates (train/fedlora.py:
 fedavg or exact). After every round the global adapter's NLL per answer token is measured on each
 client's validation split (by the client) and on a held-out set (by the server):
@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import iter_jsonl, write_jsonl
 from pipeline.io.runs import locked, record_stage, run_dir
-from pipeline.stages.fedstate import ADAPTERS, check_settings, read_state, write_state
+from pipeline.federated.state import ADAPTERS, check_settings, read_state, write_state
 from train.general_set import GENERAL_PATH
 
 GENERAL = GENERAL_PATH
@@ -66,7 +66,7 @@ def split_groups(path: Path, clients: int, split_by: str, seed: int) -> list[set
 
 def split_clients(directory: Path, clients: int, split_by: str, valid_fraction: float, seed: int) -> list[dict]:
     """Write runs/<run>/federate/clients/client-K/{train,valid}.jsonl from filtered.jsonl."""
-    from train.export import read_filtered, split_ids, write_splits
+    from pipeline.stages.export import read_filtered, split_ids, write_splits
 
     source = directory / "filtered.jsonl"
     records = read_filtered(source)
@@ -114,7 +114,7 @@ def run_simulation_engine(directory: Path, clients: list[dict], observe: Any = N
     except ImportError:
         raise SiftError("sift federate needs Flower: pip install 'sift-instruct[federated]' "
                         "(flwr[simulation])", field="engine") from None
-    from pipeline.stages.fedapps import build_client_app, build_server_app
+    from pipeline.federated.apps import build_client_app, build_server_app
 
     errors: list[BaseException] = []
     run_simulation(server_app=build_server_app(directory.resolve(), observe, errors),
@@ -152,12 +152,12 @@ clientapp = "sift_flower_app:client_app"
 [tool.flwr.app.config]
 federation-dir = ""
 """
-FLOWER_SHIM = '''"""sift federate's ClientApp and ServerApp (pipeline/stages/fedapps.py) for `flwr run`."""
+FLOWER_SHIM = '''"""sift federate's ClientApp and ServerApp (pipeline/federated/apps.py) for `flwr run`."""
 
-from pipeline.stages import fedapps
+from pipeline.federated import apps
 
-client_app = fedapps.client_app  # assigned here: Flower checks the names statically before loading
-server_app = fedapps.server_app
+client_app = apps.client_app  # assigned here: Flower checks the names statically before loading
+server_app = apps.server_app
 '''
 
 

@@ -43,7 +43,7 @@ from pipeline.stages import teacher_policy as policies
 from pipeline.stages.filter import flatten_tasks
 from pipeline.teachers.base import Sampling, Teacher
 from pipeline.teachers.prompts import PromptTemplate, load
-from train.export import read_filtered, split_ids, write_splits
+from pipeline.stages.export import read_filtered, split_ids, write_splits
 from train.format import to_messages
 
 LOOP_DIR = "loop"

@@ -15,9 +15,9 @@ import pytest
 
 from pipeline.errors import SiftError
 from pipeline.stages import federate as fed
-from pipeline.stages.fedstate import adapter_path, read_state
+from pipeline.federated.state import adapter_path, read_state
 from tests.train.conftest import save_tiny
-from train.export import write_splits
+from pipeline.stages.export import write_splits
 
 PAIRS = [("give three tips for staying healthy", "eat vegetables sleep well and walk every day"),
          ("what is the capital of france", "the capital of france is paris"),

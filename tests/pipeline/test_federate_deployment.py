@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.stages import federate as fed
-from pipeline.stages.fedstate import read_state
+from pipeline.federated.state import read_state
 from tests.train.conftest import save_tiny
-from train.export import write_splits
+from pipeline.stages.export import write_splits
 
 BIN = Path(sys.executable).parent
 PAIRS = [("give three tips for staying healthy", "eat vegetables sleep well"), ("what is the capital of france",

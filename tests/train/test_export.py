@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import SiftError
-from train.export import export, split_ids
+from pipeline.stages.export import export, split_ids
 
 
 def _filtered(runs: Path, rows: list[dict], run: str = "r") -> Path:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.errors import SiftError
-from train.export import write_splits
+from pipeline.stages.export import write_splits
 from train.fedlocal import LocalSettings, adapter_nll, examples, initial_adapter, load_adapter, local_train, peft_model
 
 PAIRS = [("give three tips for staying healthy", "eat vegetables sleep well and walk every day"),

@@ -13,7 +13,7 @@ from filters.rouge import RougeIndex
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import read_jsonl
 from tests.conftest import REFERENCE_SEEDS, REPO, SHARED
-from train.export import export
+from pipeline.stages.export import export
 from train.general_set import CATEGORIES, GENERAL_PATH, build_eval_index, load_general, overlapping_tasks
 
 USER_ORIENTED = SHARED / "data" / "user_oriented_instructions.jsonl"
