@@ -2,7 +2,7 @@
 engine (the default, all clients on this machine) and its deployment engine (a SuperLink and one
 SuperNode per party, see docs/federated.md).
 
-    sift federate --run demo --clients 3 --rounds 2              # simulation engine
+    sift federate --run demo --federate.clients 3 --federate.rounds 2    # simulation engine
     flwr run runs/demo/federate/flower-app local --run-config "federation-dir='/abs/runs/demo'"
 
 What travels: server -> client, the global LoRA adapter (an ArrayRecord) and the training settings
@@ -127,7 +127,7 @@ class Rounds:
         self.local = LocalSettings.from_config(plan["local"])
         self.method = plan["aggregation"]
         self.timeout = float(plan["round_timeout"])
-        rows = pick(load_heldout(Path(plan["heldout"])), int(plan["eval_limit"]), self.local.seed)
+        rows = pick(load_heldout(Path(plan["heldout"])), int(plan["eval_limit"]), self.local.train.seed)
         self.heldout = [(r["id"], r["messages"]) for r in rows]
         self.nodes = self._wait_for_nodes(len(state["clients"]))
 

@@ -40,10 +40,10 @@ from pipeline.io.batched import run_batches
 from pipeline.io.runs import locked, record_stage, run_dir
 from pipeline.stages import llm2llm
 from pipeline.stages import teacher_policy as policies
+from pipeline.stages.export import read_filtered, split_ids, write_splits
 from pipeline.stages.filter import flatten_tasks
 from pipeline.teachers.base import Sampling, Teacher
 from pipeline.teachers.prompts import PromptTemplate, load
-from pipeline.stages.export import read_filtered, split_ids, write_splits
 from train.format import to_messages
 
 LOOP_DIR = "loop"
