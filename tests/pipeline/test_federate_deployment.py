@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.stages import federate as fed
 from pipeline.federated.state import read_state
-from tests.train.conftest import save_tiny
+from pipeline.stages import federate as fed
 from pipeline.stages.export import write_splits
+from tests.train.conftest import save_tiny
 
 BIN = Path(sys.executable).parent
 PAIRS = [("give three tips for staying healthy", "eat vegetables sleep well"), ("what is the capital of france",

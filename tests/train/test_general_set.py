@@ -12,8 +12,8 @@ from filters.contamination import build_ngram_index, ngram_overlap
 from filters.rouge import RougeIndex
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import read_jsonl
-from tests.conftest import REFERENCE_SEEDS, REPO, SHARED
 from pipeline.stages.export import export
+from tests.conftest import REFERENCE_SEEDS, REPO, SHARED
 from train.general_set import CATEGORIES, GENERAL_PATH, build_eval_index, load_general, overlapping_tasks
 
 USER_ORIENTED = SHARED / "data" / "user_oriented_instructions.jsonl"
