@@ -452,7 +452,9 @@ class LoopSettings:
 
 @dataclass(frozen=True)
 class FederateSettings:
-    """`sift federate`: federated LoRA over parties on Flower; training settings come from `train:`.
+    """`sift federate`: federated LoRA over parties on Flower. The clients' training settings come from
+    `train:` (lr, batch_size, grad_accum, max_length, precision, template, seed), the adapter from
+    `lora:`, the device from `student:`, each client's validation share from `export:`.
 
     Args:
         clients: Number of clients when splitting the run's exported records.
