@@ -42,7 +42,7 @@ COMMANDS: dict[str, str] = {
     "instances": "pipeline.stages.instances:instances",
     "filter": "pipeline.stages.filter:filter_records",
     "score": "pipeline.stages.score:score",
-    "export": "train.export:export",
+    "export": "pipeline.stages.export:export",
     "train": "train.lora:train",
     "merge": "pipeline.stages.merge:merge",
     "sample": "pipeline.stages.sample:sample",
