@@ -45,6 +45,6 @@ $SIFT filter --run $run && $SIFT export --run $run
 timed train $SIFT train --run $run --precision bf16 --epochs 1
 $PY -c "import json; m=[json.loads(l) for l in open('runs/$run/student/metrics.jsonl')]; \
 s=[x for x in m if 'train_tokens_per_second' in x or 'tokens_per_second' in x]; print('train:', s[-1] if s else m[-1])"
-timed eval $SIFT eval --run $run --sets valid,general --limit 64 --max-new-tokens 128
+timed eval $SIFT eval --run $run --student.device cuda --eval.sets valid,general --eval.limit 64 --eval.max_new_tokens 128
 $PY -c "import json; e=json.load(open('runs/$run/eval.json')); print('eval sets:', sorted(e))"
 echo "gpu_check: done"

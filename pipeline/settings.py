@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import typing
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any, Literal
 
@@ -373,8 +374,8 @@ class EvalSettings:
     """`sift eval`: base against student on held-out sets, paired, with bootstrap intervals.
 
     Args:
-        sets: Built-in eval sets, comma-separated: valid (the run's split), general (shipped with sift).
-            Default: valid, unless eval_file is given.
+        sets: Built-in eval sets, comma-separated: valid (the run's split), general (shipped with sift);
+            none given: valid, unless eval_file is given.
         eval_file: A held-out file of your own, run as one more set named after its stem.
         base: Model to compare against (default: the student's own base, as its adapter names it).
         limit: Evaluate at most this many examples per set (a seeded subset); 0 for all.
@@ -451,7 +452,9 @@ class LoopSettings:
 
 @dataclass(frozen=True)
 class FederateSettings:
-    """`sift federate`: federated LoRA over parties on Flower; training settings come from `train:`.
+    """`sift federate`: federated LoRA over parties on Flower. The clients' training settings come from
+    `train:` (lr, batch_size, grad_accum, max_length, precision, template, seed), the adapter from
+    `lora:`, the device from `student:`, each client's validation share from `export:`.
 
     Args:
         clients: Number of clients when splitting the run's exported records.
@@ -486,6 +489,11 @@ class FederateSettings:
         _positive(self, "clients", "rounds", "local_steps")
         _not_negative(self, "eval_limit")
         _check(self.round_timeout > 0, "round_timeout", f"must be > 0, got {self.round_timeout}")
+        hints = typing.get_type_hints(FederateSettings)  # a choice given in code is checked too
+        for name in ("aggregation", "engine"):
+            allowed = typing.get_args(hints[name])
+            _check(getattr(self, name) in allowed, name,
+                   f"expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
 
 def is_section(hint: Any) -> bool:

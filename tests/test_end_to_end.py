@@ -31,7 +31,7 @@ def test_every_stage_on_the_embedded_model(tmp_path: Path, monkeypatch: pytest.M
     assert main(["export", *run]) == 0
     assert main(["train", *run, "--max-steps", "3", "--batch-size", "4", "--grad-accum", "1",
                  "--eval-steps", "100", "--save-steps", "2", "--resume"]) == 0
-    assert main(["eval", *run, "--limit", "3", "--max-new-tokens", "24"]) == 0
+    assert main(["eval", *run, "--eval.limit", "3", "--eval.max_new_tokens", "24"]) == 0
     assert main(["loop", *run, "--rounds", "2", "--no-train-on-seeds", "--max-steps", "1", "--batch-size", "4",
                  "--eval-limit", "4", "--max-failures", "2", "--max-new-tokens", "24",
                  "--augment-max-tokens", "200"]) == 0

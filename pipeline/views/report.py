@@ -287,8 +287,7 @@ def eval_section(d: Path) -> str:
     if not path.is_file():
         return _missing("No eval.json yet (run eval).")
     from train.eval_sets import read_sets
-    from train.eval_stats import findings
-    from train.evaluate import METRICS
+    from train.eval_stats import METRICS, findings
 
     sets = read_sets(path)
     if not sets:

@@ -63,7 +63,7 @@ def test_half_converted_alias_is_not_ready(tiny: Path, cache: Path) -> None:
 def test_folder_resolves_and_loads(tiny: Path) -> None:
     ref = resolve_model(str(tiny))
     assert ref == ModelRef(str(tiny.resolve()), "tiny-llama", "folder")
-    model = models.load_model(str(tiny), dtype="float32")
+    model = models.load_model(str(tiny), dtype="float32", device="cpu")
     tok = models.load_tokenizer(ref)
     assert not model.training and str(model.dtype) == "torch.float32"
     assert model.config.vocab_size == len(tok) and tok.chat_template
@@ -87,7 +87,7 @@ def test_unloadable_folder_is_a_sift_error(tmp_path: Path) -> None:
     bad.mkdir()
     (bad / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(SiftError, match=r"bad: cannot load model"):
-        models.load_model(str(bad))
+        models.load_model(str(bad), device="cpu")
 
 
 def test_gguf_path_errors(tmp_path: Path, cache: Path) -> None:
@@ -112,7 +112,7 @@ def test_hub_id_passes_through_and_fails_clearly_offline(monkeypatch: pytest.Mon
     ref = resolve_model("HuggingFaceTB/SmolLM2-360M-Instruct")
     assert ref == ModelRef("HuggingFaceTB/SmolLM2-360M-Instruct", "HuggingFaceTB/SmolLM2-360M-Instruct", "hub")
     with pytest.raises(SiftError, match="from the Hugging Face Hub.*local folder, a .gguf file"):
-        models.load_model(ref)
+        models.load_model(ref, device="cpu")
     with pytest.raises(SiftError, match="Hub"):
         models.load_tokenizer("HuggingFaceTB/SmolLM2-360M-Instruct")
     with pytest.raises(SiftError, match="empty model spec"):
@@ -166,7 +166,7 @@ def test_embedded_model_loads_and_generates_offline(monkeypatch: pytest.MonkeyPa
     offline(monkeypatch)
     ref = resolve_model(EMBEDDED_ALIAS)
     assert Path(ref.path_or_id) == folder and ref.kind == "embedded"
-    model, tok = models.load_model(EMBEDDED_ALIAS, dtype="float32"), models.load_tokenizer(EMBEDDED_ALIAS)
+    model, tok = models.load_model(EMBEDDED_ALIAS, dtype="float32", device="cpu"), models.load_tokenizer(EMBEDDED_ALIAS)
     assert tok.eos_token == tok.pad_token == "<|im_end|>"  # recorded in the marker too
     assert json.loads((folder / MARKER).read_text())["pad_token"] == "<|im_end|>"
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
