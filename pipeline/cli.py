@@ -48,6 +48,7 @@ COMMANDS: dict[str, str] = {
     "sample": "pipeline.stages.sample:sample",
     "eval": "pipeline.stages.eval:evaluate",
     "inspect": "pipeline.views.inspect:inspect_artifact",
+    "view": "pipeline.views.viewer.command:view",
     "report": "pipeline.views.report:report",
     "loop": "pipeline.stages.loop:loop",
     "federate": "pipeline.stages.federate:federate",

@@ -160,7 +160,7 @@ class _Builder:
         """For each column with few distinct values: [value, count] pairs, the most frequent first."""
         out = {}
         for key, seen in self.distinct.items():
-            if seen is not None:
+            if seen is not None and key != "id" and not key.endswith("_id"):  # ids: one record each
                 col = self.columns[key].sql
                 out[key] = [list(r) for r in self.conn.execute(
                     f"SELECT {col}, count(*) FROM records WHERE {col} IS NOT NULL GROUP BY {col} "
