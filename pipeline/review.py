@@ -137,13 +137,14 @@ class Applied:
 
 
 def apply_review(records: list[dict[str, Any]], decisions: dict[str, dict[str, Any]], *,
-                 source_sha256: str | None = None) -> Applied:
+                 source: tuple[str, str] | None = None) -> Applied:
     """Apply standing decisions (from `latest`) to export records {id, instruction, input, output,
     metadata}. `reject`: the record leaves, as a ledger row {id, reason: human_review, note, score: None,
     reviewed_at, record}. `edit`: its output becomes the reviewer's text, and metadata.provenance.review
-    keeps the teacher's original with the note and time. `accept`: unchanged. Counts say how many
-    decisions were made on another version of the source file (`stale`; they still apply by id, and
-    ids are content hashes) and how many name no record here (`unmatched`)."""
+    keeps the teacher's original with the note and time. `accept`: unchanged. With `source` (the
+    records' file name and SHA-256), counts say how many decisions were made on another version of
+    that file (`stale`; they still apply by id, and ids are content hashes); `unmatched` counts
+    decisions that name no record here."""
     kept: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     counts = {"accepted": 0, "rejected": 0, "edited": 0, "stale": 0, "unmatched": 0}
@@ -154,7 +155,7 @@ def apply_review(records: list[dict[str, Any]], decisions: dict[str, dict[str, A
         if d is None:
             kept.append(rec)
             continue
-        if source_sha256 is not None and d.get("sha256") != source_sha256:
+        if source is not None and d.get("artifact") == source[0] and d.get("sha256") != source[1]:
             counts["stale"] += 1
         if d["decision"] == "reject":
             counts["rejected"] += 1
