@@ -101,7 +101,7 @@ def view(file: str | None = None, /, *, run: str = "demo", host: str = "127.0.0.
     app = create_app(catalog, token=token, loopback_port=bound if is_loopback(host) and token is None else None)
     shown_host = f"[{host.strip('[]')}]" if ":" in host.strip("[]") else host
     url = f"http://{shown_host}:{bound}/" + (f"?token={token}" if token else "")
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", ws="none"))
     print(f"sift view: {catalog.root if catalog.is_run else catalog.single} at {url}  (Ctrl-C stops)", flush=True)
     if open:
         threading.Timer(0.5, webbrowser.open, args=(url,)).start()
