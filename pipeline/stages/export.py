@@ -22,12 +22,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from pipeline.card import card_text, read_inputs
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import all_or_none, file_sha256, iter_jsonl, require, write_json, write_jsonl, write_text
+from pipeline.io.review import REVIEW_FILE, apply_review, latest, read_review
 from pipeline.io.runs import locked, record_stage, run_dir
-from pipeline.review import REVIEW_FILE, apply_review, latest, read_review
 from pipeline.settings import ExportSettings, to_dict
+from pipeline.views.card import card_text, read_inputs
 from train.format import to_messages
 from train.general_set import GENERAL_PATH, build_eval_index, load_general, overlapping_tasks
 

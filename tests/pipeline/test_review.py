@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import SiftError
-from pipeline.review import REVIEW_FILE, append_decisions, apply_review, decision_line, latest, read_review
+from pipeline.io.review import REVIEW_FILE, append_decisions, apply_review, decision_line, latest, read_review
 from tests.conftest import REPO
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import SiftError
-from pipeline.review import REVIEW_FILE, read_review
+from pipeline.io.review import REVIEW_FILE, read_review
 from pipeline.views.viewer.app import create_app
 from pipeline.views.viewer.catalog import Catalog
 from pipeline.views.viewer.command import bind, check_access
@@ -59,8 +59,8 @@ def run(tmp_path: Path) -> Path:
     _jsonl(d / "filtered.jsonl", rows)
     _jsonl(d / "filtered.rejected.jsonl", [
         {"id": "d1", "line": 3, "reason": "rouge_duplicate", "score": 0.81, "nearest_id": "r1",
-         "nearest_text": rows[1]["instruction"], "record": {"id": "d1", "instruction": "Write item number one about dogs",
-                                                            "input": "", "output": "o"}},
+         "nearest_text": rows[1]["instruction"],
+         "record": {"id": "d1", "instruction": "Write item number one about dogs", "input": "", "output": "o"}},
         {"id": "e1", "line": 5, "reason": "output_empty", "score": None,
          "record": {"id": "e1", "instruction": "Say nothing", "input": "", "output": ""}},
     ])

@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import file_sha256
-from pipeline.review import REVIEW_FILE, append_decisions, decision_line, latest, read_review
+from pipeline.io.review import REVIEW_FILE, append_decisions, decision_line, latest, read_review
 from pipeline.views.viewer import evalsets, record
 from pipeline.views.viewer.catalog import Catalog
 from pipeline.views.viewer.fields import describe, texts

@@ -219,7 +219,7 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fresh(index_file: Path, artifact: Path) -> bool:
+def is_fresh(index_file: Path, artifact: Path) -> bool:
     """Whether index_file describes the artifact as it is: same size and mtime, or else the same hash
     (the mtime is then brought up to date, so the hash is not computed again)."""
     if not index_file.is_file():
@@ -261,7 +261,7 @@ class ArtifactIndex:
         """Open the index of `artifact`, building it first when it is missing or stale."""
         if not artifact.is_file():
             raise SiftError("no such file", path=artifact)
-        if not _fresh(index_file, artifact):
+        if not is_fresh(index_file, artifact):
             build_index(artifact, index_file)
         return cls(artifact, index_file)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.errors import SiftError
 from pipeline.views.viewer.catalog import Catalog
-from pipeline.views.viewer.index import ArtifactIndex, _fresh, build_index
+from pipeline.views.viewer.index import ArtifactIndex, is_fresh, build_index
 
 SYNC_BYTES = 4 * 1024 * 1024  # up to this size an index is built while the request waits
 
@@ -53,7 +53,7 @@ class Indexes:
         with self._lock:
             if name in self._building:
                 return Status("building")
-            if _fresh(index_file, path):
+            if is_fresh(index_file, path):
                 return Status("ready")
             if name in self._errors and self._errors[name][1] == _stamp(path):
                 return Status("error", self._errors[name][0])  # the same broken file: not indexed again
