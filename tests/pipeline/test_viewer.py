@@ -316,3 +316,25 @@ def test_the_command_refuses_an_open_host_without_a_token(run: Path, capsys: pyt
     finally:
         del os.environ["SIFT_RUNS_DIR"]
     assert "give --token" in capsys.readouterr().err
+
+
+def test_eval_sets_side_by_side_and_where_the_student_got_worse(run: Path) -> None:
+    samples = [{"id": "r0", "instruction": "i", "reference": "the cat sat", "base": "the cat sat", "student": "a dog"},
+               {"id": "r1", "instruction": "j", "reference": "red", "base": "blue", "student": "red"},
+               {"id": "r2", "instruction": "k <i>x</i>", "reference": "x", "base": "x", "student": "x"}]
+    (run / "eval.json").write_text(json.dumps({"valid": {
+        "examples": 3, "base": {"rouge_l": 0.5}, "student": {"rouge_l": 0.4}, "delta": {"rouge_l": -0.1},
+        "samples": samples,
+        "judge": {"win_rate": 0.5, "verdicts": [{"id": "r2", "score": 0.0}, {"id": "r1", "score": 1.0}]},
+    }}))
+    _jsonl(run / "valid.jsonl", [{"id": "r0", "messages": [{"role": "user", "content": "i"},
+                                                           {"role": "assistant", "content": "x"}]}])
+    with serving(create_app(Catalog.for_run(run))) as base:
+        _, every, _ = get(base + "/eval")
+        _, worse, _ = get(base + "/eval?worse=1")
+        _, record_page, _ = get(base + "/r?a=filtered.jsonl&n=1")
+    assert all(f'href="/id/{i}"' in every for i in ("r0", "r1", "r2")) and "judge: student better" in every
+    # r0: no verdict, further from the reference; r2: the judge preferred the base; r1: the student won
+    assert 'href="/id/r0"' in worse and 'href="/id/r2"' in worse and 'href="/id/r1"' not in worse
+    assert "2 of 3 kept samples worse" in worse and "k &lt;i&gt;x&lt;/i&gt;" in worse
+    assert 'id="student"' in record_page and "In the valid split" in record_page and "a dog" in record_page

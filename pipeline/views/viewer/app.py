@@ -39,11 +39,18 @@ MAX_SCORE_COLUMNS = 4
 SNIPPET = 160
 
 
+def _num(x: Any) -> Any:
+    """A cell: true/false as in JSON, floats to four significant digits."""
+    if isinstance(x, bool):
+        return str(x).lower()
+    return f"{x:.4g}" if isinstance(x, float) else x
+
+
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined)
     env.filters["snip"] = lambda s, n=SNIPPET: (s[:n] + "…") if isinstance(s, str) and len(s) > n else s
-    env.filters["num"] = lambda x: (f"{x:.4g}" if isinstance(x, float) else x)
+    env.filters["num"] = _num
     return env
 
 

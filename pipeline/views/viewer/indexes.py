@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.errors import SiftError
 from pipeline.views.viewer.catalog import Catalog
-from pipeline.views.viewer.index import ArtifactIndex, is_fresh, build_index
+from pipeline.views.viewer.index import ArtifactIndex, build_index, is_fresh
 
 SYNC_BYTES = 4 * 1024 * 1024  # up to this size an index is built while the request waits
 
