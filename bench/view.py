@@ -91,7 +91,8 @@ def serve_and_time(artifact: Path) -> dict:
     out["indexed_first_page_s"] = _get(base)
     out["search_s"] = _get(base + "&q=castles")
     out["filter_sort_s"] = _get(base + "&w.teacher=teacher-1&sort=scores.ifd&desc=1")
-    pages = -(-indexes.open(artifact.name).count // 50)
+    with indexes.open(artifact.name) as idx:
+        pages = -(-idx.count // 50)
     out["deep_page_s"] = _get(base + f"&page={min(1000, pages)}")
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["index_mb"] = catalog.index_file(artifact.name).stat().st_size / 2**20
