@@ -22,7 +22,10 @@ MAX_SETTINGS_BYTES = 1024 * 1024  # a teachers file or prompt template beyond 1 
 
 
 def _mib(n: int) -> str:
-    return f"{n // (1024 * 1024)} MiB" if n >= 1024 * 1024 else f"{n // 1024} KiB"
+    for unit, size in (("MiB", 1024 * 1024), ("KiB", 1024)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} bytes"
 
 
 @contextlib.contextmanager

@@ -119,7 +119,7 @@ def parse_template(text: str, *, name: str, path: Path) -> PromptTemplate:
 def load(name_or_path: str | Path) -> PromptTemplate:
     """Load a template by name (prompts/<name>.txt) or by path."""
     name, path = _resolve(name_or_path)
-    if not path.is_file():
+    if not path.exists():  # anything else that is not a regular file is refused by read_bounded
         where = "no such prompt file" if path.parent != PROMPTS_DIR else (
             f"no prompt named {name!r} (available: {', '.join(available()) or 'none'})")
         raise SiftError(where, path=path)
