@@ -347,6 +347,29 @@ def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, ensure_ascii=False, indent=indent) + "\n"))
 
 
+RECORD_SUFFIXES = {".jsonl": "JSON Lines, one record a line", ".json": "one JSON list of records"}
+
+
+def check_output_suffix(path: str | Path, suffixes: dict[str, str], *, field: str = "output") -> Path:
+    """`path` if its extension is one the command writes, else a SiftError listing them: checked
+    before any work, so `-o x.json` never gets JSON Lines that sift's own reader then refuses."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        choices = " or ".join(f"{ext} ({what})" for ext, what in suffixes.items())
+        raise SiftError(f"{str(path)!r} must end in {choices}", field=field)
+    return path
+
+
+def write_records(path: str | Path, records: Iterable[dict]) -> int:
+    """Write records as the extension says (see RECORD_SUFFIXES): a JSON list for .json, JSON
+    Lines otherwise; returns the count. Both read back with read_records."""
+    if Path(path).suffix.lower() == ".json":
+        rows = list(records)
+        write_json(path, rows, indent=None)
+        return len(rows)
+    return write_jsonl(path, records)
+
+
 def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text))
 

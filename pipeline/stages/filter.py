@@ -21,7 +21,16 @@ from filters.engine import apply_rules, funnel
 from filters.rouge import PREFILTERS, RougeIndex
 from filters.rules import parse_rules
 from pipeline.errors import SiftError
-from pipeline.io.artifacts import all_or_none, content_id, read_records, require, write_json, write_jsonl
+from pipeline.io.artifacts import (
+    RECORD_SUFFIXES,
+    all_or_none,
+    check_output_suffix,
+    content_id,
+    read_records,
+    require,
+    write_json,
+    write_jsonl,
+)
 from pipeline.io.runs import locked, record_stage, run_dir
 from pipeline.teachers.tally import per_teacher, record_teacher
 
@@ -184,8 +193,8 @@ def filter_records(input: str | None = None, /, *, output: str | None = None, ru
     else:
         if output is None:
             raise SiftError("-o/--output is required when filtering a file", field="output")
-        out = Path(output)
-        stem = out.with_suffix("") if out.suffix in (".jsonl", ".json") else out
+        out = check_output_suffix(output, RECORD_SUFFIXES)
+        stem = out.with_suffix("")
         targets = (out, Path(f"{stem}.rejected.jsonl"), Path(f"{stem}.funnel.json"))
         stats = _filter_files(Path(input), targets, rule_names, threshold=threshold, top_k=top_k,
                               use_stemmer=use_stemmer, workers=workers, prefilter=prefilter,
@@ -207,7 +216,7 @@ def _filter_files(source: Path, targets: tuple[Path, Path, Path], rules: list[st
     with all_or_none(*targets):
         write_jsonl(rejected_path, rejected)
         write_json(funnel_path, funnel_doc)
-        if kept_path.suffix == ".json":
+        if kept_path.suffix.lower() == ".json":
             write_json(kept_path, [{k: v for k, v in r.items() if k not in ("filter",)} for r in kept],
                        indent=None)
         else:

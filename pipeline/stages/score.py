@@ -23,14 +23,17 @@ from typing import Any
 from filters.selection import parse_keep, score_of, select
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import (
+    RECORD_SUFFIXES,
     Journal,
     all_or_none,
+    check_output_suffix,
     content_id,
     read_json,
     read_records,
     require,
     write_json,
     write_jsonl,
+    write_records,
 )
 from pipeline.io.progress import StageProgress
 from pipeline.io.runs import locked, record_stage, run_dir
@@ -284,7 +287,7 @@ def score(input: str | None = None, /, *, output: str | None = None, run: str = 
 
     Args:
         input: a dataset to score stand-alone; omit to run the stage on runs/<run>/filtered.jsonl
-        output: where kept records go (stand-alone; .jsonl); required with INPUT
+        output: where kept records go (stand-alone; .jsonl, or .json for one JSON list); required with INPUT
         run: run name for the stage; artifacts live in runs/<run>/
         scorers: comma list of ifd (instruction-following difficulty, Cherry LLM), length (answer words),
             judge (the teacher's 1-5 rating, AlpaGasus / G-Eval), reward (a reward model folder)
@@ -354,15 +357,15 @@ def score(input: str | None = None, /, *, output: str | None = None, run: str = 
     else:
         if output is None:
             raise SiftError("-o/--output is required when scoring a file", field="output")
-        out = Path(output)
-        stem = out.with_suffix("") if out.suffix in (".jsonl", ".json") else out
+        out = check_output_suffix(output, RECORD_SUFFIXES)
+        stem = out.with_suffix("")
         target = out
         records = read_scorable(Path(input))
         kept, rejected, rows, stats = score_records(records, names, keep, built, Path(f"{stem}.cache.jsonl"))
         with all_or_none(out, Path(f"{stem}.rejected.jsonl"), Path(f"{stem}.funnel.json")):
             write_jsonl(Path(f"{stem}.rejected.jsonl"), rejected)
             write_json(Path(f"{stem}.funnel.json"), {"input": len(records), "kept": len(kept), "rules": rows})
-            write_jsonl(out, kept)
+            write_records(out, kept)  # a JSON list for .json, JSON Lines for .jsonl
         stats["wall_seconds"] = round(time.time() - started, 2)
     reasons = ", ".join(f"{r} {c}" for r, c in sorted(stats["by_reason"].items(), key=lambda x: -x[1])) or "none"
     print(f"score: {stats['input']} in, {stats['kept']} kept, {stats['rejected']} rejected ({reasons}); "

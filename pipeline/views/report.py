@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SiftError
-from pipeline.io.artifacts import iter_jsonl, read_json, read_records, write_text
+from pipeline.io.artifacts import check_output_suffix, iter_jsonl, read_json, read_records, write_text
 from pipeline.io.runs import MANIFEST, locked, record_stage, run_dir
 from pipeline.views import plots
 from pipeline.views.federated import federate_section
@@ -43,6 +43,7 @@ STAGE_FILES = (  # funnel order: label, artifact
     ("valid split", "valid.jsonl"),
 )
 SHOWN_SAMPLES = 5
+HTML_SUFFIXES = {".html": "one HTML page", ".htm": "one HTML page"}
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:0 auto;max-width:1100px;padding:1em 2em;
 color:#222;line-height:1.45}
@@ -544,15 +545,15 @@ def report(*, run: str = "demo", output: str | None = None, against: str | None 
 
     Args:
         run: Run name; reads runs/<run>/ and writes runs/<run>/report.html.
-        output: Write the page here instead.
+        output: Write the page here instead (a .html or .htm file).
         against: Evaluation file for the contamination check (default: eval.json's --eval-file, if any).
     """
     d = run_dir(run)
+    target = check_output_suffix(output, HTML_SUFFIXES) if output else d / "report.html"
     if not d.is_dir():
         raise SiftError("no such run directory; run `sift seeds` first", path=d)
     with locked(d):
         page = build_page(run, d, against=against)
-        target = Path(output) if output else d / "report.html"
         write_text(target, page)
         record_stage(
             d,

@@ -186,3 +186,34 @@ def test_several_judges_rate_the_stage_and_say_who_rated_each(tmp_path: Path, mo
                                          "beta": {"logprobs": 0, "sampled": 3, "unrated": 0}}
     settings = read_json(d / "manifest.json")["stages"]["score"]["settings"]
     assert [t["name"] for t in settings["teachers"]] == ["alpha", "beta"]
+
+
+def test_output_is_written_as_its_extension_says(tmp_path: Path) -> None:
+    """#25.15: `sift score -o x.json` wrote JSON Lines into x.json, which sift's own reader refused. A .json
+    output is one JSON list (score and filter alike), and an extension neither writes is refused before
+    anything is read, for every command with -o."""
+    from pipeline.io.artifacts import read_records
+    from pipeline.stages.filter import filter_records
+
+    src = tmp_path / "data.jsonl"
+    write_jsonl(src, dataset(6))
+    for ext in (".json", ".jsonl"):
+        score(str(src), output=str(tmp_path / f"s{ext}"), scorers="length")
+        filter_records(str(src), output=str(tmp_path / f"f{ext}"), rules="rouge")
+    for name in ("s", "f"):
+        assert (tmp_path / f"{name}.json").read_text().startswith("[")
+        as_list = [r["instruction"] for _, r in read_records(tmp_path / f"{name}.json")]
+        assert as_list == [r["instruction"] for r in read_jsonl(tmp_path / f"{name}.jsonl")]
+    assert len(read_jsonl(tmp_path / "s.jsonl")) == 6
+
+    for command in (lambda o: score(str(src), output=o, scorers="length"),
+                    lambda o: filter_records(str(src), output=o, rules="rouge")):
+        with pytest.raises(SiftError, match=r"field 'output': '.*x.txt' must end in .jsonl .* or .json"):
+            command(str(tmp_path / "x.txt"))
+    from pipeline.views.report import report
+
+    with pytest.raises(SiftError, match=r"field 'output': 'x.json' must end in .html"):
+        report(run="no-such-run", output="x.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+        "data.jsonl", *(f"{s}{ext}" for s in ("s", "f") for ext in (".json", ".rejected.jsonl", ".funnel.json")),
+        "s.cache.jsonl", "s.jsonl", "f.jsonl"])
