@@ -32,6 +32,7 @@ from pipeline.io.artifacts import (
     write_jsonl,
 )
 from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.io.stage_stats import stage_stats
 from pipeline.teachers.tally import per_teacher, record_teacher
 
 
@@ -185,11 +186,13 @@ def filter_records(input: str | None = None, /, *, output: str | None = None, ru
                                   seeds=seed_path if seed_path.exists() else None,
                                   decontaminate=Path(decontaminate) if decontaminate else None)
             stats["wall_seconds"] = round(time.time() - started, 2)
-            write_json(directory / "filter.stats.json", stats)
+            doc = stage_stats("filter", "examples", read=stats["input"], kept=stats["kept"],
+                              rejected_by_reason=stats["by_reason"], extras=stats)
+            write_json(directory / "filter.stats.json", doc)
             record_stage(directory, "filter", {"run": run, "rules": rule_names, "threshold": threshold,
                                                "seeds": str(seed_path), "top_k": top_k, "use_stemmer": use_stemmer,
                                                "decontaminate": decontaminate, "prefilter": prefilter},
-                         stats=stats)
+                         stats=doc)
     else:
         if output is None:
             raise SiftError("-o/--output is required when filtering a file", field="output")

@@ -22,6 +22,7 @@ from pipeline.io.artifacts import content_id, read_jsonl, require, write_json, w
 from pipeline.io.journal import open_journal
 from pipeline.io.progress import StageProgress, print_summary
 from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.io.stage_stats import stage_stats
 from pipeline.stages.bootstrap import Recipe, decide_round, get_recipe, heuristics_for
 from pipeline.teachers.base import Sampling, Teacher
 from pipeline.teachers.pool import check_teachers, open_teachers
@@ -254,10 +255,12 @@ def generate_in(directory: Path, teacher: Teacher, settings: GenerateSettings, *
     accepted, rejected, stats = run_bootstrap(seeds=seeds, teacher=teacher, settings=settings,
                                               journal_path=directory / JOURNAL)
     write_jsonl(directory / "instructions.rejected.jsonl", rejected)
-    write_json(directory / "generate.stats.json", stats)
+    doc = stage_stats("generate", "instructions", read=stats["candidates"], kept=stats["accepted"],
+                      rejected_by_reason=stats["rejected_by_reason"], extras=stats)
+    write_json(directory / "generate.stats.json", doc)
     write_jsonl(directory / "instructions.jsonl", accepted)  # last: make's target, written when all is done
     sampling = settings.sampling or get_recipe(settings.recipe).default_sampling()
     resolved = {**asdict(settings), "sampling": sampling.to_dict(), **(options or {})}
     identity = getattr(teacher, "identity", teacher.name)
-    record_stage(directory, "generate", resolved, models={"teacher": identity}, stats=stats)
+    record_stage(directory, "generate", resolved, models={"teacher": identity}, stats=doc)
     return stats

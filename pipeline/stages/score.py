@@ -7,7 +7,7 @@ Every kept record gets a `scores` object of numbers (`scores.ifd`, `scores.ifd_l
 `scores.ifd_loss_alone`, `scores.length`, `scores.judge`, `scores.reward`; None where a record has
 no score) and `score_details` (how each was computed, e.g. the judge's method). `--keep` rules
 (filters/selection.py) then drop records into scored.rejected.jsonl with the reason and the score;
-their funnel rows go into funnel.json after the filter's rules. Scores are cached per (scorer,
+their funnel rows go into scored.funnel.json (funnel.json is the filter's). Scores are cached per (scorer,
 model, settings, record) in an append-only journal (runs/<run>/cache/scores.jsonl, or OUT's
 `.cache.jsonl` stand-alone), written after each batch: a killed run resumes where it stopped, and a
 rerun with other `--keep` rules recomputes nothing.
@@ -28,7 +28,6 @@ from pipeline.io.artifacts import (
     all_or_none,
     check_output_suffix,
     content_id,
-    read_json,
     read_records,
     require,
     write_json,
@@ -37,6 +36,7 @@ from pipeline.io.artifacts import (
 )
 from pipeline.io.progress import StageProgress
 from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.io.stage_stats import stage_stats
 
 SCORERS = ("ifd", "length", "judge", "reward")
 # the numbers each scorer puts in `scores` (the first is the scorer's own name)
@@ -279,8 +279,8 @@ def score(input: str | None = None, /, *, output: str | None = None, run: str = 
           teachers: str | None = None) -> None:
     """Score every record (ifd, length, judge, reward) and keep the best, with a ledger of the dropped.
 
-    With no INPUT, the stage: runs/<run>/filtered.jsonl -> scored.jsonl and scored.rejected.jsonl, and
-    the --keep rows appended to funnel.json. With INPUT (JSONL or a JSON list of records with
+    With no INPUT, the stage: runs/<run>/filtered.jsonl -> scored.jsonl, scored.rejected.jsonl and the
+    --keep rows in scored.funnel.json. With INPUT (JSONL or a JSON list of records with
     `instruction`, optional `input`, and `output`), writes OUT and OUT.rejected.jsonl, OUT.funnel.json.
     Every record gets `scores` (numbers) and `score_details`. Cached per (scorer, model, record) and
     resumable: a killed or repeated run recomputes nothing it finished.
@@ -341,19 +341,18 @@ def score(input: str | None = None, /, *, output: str | None = None, run: str = 
         with locked(directory):
             records = read_scorable(source)
             kept, rejected, rows, stats = score_records(records, names, keep, built, directory / CACHE_FILE)
-            funnel_path = directory / "funnel.json"
-            funnel = read_json(funnel_path) if funnel_path.is_file() else {"input": len(records), "rules": []}
-            funnel["rules"] = [r for r in funnel.get("rules", []) if not str(r.get("rule", "")).startswith("keep ")]
-            funnel["rules"] += rows
-            funnel["kept"] = len(kept)
+            funnel_path = directory / "scored.funnel.json"  # score's own: funnel.json is the filter's
+            funnel = {"input": len(records), "kept": len(kept), "rules": rows}
             target = directory / "scored.jsonl"
             with all_or_none(target, directory / "scored.rejected.jsonl", funnel_path):
                 write_jsonl(directory / "scored.rejected.jsonl", rejected)
                 write_json(funnel_path, funnel)
                 write_jsonl(target, kept)
             stats["wall_seconds"] = round(time.time() - started, 2)
-            write_json(directory / "score.stats.json", stats)
-            record_stage(directory, "score", {"run": run, **settings}, stats=stats)
+            doc = stage_stats("score", "examples", read=stats["input"], kept=stats["kept"],
+                              rejected_by_reason=stats["by_reason"], extras=stats)
+            write_json(directory / "score.stats.json", doc)
+            record_stage(directory, "score", {"run": run, **settings}, stats=doc)
     else:
         if output is None:
             raise SiftError("-o/--output is required when scoring a file", field="output")

@@ -101,20 +101,26 @@ def test_bad_records_name_file_line_and_field(tmp_path: Path) -> None:
         score(str(src), output=str(tmp_path / "o.jsonl"), scorers="reward")
 
 
-def test_the_stage_writes_scored_and_extends_the_funnel(tmp_path: Path, tiny: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_stage_writes_scored_and_its_own_funnel(tmp_path: Path, tiny: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """funnel.json is the filter's alone (#25.21: score rewrote it); score's --keep rows go to scored.funnel.json."""
     monkeypatch.setenv("SIFT_RUNS_DIR", str(tmp_path / "runs"))
     d = tmp_path / "runs" / "r"
     d.mkdir(parents=True)
     write_jsonl(d / "filtered.jsonl", [{"id": f"ex_{i}", **r} for i, r in enumerate(dataset(8))])
-    write_json(d / "funnel.json", {"input": 10, "kept": 8, "rules": [{"rule": "too_short", "in": 10, "out": 8,
-                                                                      "dropped": 2}]})
+    filter_funnel = {"input": 10, "kept": 8, "rules": [{"rule": "too_short", "in": 10, "out": 8, "dropped": 2}]}
+    write_json(d / "funnel.json", filter_funnel)
     for keep in ("length>=3", "top=0.5:length"):  # a rerun replaces the keep rows, never stacks them
         score(run="r", scorers="length", keep=keep, model=str(tiny))
-    funnel = read_json(d / "funnel.json")
-    assert [r["rule"] for r in funnel["rules"]] == ["too_short", "keep top=0.5:length"]
+    assert read_json(d / "funnel.json") == filter_funnel
+    funnel = read_json(d / "scored.funnel.json")
+    assert [r["rule"] for r in funnel["rules"]] == ["keep top=0.5:length"] and funnel["input"] == 8
     kept, rejected = read_jsonl(d / "scored.jsonl"), read_jsonl(d / "scored.rejected.jsonl", allow_empty=True)
     assert funnel["kept"] == len(kept) == 4 and len(rejected) == 4
+    stats = read_json(d / "score.stats.json")
+    assert {k: stats[k] for k in ("stage", "unit", "read", "kept", "rejected", "rejected_by_reason")} == {
+        "stage": "score", "unit": "examples", "read": 8, "kept": 4, "rejected": 4,
+        "rejected_by_reason": {"low_length": 4}}
     assert all(r["reason"] == "low_length" for r in rejected)
     assert read_json(d / "manifest.json")["stages"]["score"]["settings"]["keep"] == "top=0.5:length"
 
