@@ -20,6 +20,7 @@ from pathlib import Path
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import all_or_none, iter_jsonl, require, write_json, write_jsonl
 from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.io.stage_stats import stage_stats
 from pipeline.settings import ExportSettings, to_dict
 from train.format import to_messages
 from train.general_set import GENERAL_PATH, build_eval_index, load_general, overlapping_tasks
@@ -135,9 +136,10 @@ def export(*, run: str = "demo", export: ExportSettings = ExportSettings()) -> N
         train = [r for r in records if r["id"] not in valid_ids]
         valid = [r for r in records if r["id"] in valid_ids]
         write_splits(directory, train, valid, rejected)
-        stats = {"records": len(read), "train": len(train), "valid": len(valid),
-                 "with_input": sum(bool(r["input"]) for r in records), "contaminated": len(rejected),
-                 "by_reason": {"contaminated": len(rejected)} if rejected else {}}
+        stats = stage_stats("export", "examples", read=len(read), kept=len(records),
+                            rejected_by_reason={"contaminated": len(rejected)} if rejected else {},
+                            extras={"train": len(train), "valid": len(valid),
+                                    "with_input": sum(bool(r["input"]) for r in records)})
         record_stage(directory, "export", {"run": run} | to_dict(export=export), stats=stats)
     print(f"exported {len(train)} train and {len(valid)} validation records to {directory}/"
           " (train.jsonl, valid.jsonl, alpaca.json)")
