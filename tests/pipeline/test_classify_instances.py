@@ -210,7 +210,7 @@ def test_every_stage_writes_its_stats_in_one_schema_and_the_report_labels_units(
     monkeypatch.setenv("SIFT_RUNS_DIR", str(tmp_path))
     d = generated_run(tmp_path)
     classify_in(d, cached(d))
-    instances_in(d, cached(d), max_instances=3)
+    instances_in(d, cached(d), settings=InstancesSettings(max_instances=3))
     filter_records(run="r")
     units = {"generate": "instructions", "classify": "instructions", "instances": "tasks", "filter": "examples"}
     for stage, unit in units.items():

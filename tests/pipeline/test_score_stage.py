@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import Journal, read_json, read_jsonl, write_json, write_jsonl
-from pipeline.settings import ScoreSettings, StudentSettings, TeacherSettings
+from pipeline.settings import FilterSettings, ScoreSettings, StudentSettings, TeacherSettings
 from pipeline.stages.score import score
 from tests.pipeline.kill_harness import sift, sift_killed
 from tests.train.conftest import save_tiny
@@ -212,7 +212,7 @@ def test_output_is_written_as_its_extension_says(tmp_path: Path) -> None:
     src = tmp_path / "data.jsonl"
     write_jsonl(src, dataset(6))
     for ext in (".json", ".jsonl"):
-        score(str(src), output=str(tmp_path / f"s{ext}"), scorers="length")
+        score(str(src), output=str(tmp_path / f"s{ext}"), score=ScoreSettings(scorers="length"))
         filter_records(str(src), output=str(tmp_path / f"f{ext}"), rules="rouge")
     for name in ("s", "f"):
         assert (tmp_path / f"{name}.json").read_text().startswith("[")
@@ -220,8 +220,8 @@ def test_output_is_written_as_its_extension_says(tmp_path: Path) -> None:
         assert as_list == [r["instruction"] for r in read_jsonl(tmp_path / f"{name}.jsonl")]
     assert len(read_jsonl(tmp_path / "s.jsonl")) == 6
 
-    for command in (lambda o: score(str(src), output=o, scorers="length"),
-                    lambda o: filter_records(str(src), output=o, rules="rouge")):
+    for command in (lambda o: score(str(src), output=o, score=ScoreSettings(scorers="length")),
+                    lambda o: filter_records(str(src), output=o, filter=FilterSettings(rules="rouge"))):
         with pytest.raises(SiftError, match=r"field 'output': '.*x.txt' must end in .jsonl .* or .json"):
             command(str(tmp_path / "x.txt"))
     from pipeline.views.report import report
