@@ -186,3 +186,34 @@ def test_several_judges_rate_the_stage_and_say_who_rated_each(tmp_path: Path, mo
                                          "beta": {"logprobs": 0, "sampled": 3, "unrated": 0}}
     settings = read_json(d / "manifest.json")["stages"]["score"]["settings"]
     assert [t["name"] for t in settings["teachers"]] == ["alpha", "beta"]
+
+
+def test_judge_errors_are_not_cached_and_a_rerun_retries_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys) -> None:
+    """A judge server that fails, then recovers: the first run drops the records as no_judge, the
+    next one asks again (nothing from the failed run is in the cache) and keeps them."""
+    from tests.pipeline.openai_server import FakeOpenAI
+
+    monkeypatch.setenv("SIFT_RUNS_DIR", str(tmp_path / "runs"))
+    d = tmp_path / "runs" / "r"
+    d.mkdir(parents=True)
+    write_jsonl(d / "filtered.jsonl", [{"id": f"ex_{i}", **r} for i, r in enumerate(dataset(5))])
+    down = {"now": True}
+    with FakeOpenAI(faults=lambda key, attempt: "500" if down["now"] else None,
+                    reply=lambda body: ("4", "stop")) as server:
+        args = {"run": "r", "scorers": "judge", "keep": "judge>=3", "teacher": "fake", "backend": "openai",
+                "base_url": server.url, "teacher_options": "max_retries=0"}
+        score(**args)
+        assert read_jsonl(d / "scored.jsonl", allow_empty=True) == []
+        assert read_json(d / "score.stats.json")["by_reason"] == {"no_judge": 5}
+        assert "5 scores failed" in capsys.readouterr().out
+        down["now"] = False
+        score(**args)
+        assert "5 scores computed, 0 cached" in capsys.readouterr().out
+        asked = sum(server.successes.values())
+        score(**args)  # now every rating is in the cache
+        assert "0 scores computed, 5 cached" in capsys.readouterr().out
+        assert sum(server.successes.values()) == asked
+    kept = read_jsonl(d / "scored.jsonl")
+    assert [r["scores"]["judge"] for r in kept] == [4] * 5
+    assert all("error" not in e["result"] for e in Journal(d / "cache" / "scores.jsonl").read())
