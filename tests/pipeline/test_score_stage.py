@@ -77,6 +77,10 @@ def test_a_rerun_reads_every_score_from_the_cache(tmp_path: Path, tiny: Path, ca
     ("ifd=<1", "cannot read keep rule"),
     ("judge>=4", "no scorer computes 'judge'"),
     ("top=2:ifd", "fraction of top="),
+    ("", "is empty; leave --keep out"),
+    (",", "is empty; leave --keep out"),
+    ("ifd<1e999", "1e999 is not a finite number"),
+    ("ifd<inf", "inf is not a finite number"),
 ])
 def test_bad_keep_fails_before_anything_loads(tmp_path: Path, keep: str, message: str) -> None:
     src = tmp_path / "data.jsonl"
