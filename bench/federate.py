@@ -3,9 +3,11 @@
     .venv/bin/python bench/federate.py --run demo --clients 3 --rounds 2 --local-steps 4
     .venv/bin/python bench/federate.py --run demo --aggregation exact
 
-The table every federated-learning paper shows. runs/<run>/filtered.jsonl is split into --clients
-parts exactly as `sift federate` splits it (whole --split-by groups, a validation split each), in a
-scratch run <run>-fedbench so the run's own federate.json is left alone. Then, from the same
+The table every federated-learning paper shows. The run's records (filtered.jsonl, and scored.jsonl
+when it has one) are split into --clients parts exactly as `sift federate` splits them (what `sift
+export` would train on: selected, less the records overlapping the general held-out set; whole
+--split-by groups, a validation split each), in a scratch run <run>-fedbench so the run's own
+federate.json is left alone. Then, from the same
 initial adapter and with the same client settings:
 - local-only: each client alone trains rounds x local-steps steps on its own data;
 - federated: `sift federate` itself (Flower's simulation engine), rounds x local-steps per client;
@@ -47,7 +49,7 @@ def score(adapter: dict, settings: LocalSettings, heldout: list, clients: list[d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", default="demo", help="run whose filtered.jsonl is split into clients")
+    ap.add_argument("--run", default="demo", help="run whose records (scored.jsonl, else filtered.jsonl) are split")
     ap.add_argument("--clients", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--local-steps", type=int, default=4)
@@ -65,13 +67,18 @@ def main() -> None:
 
     source = run_dir(a.run) / "filtered.jsonl"
     scratch = run_dir(f"{a.run}-fedbench")
+    names = [n for n in ("filtered.jsonl", "scored.jsonl") if (source.parent / n).is_file()]
+
+    def same(name: str) -> bool:
+        return (scratch / name).is_file() and (scratch / name).read_bytes() == (source.parent / name).read_bytes()
+
     # a rerun on the same data continues the federation where it stopped (sift federate resumes; changed
     # settings are refused); other data starts the scratch run afresh
-    if not (scratch / "filtered.jsonl").is_file() or \
-            (scratch / "filtered.jsonl").read_bytes() != source.read_bytes():
+    if not all(same(n) for n in names) or (scratch / "scored.jsonl").is_file() != ("scored.jsonl" in names):
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
-        shutil.copy(source, scratch / "filtered.jsonl")
+        for name in names:  # with their times: a scored.jsonl older than filtered.jsonl is stale, and refused
+            shutil.copy2(source.parent / name, scratch / name)
     settings = LocalSettings(student=a.student, local_steps=a.local_steps, lr=a.lr, batch_size=a.batch_size,
                              grad_accum=a.grad_accum, max_length=a.max_length, seed=a.seed)
     heldout = [(r["id"], r["messages"]) for r in pick(load_heldout(fed.GENERAL), a.eval_limit, a.seed)]
