@@ -111,6 +111,24 @@ def export_source(directory: Path) -> Path:
     return scored
 
 
+def training_records(directory: Path, *, decontaminate_general: bool = True
+                     ) -> tuple[Path, list[dict], list[dict], list[dict]]:
+    """What a run trains on, for `sift export` and `sift federate` alike: (the source file, its
+    records, those kept, the `contaminated` ledger). The source is `export_source`'s (the score
+    stage's selection when there is one); records sharing a 13-gram with the general eval set are
+    dropped unless `decontaminate_general` is off. Nothing left to train on is an error."""
+    source = export_source(directory)
+    read = read_filtered(source)
+    tasks = load_general(GENERAL_PATH) if decontaminate_general else []
+    records, rejected = decontaminate(read, tasks)
+    if not records:
+        first = rejected[0]
+        raise SiftError(f"all {len(read)} records share a 13-gram with the general eval set (the first, "
+                        f"{first['id']!r}, with {', '.join(first['eval_ids'])}); nothing is left to train on",
+                        path=source)
+    return source, read, records, rejected
+
+
 def export(*, run: str = "demo", export: ExportSettings = ExportSettings()) -> None:
     """Write train.jsonl, valid.jsonl (chat messages) and alpaca.json from scored.jsonl (else filtered.jsonl).
 
@@ -122,16 +140,9 @@ def export(*, run: str = "demo", export: ExportSettings = ExportSettings()) -> N
         export: the split and the decontamination.
     """
     directory = run_dir(run)
-    source = export_source(directory)
+    export_source(directory)  # a stale scored.jsonl is an error before the lock is taken
     with locked(directory):
-        read = read_filtered(source)
-        tasks = load_general(GENERAL_PATH) if export.decontaminate_general else []
-        records, rejected = decontaminate(read, tasks)
-        if not records:
-            first = rejected[0]
-            raise SiftError(f"all {len(read)} records share a 13-gram with the general eval set (the first, "
-                            f"{first['id']!r}, with {', '.join(first['eval_ids'])}); nothing is left to train on",
-                            path=source)
+        _, read, records, rejected = training_records(directory, decontaminate_general=export.decontaminate_general)
         valid_ids = split_ids([r["id"] for r in records], export.valid_fraction, export.seed)
         train = [r for r in records if r["id"] not in valid_ids]
         valid = [r for r in records if r["id"] in valid_ids]
