@@ -17,6 +17,7 @@ the student also learns the teacher's token distributions (train/distill.py).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +100,10 @@ def _load_student(student: str, qlora: bool, cuda: bool) -> Any:
                                                 device_map={"": local_rank})
 
 
-def _metrics_callback(journal: Journal, tokens_per_epoch: int) -> Any:
-    """A TrainerCallback that appends every log (train and eval) to metrics.jsonl with tokens/s."""
+def _metrics_callback(journal: Journal, tokens_per_epoch: int, loss_state: Any = None) -> Any:
+    """A TrainerCallback that appends every log (train and eval) to metrics.jsonl with tokens/s.
+    After a resume, the trainer's closing train_loss covers this process's steps only: with the
+    checkpoint's saved loss (`loss_state`, see `_loss_state_callback`) it is logged for the whole run."""
     from transformers import TrainerCallback
 
     class Metrics(TrainerCallback):
@@ -112,12 +116,76 @@ def _metrics_callback(journal: Journal, tokens_per_epoch: int) -> Any:
             kind = "eval" if any(k.startswith("eval_") for k in logs) else "train" if "loss" in logs else "end"
             entry = {"kind": kind, "step": state.global_step, "epoch": state.epoch}
             entry |= {k: v for k, v in logs.items() if k not in ("num_tokens", "eval_num_tokens")}
+            restored = getattr(loss_state, "restored", None)
+            if kind == "end" and restored is not None and isinstance(entry.get("train_loss"), float):
+                entry["train_loss"] = whole_run_loss([], loss_state.resumed_at, state.global_step,
+                                                     entry["train_loss"], restored)
             if entry["kind"] == "train" and hasattr(self, "t0"):
                 seen = ((state.epoch or 0.0) - self.epoch0) * tokens_per_epoch
                 entry["tokens_per_s"] = round(seen / max(time.perf_counter() - self.t0, 1e-9), 1)
             journal.append([entry])
 
     return Metrics()
+
+
+LOSS_STATE = "SiftLossState"  # its entry in a checkpoint's trainer_state.json (stateful_callbacks)
+
+
+def saved_loss(trainer_state: dict) -> dict | None:
+    """The running loss a checkpoint holds (see `_loss_state_callback`), None for a checkpoint without it."""
+    entry = (trainer_state.get("stateful_callbacks") or {}).get(LOSS_STATE)
+    saved = (entry or {}).get("attributes", {}).get("loss") if isinstance(entry, dict) else None
+    return saved if isinstance(saved, dict) and {"total", "window", "last_logged"} <= set(saved) else None
+
+
+def _loss_state_callback() -> Any:
+    """A TrainerCallback that carries the trainer's running loss across a resume.
+
+    The trainer logs the mean train loss over each logging window and sums it for the final
+    train_loss, but keeps the window's partial sum in memory only: a run resumed from a checkpoint
+    that falls inside a window logged its first loss over the steps after the checkpoint alone,
+    and its train_loss covered those steps only. Saved in every checkpoint's trainer_state.json
+    (written last, so it is there exactly when the checkpoint is complete): the loss summed over
+    every window logged so far in the whole run, the open window's sum and the step it began at,
+    and TRL's per-batch figures of that window (token accuracy, entropy). Restored when the resumed
+    training begins, the logs and the summary equal an uninterrupted run's. Under several processes
+    each restores the main process's sums (the logged loss is their mean). Reads the trainer's
+    private loss fields (`_tr_loss`, `_total_loss_scalar`, `_globalstep_last_logged`: transformers 5,
+    pinned in pyproject)."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    class SiftLossState(TrainerCallback, ExportableState):
+        def __init__(self) -> None:
+            self.trainer: Any = None  # set once the trainer exists
+            self.restored: dict | None = None  # what the checkpoint resumed from held
+            self.resumed_at = 0
+            self.base_total = 0.0  # loss summed by the processes before this one
+
+        def state(self) -> dict:
+            t = self.trainer
+            if t is None or not hasattr(t, "_tr_loss"):  # asked before training starts: nothing yet
+                return {"args": {}, "attributes": {}}
+            window = {k: list(v) for k, v in getattr(t, "_metrics", {}).get("train", {}).items() if k != "num_tokens"}
+            return {"args": {}, "attributes": {"loss": {
+                "total": self.base_total + t._total_loss_scalar, "window": float(t._tr_loss.item()),
+                "last_logged": t._globalstep_last_logged, "window_metrics": window}}}
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            restored = saved_loss({"stateful_callbacks": state.stateful_callbacks}) if state.global_step else None
+            state.stateful_callbacks.setdefault(LOSS_STATE, {})  # a checkpoint from before this callback lacks it
+            self.restored, self.resumed_at = restored, state.global_step
+            if restored is None or self.trainer is None:
+                return
+            t = self.trainer
+            self.base_total = float(restored["total"])
+            t._tr_loss += float(restored["window"])
+            t._globalstep_last_logged = int(restored["last_logged"])
+            for key, values in (restored.get("window_metrics") or {}).items():
+                if hasattr(t, "_metrics"):
+                    t._metrics["train"][key].extend(values)
+
+    return SiftLossState()
 
 
 def _no_final_eval_callback() -> Any:
@@ -134,19 +202,61 @@ def _no_final_eval_callback() -> Any:
     return NoFinalEval()
 
 
+# what a resume reads from a checkpoint besides trainer_state.json; transformers skips a missing
+# optimizer or scheduler file without a word, and would go on with fresh ones
+CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt")
+# how a full disk (or quota, or file-size limit) shows in errors that are not an OSError: safetensors'
+# SafetensorError quotes the OS message, torch.save's writer says only that the write failed
+DISK_FULL = tuple(os.strerror(e) for e in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) + ("file write failed",)
+
+
+def checkpoint_complete(folder: Path) -> bool:
+    """Every file a resume needs is there and not empty, and trainer_state.json (written last) parses."""
+    try:
+        if not all((folder / name).stat().st_size > 0 for name in CHECKPOINT_FILES):
+            return False
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def last_checkpoint(ckpt_dir: Path, *, remove_partial: bool) -> str | None:
     """The newest checkpoint whose save finished. The trainer writes trainer_state.json last, so a
-    folder without a readable one is what a kill in the middle of a save left; resuming from it
-    fails ("Can't find a valid checkpoint") on every rerun, so it is removed."""
+    folder without a readable one, or without a file it needs, is what a kill or a full disk in
+    the middle of a save left; resuming from it fails ("Can't find a valid checkpoint") or, with
+    the optimizer missing, silently restarts the optimizer, so it is removed."""
     steps = {int(m[1]): p for p in ckpt_dir.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))}
     for step in sorted(steps, reverse=True):
-        try:
-            json.loads((steps[step] / "trainer_state.json").read_text(encoding="utf-8"))
+        if checkpoint_complete(steps[step]):
             return str(steps[step])
-        except (OSError, ValueError):
-            if remove_partial:
-                shutil.rmtree(steps[step], ignore_errors=True)
+        if remove_partial:
+            shutil.rmtree(steps[step], ignore_errors=True)
     return None
+
+
+def disk_error(e: BaseException) -> str | None:
+    """The reason when `e` says the disk (or quota, or file-size limit) is full, else None."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return e.strerror or os.strerror(e.errno)
+    text = str(e)
+    return next((reason for reason in DISK_FULL if reason in text), None)
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path, *, on_error: Any = None) -> Iterator[None]:
+    """A full disk while the trainer or PEFT writes (checkpoints, the adapter) as the one-line
+    "cannot write" every other stage gives, instead of an internal SafetensorError; `on_error` runs
+    first (the partial checkpoint is removed, which also gives the space back)."""
+    try:
+        yield
+    except Exception as e:
+        reason = disk_error(e)
+        if reason is None:
+            raise
+        if on_error is not None:
+            on_error()
+        raise SiftError(f"cannot write: {reason}", path=path) from None
 
 
 def resumed_metrics(entries: list[dict], step: int, *, finished: bool) -> list[dict]:
@@ -172,10 +282,17 @@ def planned_steps(trainer: Any, epochs: float, max_steps: int) -> int:
     return math.ceil(epochs * max(math.ceil(batches / a.gradient_accumulation_steps), 1))
 
 
-def whole_run_loss(kept: list[dict], resumed_at: int, steps_done: int, last_call_loss: float) -> float:
+def whole_run_loss(kept: list[dict], resumed_at: int, steps_done: int, last_call_loss: float,
+                   saved: dict | None = None) -> float:
     """The mean train loss over all steps after a resume: the trainer's own figure covers only the
-    steps of its last process; the earlier ones come from the logged losses, weighted by the steps
-    each covers (exact when checkpoints fall on logged steps, as with the default 50 and 5)."""
+    steps of its last process. With the checkpoint's `saved` loss (`saved_loss`), exact: the loss
+    summed before the checkpoint plus this process's. Without it (a checkpoint written before sift
+    saved it), the earlier steps come from the logged losses, weighted by the steps each covers
+    (exact only when checkpoints fall on logged steps)."""
+    if saved is not None and steps_done:
+        # this process's sum began with the restored open window, so the window is not added twice
+        before = float(saved["total"]) + (float(saved["window"]) if steps_done == resumed_at else 0.0)
+        return (before + last_call_loss * (steps_done - resumed_at)) / steps_done
     total, last = 0.0, 0
     for e in kept:
         if e.get("kind") == "train" and isinstance(e.get("loss"), int | float):
@@ -431,6 +548,7 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
             max_length=max_length, packing=False, train_sampling_strategy="random" if packing
             else "group_by_length", dataloader_pin_memory=cuda)
         trainer_class, collator, distill_info = SFTTrainer, Collator(tokenizer.pad_token_id), None
+        loss_state = _loss_state_callback()
         if distill:
             trainer_class, distill_info = _distill_setup(
                 SFTTrainer, rows, collator, args, out=out, teacher=str(teacher),
@@ -446,7 +564,9 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
             eval_dataset=Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in valid_ex])
             if valid_ex else None,
             data_collator=collator,
-            callbacks=[_metrics_callback(journal, train_stats.tokens), _no_final_eval_callback()])
+            callbacks=[_metrics_callback(journal, train_stats.tokens, loss_state), _no_final_eval_callback(),
+                       loss_state])
+        loss_state.trainer = trainer
         if not cuda:  # TRL's fused LM head falls back to slow float32 tiles without Triton (train/lm_head.py)
             from train.lm_head import plain_lm_head
 
@@ -476,10 +596,12 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
             set_peft_model_state_dict(trainer.model, load_file(str(Path(str(last)) / "adapter_model.safetensors")))
             state = json.loads((Path(str(last)) / "trainer_state.json").read_text(encoding="utf-8"))
             steps_done, last_call_loss, epoch_done = resumed_at, 0.0, state.get("epoch")
+            saved = saved_loss(state)
             trainer.state.global_step, trainer.state.epoch = steps_done, epoch_done  # for the eval's log
         else:
-            result = trainer.train(resume_from_checkpoint=last if resume else None)
-            steps_done, last_call_loss = result.global_step, result.training_loss
+            with disk_errors(ckpt_dir, on_error=lambda: last_checkpoint(ckpt_dir, remove_partial=main_process)):
+                result = trainer.train(resume_from_checkpoint=last if resume else None)
+            steps_done, last_call_loss, saved = result.global_step, result.training_loss, loss_state.restored
             epoch_done = result.metrics.get("epoch")
         seconds = time.perf_counter() - t0
         after = trainer.evaluate() if valid_ex else {}
@@ -491,12 +613,14 @@ def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: floa
         summary = {
             "kind": "summary", "step": steps_done, "train_seconds": round(seconds, 1),
             "train_tokens": round(tokens), "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
-            "train_loss": whole_run_loss(kept, resumed_at, steps_done, last_call_loss) if resume else last_call_loss,
+            "train_loss": whole_run_loss(kept, resumed_at, steps_done, last_call_loss, saved) if resume
+            else last_call_loss,
             "eval_loss_before": before.get("eval_loss"), "eval_loss_after": after.get("eval_loss"),
             "eval_token_accuracy_before": before.get("eval_mean_token_accuracy"),
             "eval_token_accuracy_after": after.get("eval_mean_token_accuracy")}
         journal.append([summary])
-        _save_final(trainer, tokenizer, out)
+        with disk_errors(out):
+            _save_final(trainer, tokenizer, out)
         settings = {
             "run": run, "student": student, "student_resolved": resolve_model(student).name,
             "epochs": epochs, "lr": lr, "lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,

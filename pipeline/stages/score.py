@@ -7,12 +7,13 @@ Every kept record gets a `scores` object of numbers (`scores.ifd`, `scores.ifd_l
 `scores.ifd_loss_alone`, `scores.length`, `scores.judge`, `scores.reward`; None where a record has
 no score) and `score_details` (how each was computed, e.g. the judge's method). `score.keep` rules
 (filters/selection.py) then drop records into scored.rejected.jsonl with the reason and the score;
-their funnel rows go into funnel.json after the filter's rules. Scores are cached per (scorer,
+their funnel rows go into scored.funnel.json (funnel.json is the filter's). Scores are cached per (scorer,
 model, settings, record) in an append-only journal (runs/<run>/cache/scores.jsonl, or OUT's
 `.cache.jsonl` stand-alone), written after each batch: a killed run resumes where it stopped, and a
 rerun with other `score.keep` rules recomputes nothing. The ifd and reward models run on
 `student.device` (auto: CUDA when torch sees a GPU); the judge is the `teacher:` section, built as
-every stage builds its teacher (options, key variable, vLLM, pools).
+every stage builds its teacher (options, key variable, vLLM, pools). A score that failed (the judge's server answered
+with an error) is never cached: that run drops the record as `no_judge`, and the next run asks again.
 """
 
 from __future__ import annotations
@@ -25,17 +26,20 @@ from typing import Any
 from filters.selection import parse_keep, score_of, select
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import (
+    RECORD_SUFFIXES,
     Journal,
     all_or_none,
+    check_output_suffix,
     content_id,
-    read_json,
     read_records,
     require,
     write_json,
     write_jsonl,
+    write_records,
 )
 from pipeline.io.progress import StageProgress
 from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.io.stage_stats import stage_stats
 from pipeline.settings import ScoreSettings, StudentSettings, TeacherSettings, to_dict
 from pipeline.teachers.pool import check_teachers, open_teachers
 
@@ -197,11 +201,19 @@ def load_reward_model(folder: str | None, *, device: str) -> tuple[Any, Any]:
 # ---------------------------------------------------------------- the cached loop
 
 
+def failed(result: object) -> bool:
+    """A result the scorer could not compute because its backend failed (a judge's teacher error):
+    it says nothing about the record, so it is never cached and the next run asks again."""
+    return isinstance(result, dict) and bool(result.get("error"))
+
+
 def score_all(records: list[dict], names: list[str], scorers: Scorers, cache_path: Path) -> dict[str, int]:
-    """Put `scores` and `score_details` on every record, computing only what the cache lacks."""
+    """Put `scores` and `score_details` on every record, computing only what the cache lacks.
+    Failed results (see `failed`) count under "errors" and are kept out of the cache, so a rerun
+    retries them; a cache written before that rule has its failed entries ignored."""
     journal = Journal(cache_path)
-    cache = {e["key"]: e["result"] for e in journal.read() if isinstance(e.get("key"), str)}
-    counts = {"computed": 0, "cached": 0}
+    cache = {e["key"]: e["result"] for e in journal.read() if isinstance(e.get("key"), str) and not failed(e["result"])}
+    counts = {"computed": 0, "cached": 0, "errors": 0}
     for rec in records:
         rec["scores"], rec["score_details"] = {}, {}
     for name in names:
@@ -217,9 +229,10 @@ def score_all(records: list[dict], names: list[str], scorers: Scorers, cache_pat
                     chunk = todo[lo:lo + CHUNK]
                     results = fn([records[i] for i in chunk])
                     entries = [{"key": keys[i], "result": r} for i, r in zip(chunk, results, strict=True)]
-                    journal.append(entries)
-                    cache.update((e["key"], e["result"]) for e in entries)
-                    counts["computed"] += len(chunk)
+                    journal.append([e for e in entries if not failed(e["result"])])
+                    cache.update((e["key"], e["result"]) for e in entries)  # this run still uses them
+                    counts["errors"] += sum(failed(e["result"]) for e in entries)
+                    counts["computed"] += len(chunk) - sum(failed(e["result"]) for e in entries)
         for rec, key in zip(records, keys, strict=True):
             result = cache[key]
             for field in SCORE_FIELDS[name]:
@@ -265,15 +278,15 @@ def score(input: str | None = None, /, *, output: str | None = None, run: str = 
           score: ScoreSettings = ScoreSettings()) -> None:
     """Score every record (ifd, length, judge, reward) and keep the best, with a ledger of the dropped.
 
-    With no INPUT, the stage: runs/<run>/filtered.jsonl -> scored.jsonl and scored.rejected.jsonl, and
-    the score.keep rows appended to funnel.json. With INPUT (JSONL or a JSON list of records with
+    With no INPUT, the stage: runs/<run>/filtered.jsonl -> scored.jsonl, scored.rejected.jsonl and the
+    --keep rows in scored.funnel.json. With INPUT (JSONL or a JSON list of records with
     `instruction`, optional `input`, and `output`), writes OUT and OUT.rejected.jsonl, OUT.funnel.json.
     Every record gets `scores` (numbers) and `score_details`. Cached per (scorer, model, record) and
     resumable: a killed or repeated run recomputes nothing it finished.
 
     Args:
         input: a dataset to score stand-alone; omit to run the stage on runs/<run>/filtered.jsonl
-        output: where kept records go (stand-alone; .jsonl); required with INPUT
+        output: where kept records go (stand-alone; .jsonl, or .json for one JSON list); required with INPUT
         run: run name for the stage; artifacts live in runs/<run>/
         student: the model that computes ifd (student.model), and where ifd and reward run (device, dtype).
         teacher: the judge (or teacher.pool, several judges; score_details.judge.teacher names each one's).
@@ -310,32 +323,34 @@ def score(input: str | None = None, /, *, output: str | None = None, run: str = 
         with locked(directory):
             records = read_scorable(source)
             kept, rejected, rows, stats = score_records(records, names, keep, built, directory / CACHE_FILE)
-            funnel_path = directory / "funnel.json"
-            funnel = read_json(funnel_path) if funnel_path.is_file() else {"input": len(records), "rules": []}
-            funnel["rules"] = [r for r in funnel.get("rules", []) if not str(r.get("rule", "")).startswith("keep ")]
-            funnel["rules"] += rows
-            funnel["kept"] = len(kept)
+            funnel_path = directory / "scored.funnel.json"  # score's own: funnel.json is the filter's
+            funnel = {"input": len(records), "kept": len(kept), "rules": rows}
             target = directory / "scored.jsonl"
             with all_or_none(target, directory / "scored.rejected.jsonl", funnel_path):
                 write_jsonl(directory / "scored.rejected.jsonl", rejected)
                 write_json(funnel_path, funnel)
                 write_jsonl(target, kept)
             stats["wall_seconds"] = round(time.time() - started, 2)
-            write_json(directory / "score.stats.json", stats)
-            record_stage(directory, "score", {"run": run, **settings}, stats=stats)
+            doc = stage_stats("score", "examples", read=stats["input"], kept=stats["kept"],
+                              rejected_by_reason=stats["by_reason"], extras=stats)
+            write_json(directory / "score.stats.json", doc)
+            record_stage(directory, "score", {"run": run, **settings}, stats=doc)
     else:
         if output is None:
             raise SiftError("-o/--output is required when scoring a file", field="output")
-        out = Path(output)
-        stem = out.with_suffix("") if out.suffix in (".jsonl", ".json") else out
+        out = check_output_suffix(output, RECORD_SUFFIXES)
+        stem = out.with_suffix("")
         target = out
         records = read_scorable(Path(input))
         kept, rejected, rows, stats = score_records(records, names, keep, built, Path(f"{stem}.cache.jsonl"))
         with all_or_none(out, Path(f"{stem}.rejected.jsonl"), Path(f"{stem}.funnel.json")):
             write_jsonl(Path(f"{stem}.rejected.jsonl"), rejected)
             write_json(Path(f"{stem}.funnel.json"), {"input": len(records), "kept": len(kept), "rules": rows})
-            write_jsonl(out, kept)
+            write_records(out, kept)  # a JSON list for .json, JSON Lines for .jsonl
         stats["wall_seconds"] = round(time.time() - started, 2)
     reasons = ", ".join(f"{r} {c}" for r, c in sorted(stats["by_reason"].items(), key=lambda x: -x[1])) or "none"
     print(f"score: {stats['input']} in, {stats['kept']} kept, {stats['rejected']} rejected ({reasons}); "
           f"{stats['computed']} scores computed, {stats['cached']} cached, in {stats['wall_seconds']:.1f}s -> {target}")
+    if stats["errors"]:
+        print(f"score: {stats['errors']} scores failed (the judge's server answered with errors); they are not "
+              "cached: run the same command again to retry them")

@@ -56,26 +56,21 @@ def _teachers(manifest: dict[str, Any]) -> list[str]:
 
 
 def _reasons(stats: dict[str, Any]) -> str:
-    by = stats.get("by_reason") or stats.get("rejected_by_reason") or {}
+    by = stats.get("rejected_by_reason") or stats.get("by_reason") or {}
     return ", ".join(f"{k} {v}" for k, v in sorted(by.items(), key=lambda x: -x[1])) or "none"
 
 
+def _count(stats: dict[str, Any], *names: str) -> Any:
+    """The first of `names` a stats document has (the shared schema's name first, then older ones)."""
+    return next((stats[n] for n in names if n in stats), "")
+
+
 def _funnel_rows(stats: dict[str, dict[str, Any]], export: dict[str, Any]) -> list[str]:
-    rows = ["| stage | in | kept | dropped (by reason) |", "| --- | ---: | ---: | --- |"]
-    seeds = stats.get("seeds")
-    if seeds:
-        rows.append(f"| seeds | | {seeds.get('seeds', seeds.get('tasks', ''))} | |")
-    for stage, n_in, n_kept in (("generate", "candidates", "accepted"), ("classify", "input", "accepted"),
-                                ("instances", "input", "accepted"), ("filter", "input", "kept"),
-                                ("score", "input", "kept"), ("refine", "input", "kept")):
-        s = stats.get(stage)
+    rows = ["| stage | unit | read | kept | dropped (by reason) |", "| --- | --- | ---: | ---: | --- |"]
+    for stage, s in [*((k, stats.get(k)) for k in STATS_FILES), ("export", export)]:
         if s:
-            n = s.get(n_in, s.get("input", s.get("records_in", "")))
-            rows.append(f"| {stage} | {n} | {s.get(n_kept, s.get('kept', ''))} | "
-                        f"{_reasons(s)} |")
-    if export:
-        kept = export.get("train", 0) + export.get("valid", 0)
-        rows.append(f"| export | {export.get('records', '')} | {kept} | {_reasons(export)} |")
+            rows.append(f"| {stage} | {s.get('unit', '')} | {_count(s, 'read', 'candidates', 'input', 'records_in')} "
+                        f"| {_count(s, 'kept', 'accepted', 'tasks')} | {_reasons(s)} |")
     return rows
 
 
@@ -108,7 +103,7 @@ def card_text(run: str, inputs: dict[str, Any], export: dict[str, Any]) -> str:
         f"- **Recipe:** {recipe}: a teacher model wrote new instructions from a few example tasks, "
         "labelled each as classification or not, and wrote inputs and outputs for them.",
         f"- **Teachers:** {', '.join(teachers)}.",
-        f"- **Seeds:** {seeds.get('seeds', seeds.get('tasks', '?'))} human-written seed tasks"
+        f"- **Seeds:** {_count(seeds, 'kept', 'tasks') or '?'} human-written seed tasks"
         + (f" ({seed_file})" if seed_file else "") + ".",
         f"- **Filters:** {', '.join(rules) if rules else 'the default heuristics'}, then exact ROUGE-L "
         "deduplication against the seeds and every kept instruction (a near-duplicate is dropped).",
@@ -119,7 +114,8 @@ def card_text(run: str, inputs: dict[str, Any], export: dict[str, Any]) -> str:
          f"{review.get('edited', 0)} edited (the original answer stays in `metadata.provenance.review`), "
          f"{review.get('accepted', 0)} accepted."
          if review.get("decisions") else "- **Human review:** none; no record was read by a person."),
-        f"- **Decontamination:** {export.get('contaminated', 0)} records sharing a 13-gram with sift's general "
+        f"- **Decontamination:** {(export.get('rejected_by_reason') or {}).get('contaminated', 0)} records sharing "
+        "a 13-gram with sift's general "
         "held-out set were dropped.",
         f"- **Split:** {export.get('train', 0)} train, {export.get('valid', 0)} validation, by a hash of each id.",
     ]

@@ -109,10 +109,12 @@ def test_export_applies_the_review_and_writes_a_card_that_loads(tmp_path: Path,
     assert exported["r1"]["messages"][-1]["content"] == "a reviewed answer"
     assert exported["r1"]["metadata"]["provenance"]["review"]["original_output"] == "answer 1"
     stats = json.loads((d / "manifest.json").read_text())["stages"]["export"]["stats"]
-    assert stats["human_review"] == 1 and stats["edited"] == 1 and stats["by_reason"] == {"human_review": 1}
+    assert stats["rejected_by_reason"] == {"human_review": 1} and stats["read"] == 12 and stats["kept"] == 11
+    # two standing decisions (r2 undone), both made on a file whose hash ("s") is not this one: stale
+    assert stats["review"] == {"decisions": 2, "accepted": 0, "rejected": 1, "edited": 1, "stale": 2, "unmatched": 0}
     card = (d / "README.md").read_text()
     assert card.startswith("---\nlicense: other") and "- n<1K" in card and "path: valid.jsonl" in card
-    assert "1 rejected, 1 edited" in card and "| export | 12 | 11 | human_review 1 |" in card
+    assert "1 rejected, 1 edited" in card and "| export | examples | 12 | 11 | human_review 1 |" in card
     # the folder is a dataset: its card's configs give the two splits, offline
     code = ("import sys, json; from datasets import load_dataset; "
             "ds = load_dataset(sys.argv[1], cache_dir=sys.argv[2]); "

@@ -144,7 +144,7 @@ def test_export_drops_records_that_overlap_the_general_set(runs: Path, tasks: li
     assert target["id"] in entry["eval_ids"] and entry["score"] >= 1
     assert entry["record"]["input"] == target["input"] and entry["record"]["provenance"] == {"teacher": "t"}
     stats = json.loads((d / "manifest.json").read_text())["stages"]["export"]["stats"]
-    assert stats["contaminated"] == 1 and stats["by_reason"] == {"contaminated": 1} and stats["records"] == 21
+    assert stats["rejected"] == 1 and stats["rejected_by_reason"] == {"contaminated": 1} and stats["read"] == 21
     assert stats["train"] + stats["valid"] == 20
 
     _write_filtered(runs, clean)  # a clean rerun leaves an empty ledger, not the old one

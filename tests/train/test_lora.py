@@ -199,3 +199,119 @@ def test_embedded_student_trains_and_its_adapter_loads(runs: Path) -> None:
     assert config["added_tokens"] == 0 and config["template"] == "chat"
     model = PeftModel.from_pretrained(load_model(EMBEDDED_ALIAS, device="cpu"), str(d / "student"))
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
+
+
+def _parses(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def test_metrics_after_a_resume_equal_an_uninterrupted_run(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A checkpoint every 3 steps, the train loss logged every 5 (as `make train TRAIN_OPTS="--save-steps
+    3"` with the default logging): killed once checkpoint 3 is saved, then the same command. The
+    logged window 1-5 spans the resume, and used to cover steps 4-5 only; the summary's train loss
+    covered only the steps after the checkpoint."""
+    from tests.pipeline.kill_harness import sift, sift_killed_when
+
+    runs = tmp_path / "runs"
+    qa = [*QA, *((q + " please", a) for q, a in QA)]
+    args = ["--student", str(tiny_model_dir), "--max-steps", "12", "--save-steps", "3", "--logging-steps", "5",
+            "--batch-size", "2", "--grad-accum", "1", "--max-length", "24", "--precision", "fp32", "--lr", "1e-2",
+            "--resume"]
+    for run in ("clean", "kt"):
+        _write_split(runs, run, qa, QA[:1])
+    code, _, err = sift(["train", "--run", "clean", *args], runs=runs)
+    assert code == 0, err
+    checkpoint = runs / "kt" / "student" / "checkpoints" / "checkpoint-3"
+    sift_killed_when(["train", "--run", "kt", *args], runs=runs, appears=lambda: _parses(checkpoint /
+                                                                                          "trainer_state.json"))
+    resumed_from = max(int(p.name.split("-")[1]) for p in checkpoint.parent.glob("checkpoint-*")
+                       if _parses(p / "trainer_state.json"))
+    assert resumed_from < 12, "the kill came after the last checkpoint: nothing is resumed"
+    code, _, err = sift(["train", "--run", "kt", *args], runs=runs)
+    assert code == 0, err
+    clean, resumed = _metrics(runs / "clean"), _metrics(runs / "kt")
+    def measured(entry: dict) -> set[str]:  # every key but timings
+        return {k for k in entry if not k.endswith(("runtime", "_per_second", "_time", "tokens_per_s", "_seconds"))}
+
+    assert [(e["kind"], e["step"]) for e in resumed] == [(e["kind"], e["step"]) for e in clean]
+    for a, b in zip(clean, resumed, strict=True):
+        assert measured(a) == measured(b), (a, b)
+        for key in sorted(measured(a)):
+            if isinstance(a[key], float):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["kind"], a["step"], key)
+            else:
+                assert b[key] == a[key], (a["kind"], a["step"], key)
+
+
+def _save_on_full_disk(filename: str) -> None:
+    """safetensors' save as on a full disk: part of the file written, then the error it raises there
+    (a SafetensorError quoting the OS)."""
+    from safetensors import SafetensorError
+
+    Path(filename).write_bytes(b"\0" * 16)
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "adapter"])
+def test_a_full_disk_is_cannot_write_and_a_partial_checkpoint_is_never_resumed(
+        runs: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """The disk fills while PEFT writes the adapter (into a checkpoint, or the final one): one line
+    naming the folder, as every other stage says it; the same command once there is room again
+    trains from the last complete checkpoint, never from the half-written one."""
+    import peft.peft_model
+
+    d = _write_split(runs, "full", QA, QA[:1])
+    common = {"student": str(tiny_model_dir), "max_steps": 4, "batch_size": 2, "grad_accum": 1, "resume": True,
+              "save_steps": 2, **FAST}
+    real = peft.peft_model.safe_save_file
+    full = "/checkpoint-4/" if where == "checkpoint" else "/.save-"  # checkpoint-2 is written whole
+
+    def save(tensors: dict, filename: str, metadata: dict | None = None) -> None:
+        if full in str(filename):
+            return _save_on_full_disk(filename)
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", save)
+    target = d / "student" / ("checkpoints" if where == "checkpoint" else "")
+    with pytest.raises(SiftError, match="cannot write: No space left on device") as e:
+        train(run="full", **common)
+    assert Path(e.value.path) == target
+    checkpoints = d / "student" / "checkpoints"
+    if where == "checkpoint":  # the torn checkpoint-4 is gone, checkpoint-2 is whole
+        assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2"]
+    else:  # trained to the end: the rerun has nothing to train again
+        assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not (d / "student" / "adapter_model.safetensors").exists()
+    assert not list((d / "student").glob(".save-*"))
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", real)
+    train(run="full", **common)
+    assert _metrics(d)[-1]["kind"] == "summary" and _metrics(d)[-1]["step"] == 4
+    assert (d / "student" / "adapter_model.safetensors").stat().st_size > 16
+
+
+@pytest.mark.parametrize("missing", ["trainer_state.json", "optimizer.pt", "adapter_model.safetensors"])
+def test_a_checkpoint_missing_a_file_is_skipped_on_resume(runs: Path, tiny_model_dir: Path, missing: str) -> None:
+    """The newest checkpoint lost a file (a kill or a full disk mid-save): resuming starts from the
+    one before, and the partial folder is removed (transformers would have resumed from it with a
+    fresh optimizer, without a word, when optimizer.pt was the file missing)."""
+    from train.lora import last_checkpoint
+
+    d = _write_split(runs, "part", QA, [])
+    common = {"student": str(tiny_model_dir), "batch_size": 2, "grad_accum": 1, "save_steps": 2, **FAST}
+    train(run="part", max_steps=4, **common)
+    checkpoints = d / "student" / "checkpoints"
+    assert last_checkpoint(checkpoints, remove_partial=False) == str(checkpoints / "checkpoint-4")
+    (checkpoints / "checkpoint-4" / missing).unlink()
+    assert last_checkpoint(checkpoints, remove_partial=False) == str(checkpoints / "checkpoint-2")
+    train(run="part", max_steps=4, resume=True, **common)
+    steps = [e["step"] for e in _metrics(d) if e["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]  # steps 3 and 4 were trained again, from checkpoint-2
+    assert checkpoint_files(checkpoints / "checkpoint-4") >= {missing, "trainer_state.json", "optimizer.pt"}
+
+
+def checkpoint_files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
