@@ -307,14 +307,12 @@ def test_the_command_serves_and_stops_on_ctrl_c(run: Path, tmp_path: Path) -> No
     assert "stopped" in out and "Traceback" not in err
 
 
-def test_the_command_refuses_an_open_host_without_a_token(run: Path, capsys: pytest.CaptureFixture) -> None:
+def test_the_command_refuses_an_open_host_without_a_token(run: Path, capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.cli import main
 
-    os.environ["SIFT_RUNS_DIR"] = str(run.parent)
-    try:
-        assert main(["view", "--run", "r", "--host", "0.0.0.0"]) == 2
-    finally:
-        del os.environ["SIFT_RUNS_DIR"]
+    monkeypatch.setenv("SIFT_RUNS_DIR", str(run.parent))
+    assert main(["view", "--run", "r", "--host", "0.0.0.0"]) == 2
     assert "give --token" in capsys.readouterr().err
 
 
@@ -338,3 +336,20 @@ def test_eval_sets_side_by_side_and_where_the_student_got_worse(run: Path) -> No
     assert 'href="/id/r0"' in worse and 'href="/id/r2"' in worse and 'href="/id/r1"' not in worse
     assert "2 of 3 kept samples worse" in worse and "k &lt;i&gt;x&lt;/i&gt;" in worse
     assert 'id="student"' in record_page and "In the valid split" in record_page and "a dog" in record_page
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["view", "--run", "nope"], "no such run folder"),
+    (["view", "missing.jsonl"], "no such file"),
+    (["view", "filter.stats.json"], "reads JSON Lines"),
+    (["view", "--run", "r", "--port", "70000"], "field 'port'"),
+])
+def test_the_command_refuses_bad_targets_before_serving(run: Path, args: list[str], message: str,
+                                                       capsys: pytest.CaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.cli import main
+
+    monkeypatch.setenv("SIFT_RUNS_DIR", str(run.parent))
+    monkeypatch.chdir(run)
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
