@@ -8,8 +8,8 @@ The table every federated-learning paper shows. It takes `sift federate`'s own s
 The run's records (scored.jsonl when present, else filtered.jsonl) are split into federate.clients parts
 exactly as `sift federate` splits them (what `sift export` would train on: selected, less the records
 overlapping the general held-out set; whole federate.split_by groups, a validation split each), in a
-scratch run <run>-fedbench so the run's own federate.json is left alone. Then, from the same initial adapter and with the same client
-settings:
+scratch run <run>-fedbench so the run's own federate.json is left alone. Then, from the same initial
+adapter and with the same client settings:
 - local-only: each client alone trains rounds x local_steps steps on its own data;
 - federated: `sift federate` itself (Flower's simulation engine), rounds x local_steps per client;
 - centralised: one trainer on all clients' training data pooled, clients x rounds x local_steps steps;

@@ -2,8 +2,9 @@
 
     sift report --run demo            # or: make report; writes runs/demo/report.html
 
-Only reads the run's artifacts (STYLE.md rule 4) and embeds every figure as a PNG data URI, so
-the page opens offline and can be mailed as one file. A section whose stage has not run says so.
+Only reads the run's artifacts (each stage writes its own counts; report never recomputes them) and
+embeds every figure as a PNG data URI, so the page opens offline and can be mailed as one file. A
+section whose stage has not run says so.
 """
 
 from __future__ import annotations

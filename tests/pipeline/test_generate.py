@@ -381,7 +381,7 @@ def test_a_teacher_outage_mid_run_exits_3_and_the_rerun_goes_on(tmp_path: Path, 
         assert stats["reached_target"] is False and "500" in stats["teacher_failed"]
         assert stats["requests"] == 8 and stats["teacher_errors"] == 0  # the failed round was not journaled
         kept = read_jsonl(d / "instructions.jsonl")
-        assert 0 < len(kept) == stats["accepted"] < 20
+        assert 0 < len(kept) == stats["kept"] < 20
         assert generate("r") == 3  # still down: nothing changes, nothing is used up
         assert read_json(d / "generate.stats.json")["requests"] == 8
         outage["after"] = None
