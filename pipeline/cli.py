@@ -43,7 +43,7 @@ COMMANDS: dict[str, str] = {
     "filter": "pipeline.stages.filter:filter_records",
     "score": "pipeline.stages.score:score",
     "export": "train.export:export",
-    "train": "train.lora:train",
+    "train": "pipeline.stages.train:train",
     "merge": "train.merge:merge",
     "sample": "train.sample:sample",
     "eval": "train.evaluate:evaluate",

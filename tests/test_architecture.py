@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pipeline.io",),
     ("pipeline.teachers",),
     ("train",),
+    ("pipeline.recipes", "pipeline.federated", "pipeline.llm2llm"),
     ("pipeline.stages", "pipeline.views"),
     ("pipeline.cli", "pipeline.cli_docs"),
 ]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.io.progress import StageProgress
+from pipeline.settings import StudentSettings
 from train.format import prompt_ids, tokenize_example
 
 # padded tokens per NLL forward; on 2 cores, 64 tasks: 2048 took 9.8 s, 8192 17.3 s (less padding, cache-sized)
@@ -30,12 +31,14 @@ MAX_ROWS = 128  # sequences decoding at once in the fast engine (its measured be
 Plain = Callable[..., list[dict]]  # evaluate.greedy_answers, the fallback
 
 
-def load_side(spec: str, tokenizer: Any, dtype: str, adapter: Path | None, *, merge: bool = True) -> Any:
-    """The model of one side, in eval mode. With an adapter and `merge`, LoRA is merged into a float32
-    copy of the base and the result cast to `dtype` (merging in bf16 would round twice)."""
-    from pipeline.io.models import load_model, resolve_dtype
+def load_side(spec: str, tokenizer: Any, adapter: Path | None, *, student: StudentSettings, merge: bool = True) -> Any:
+    """The model of one side (`spec`, with `adapter` on top if given), in eval mode, on `student.device`
+    with `student.dtype`. With an adapter and `merge`, LoRA is merged into a float32 copy of the base and
+    the result cast to the dtype (merging in bf16 would round twice); without `merge`, the PEFT model."""
+    from pipeline.io.models import load_model, resolve_device, resolve_dtype
 
-    model = load_model(spec, dtype="float32" if adapter is not None and merge else dtype)
+    device = resolve_device(student.device)
+    model = load_model(spec, dtype="float32" if adapter is not None and merge else student.dtype, device=device)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))  # training added a pad token
     if adapter is None:
@@ -45,7 +48,7 @@ def load_side(spec: str, tokenizer: Any, dtype: str, adapter: Path | None, *, me
     peft = PeftModel.from_pretrained(model, str(adapter))
     if not merge:
         return peft.eval()
-    return peft.merge_and_unload().to(resolve_dtype(dtype)).eval()
+    return peft.merge_and_unload().to(resolve_dtype(student.dtype, device)).eval()
 
 
 def fast_supported(model: Any) -> bool:

@@ -34,11 +34,12 @@ def load_student(run: str, *, adapter: bool = True, dtype: str = "float32") -> t
     from transformers import AutoTokenizer
 
     from pipeline.io.models import load_model
+    from train.lora import trained_base
 
     folder = student_dir(run)
     config = read_json(folder / "train_config.json")
     tokenizer = AutoTokenizer.from_pretrained(folder)  # as trained: chat template, pad token
-    model = load_model(config["student"], dtype=dtype, device="cpu")
+    model = load_model(str(trained_base(config)), dtype=dtype, device="cpu")
     if config.get("added_tokens"):
         model.resize_token_embeddings(len(tokenizer))
     if adapter:
