@@ -59,12 +59,14 @@ from train.format import to_messages
 
 LOOP_DIR = "loop"
 # the sections a loop records; every field of them shapes what a round produces, so a rerun must keep
-# them, except the few in FREE: where the models run and how to reach them, and how many rounds
+# them, except those in FREE: how many rounds, where the models run and how to reach them, and the
+# fields of shared sections the loop does not use (its split and dedup are its own)
 SECTIONS: dict[str, type] = {"teacher": TeacherSettings, "student": StudentSettings, "lora": LoraSettings,
                              "train": TrainSettings, "distill": DistillSettings, "filter": FilterSettings,
                              "export": ExportSettings, "loop": LoopSettings}
 FREE = frozenset({"loop.rounds", "teacher.base_url", "teacher.api_key_env", "teacher.options", "student.device",
-                  "train.resume"})
+                  "train.resume", "filter.use_stemmer", "filter.top_k", "filter.prefilter", "filter.workers",
+                  "export.seed", "export.decontaminate_general"})
 
 
 # ---------------------------------------------------------------- data
