@@ -19,7 +19,7 @@
     dedup pass (pairs decided per second, most of them by the token-count and mask bounds alone)
     against RougeScorer.score on a sample of the same pairs.
 (c) scale: 52,000 synthetic instructions (bench.synthetic) deduplicated sequentially at 0.7 after the
-    175 seeds by the `sift filter` command itself (`--rules rouge --seeds ...`, a fresh process: start-up,
+    175 seeds by the `sift filter` command itself (`--filter.rules rouge --seeds ...`, a fresh process: start-up,
     reading, writing all three outputs included; CPU and peak RSS of that process from getrusage), next
     to RougeIndex alone in a fresh process and the reference loop's time estimated from
     RougeScorer.score's pair rate. The CLI and the index must keep the same number of records.
@@ -242,11 +242,11 @@ def cli_run(directory: Path, top_k: int) -> dict:
         str(directory / "in.jsonl"),
         "-o",
         str(out),
-        "--rules",
+        "--filter.rules",
         "rouge",
-        "--threshold",
+        "--filter.threshold",
         str(THRESHOLD),
-        "--top-k",
+        "--filter.top_k",
         str(top_k),
     ]
     if SEEDS.exists():
@@ -279,7 +279,7 @@ def scale(n: int, top_k: int) -> None:
             for i, text in enumerate(make_synthetic_instructions(n, seed=0)):
                 f.write(json.dumps({"id": f"i{i}", "instruction": text}) + "\n")
         for k in sorted({0, top_k}):
-            rows.append((f"sift filter CLI, --top-k {k}", cli_run(directory, k), load()))
+            rows.append((f"sift filter CLI, --filter.top_k {k}", cli_run(directory, k), load()))
     for k in sorted({0, top_k}):
         out = subprocess.run(
             [sys.executable, __file__, "--scale-child", str(n), "--top-k", str(k)],

@@ -7,7 +7,7 @@
 Both paths do the whole per-model work of `sift eval` on the same tasks (the user-oriented
 instructions of ../shared/data, a seeded subset), the same token budget and dtype, for the base and
 for the LoRA student: load the model, NLL of the references, greedy answers.
-- plain: the path before this benchmark (train/evaluate.py `_load_side`, `answer_nll`,
+- plain: the path before this benchmark (train/eval_passes.py `load_side(merge=False)`, `answer_nll`,
   `greedy_answers`): the student as a PEFT model, `model.generate` on left-padded batches of 16
   (sift eval's batch size), full-vocabulary logits for the NLL batches of 16;
 - fast: train/eval_passes.py: the student merged into a plain Llama, the fast decode engine
@@ -35,8 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.io.models import EMBEDDED_ALIAS, resolve_model  # noqa: E402
-from train.eval_passes import fast_answers, load_side, reference_nll  # noqa: E402
-from train.evaluate import _load_side, answer_nll, greedy_answers, load_heldout, pick  # noqa: E402
+from pipeline.settings import StudentSettings  # noqa: E402
+from train.eval_passes import answer_nll, fast_answers, greedy_answers, load_side, reference_nll  # noqa: E402
+from train.eval_sets import load_heldout, pick  # noqa: E402
 
 TASKS = REPO.parent / "shared" / "data" / "user_oriented_instructions.jsonl"
 BATCH = 16  # sift eval's batch size, the plain path's
@@ -52,7 +53,7 @@ def synthetic_student(folder: Path) -> Path:
 
     torch.manual_seed(0)
     ref = resolve_model(EMBEDDED_ALIAS)
-    peft = get_peft_model(load_model(ref, dtype="float32"),
+    peft = get_peft_model(load_model(ref, dtype="float32", device="cpu"),
                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     with torch.no_grad():
         for name, p in peft.named_parameters():
@@ -71,13 +72,13 @@ def timed(fn):  # noqa: ANN001, ANN201 - returns (result, wall s, cpu s)
 
 
 def plain_path(spec: str, tok, rows: list[dict], adapter: Path | None, max_new: int, dtype: str) -> int:  # noqa: ANN001
-    model = _load_side(spec, tok, dtype, adapter)
+    model = load_side(spec, tok, adapter, student=StudentSettings(device="cpu", dtype=dtype), merge=False)
     answer_nll(model, tok, rows, batch_size=BATCH)
     return sum(a["tokens"] for a in greedy_answers(model, tok, rows, max_new_tokens=max_new, batch_size=BATCH))
 
 
 def fast_path(spec: str, tok, rows: list[dict], adapter: Path | None, max_new: int, dtype: str) -> int:  # noqa: ANN001
-    model = load_side(spec, tok, dtype, adapter)
+    model = load_side(spec, tok, adapter, student=StudentSettings(device="cpu", dtype=dtype))
     reference_nll(model, tok, rows)
     return sum(a["tokens"] for a in fast_answers(model, tok, rows, max_new_tokens=max_new))
 

@@ -30,7 +30,7 @@ from pipeline.io.artifacts import write_jsonl  # noqa: E402
 from pipeline.io.runs import run_dir  # noqa: E402
 from pipeline.stages import federate as fed  # noqa: E402
 from pipeline.stages.fedstate import load_adapter_file, read_state  # noqa: E402
-from train.evaluate import load_heldout, pick  # noqa: E402
+from train.eval_sets import load_heldout, pick  # noqa: E402
 from train.fedlocal import LocalSettings, adapter_nll, initial_adapter, local_train, rows_nll  # noqa: E402
 from train.lora import read_split  # noqa: E402
 

@@ -31,20 +31,20 @@ for backend in vllm transformers; do
   rm -rf "runs/$run"
   $SIFT seeds seeds/default.jsonl --run "$run" >/dev/null
   opts=()
-  [ "$backend" = transformers ] && opts=(--teacher-options device=cuda)
-  [ "$backend" = vllm ] && opts=(--teacher-options gpu_memory_utilization=0.5,max_model_len=4096)
-  $SIFT generate --run "$run" --backend "$backend" "${opts[@]}" --n 200 --max-tokens 256
+  [ "$backend" = transformers ] && opts=(--teacher.options device=cuda)
+  [ "$backend" = vllm ] && opts=(--teacher.options gpu_memory_utilization=0.5,max_model_len=4096)
+  $SIFT generate --run "$run" --teacher.backend "$backend" "${opts[@]}" --generate.n 200 --generate.max_tokens 256
   rate "runs/$run/generate.stats.json" "generate on $backend"
 done
 
 # the student side on the transformers run's data: classify, instances, filter, export, train, eval
 run=gpucheck-transformers
-timed classify  $SIFT classify  --run $run --teacher-options device=cuda
-timed instances $SIFT instances --run $run --teacher-options device=cuda --max-tokens 200
+timed classify  $SIFT classify  --run $run --teacher.options device=cuda
+timed instances $SIFT instances --run $run --teacher.options device=cuda --instances.max_tokens 200
 $SIFT filter --run $run && $SIFT export --run $run
 timed train $SIFT train --run $run --train.precision bf16 --train.epochs 1
 $PY -c "import json; m=[json.loads(l) for l in open('runs/$run/student/metrics.jsonl')]; \
 s=[x for x in m if 'train_tokens_per_second' in x or 'tokens_per_second' in x]; print('train:', s[-1] if s else m[-1])"
-timed eval $SIFT eval --run $run --sets valid,general --limit 64 --max-new-tokens 128
+timed eval $SIFT eval --run $run --student.device cuda --eval.sets valid,general --eval.limit 64 --eval.max_new_tokens 128
 $PY -c "import json; e=json.load(open('runs/$run/eval.json')); print('eval sets:', sorted(e))"
 echo "gpu_check: done"

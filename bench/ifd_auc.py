@@ -59,10 +59,11 @@ def main() -> None:
     ap.add_argument("--data", type=Path, nargs="*", default=[DATA / f for f in FILES])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when torch sees a GPU), cpu, cuda, ...")
     ap.add_argument("--limit", type=int, default=None, help="tasks per file")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    model, tok = load_model(args.model, dtype=args.dtype), load_tokenizer(args.model)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device), load_tokenizer(args.model)
     template = prepare_tokenizer(tok)
     pooled_pos: list[float] = []
     pooled_neg: list[float] = []
@@ -71,7 +72,7 @@ def main() -> None:
         perm = derangement(len(own), args.seed)
         other = [{**own[i], "output": own[j]["output"]} for i, j in enumerate(perm)]
         started = time.time()
-        scores = ifd_scores(model, tok, own + other)
+        scores = ifd_scores(model, tok, own + other, batch_size=8)
         pos = [s["value"] for s in scores[:len(own)]]
         neg = [s["value"] for s in scores[len(own):]]
         pooled_pos += pos

@@ -6,13 +6,13 @@ top quarter by ifd and the top quarter by judge, side by side on the general hel
 
 From one sift run's filtered.jsonl (at least --min-records, 400 by default, after export's 13-gram
 decontamination against the general set, so no arm trains on an eval task):
-1. scores: `sift score filtered.jsonl -o runs/<run>/selection/scored.jsonl --scorers ifd,judge,length`
+1. scores: `sift score filtered.jsonl -o runs/<run>/selection/scored.jsonl --score.scorers ifd,judge,length`
    (cached per record and resumable, like the stage): ifd by the student's base model, judge by the
    run's teacher on the 1-5 rubric (G-Eval log-probabilities on the transformers backend);
 2. arms, each of a quarter (ceil(n/4) records) except `all`:
    - all: every record;
    - random: a seeded random quarter;
-   - top_ifd: `--keep "ifd<1,top=Q:ifd"`: drop answers the instruction does not help predict, then the
+   - top_ifd: `--score.keep "ifd<1,top=Q:ifd"`: drop answers the instruction does not help predict, then the
      highest IFD, the hardest examples, as Cherry LLM and Superfiltering select;
    - top_judge: the judge's highest ratings, as AlpaGasus selects;
 3. the same budget: every arm trains on about the same number of tokens (--tokens, prompt and answer,
@@ -79,7 +79,7 @@ def score_file(src: Path, out: Path, teacher: str) -> list[dict]:
     """`sift score` stand-alone (cached and resumable), then the scored records."""
     if not out.is_file():
         cmd = [str(REPO / ".venv" / "bin" / "sift"), "score", str(src), "-o", str(out),
-               "--scorers", "ifd,judge,length", "--model", STUDENT, "--teacher", teacher]
+               "--score.scorers", "ifd,judge,length", "--student.model", STUDENT, "--teacher.model", teacher]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     return [obj for _, obj in iter_jsonl(out)]
@@ -120,8 +120,9 @@ def eval_model(cache: Path, adapter: Path | None, rows: list[dict], max_new: int
     if cache.is_file() and json.loads(cache.read_text())["key"] == key:
         return json.loads(cache.read_text())["columns"]
     from pipeline.io.models import load_tokenizer, resolve_model
+    from pipeline.settings import StudentSettings
     from train.eval_passes import fast_answers, load_side, reference_nll
-    from train.evaluate import rouge_l
+    from train.eval_stats import rouge_l
     from train.format import setup_tokenizer
 
     if adapter is None:
@@ -131,7 +132,7 @@ def eval_model(cache: Path, adapter: Path | None, rows: list[dict], max_new: int
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(adapter))
-    model = load_side(resolve_model(STUDENT).path_or_id, tok, "auto", adapter)
+    model = load_side(resolve_model(STUDENT).path_or_id, tok, adapter, student=StudentSettings(device="cpu"))
     nll = reference_nll(model, tok, rows, label=f"{cache.stem} nll")
     answers = fast_answers(model, tok, rows, max_new_tokens=max_new, label=f"{cache.stem} answers")
     refs = [r["messages"][-1]["content"] for r in rows]

@@ -1,4 +1,4 @@
-"""Rule names, what kind of rule each is, the reference presets, and the `--rules` parser.
+"""Rule names, what kind of rule each is, the reference presets, and the `--filter.rules` parser.
 
     .venv/bin/python -c "from filters.rules import parse_rules; print(parse_rules('self-instruct'))"
 
@@ -54,7 +54,7 @@ def parse_rules(spec: str) -> list[str]:
 
 
 def preset(spec: str) -> list[str]:
-    """The instruction rules named by a `--rules` string ("alpaca", "too_short,blacklist,rouge", ...),
+    """The instruction rules named by a `filter.rules` string ("alpaca", "too_short,blacklist,rouge", ...),
     in order; other rules in it (rouge, instance rules) are left to their own stages. ValueError on an
     unknown name, listing the valid ones."""
     return [name for name in parse_rules(spec) if name in INSTRUCTION_RULES]

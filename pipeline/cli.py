@@ -44,9 +44,9 @@ COMMANDS: dict[str, str] = {
     "score": "pipeline.stages.score:score",
     "export": "train.export:export",
     "train": "pipeline.stages.train:train",
-    "merge": "train.merge:merge",
-    "sample": "train.sample:sample",
-    "eval": "train.evaluate:evaluate",
+    "merge": "pipeline.stages.merge:merge",
+    "sample": "pipeline.stages.sample:sample",
+    "eval": "pipeline.stages.eval:evaluate",
     "inspect": "pipeline.views.inspect:inspect_artifact",
     "report": "pipeline.views.report:report",
     "loop": "pipeline.stages.loop:loop",
@@ -239,7 +239,11 @@ def _yaml_without_aliases(text: str) -> Any:
                                            problem_mark=mark)
             return super().compose_node(parent, index)
 
-    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+    loader = Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def read_config(path: Path) -> dict:
@@ -273,8 +277,9 @@ def _norm(key: Any) -> str:
 
 
 def config_schema() -> tuple[dict[str, type], dict[str, set[str]]]:
-    """(section name -> its class, command name -> its plain options) over every command: one file serves
-    every stage, so a key is checked against all of them."""
+    """(section name -> its class, command name -> its own plain options) over every command: one file
+    serves every stage, so a key is checked against all of them. A command named like a section
+    (`filter`, `export`, ...) keeps its plain options in that section too (`filter: {seeds: ...}`)."""
     sections: dict[str, type] = {}
     plain: dict[str, set[str]] = {}
     for name in COMMANDS:
@@ -284,7 +289,7 @@ def config_schema() -> tuple[dict[str, type], dict[str, set[str]]]:
                 raise TypeError(f"section {param.name!r} has two classes: {cls.__name__}, "
                                 f"{sections[param.name].__name__}")
         plain[name.replace(" ", "_")] = {p.name for p, _ in plain_params(func) if p.kind is not p.POSITIONAL_ONLY}
-    return sections, {k: v for k, v in plain.items() if k not in sections}
+    return sections, plain
 
 
 def _did_you_mean(word: str, candidates: list[str]) -> str:
@@ -292,30 +297,43 @@ def _did_you_mean(word: str, candidates: list[str]) -> str:
     return f"; did you mean `{close[0]}`?" if close else ""
 
 
+def _suggest(word: str, dotted: list[str]) -> str:
+    """`; did you mean ...?` for a key: the sections' fields of that name (a key in the wrong place),
+    else the closest names."""
+    same = [d for d in dotted if d.rpartition(".")[2] == word]
+    if not same:
+        close = set(difflib.get_close_matches(word, sorted({d.rpartition(".")[2] for d in dotted}), n=1))
+        same = [d for d in dotted if d.rpartition(".")[2] in close]
+    if not same:
+        return ""
+    names = [f"`{d}`" for d in same[:3]]
+    return f"; did you mean {', '.join(names[:-1]) + ' or ' if len(names) > 1 else ''}{names[-1]}?"
+
+
 def check_config(raw: dict, path: Path) -> None:
     """Every key must be a known section and field, `run`, or a command's own plain option under its
     name: a typo or a key in the wrong section is an error naming it, never silently ignored."""
     sections, plain = config_schema()
-    dotted = sorted(f"{s}.{f.name}" for s, cls in sections.items() for f in dataclasses.fields(cls))
-    dotted += sorted(f"{c}.{o}" for c, opts in plain.items() for o in opts)
+    known_in = {k: {f.name for f in dataclasses.fields(cls)} for k, cls in sections.items()}
+    for command, options in plain.items():
+        known_in[command] = known_in.get(command, set()) | options
+    dotted = sorted(f"{k}.{name}" for k, names in known_in.items() for name in names)
     for key, value in raw.items():
         k = _norm(key)
         if k in GLOBAL_KEYS:
             continue
-        if k not in sections and k not in plain:
-            misplaced = [d for d in dotted if d.rpartition(".")[2] == k]
-            hint = f"; did you mean `{misplaced[0]}`?" if misplaced else _did_you_mean(k, [*sections, *plain])
-            raise SiftError(f"unknown setting or section{hint}", path=path, field=str(key))
+        if k not in known_in:
+            hint = _did_you_mean(k, [*known_in, *GLOBAL_KEYS]) or _suggest(k, dotted)
+            what = "section" if isinstance(value, dict) else "setting"
+            raise SiftError(f"unknown {what}{hint}", path=path, field=str(key))
         if not isinstance(value, dict):
             raise SiftError(f"section `{k}` must be a mapping of settings, got {type(value).__name__}", path=path,
                             field=str(key))
-        known = {f.name for f in dataclasses.fields(sections[k])} if k in sections else plain[k]
         for sub in value:
-            if _norm(sub) in known:
+            if _norm(sub) in known_in[k]:
                 continue
-            elsewhere = [d for d in dotted if d.rpartition(".")[2] == _norm(sub)]
-            hint = f"; did you mean `{elsewhere[0]}`?" if elsewhere else _did_you_mean(
-                f"{k}.{_norm(sub)}", [f"{k}.{o}" for o in sorted(known)])
+            hint = _did_you_mean(_norm(sub), sorted(known_in[k]))
+            hint = hint.replace("`", f"`{k}.", 1) if hint else _suggest(_norm(sub), dotted)
             raise SiftError(f"unknown setting in section `{k}`{hint}", path=path, field=f"{key}.{sub}")
 
 
@@ -345,7 +363,8 @@ def _section(param: inspect.Parameter, cls: type, ns: argparse.Namespace, config
         elif f.name in block:
             values[f.name], where[f.name] = _convert(hint, block[f.name], field=dest, path=path), path
     pair = EXCLUSIVE.get(param.name)
-    if pair and all(name in values for name in pair):
+    # both given, and neither is a no-op (a printed config names the default model beside its pool)
+    if pair and values.get(pair[1]) and values.get(pair[0], getattr(default, pair[0])) != getattr(default, pair[0]):
         a, b = (f"{param.name}.{n}" for n in pair)
         raise SiftError(f"give {a} or {b}, not both ({b} replaces {a})", path=where[pair[1]], field=b)
     try:
@@ -361,8 +380,7 @@ def resolve_settings(func: Callable[..., Any], name: str, ns: argparse.Namespace
         config = read_config(ns.config)
         check_config(config, ns.config)
     own = _from_config(config, name.replace(" ", "_"))
-    sections = {p.name for p, _ in sections_of(func)}
-    own = {} if own is _UNSET or name.replace(" ", "_") in sections else {_norm(k): v for k, v in own.items()}
+    own = {} if own is _UNSET else {_norm(k): v for k, v in own.items()}
     args, kwargs = [], {}
     for param, hint in _params(func):
         if is_section(hint):
@@ -388,10 +406,13 @@ def effective_config(name: str, func: Callable[..., Any], kwargs: dict) -> dict:
     """The settings a command runs with, shaped as a config file (`--print-config`)."""
     out: dict[str, Any] = {k: v for k, v in kwargs.items() if k in GLOBAL_KEYS}
     sections = {p.name for p, _ in sections_of(func)}
-    own = {k: v for k, v in kwargs.items() if k not in sections and k not in GLOBAL_KEYS}
-    if own and name.replace(" ", "_") not in sections:
-        out[name.replace(" ", "_")] = {k: str(v) if isinstance(v, Path) else v for k, v in own.items()}
+    own = {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()
+           if k not in sections and k not in GLOBAL_KEYS and k in {p.name for p, _ in plain_params(func)
+                                                                     if p.kind is not p.POSITIONAL_ONLY}}
     out.update(to_dict(**{k: v for k, v in kwargs.items() if k in sections}))
+    if own:
+        key = name.replace(" ", "_")
+        out[key] = {**out.get(key, {}), **own}
     return out
 
 

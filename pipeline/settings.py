@@ -384,8 +384,8 @@ class EvalSettings:
     """`sift eval`: base against student on held-out sets, paired, with bootstrap intervals.
 
     Args:
-        sets: Built-in eval sets, comma-separated: valid (the run's split), general (shipped with sift).
-            Default: valid, unless eval_file is given.
+        sets: Built-in eval sets, comma-separated: valid (the run's split), general (shipped with sift);
+            none given: valid, unless eval_file is given.
         eval_file: A held-out file of your own, run as one more set named after its stem.
         base: Model to compare against (default: the student's own base, as its adapter names it).
         limit: Evaluate at most this many examples per set (a seeded subset); 0 for all.

@@ -5,8 +5,9 @@ Layers, lowest first (docs/architecture.md draws them):
   1  pipeline.io                                          artifacts, journals, runs, models, progress
   2  pipeline.teachers                                    backends, cache, prompts, parsers
   3  train                                                the student side
-  4  pipeline.stages, pipeline.views                      the stages and what reads their outputs
-  5  pipeline.cli, pipeline.cli_docs                      the command line and its pages
+  4  pipeline.recipes, pipeline.federated, pipeline.llm2llm   helpers the stages drive (not stages)
+  5  pipeline.stages, pipeline.views                      the stages and what reads their outputs
+  6  pipeline.cli, pipeline.cli_docs                      the command line and its pages
 A module may import its own layer or any lower one. Imports inside functions count too: a lazy
 import that runs upward is still a dependency upward.
 """

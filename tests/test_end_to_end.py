@@ -23,15 +23,15 @@ def test_every_stage_on_the_embedded_model(tmp_path: Path, monkeypatch: pytest.M
     run = ["--run", "e2e"]
     d = tmp_path / "e2e"
     assert main(["seeds", str(REPO / "seeds" / "default.jsonl"), *run]) == 0
-    assert main(["generate", *run, "--n", "10", "--batch-size", "8", "--max-tokens", "160",
-                 "--max-requests", "64"]) == 0
-    assert main(["classify", *run, "--batch-size", "16"]) == 0
-    assert main(["instances", *run, "--batch-size", "16", "--max-tokens", "120"]) == 0
+    assert main(["generate", *run, "--generate.n", "10", "--generate.batch_size", "8", "--generate.max_tokens", "160",
+                 "--generate.max_requests", "64"]) == 0
+    assert main(["classify", *run, "--classify.batch_size", "16"]) == 0
+    assert main(["instances", *run, "--instances.batch_size", "16", "--instances.max_tokens", "120"]) == 0
     assert main(["filter", *run]) == 0
     assert main(["export", *run]) == 0
     assert main(["train", *run, "--train.max_steps", "3", "--train.batch_size", "4", "--train.grad_accum", "1",
                  "--train.eval_steps", "100", "--train.save_steps", "2", "--train.resume"]) == 0
-    assert main(["eval", *run, "--limit", "3", "--max-new-tokens", "24"]) == 0
+    assert main(["eval", *run, "--eval.limit", "3", "--eval.max_new_tokens", "24"]) == 0
     assert main(["loop", *run, "--loop.rounds", "2", "--no-loop.train_on_seeds", "--train.max_steps", "1",
                  "--train.batch_size", "4", "--loop.eval_limit", "4", "--loop.max_failures", "2",
                  "--loop.max_new_tokens", "24", "--loop.augment_max_tokens", "200"]) == 0

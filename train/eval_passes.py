@@ -1,17 +1,19 @@
-"""The model passes of `sift eval`, made fast: the student merged, greedy answers by the fast engine,
-NLL in length-sorted batches with the output layer only where there are labels.
+"""The model passes of `sift eval`: the fast ones (the student merged, greedy answers by the fast engine,
+NLL in length-sorted batches with the output layer only where there are labels) and the plain ones
+they are measured against (PEFT model, `model.generate`), which loop also uses.
 
-    .venv/bin/python bench/eval.py --quick      # side by side with the plain path (evaluate.greedy_answers)
+    .venv/bin/python bench/eval.py --quick      # side by side with the plain path (greedy_answers)
 
 - `load_side`: the base as it is; the student as its base with the LoRA weights merged in (peft's
   merge_and_unload on a fresh float32 copy, then cast), so it is a plain Llama for the engine and
-  every forward costs what the base's does;
+  every forward costs what the base's does; either on `student.device`;
 - `fast_answers`: greedy answers through pipeline/teachers/fast_decode.py (continuous batching, C
-  kernels); models the engine does not support, and GPUs, use `model.generate` (evaluate.greedy_answers);
+  kernels); models the engine does not support, and GPUs, use `model.generate` (`greedy_answers`);
 - `reference_nll`: examples sorted by length and cut into batches of about TOKEN_BUDGET padded
   tokens; the vocabulary projection runs only on answer positions (the prompt's logits were the
-  largest tensor of the old pass and are never used).
-Every pass reports to a progress bar with counts and tokens/s (pipeline/io/progress.py).
+  largest tensor of the old pass and are never used); `answer_nll` is the plain pass.
+Every fast pass reports to a progress bar with counts and tokens/s (pipeline/io/progress.py). Inputs
+go to the model's device, wherever it was loaded.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from train.format import prompt_ids, tokenize_example
 TOKEN_BUDGET = 2048
 MAX_ROWS = 128  # sequences decoding at once in the fast engine (its measured best on 2 cores)
 
-Plain = Callable[..., list[dict]]  # evaluate.greedy_answers, the fallback
+Plain = Callable[..., list[dict]]  # greedy_answers, the fallback
 
 
 def load_side(spec: str, tokenizer: Any, adapter: Path | None, *, student: StudentSettings, merge: bool = True) -> Any:
@@ -62,7 +64,7 @@ def fast_answers(
     model: Any, tokenizer: Any, rows: list[dict], *, max_new_tokens: int, label: str = "answers",
     max_rows: int = MAX_ROWS,
 ) -> list[dict]:
-    """Greedy answers {text, tokens, stopped} as evaluate.greedy_answers gives them (stopped: EOS
+    """Greedy answers {text, tokens, stopped} as `greedy_answers` gives them (stopped: EOS
     within max_new_tokens), decoded by the continuous-batching engine, shortest prompts first."""
     from pipeline.teachers.base import Sampling
     from pipeline.teachers.fast_decode import FastDecoder, Job
@@ -101,7 +103,7 @@ def _batches(lengths: list[int], budget: int) -> list[list[int]]:
 def reference_nll(
     model: Any, tokenizer: Any, rows: list[dict], *, token_budget: int = TOKEN_BUDGET, label: str = "nll"
 ) -> list[tuple[float, int]]:
-    """(summed NLL, token count) of each reference answer given its prompt, as evaluate.answer_nll
+    """(summed NLL, token count) of each reference answer given its prompt, as `answer_nll`
     computes it (training's labels: answer tokens and EOS), with logits only at answer positions."""
     import torch
 
@@ -127,4 +129,69 @@ def reference_nll(
             for k, i in enumerate(idx):
                 out[i] = (float(sums[k]), int(counts[k]))
             bar.update(done=len(idx), requests=1, tokens_out=int(mask.sum()))
+    return out
+
+
+# ---------------------------------------------------------------- the plain passes
+
+
+def answer_nll(
+    model: Any, tokenizer: Any, rows: list[dict], *, batch_size: int
+) -> list[tuple[float, int]]:
+    """(summed NLL, token count) of each reference answer given its prompt, as in training's labels."""
+    import torch
+
+    examples = [tokenize_example(tokenizer, r["messages"]) for r in rows]
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = [examples[i] for i in idx]
+        width = max(len(e.input_ids) for e in batch)
+        ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in batch])
+        labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in batch])
+        mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch])
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(logits.device)
+        loss = torch.nn.functional.cross_entropy(
+            shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
+        )
+        for row, i in enumerate(idx):
+            out[i] = (loss[row].sum().item(), int((shift_labels[row] != -100).sum()))
+    return out
+
+
+def greedy_answers(
+    model: Any, tokenizer: Any, rows: list[dict], *, max_new_tokens: int, batch_size: int
+) -> list[dict]:
+    """Greedy answers {text, tokens, stopped}; left-padded batches of similar prompt length."""
+    import torch
+    from transformers import GenerationConfig
+
+    prompts = [prompt_ids(tokenizer, r["messages"][:-1]) for r in rows]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad
+    )
+    out: list[dict] = [{}] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx])
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 generation_config=config)
+        for row, i in enumerate(idx):
+            new = gen[row, width:].tolist()
+            stopped = eos in new
+            new = new[: new.index(eos)] if stopped else new
+            out[i] = {
+                "text": tokenizer.decode(new, skip_special_tokens=True).strip(),
+                "tokens": len(new),
+                "stopped": stopped,
+            }
     return out

@@ -21,6 +21,14 @@ LEVEL = 0.95
 MIN_EXAMPLES = 30  # below this a set is said to be too small to tell a change from noise
 # per-example metrics with an interval: name -> True when higher is better (None: neither)
 PAIRED = {"nll": False, "rouge_l": True, "stop_rate": True, "mean_output_tokens": None}
+METRICS = (  # eval.json's metrics of each side: name, label, True when higher is better
+    ("nll", "NLL / answer token", False),
+    ("perplexity", "perplexity", False),
+    ("rouge_l", "ROUGE-L F1", True),
+    ("stop_rate", "stop rate", True),
+    ("mean_output_tokens", "mean answer tokens", None),
+    ("distinct_2", "distinct-2", True),
+)
 
 
 def paired_bootstrap(
@@ -119,3 +127,24 @@ def findings(name: str, entry: dict) -> list[str]:
     if better:
         out.append(f"{name}: significantly better on " + ", ".join(better))
     return out
+
+
+# ---------------------------------------------------------------- metrics of answers (pure)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 as rouge_score computes it (filters.rouge when present, else rouge_score itself)."""
+    try:
+        from filters.rouge import rouge_l as fast
+    except ImportError:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+        return scorer.score(reference, prediction)["rougeL"].fmeasure
+    return fast(prediction, reference)
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Unique word n-grams over all n-grams of all texts (Li et al., 2016); 0 when there are none."""
+    grams = [tuple(w[i : i + n]) for w in (t.lower().split() for t in texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0

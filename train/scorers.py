@@ -1,6 +1,6 @@
 """Model-based quality scores for instruction records: IFD, length and a reward model.
 
-    sift score --run demo --scorers ifd,length           # the stage that calls these (pipeline/stages/score.py)
+    sift score --run demo --score.scorers ifd,length     # the stage that calls these (pipeline/stages/score.py)
     .venv/bin/python -m pytest tests/train/test_scorers.py -q
 
 Each scorer takes records ({instruction, input, output}) and returns one result per record, in
@@ -97,7 +97,7 @@ def answer_losses(model: Any, pairs: Sequence[tuple[list[int], list[int]]], *, p
     return out
 
 
-def ifd_scores(model: Any, tokenizer: Any, records: Sequence[dict], *, batch_size: int = 8,
+def ifd_scores(model: Any, tokenizer: Any, records: Sequence[dict], *, batch_size: int,
                max_answer_tokens: int = MAX_ANSWER_TOKENS, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
                progress: Progress | None = None) -> list[dict]:
     """IFD of each record: {"value": loss_given_prompt / loss_alone, "loss_given_prompt",
@@ -141,7 +141,7 @@ def reward_input(tokenizer: Any, record: dict) -> dict:
     return {"text": user_text(record), "text_pair": record.get("output") or ""}
 
 
-def reward_scores(model: Any, tokenizer: Any, records: Sequence[dict], *, batch_size: int = 8,
+def reward_scores(model: Any, tokenizer: Any, records: Sequence[dict], *, batch_size: int,
                   max_length: int = 1024, progress: Progress | None = None) -> list[dict]:
     """The reward model's score per record: the logit with one label, else the log-odds of the last."""
     import torch
@@ -153,7 +153,7 @@ def reward_scores(model: Any, tokenizer: Any, records: Sequence[dict], *, batch_
         inputs = [reward_input(tokenizer, r) for r in records[lo:lo + batch_size]]
         pairs = "text_pair" in inputs[0]
         enc = tokenizer([x["text"] for x in inputs], [x["text_pair"] for x in inputs] if pairs else None,
-                        padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+                        padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(model.device)
         with torch.inference_mode():
             logits = model(**enc).logits.float()
         for row in logits:

@@ -436,7 +436,7 @@ def model_info(spec: str = EMBEDDED_ALIAS, /) -> None:
         spec: The embedded alias, a local model folder, a .gguf file, or a Hub id.
     """
     ref = resolve_model(spec)
-    model = load_model(ref, dtype="float32" if ref.kind != "hub" else "auto")
+    model = load_model(ref, dtype="float32" if ref.kind != "hub" else "auto", device="cpu")  # counting only
     tok = load_tokenizer(ref)
     params = sum(p.numel() for p in model.parameters())
     stored = getattr(model.config, "dtype", None) or "?"

@@ -71,7 +71,7 @@ def format_summary(stage: str, stats: dict) -> str:
     parts.append(f"  requests {stats.get('requests', 0)} (cached {stats.get('cache_hits', 0)}), "
                  f"tokens in {stats.get('tokens_in', 0)}, out {stats.get('tokens_out', 0)}, "
                  f"wall {stats.get('wall_time_s', 0):.1f} s")
-    for name, row in (stats.get("by_teacher") or {}).items():  # several teachers (--teachers)
+    for name, row in (stats.get("by_teacher") or {}).items():  # several teachers (teacher.pool)
         parts.append(f"  teacher {name}: {row.get('accepted', 0)} accepted, {row.get('rejected', 0)} rejected; "
                      f"requests {row.get('requests', 0)}, tokens out {row.get('tokens_out', 0)}, "
                      f"{row.get('teacher_seconds', 0):.1f} s")

@@ -30,9 +30,9 @@ PROMPT = "self_instruct_classify"
 JOURNAL = "classify.journal"
 
 
-def default_sampling(max_tokens: int = 3) -> Sampling:
+def default_sampling(settings: ClassifySettings) -> Sampling:
     """Greedy, a few tokens, stop at the line end (the reference's settings)."""
-    return Sampling(temperature=0.0, top_p=1.0, max_tokens=max_tokens, stop=("\n", "Task:"))
+    return Sampling(temperature=0.0, top_p=1.0, max_tokens=settings.max_tokens, stop=("\n", "Task:"))
 
 
 def classify_records(records: list[dict], teacher: Teacher, template: PromptTemplate, sampling: Sampling
@@ -74,7 +74,7 @@ def classify(*, run: str = "demo", teacher: TeacherSettings = TeacherSettings(),
         teacher: the teacher (or teacher.pool) that answers.
         classify: this stage's own settings.
     """
-    sampling = default_sampling(classify.max_tokens)
+    sampling = default_sampling(classify)
     directory = run_dir(run)
     source = directory / "instructions.jsonl"
     records = _read_input(source)
@@ -84,19 +84,20 @@ def classify(*, run: str = "demo", teacher: TeacherSettings = TeacherSettings(),
     options = {**to_dict(teacher=teacher, classify=classify), **({"teachers": specs} if specs else {})}
     with locked(directory):
         cached = open_teachers(directory, teacher, batch_size=classify.batch_size)
-        stats = classify_in(directory, cached, template=template, sampling=sampling,
-                            batch_size=classify.batch_size, records=records, options=options)
+        stats = classify_in(directory, cached, template=template, sampling=sampling, settings=classify,
+                            records=records, options=options)
     print_summary("classify", stats)
     print(f"wrote {directory / 'classified.jsonl'} ({stats['accepted']} records, {stats.get('yes', 0)} classification)")
 
 
 def classify_in(directory: Path, teacher: Teacher, *, template: PromptTemplate | None = None,
-                sampling: Sampling | None = None, batch_size: int = 32, records: list[dict] | None = None,
-                options: dict | None = None) -> dict:
+                sampling: Sampling | None = None, settings: ClassifySettings = ClassifySettings(),
+                records: list[dict] | None = None, options: dict | None = None) -> dict:
     """Classify a run directory's instructions (the caller holds its lock) and write the artifacts."""
+    batch_size = settings.batch_size
     records = records if records is not None else _read_input(directory / "instructions.jsonl")
     template = template or load(PROMPT)
-    sampling = sampling or default_sampling()
+    sampling = sampling or default_sampling(settings)
     identity = getattr(teacher, "identity", teacher.name)
     fingerprint = {"prompt": template.provenance(), "sampling": sampling.to_dict(), "teacher": identity}
     kept, rejected, stats = run_batches(
@@ -109,8 +110,8 @@ def classify_in(directory: Path, teacher: Teacher, *, template: PromptTemplate |
     write_jsonl(directory / "classified.rejected.jsonl", rejected)
     write_json(directory / "classify.stats.json", stats)
     write_jsonl(directory / "classified.jsonl", kept)
-    settings = {**(options or {}), "prompt": template.provenance(), "sampling": sampling.to_dict()}
-    record_stage(directory, "classify", settings, models={"teacher": identity}, stats=stats)
+    resolved = {**(options or {}), "prompt": template.provenance(), "sampling": sampling.to_dict()}
+    record_stage(directory, "classify", resolved, models={"teacher": identity}, stats=stats)
     return stats
 
 

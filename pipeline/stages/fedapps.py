@@ -115,7 +115,7 @@ class Rounds:
     aggregate, evaluate, persist. `observe` sees every reply that reaches the server (tests)."""
 
     def __init__(self, grid: Any, directory: Path, observe: Callable[[Any], None] | None = None) -> None:
-        from train.evaluate import load_heldout, pick
+        from train.eval_sets import load_heldout, pick
         from train.fedlocal import LocalSettings
 
         self.grid, self.directory, self.observe = grid, directory, observe

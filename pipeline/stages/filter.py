@@ -1,7 +1,7 @@
 """Stage `filter`: quality heuristics and exact ROUGE-L dedup, with a ledger of every rejection.
 
     sift filter --run demo                                   # the stage: instances.jsonl -> filtered.jsonl
-    sift filter alpaca_data.json -o kept.jsonl --rules rouge # stand-alone, on any dataset
+    sift filter alpaca_data.json -o kept.jsonl --filter.rules rouge   # stand-alone, on any dataset
 
 Kept plus rejected always equals the input: every dropped record goes to the rejected ledger with
 the reason (the rule's name), the rule's score, and for duplicates the nearest record's id and text.
@@ -23,6 +23,7 @@ from filters.rules import parse_rules
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import all_or_none, content_id, read_records, require, write_json, write_jsonl
 from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.settings import FilterSettings, to_dict
 from pipeline.teachers.tally import per_teacher, record_teacher
 
 
@@ -84,17 +85,18 @@ def eval_texts(path: Path) -> list[str]:
     return [t for t in texts if t]
 
 
-def run_filter(records: list[dict], rules: list[str], *, threshold: float, top_k: int, use_stemmer: bool,
-               workers: int, prefilter: str | None, seeds: Path | None, decontaminate: Path | None
-               ) -> tuple[list[dict], list[dict], list[dict], dict]:
-    """Apply the rules; returns kept records, the rejected ledger, the funnel and stats."""
+def run_filter(records: list[dict], rules: list[str], *, settings: FilterSettings, seeds: Path | None,
+               decontaminate: Path | None) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """Apply the rules (parsed from settings.rules by the caller); returns kept records, the rejected
+    ledger, the funnel and stats."""
     if decontaminate is not None and "contaminated" not in rules:
         rules = [*rules, "contaminated"]
     try:
-        index = RougeIndex(threshold=threshold, use_stemmer=use_stemmer, top_k=top_k, workers=workers,
-                           prefilter=prefilter)
+        index = RougeIndex(threshold=settings.threshold, use_stemmer=settings.use_stemmer, top_k=settings.top_k,
+                           workers=settings.workers, prefilter=settings.prefilter)
     except ValueError as e:
-        raise SiftError(str(e), field="prefilter" if "prefilter" in str(e) else "threshold") from None
+        field = "filter.prefilter" if "prefilter" in str(e) else "filter.threshold"
+        raise SiftError(str(e), field=field) from None
     pool = preload_pool(index, seeds) if seeds is not None else 0
     contamination = build_ngram_index(eval_texts(decontaminate)) if decontaminate is not None else None
     kept, rejected = [], []
@@ -121,19 +123,19 @@ def run_filter(records: list[dict], rules: list[str], *, threshold: float, top_k
 
 
 def check_prefilter(prefilter: str | None) -> None:
-    """A known --prefilter whose library is installed, checked before any file is read."""
+    """A known filter.prefilter whose library is installed, checked before any file is read."""
     if prefilter not in PREFILTERS:
         valid = ", ".join(p for p in PREFILTERS if p)
-        raise SiftError(f"use {valid} (or leave it out for the exact dedup), got {prefilter!r}", field="prefilter")
+        raise SiftError(f"use {valid} (or leave it out for the exact dedup), got {prefilter!r}",
+                        field="filter.prefilter")
     if prefilter == "minhash" and importlib.util.find_spec("datasketch") is None:
-        raise SiftError("--prefilter minhash needs the datasketch library, which is not installed: "
-                        "pip install 'sift-instruct[minhash]' (or pip install datasketch)", field="prefilter")
+        raise SiftError("--filter.prefilter minhash needs the datasketch library, which is not installed: "
+                        "pip install 'sift-instruct[minhash]' (or pip install datasketch)", field="filter.prefilter")
 
 
 def filter_records(input: str | None = None, /, *, output: str | None = None, run: str = "demo",
-                   rules: str | None = None, threshold: float = 0.7, seeds: str | None = None,
-                   top_k: int = 0, use_stemmer: bool = False, decontaminate: str | None = None,
-                   prefilter: str | None = None, workers: int = -1) -> None:
+                   seeds: str | None = None, decontaminate: str | None = None,
+                   filter: FilterSettings = FilterSettings()) -> None:
     """Filter records: quality heuristics and exact ROUGE-L dedup, with a ledger of every rejection.
 
     With no INPUT, the stage: runs/<run>/instances.jsonl -> filtered.jsonl, filtered.rejected.jsonl
@@ -146,23 +148,17 @@ def filter_records(input: str | None = None, /, *, output: str | None = None, ru
         input: a dataset to filter stand-alone; omit to run the stage on runs/<run>/instances.jsonl
         output: where kept records go (stand-alone; .jsonl, or .json for one JSON list); required with INPUT
         run: run name for the stage; artifacts live in runs/<run>/
-        rules: a preset (self-instruct, alpaca), `rouge` alone, or a comma list of rule names
-            (default: self-instruct; stand-alone on instruction-only data the instance rules keep all)
-        threshold: ROUGE-L F1 above which a record duplicates the pool (Self-Instruct and Alpaca: 0.7)
         seeds: pre-load the ROUGE-L pool with this file's instructions (stage default: the run's seeds)
-        top_k: how many most similar pool instructions to score exactly per record, with the mean over
-            the whole pool: an LCS for every pair, about 15x slower (0: dedup only, exact and fastest)
-        use_stemmer: Porter-stem tokens before ROUGE-L (both references: off)
         decontaminate: an evaluation file; drop records sharing a 13-gram with it (reason contaminated)
-        prefilter: `minhash` for an inexact MinHash-LSH prefilter on huge sets (may miss duplicates)
-        workers: threads for the ROUGE-L comparisons (-1: all cores)
+        filter: the rules (default here: self-instruct; stand-alone on instruction-only data the instance
+            rules keep all) and the ROUGE-L dedup.
     """
     started = time.time()
     try:
-        rule_names = parse_rules(rules or "self-instruct")
+        rule_names = parse_rules(filter.rules or "self-instruct")
     except ValueError as e:
-        raise SiftError(str(e), field="rules") from None
-    check_prefilter(prefilter)
+        raise SiftError(str(e), field="filter.rules") from None
+    check_prefilter(filter.prefilter)
     if input is None:
         directory = run_dir(run)
         source = directory / "instances.jsonl"
@@ -171,24 +167,20 @@ def filter_records(input: str | None = None, /, *, output: str | None = None, ru
         seed_path = Path(seeds) if seeds else directory / "seeds.jsonl"
         targets = (directory / "filtered.jsonl", directory / "filtered.rejected.jsonl", directory / "funnel.json")
         with locked(directory):
-            stats = _filter_files(source, targets, rule_names, threshold=threshold, top_k=top_k,
-                                  use_stemmer=use_stemmer, workers=workers, prefilter=prefilter,
+            stats = _filter_files(source, targets, rule_names, settings=filter,
                                   seeds=seed_path if seed_path.exists() else None,
                                   decontaminate=Path(decontaminate) if decontaminate else None)
             stats["wall_seconds"] = round(time.time() - started, 2)
             write_json(directory / "filter.stats.json", stats)
-            record_stage(directory, "filter", {"run": run, "rules": rule_names, "threshold": threshold,
-                                               "seeds": str(seed_path), "top_k": top_k, "use_stemmer": use_stemmer,
-                                               "decontaminate": decontaminate, "prefilter": prefilter},
-                         stats=stats)
+            settings = to_dict(run=run, seeds=str(seed_path), decontaminate=decontaminate, filter=filter)
+            record_stage(directory, "filter", {**settings, "rules": rule_names}, stats=stats)
     else:
         if output is None:
             raise SiftError("-o/--output is required when filtering a file", field="output")
         out = Path(output)
         stem = out.with_suffix("") if out.suffix in (".jsonl", ".json") else out
         targets = (out, Path(f"{stem}.rejected.jsonl"), Path(f"{stem}.funnel.json"))
-        stats = _filter_files(Path(input), targets, rule_names, threshold=threshold, top_k=top_k,
-                              use_stemmer=use_stemmer, workers=workers, prefilter=prefilter,
+        stats = _filter_files(Path(input), targets, rule_names, settings=filter,
                               seeds=Path(seeds) if seeds else None,
                               decontaminate=Path(decontaminate) if decontaminate else None)
         stats["wall_seconds"] = round(time.time() - started, 2)
@@ -202,7 +194,7 @@ def _filter_files(source: Path, targets: tuple[Path, Path, Path], rules: list[st
     kept, rejected, rows, stats = run_filter(records, rules, **options)
     kept_path, rejected_path, funnel_path = targets
     funnel_doc: dict[str, Any] = {"input": len(records), "kept": len(kept), "rules": rows}
-    if len({record_teacher(r) for r in records} - {None}) > 1:  # several teachers (--teachers): each one's funnel
+    if len({record_teacher(r) for r in records} - {None}) > 1:  # several teachers (teacher.pool): each one's funnel
         funnel_doc["by_teacher"] = per_teacher(kept, rejected)
     with all_or_none(*targets):
         write_jsonl(rejected_path, rejected)

@@ -1,20 +1,20 @@
 """Stage `generate`: bootstrap instructions from the seeds with a teacher, resumably.
 
-    sift generate --run demo --recipe self-instruct --n 100      # or: make generate N=100
+    sift generate --run demo --generate.recipe self-instruct --generate.n 100   # or: make generate N=100
 
 Reads runs/<run>/seeds.jsonl; writes instructions.jsonl, instructions.rejected.jsonl (every
 dropped candidate with its reason and raw text) and generate.stats.json (the counts add up:
-candidates = accepted + rejected). The loop runs in rounds of `batch_size` requests; a round's
+candidates = accepted + rejected). The loop runs in rounds of `generate.batch_size` requests; a round's
 prompts depend only on (seed, round index, pool), and each finished round is one entry of
 generate.journal. A killed run, rerun with the same command, replays the journal and goes on:
-same records, none lost or repeated. Raising --n later extends the same run.
+same records, none lost or repeated. Raising --generate.n later extends the same run.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.errors import SiftError
@@ -22,43 +22,49 @@ from pipeline.io.artifacts import content_id, read_jsonl, require, write_json, w
 from pipeline.io.journal import open_journal
 from pipeline.io.progress import StageProgress, print_summary
 from pipeline.io.runs import locked, record_stage, run_dir
-from pipeline.stages.bootstrap import Recipe, decide_round, get_recipe, heuristics_for
+from pipeline.recipes.bootstrap import Recipe, decide_round, get_recipe, heuristics_for
+from pipeline.settings import FilterSettings, GenerateSettings, TeacherSettings, to_dict
 from pipeline.teachers.base import Sampling, Teacher
 from pipeline.teachers.pool import check_teachers, open_teachers
 from pipeline.teachers.prompts import PromptTemplate, load
 from pipeline.teachers.tally import add_usage, per_teacher
 
 JOURNAL = "generate.journal"
-DEFAULT_BATCH = 16  # requests per round: enough to keep a batched teacher busy
 
 
 @dataclass(frozen=True)
-class GenerateSettings:
-    """What shapes the output (all in the journal fingerprint) plus how far to go (n, max_requests)."""
+class BootstrapPlan:
+    """One generate run as the loop sees it, built from the settings by `plan`: what shapes the output
+    (all in the journal fingerprint) plus how far to go (n, max_requests). Checked where the settings are."""
 
-    recipe: str = "self-instruct"  # "self-instruct" (bootstrap) or "alpaca" (one-shot)
-    n: int = 100  # stop once this many instructions are accepted
-    max_requests: int | None = None  # request budget; None: 10 * n + 100, a guard against a stuck teacher
-    batch_size: int = DEFAULT_BATCH  # requests per round (one journal entry each)
-    seed: int = 0  # run seed: prompts and per-request seeds derive from it
-    sampling: Sampling | None = None  # None: the recipe's reference sampling
-    prompt: str | None = None  # template name or path; None: the recipe's own
-    rules: str | None = None  # heuristic preset; None: the recipe's
-    threshold: float = 0.7  # ROUGE-L F1 above which a candidate duplicates the pool
-
-    def __post_init__(self) -> None:
-        if self.n < 1:
-            raise SiftError(f"must be >= 1, got {self.n}", field="n")
-        if self.batch_size < 1:
-            raise SiftError(f"must be >= 1, got {self.batch_size}", field="batch_size")
-        if self.max_requests is not None and self.max_requests < 1:
-            raise SiftError(f"must be >= 1, got {self.max_requests}", field="max_requests")
-        if not 0 <= self.threshold <= 1:
-            raise SiftError(f"must be in [0, 1], got {self.threshold}", field="threshold")
+    recipe: str  # "self-instruct" (bootstrap) or "alpaca" (one-shot)
+    n: int  # stop once this many instructions are accepted
+    max_requests: int | None  # request budget; None: 10 * n + 100, a guard against a stuck teacher
+    batch_size: int  # requests per round (one journal entry each)
+    seed: int  # run seed: prompts and per-request seeds derive from it
+    sampling: Sampling | None  # None: the recipe's reference sampling
+    prompt: str | None  # template name or path; None: the recipe's own
+    rules: str | None  # heuristic preset; None: the recipe's
+    threshold: float  # ROUGE-L F1 above which a candidate duplicates the pool
 
     @property
     def request_budget(self) -> int:
         return self.max_requests if self.max_requests is not None else 10 * self.n + 100
+
+
+def plan(generate: GenerateSettings, filter: FilterSettings) -> BootstrapPlan:
+    """The run's plan: the recipe's sampling with the settings' overrides, and the filter's rules and
+    ROUGE-L threshold (its other fields serve `sift filter`)."""
+    sampling = get_recipe(generate.recipe).default_sampling()
+    overrides = {k: v for k, v in {"temperature": generate.temperature, "top_p": generate.top_p,
+                                   "max_tokens": generate.max_tokens}.items() if v is not None}
+    try:
+        sampling = replace(sampling, **overrides)
+    except ValueError as e:
+        raise SiftError(str(e), field=f"generate.{next(iter(overrides))}" if overrides else None) from None
+    return BootstrapPlan(recipe=generate.recipe, n=generate.n, max_requests=generate.max_requests,
+                         batch_size=generate.batch_size, seed=generate.seed, sampling=sampling,
+                         prompt=generate.prompt, rules=filter.rules, threshold=filter.threshold)
 
 
 def load_seeds(path: Path) -> list[dict]:
@@ -79,7 +85,7 @@ def request_seed(run_seed: int, index: int) -> int:
     return int(content_id([run_seed, index]), 16) & 0x7FFFFFFF
 
 
-def round_requests(recipe: Recipe, template: PromptTemplate, sampling: Sampling, settings: GenerateSettings,
+def round_requests(recipe: Recipe, template: PromptTemplate, sampling: Sampling, settings: BootstrapPlan,
                    seeds: list[dict], machine: list[dict], round_index: int, first_index: int, count: int
                    ) -> list[tuple]:
     """(request, fields, seed ids, machine ids, request index) for one round; pure."""
@@ -93,7 +99,7 @@ def round_requests(recipe: Recipe, template: PromptTemplate, sampling: Sampling,
     return out
 
 
-def run_bootstrap(*, seeds: list[dict], teacher: Teacher, settings: GenerateSettings,
+def run_bootstrap(*, seeds: list[dict], teacher: Teacher, settings: BootstrapPlan,
                   journal_path: Path) -> tuple[list[dict], list[dict], dict]:
     """The bootstrap loop; returns (accepted, rejected, stats) over the whole journal."""
     from filters.rouge import RougeIndex
@@ -183,71 +189,36 @@ def run_bootstrap(*, seeds: list[dict], teacher: Teacher, settings: GenerateSett
     return accepted, rejected, stats
 
 
-def generate(*, run: str = "demo", recipe: str = "self-instruct", teacher: str = "smollm2-135m-instruct",
-             backend: str = "transformers", n: int = 100, max_requests: int | None = None,
-             batch_size: int = DEFAULT_BATCH, seed: int = 0, temperature: float | None = None,
-             top_p: float | None = None, max_tokens: int | None = None, prompt: str | None = None,
-             rules: str | None = None, threshold: float = 0.7, base_url: str | None = None,
-             api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None,
-             teachers: str | None = None) -> None:
+def generate(*, run: str = "demo", teacher: TeacherSettings = TeacherSettings(),
+             generate: GenerateSettings = GenerateSettings(), filter: FilterSettings = FilterSettings()) -> None:
     """Generate instructions from the run's seeds with a teacher (Self-Instruct or Alpaca recipe).
 
     Resumable: rerunning the same command after a crash continues from generate.journal, and
-    raising --n extends a finished run. Teacher calls are cached in the run's cache/.
+    raising generate.n extends a finished run. Teacher calls are cached in the run's cache/.
 
     Args:
         run: run name; artifacts live in runs/<run>/ (or $SIFT_RUNS_DIR/<run>/).
-        recipe: "self-instruct" (bootstrap: 6 seed + 2 machine examples, continue the list) or
-            "alpaca" (3 seeds, instruction/input/output written together).
-        teacher: model: the embedded alias, a local folder, a .gguf file, or a served model name.
-        backend: "transformers" (in-process), "vllm" (GPU) or "openai" (any compatible server).
-        n: number of instructions to accept.
-        max_requests: request budget; default 10*n+100.
-        batch_size: requests per round; each finished round is journaled.
-        seed: run seed; prompts and per-request sampling seeds derive from it.
-        temperature: sampling temperature; default the recipe's (0.7 self-instruct, 1.0 alpaca).
-        top_p: nucleus mass; default the recipe's (0.5 self-instruct, 1.0 alpaca).
-        max_tokens: new tokens per response; default the recipe's (1024 self-instruct, 3072 alpaca).
-        prompt: your own template file (placeholders {examples} and {next}); default the recipe's.
-        rules: heuristic preset; default the recipe's ("self-instruct" or "alpaca").
-        threshold: ROUGE-L F1 above which a candidate duplicates the pool (0.7 in both references).
-        base_url: server URL for the openai backend, e.g. http://localhost:8000/v1.
-        api_key_env: environment variable holding the API key (never logged).
-        teacher_options: the backend's own settings as comma-separated key=value pairs, e.g.
-            "timeout=300,max_retries=10" (openai), "engine=hf" or "device=cuda" (transformers).
-        teachers: several teachers instead of --teacher: a teachers file (YAML/TOML: name, model, backend,
-            options, share) or comma-separated models, each optionally =share; requests are spread by share.
+        teacher: the teacher (or teacher.pool) that writes the instructions.
+        generate: this stage's own settings: recipe, how many, sampling, prompt.
+        filter: the heuristic rules (default: the recipe's) and the ROUGE-L threshold each candidate meets.
     """
-    rec = get_recipe(recipe)
-    sampling = rec.default_sampling()
-    overrides = {k: v for k, v in {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}.items()
-                 if v is not None}
-    try:
-        sampling = replace(sampling, **overrides)
-    except ValueError as e:
-        raise SiftError(str(e), field=next(iter(overrides), None)) from None
-    settings = GenerateSettings(recipe=recipe, n=n, max_requests=max_requests, batch_size=batch_size, seed=seed,
-                                sampling=sampling, prompt=prompt, rules=rules, threshold=threshold)
+    settings = plan(generate, filter)
+    rec = get_recipe(settings.recipe)
     directory = run_dir(run)
     seeds = load_seeds(directory / "seeds.jsonl")
     # fail on a bad template or rule name before the model loads
     load(settings.prompt or rec.PROMPT).check({"examples", "next"}, required={"examples"})
     heuristics_for(settings.rules or rec.RULES)
-    specs = check_teachers(teachers, backend=backend, base_url=base_url, api_key_env=api_key_env,
-                           teacher_options=teacher_options)
+    specs = check_teachers(teacher)
+    options = {**to_dict(teacher=teacher, generate=generate, filter=filter), **({"teachers": specs} if specs else {})}
     with locked(directory):
-        cached = open_teachers(directory, teachers=teachers, teacher=teacher, backend=backend,
-                               batch_size=batch_size, base_url=base_url, api_key_env=api_key_env,
-                               teacher_options=teacher_options)
-        options = {"teacher": teacher, "backend": backend, "base_url": base_url,
-                   "api_key_env": api_key_env, "teacher_options": teacher_options}
-        stats = generate_in(directory, cached, settings, seeds=seeds,
-                            options={**options, "teachers": specs} if specs else options)
+        cached = open_teachers(directory, teacher, batch_size=generate.batch_size)
+        stats = generate_in(directory, cached, settings, seeds=seeds, options=options)
     print_summary("generate", stats)
     print(f"wrote {directory / 'instructions.jsonl'} ({stats['accepted']} records)")
 
 
-def generate_in(directory: Path, teacher: Teacher, settings: GenerateSettings, *, seeds: list[dict] | None = None,
+def generate_in(directory: Path, teacher: Teacher, settings: BootstrapPlan, *, seeds: list[dict] | None = None,
                 options: dict | None = None) -> dict:
     """Run the loop for a run directory (the caller holds its lock) and write the artifacts."""
     seeds = seeds if seeds is not None else load_seeds(directory / "seeds.jsonl")
@@ -256,8 +227,10 @@ def generate_in(directory: Path, teacher: Teacher, settings: GenerateSettings, *
     write_jsonl(directory / "instructions.rejected.jsonl", rejected)
     write_json(directory / "generate.stats.json", stats)
     write_jsonl(directory / "instructions.jsonl", accepted)  # last: make's target, written when all is done
-    sampling = settings.sampling or get_recipe(settings.recipe).default_sampling()
-    resolved = {**asdict(settings), "sampling": sampling.to_dict(), **(options or {})}
+    recipe = get_recipe(settings.recipe)
+    sampling = settings.sampling or recipe.default_sampling()
+    # the settings as given, then what they resolved to: the recipe's sampling and rules where left unset
+    resolved = {**(options or {}), "sampling": sampling.to_dict(), "rules": settings.rules or recipe.RULES}
     identity = getattr(teacher, "identity", teacher.name)
     record_stage(directory, "generate", resolved, models={"teacher": identity}, stats=stats)
     return stats

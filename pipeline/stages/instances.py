@@ -20,6 +20,7 @@ from pipeline.io.artifacts import iter_jsonl, write_json, write_jsonl
 from pipeline.io.batched import check_ids, run_batches
 from pipeline.io.progress import print_summary
 from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.settings import InstancesSettings, TeacherSettings, to_dict
 from pipeline.teachers.base import Sampling, Teacher
 from pipeline.teachers.parsers import parse_input_first, parse_output_first
 from pipeline.teachers.pool import check_teachers, open_teachers, teacher_of
@@ -31,10 +32,10 @@ PROMPT_OUTPUT_FIRST = "self_instruct_instances_output_first"
 JOURNAL = "instances.journal"
 
 
-def default_sampling(max_tokens: int = 300, max_instances: int = 5) -> Sampling:
+def default_sampling(settings: InstancesSettings) -> Sampling:
     """Greedy with presence_penalty 1.5; stop before one example too many or the next task."""
-    return Sampling(temperature=0.0, top_p=1.0, max_tokens=max_tokens, presence_penalty=1.5,
-                    stop=(f"Example {max_instances + 1}", "Task:"))
+    return Sampling(temperature=0.0, top_p=1.0, max_tokens=settings.max_tokens, presence_penalty=1.5,
+                    stop=(f"Example {settings.max_instances + 1}", "Task:"))
 
 
 def _provenance(rec: dict, prov: dict) -> dict:
@@ -90,64 +91,42 @@ def instance_records(records: list[dict], teacher: Teacher, templates: dict[bool
     return kept, rejected, counters
 
 
-def instances(*, run: str = "demo", teacher: str = "smollm2-135m-instruct", backend: str = "transformers",
-              batch_size: int = 32, max_instances: int = 5, max_tokens: int = 300,
-              prompt_input_first: str | None = None, prompt_output_first: str | None = None,
-              base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-              teacher_options: str | None = None, teachers: str | None = None) -> None:
+def instances(*, run: str = "demo", teacher: TeacherSettings = TeacherSettings(),
+              instances: InstancesSettings = InstancesSettings()) -> None:
     """Generate input/output instances for each classified instruction (input- or output-first).
 
     Resumable: finished batches go to instances.journal; rerunning skips them.
 
     Args:
         run: run name; artifacts live in runs/<run>/.
-        teacher: model: the embedded alias, a local folder, a .gguf file, or a served model name.
-        backend: "transformers" (in-process), "vllm" (GPU) or "openai" (any compatible server).
-        batch_size: records per batch (and per journal entry).
-        max_instances: instances kept per task (5 in Self-Instruct).
-        max_tokens: new tokens per response (about 300 in the reference).
-        prompt_input_first: your own template for non-classification tasks (placeholder {instruction}).
-        prompt_output_first: your own template for classification tasks (placeholder {instruction}).
-        base_url: server URL for the openai backend.
-        api_key_env: environment variable holding the API key (never logged).
-        teacher_options: the backend's own settings as comma-separated key=value pairs, e.g.
-            "timeout=300,max_retries=10" (openai), "engine=hf" or "device=cuda" (transformers).
-        teachers: several teachers instead of --teacher: a teachers file (YAML/TOML: name, model, backend,
-            options, share) or comma-separated models, each optionally =share; records are spread by share.
+        teacher: the teacher (or teacher.pool) that writes the instances.
+        instances: this stage's own settings.
     """
-    if max_instances < 1:
-        raise SiftError(f"must be >= 1, got {max_instances}", field="max_instances")
     directory = run_dir(run)
     records = read_classified(directory / "classified.jsonl")
-    templates = {False: load(prompt_input_first or PROMPT_INPUT_FIRST),
-                 True: load(prompt_output_first or PROMPT_OUTPUT_FIRST)}
+    templates = {False: load(instances.prompt_input_first or PROMPT_INPUT_FIRST),
+                 True: load(instances.prompt_output_first or PROMPT_OUTPUT_FIRST)}
     for t in templates.values():
         t.check({"instruction"}, required={"instruction"})
-    try:
-        sampling = default_sampling(max_tokens, max_instances)
-    except ValueError as e:
-        raise SiftError(str(e), field="max_tokens") from None
-    specs = check_teachers(teachers, backend=backend, base_url=base_url, api_key_env=api_key_env,
-                           teacher_options=teacher_options)
-    options = {"teacher": teacher, "backend": backend, "base_url": base_url, "api_key_env": api_key_env,
-               "teacher_options": teacher_options, **({"teachers": specs} if specs else {})}
+    sampling = default_sampling(instances)
+    specs = check_teachers(teacher)
+    options = {**to_dict(teacher=teacher, instances=instances), **({"teachers": specs} if specs else {})}
     with locked(directory):
-        cached = open_teachers(directory, teachers=teachers, teacher=teacher, backend=backend,
-                               batch_size=batch_size, base_url=base_url, api_key_env=api_key_env,
-                               teacher_options=teacher_options)
-        stats = instances_in(directory, cached, templates=templates, sampling=sampling, batch_size=batch_size,
-                             max_instances=max_instances, records=records, options=options)
+        cached = open_teachers(directory, teacher, batch_size=instances.batch_size)
+        stats = instances_in(directory, cached, templates=templates, sampling=sampling, settings=instances,
+                             records=records, options=options)
     print_summary("instances", stats)
     print(f"wrote {directory / 'instances.jsonl'} ({stats['accepted']} records, {stats.get('instances', 0)} instances)")
 
 
 def instances_in(directory: Path, teacher: Teacher, *, templates: dict[bool, PromptTemplate] | None = None,
-                 sampling: Sampling | None = None, batch_size: int = 32, max_instances: int = 5,
+                 sampling: Sampling | None = None, settings: InstancesSettings = InstancesSettings(),
                  records: list[dict] | None = None, options: dict | None = None) -> dict:
     """Write instances for a run directory's classified records (the caller holds its lock)."""
+    batch_size, max_instances = settings.batch_size, settings.max_instances
     records = records if records is not None else read_classified(directory / "classified.jsonl")
     templates = templates or {False: load(PROMPT_INPUT_FIRST), True: load(PROMPT_OUTPUT_FIRST)}
-    sampling = sampling or default_sampling(max_instances=max_instances)
+    sampling = sampling or default_sampling(settings)
     identity = getattr(teacher, "identity", teacher.name)
     prompts = [templates[False].provenance(), templates[True].provenance()]
     fingerprint = {"prompts": prompts, "sampling": sampling.to_dict(), "teacher": identity,
@@ -162,9 +141,8 @@ def instances_in(directory: Path, teacher: Teacher, *, templates: dict[bool, Pro
     write_jsonl(directory / "instances.rejected.jsonl", rejected)
     write_json(directory / "instances.stats.json", stats)
     write_jsonl(directory / "instances.jsonl", kept)
-    settings = {**(options or {}), "batch_size": batch_size, "max_instances": max_instances, "prompts": prompts,
-                "sampling": sampling.to_dict()}
-    record_stage(directory, "instances", settings, models={"teacher": identity}, stats=stats)
+    resolved = {**(options or {}), "prompts": prompts, "sampling": sampling.to_dict()}
+    record_stage(directory, "instances", resolved, models={"teacher": identity}, stats=stats)
     return stats
 
 

@@ -168,7 +168,7 @@ def untrained_eval(round_dir: Path) -> dict | None:
 
 def eval_rows(records: list[dict], valid_ids: set[str], limit: int, seed: int) -> list[dict]:
     """The original training examples the student is scored on (a seeded subset with --loop.eval_limit)."""
-    from train.evaluate import pick
+    from train.eval_sets import pick
 
     rows = [{**r, "messages": to_messages(r["instruction"], r["input"], r["output"])}
             for r in records if r["id"] not in valid_ids]
@@ -181,8 +181,8 @@ def score_examples(round_dir: Path, rows: list[dict], *, student: StudentSetting
     answers greedily, the answer is scored; journaled per batch."""
     from transformers import AutoTokenizer
 
-    from train.eval_passes import load_side
-    from train.evaluate import greedy_answers, rouge_l
+    from train.eval_passes import greedy_answers, load_side
+    from train.eval_stats import rouge_l
 
     folder = round_dir / "student"
     loaded: dict[str, Any] = {}

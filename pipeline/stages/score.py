@@ -1,16 +1,18 @@
 """Stage `score`: score every record (IFD, length, judge, reward), then keep the best, with a ledger.
 
     sift score --run demo                                          # filtered.jsonl -> scored.jsonl (make score)
-    sift score alpaca_data.json -o scored.jsonl --scorers ifd,judge --keep "ifd<1,top=0.25:judge"
+    sift score alpaca_data.json -o scored.jsonl --score.scorers ifd,judge --score.keep "ifd<1,top=0.25:judge"
 
 Every kept record gets a `scores` object of numbers (`scores.ifd`, `scores.ifd_loss_given_prompt`,
 `scores.ifd_loss_alone`, `scores.length`, `scores.judge`, `scores.reward`; None where a record has
-no score) and `score_details` (how each was computed, e.g. the judge's method). `--keep` rules
+no score) and `score_details` (how each was computed, e.g. the judge's method). `score.keep` rules
 (filters/selection.py) then drop records into scored.rejected.jsonl with the reason and the score;
 their funnel rows go into funnel.json after the filter's rules. Scores are cached per (scorer,
 model, settings, record) in an append-only journal (runs/<run>/cache/scores.jsonl, or OUT's
 `.cache.jsonl` stand-alone), written after each batch: a killed run resumes where it stopped, and a
-rerun with other `--keep` rules recomputes nothing.
+rerun with other `score.keep` rules recomputes nothing. The ifd and reward models run on
+`student.device` (auto: CUDA when torch sees a GPU); the judge is the `teacher:` section, built as
+every stage builds its teacher (options, key variable, vLLM, pools).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from pipeline.io.artifacts import (
 )
 from pipeline.io.progress import StageProgress
 from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.settings import ScoreSettings, StudentSettings, TeacherSettings, to_dict
+from pipeline.teachers.pool import check_teachers, open_teachers
 
 SCORERS = ("ifd", "length", "judge", "reward")
 # the numbers each scorer puts in `scores` (the first is the scorer's own name)
@@ -48,10 +52,10 @@ ScoreFn = Callable[[list[dict]], list[dict]]
 def parse_scorers(spec: str) -> list[str]:
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
-        raise SiftError("name at least one scorer", field="scorers")
+        raise SiftError("name at least one scorer", field="score.scorers")
     unknown = [n for n in names if n not in SCORERS]
     if unknown:
-        raise SiftError(f"unknown scorer {unknown[0]!r}; scorers: {', '.join(SCORERS)}", field="scorers")
+        raise SiftError(f"unknown scorer {unknown[0]!r}; scorers: {', '.join(SCORERS)}", field="score.scorers")
     return list(dict.fromkeys(names))
 
 
@@ -79,28 +83,26 @@ def read_scorable(path: Path) -> list[dict]:
 class Scorers:
     """Builds each scorer's model on first use, so a fully cached rerun loads nothing."""
 
-    def __init__(self, *, model: str, dtype: str, batch_size: int, teacher: dict[str, Any],
-                 reward_model: str | None, judge_prompt: str | None) -> None:
-        self.model, self.dtype, self.batch_size = model, dtype, batch_size
-        self.teacher_options, self.reward_model, self.judge_prompt = teacher, reward_model, judge_prompt
+    def __init__(self, *, student: StudentSettings, teacher: TeacherSettings, score: ScoreSettings) -> None:
+        self.student, self.teacher, self.score = student, teacher, score
         self._built: dict[str, ScoreFn] = {}
 
     def identity(self, name: str) -> dict:
         """What the cache key holds besides the record: the model and every setting that changes the score."""
         if name == "ifd":
-            return {"model": self.model, "dtype": self.dtype, "format": "chat-or-alpaca/v1"}
+            return {"model": self.student.model, "dtype": self.student.dtype, "format": "chat-or-alpaca/v1"}
         if name == "judge":
             from train.rating import load_prompt
 
-            t = self.teacher_options
-            ident = {"teacher": t["teacher"], "backend": t["backend"], "base_url": t.get("base_url"),
-                     "teacher_options": t.get("teacher_options"), "prompt": load_prompt(self.judge_prompt).sha}
-            specs = judge_specs(t)
+            t = self.teacher
+            ident = {"teacher": t.model, "backend": t.backend, "base_url": t.base_url,
+                     "teacher_options": t.options, "prompt": load_prompt(self.score.judge_prompt).sha}
+            specs = check_teachers(t)
             if specs:  # several judges: each one's model, backend, server, options and share
                 ident["teachers"] = [{k: v for k, v in spec.items() if k != "api_key_env"} for spec in specs]
             return ident
         if name == "reward":
-            return {"model": self.reward_model}
+            return {"model": self.score.reward_model}
         return {}
 
     def get(self, name: str, progress: Callable[[int], None]) -> ScoreFn:
@@ -118,18 +120,18 @@ class Scorers:
         from pipeline.io.models import load_model, load_tokenizer
         from train.scorers import ifd_scores, prepare_tokenizer
 
-        model, tok = load_model(self.model, dtype=self.dtype), load_tokenizer(self.model)
+        s = self.student
+        model, tok = load_model(s.model, dtype=s.dtype, device=s.device), load_tokenizer(s.model)
         prepare_tokenizer(tok)
-        return lambda recs, progress: ifd_scores(model, tok, recs, batch_size=self.batch_size, progress=progress)
+        size = self.score.batch_size
+        return lambda recs, progress: ifd_scores(model, tok, recs, batch_size=size, progress=progress)
 
     def _build_judge(self) -> Any:
-        from pipeline.teachers.options import make_backend
         from train.rating import judge_scores, load_prompt
 
-        template = load_prompt(self.judge_prompt)
-        options = {k: v for k, v in self.teacher_options.items() if k != "teachers"}
-        teacher = judge_pool(self.teacher_options, batch_size=self.batch_size) \
-            if self.teacher_options.get("teachers") else make_backend(batch_size=self.batch_size, **options)
+        template = load_prompt(self.score.judge_prompt)
+        # no teacher cache (directory None): the scores cache keeps every rating
+        teacher = open_teachers(None, self.teacher, batch_size=self.score.batch_size)
 
         def run(recs: list[dict], progress: Callable[[int], None]) -> list[dict]:
             out = judge_scores(teacher, recs, template=template)
@@ -141,29 +143,9 @@ class Scorers:
     def _build_reward(self) -> Any:
         from train.scorers import reward_scores
 
-        model, tok = load_reward_model(self.reward_model)
-        return lambda recs, progress: reward_scores(model, tok, recs, batch_size=self.batch_size, progress=progress)
-
-
-def judge_specs(settings: dict[str, Any]) -> list[dict] | None:
-    """The resolved --teachers specs of the judge settings (None for a single judge)."""
-    from pipeline.teachers.pool import check_teachers
-
-    return check_teachers(settings.get("teachers"), backend=settings["backend"], base_url=settings.get("base_url"),
-                          api_key_env=settings.get("api_key_env") or "OPENAI_API_KEY",
-                          teacher_options=settings.get("teacher_options"))
-
-
-def judge_pool(settings: dict[str, Any], *, batch_size: int) -> Any:
-    """Several judges as one TeacherPool. Like the single judge, no teacher cache: the scores cache
-    keeps every rating."""
-    from pipeline.teachers.pool import open_pool
-    from pipeline.teachers.specs import parse_teachers
-
-    specs = parse_teachers(settings["teachers"], backend=settings["backend"], base_url=settings.get("base_url"),
-                           api_key_env=settings.get("api_key_env") or "OPENAI_API_KEY",
-                           teacher_options=settings.get("teacher_options"))
-    return open_pool(None, specs, batch_size=batch_size)
+        model, tok = load_reward_model(self.score.reward_model, device=self.student.device)
+        size = self.score.batch_size
+        return lambda recs, progress: reward_scores(model, tok, recs, batch_size=size, progress=progress)
 
 
 def judge_tally(records: list[dict]) -> dict[str, dict[str, int]]:
@@ -182,24 +164,34 @@ def judge_tally(records: list[dict]) -> dict[str, dict[str, int]]:
     return dict(sorted(table.items()))
 
 
-def load_reward_model(folder: str | None) -> tuple[Any, Any]:
+def check_reward_model(folder: str | None) -> Path:
+    """The reward model's folder, or the clear message (before anything loads)."""
     if not folder:
-        raise SiftError("the reward scorer needs --reward-model: a folder with a sequence-classification "
+        raise SiftError("the reward scorer needs --score.reward_model: a folder with a sequence-classification "
                         "reward model (e.g. OpenAssistant/reward-model-deberta-v3-large-v2 saved locally)",
-                        field="reward_model")
+                        field="score.reward_model")
     path = Path(folder)
     if not (path / "config.json").is_file():
-        raise SiftError("no config.json: not a model folder", path=path, field="reward_model")
+        raise SiftError("no config.json: not a model folder", path=path, field="score.reward_model")
+    return path
+
+
+def load_reward_model(folder: str | None, *, device: str) -> tuple[Any, Any]:
+    """(model, tokenizer) of a sequence-classification reward model, in eval mode on `device`
+    (a setting: auto is resolved here)."""
+    path = check_reward_model(folder)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from pipeline.io.models import resolve_device
+
+    where = resolve_device(device)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path)
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise SiftError(f"cannot load a sequence-classification model: {e}", path=path,
-                        field="reward_model") from None
-    model.eval()
-    return model, tok
+                        field="score.reward_model") from None
+    return model.to(where).eval(), tok
 
 
 # ---------------------------------------------------------------- the cached loop
@@ -269,15 +261,12 @@ def score_records(records: list[dict], names: list[str], keep: str | None, score
 
 
 def score(input: str | None = None, /, *, output: str | None = None, run: str = "demo",
-          scorers: str = "ifd,length", keep: str | None = None, model: str = "smollm2-135m-instruct",
-          dtype: str = "auto", teacher: str = "smollm2-135m-instruct", backend: str = "transformers",
-          base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None,
-          judge_prompt: str | None = None, reward_model: str | None = None, batch_size: int = 8,
-          teachers: str | None = None) -> None:
+          student: StudentSettings = StudentSettings(), teacher: TeacherSettings = TeacherSettings(),
+          score: ScoreSettings = ScoreSettings()) -> None:
     """Score every record (ifd, length, judge, reward) and keep the best, with a ledger of the dropped.
 
     With no INPUT, the stage: runs/<run>/filtered.jsonl -> scored.jsonl and scored.rejected.jsonl, and
-    the --keep rows appended to funnel.json. With INPUT (JSONL or a JSON list of records with
+    the score.keep rows appended to funnel.json. With INPUT (JSONL or a JSON list of records with
     `instruction`, optional `input`, and `output`), writes OUT and OUT.rejected.jsonl, OUT.funnel.json.
     Every record gets `scores` (numbers) and `score_details`. Cached per (scorer, model, record) and
     resumable: a killed or repeated run recomputes nothing it finished.
@@ -286,48 +275,31 @@ def score(input: str | None = None, /, *, output: str | None = None, run: str = 
         input: a dataset to score stand-alone; omit to run the stage on runs/<run>/filtered.jsonl
         output: where kept records go (stand-alone; .jsonl); required with INPUT
         run: run name for the stage; artifacts live in runs/<run>/
-        scorers: comma list of ifd (instruction-following difficulty, Cherry LLM), length (answer words),
-            judge (the teacher's 1-5 rating, AlpaGasus / G-Eval), reward (a reward model folder)
-        keep: selection rules in order, e.g. "ifd<1,judge>=4,top=0.25:judge" (SCORE<N, <=, >, >=, ==, or
-            top=FRACTION:SCORE, the highest; for ifd the hardest, so put ifd<1 first); none: keep all
-        model: the causal LM that computes ifd (default: the embedded student base model)
-        dtype: the ifd model's dtype: auto (bfloat16 where the CPU has it), float32, bfloat16
-        teacher: the judge's model (as for sift generate)
-        backend: the judge's backend: transformers, vllm or openai
-        base_url: server URL for the openai backend
-        api_key_env: environment variable holding the API key (never logged)
-        teacher_options: the judge backend's own settings as key=value pairs (see sift generate)
-        judge_prompt: your own rating prompt file (placeholders {instruction}, {input}, {output})
-        reward_model: a sequence-classification reward model folder (needed by the reward scorer)
-        batch_size: records per forward pass
-        teachers: several judges instead of --teacher: a teachers file (YAML/TOML: name, model, backend,
-            options, share) or comma-separated models, each optionally =share; records are spread by share,
-            and score_details.judge.teacher names the judge of each
+        student: the model that computes ifd (student.model), and where ifd and reward run (device, dtype).
+        teacher: the judge (or teacher.pool, several judges; score_details.judge.teacher names each one's).
+        score: this stage's own settings: scorers, keep rules, judge prompt, reward model, batch size.
     """
     started = time.time()
-    names = parse_scorers(scorers)
+    names = parse_scorers(score.scorers)
+    keep = score.keep
     try:
         parse_keep(keep, [f for n in names for f in SCORE_FIELDS[n]])
     except ValueError as e:
-        raise SiftError(str(e), field="keep") from None
-    if batch_size < 1:
-        raise SiftError(f"must be >= 1, got {batch_size}", field="batch_size")
-    if "reward" in names and not reward_model:
-        load_reward_model(reward_model)  # the clear message, before anything loads
-    teacher_settings = {"teacher": teacher, "backend": backend, "base_url": base_url, "api_key_env": api_key_env,
-                        "teacher_options": teacher_options}
+        raise SiftError(str(e), field="score.keep") from None
+    if "reward" in names:
+        check_reward_model(score.reward_model)  # the clear message, before anything loads
+    if {"ifd", "reward"} & set(names):
+        from pipeline.io.models import resolve_device
+
+        resolve_device(student.device)  # a device torch does not have fails here, before any work
     specs = None
     if "judge" in names:
         from train.rating import load_prompt
 
-        load_prompt(judge_prompt)
-        if teachers:
-            specs = judge_specs({**teacher_settings, "teachers": teachers})  # a bad file fails before anything loads
-            teacher_settings["teachers"] = teachers
-    built = Scorers(model=model, dtype=dtype, batch_size=batch_size, teacher=teacher_settings,
-                    reward_model=reward_model, judge_prompt=judge_prompt)
-    settings = {"scorers": names, "keep": keep, "model": model, "dtype": dtype, **teacher_settings,
-                "judge_prompt": judge_prompt, "reward_model": reward_model, "batch_size": batch_size}
+        load_prompt(score.judge_prompt)
+        specs = check_teachers(teacher)  # a bad teachers file fails before anything loads
+    built = Scorers(student=student, teacher=teacher, score=score)
+    settings = to_dict(student=student, teacher=teacher, score=score)
     if specs:
         settings["teachers"] = specs
     if input is None:

@@ -1,6 +1,6 @@
 """The `openai` teacher: any OpenAI-compatible HTTP server (`vllm serve`, llama.cpp, Ollama, hosted APIs).
 
-    sift generate --teacher openai --model Qwen/Qwen2.5-7B-Instruct --base-url http://localhost:8000/v1
+    sift generate --teacher.backend openai --teacher.model Qwen2.5-7B --teacher.base_url http://localhost:8000/v1
 
 `Request.prompt` goes to `/v1/completions`, `Request.messages` to `/v1/chat/completions`. Requests
 run concurrently (a bounded thread pool), each with a timeout, and are retried with exponential

@@ -1,10 +1,10 @@
-"""Build the teacher a stage asks for from its command-line options, wrapped in the run's cache.
+"""Build the teacher a stage asks for from its `teacher:` settings, wrapped in the run's cache.
 
     teacher = open_teacher(run_dir, teacher="smollm2-135m-instruct", backend="transformers", batch_size=32)
 
 Shared by `sift generate`, `sift classify` and `sift instances`, so the three take the same
-options (`--teacher`, `--backend`, `--base-url`, `--api-key-env`, `--teacher-options`) and share one cache,
-runs/<run>/cache/teacher.jsonl.
+settings (`--teacher.model`, `--teacher.backend`, `--teacher.base_url`, `--teacher.api_key_env`,
+`--teacher.options`) and share one cache, runs/<run>/cache/teacher.jsonl.
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ from pipeline.typed import converter, unwrap_optional
 
 BACKENDS = ("transformers", "vllm", "openai")
 CACHE_FILE = Path("cache") / "teacher.jsonl"
+OPTIONS_FIELD = "teacher.options"  # the setting errors about a backend's own options name
 
 
 KINDS = {bool: "true or false", int: "an integer", float: "a number"}
-# set by sift itself from its own options, so --teacher-options may not
-RESERVED = {"base_url": "--base-url", "api_key_env": "--api-key-env", "batch_size": "--batch-size",
-            "on_batch": None}
+# set by sift itself from its own settings, so teacher.options may not
+RESERVED = {"base_url": "--teacher.base_url", "api_key_env": "--teacher.api_key_env",
+            "batch_size": "the stage's batch_size (e.g. --generate.batch_size)", "on_batch": None}
 
 
 def parse_teacher_options(text: str | None, backend: str) -> dict[str, Any]:
-    """`--teacher-options "timeout=300,max_retries=10"` -> {"timeout": 300.0, "max_retries": 10}: the
+    """`--teacher.options "timeout=300,max_retries=10"` -> {"timeout": 300.0, "max_retries": 10}: the
     backend's own keyword options, each value converted to that option's type. An unknown key or a
     bad value is one SiftError naming it and listing what the backend takes."""
     if not text or not text.strip():
@@ -40,14 +41,14 @@ def parse_teacher_options(text: str | None, backend: str) -> dict[str, Any]:
         key, eq, value = (x.strip() for x in item.partition("="))
         key = key.replace("-", "_")
         if not eq or not key:
-            raise SiftError(f"expected key=value, got {item!r}", field="teacher_options")
+            raise SiftError(f"expected key=value, got {item!r}", field=OPTIONS_FIELD)
         if key in raw:
-            raise SiftError(f"{key} is given twice", field="teacher_options")
+            raise SiftError(f"{key} is given twice", field=OPTIONS_FIELD)
         raw[key] = value
     return check_teacher_options(raw, backend)
 
 
-def check_teacher_options(raw: dict[str, Any], backend: str, *, field: str = "teacher_options",
+def check_teacher_options(raw: dict[str, Any], backend: str, *, field: str = OPTIONS_FIELD,
                           path: Path | None = None, line: int | None = None) -> dict[str, Any]:
     """The backend's own keyword options from raw values (strings from the command line, or typed
     values from a teachers file), each converted to the option's type; one SiftError otherwise."""
@@ -86,13 +87,14 @@ def make_backend(*, teacher: str, backend: str, batch_size: int, base_url: str |
     backend's own settings as key=value pairs (see `parse_teacher_options`), `checked_options` the
     same already converted (a teachers file's `options`)."""
     if backend not in BACKENDS:
-        raise SiftError(f"unknown backend {backend!r} (choose one of {', '.join(BACKENDS)})", field="backend")
+        raise SiftError(f"unknown backend {backend!r} (choose one of {', '.join(BACKENDS)})",
+                        field="teacher.backend")
     own = {**parse_teacher_options(teacher_options, backend), **(checked_options or {})}
     options: dict = dict(own)
     if backend == "openai":
         if not base_url:
-            raise SiftError("the openai backend needs --base-url (e.g. http://localhost:8000/v1)",
-                            field="base_url")
+            raise SiftError("the openai backend needs --teacher.base_url (e.g. http://localhost:8000/v1)",
+                            field="teacher.base_url")
         options.update(base_url=base_url, api_key_env=api_key_env)
     elif backend == "transformers":
         options["batch_size"] = batch_size  # vLLM schedules every pending request itself
@@ -100,10 +102,10 @@ def make_backend(*, teacher: str, backend: str, batch_size: int, base_url: str |
 
     try:
         return make_teacher(backend, teacher, **options)
-    except ValueError as e:  # the backend's own range checks (e.g. engine, lanes) on --teacher-options
+    except ValueError as e:  # the backend's own range checks (e.g. engine, lanes) on teacher.options
         if not own:
             raise
-        raise SiftError(str(e), field="teacher_options") from None
+        raise SiftError(str(e), field=OPTIONS_FIELD) from None
 
 
 def open_teacher(directory: Path, *, teacher: str, backend: str, batch_size: int,

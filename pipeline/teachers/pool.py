@@ -1,7 +1,7 @@
 """Several teachers behind the one Teacher protocol: requests spread by shares, each teacher cached on
 its own, every completion naming the teacher that wrote it.
 
-    pool = open_teachers(run_dir, teachers="teachers.yaml", batch_size=16)   # or teachers="a,b=2"
+    pool = open_teachers(run_dir, TeacherSettings(pool="teachers.yaml"), batch_size=16)   # or pool="a,b=2"
     completions = pool.generate(requests)       # completion.teacher = {name, model, identity, backend}
 
 Each generate() call (a round of `sift generate`, a batch of classify or instances) is apportioned
@@ -10,7 +10,7 @@ every prefix of a call, and the call itself, gives each teacher its share to wit
 and the same call on a resume gets the same assignment. A teacher that fails every request it is
 sent in a call is marked down (`pool.down` says why): those requests, and its share from then on,
 go to the others. Each teacher keeps its own cache, runs/<run>/cache/teachers/<name>.jsonl, and its
-own figures (`usage`: requests, tokens, seconds, errors, cache hits). Without --teachers,
+own figures (`usage`: requests, tokens, seconds, errors, cache hits). Without teacher.pool,
 `open_teachers` returns the single cached teacher exactly as before.
 
 `first_token_probs(requests, names=pool.assign(n))` (the judge's G-Eval rating, logprobs.py) asks

@@ -1,4 +1,4 @@
-"""Backend name -> teacher: the one place a stage turns `--teacher openai` into an object.
+"""Backend name -> teacher: the one place a stage turns `--teacher.backend openai` into an object.
 
     teacher = make_teacher("openai", "Qwen/Qwen2.5-7B-Instruct", base_url="http://localhost:8000/v1")
 

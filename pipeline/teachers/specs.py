@@ -1,4 +1,4 @@
-"""Which teachers a run uses: `--teachers teachers.yaml`, or `--teachers a,b=2` on the command line.
+"""Which teachers a run uses: `--teacher.pool teachers.yaml`, or `--teacher.pool a,b=2` on the command line.
 
     specs = parse_teachers("teachers.yaml", backend="transformers")
     specs = parse_teachers("smollm2-135m-instruct=2,gemma-3-270m", backend="transformers")
@@ -10,13 +10,13 @@ A teachers file (YAML or TOML) lists each teacher under `teachers:` (or as a top
         model: smollm2-135m-instruct     # alias, local folder, .gguf file or served model name
         backend: transformers            # transformers | vllm | openai
         share: 2                         # relative share of the requests (default 1)
-        options: {engine: fast}          # the backend's own settings (as --teacher-options)
+        options: {engine: fast}          # the backend's own settings (as --teacher.options)
       - name: gemma
         model: gemma-3-270m
         share: 1
 
-On the command line, models are comma-separated, each optionally `=share`, and all use the stage's
---backend, --base-url and --teacher-options. A mistake is one SiftError naming file, line and field.
+On the command line, models are comma-separated, each optionally `=share`, and all use the
+teacher section's backend, base_url and options. A mistake is one SiftError naming file, line and field.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pipeline.errors import SiftError
 
 FILE_SUFFIXES = (".yaml", ".yml", ".toml")
 KEYS = ("name", "model", "backend", "share", "base_url", "api_key_env", "options")
+POOL_FIELD = "teacher.pool"  # the setting a pool given on the command line comes from
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # also a cache file name
 
 
@@ -62,7 +63,7 @@ def parse_teachers(text: str, *, backend: str = "transformers", base_url: str | 
     """A teachers file, or comma-separated models each optionally `=share` (using the stage's backend)."""
     text = text.strip()
     if not text:
-        raise SiftError("empty: give a teachers file or comma-separated models", field="teachers")
+        raise SiftError("empty: give a teachers file or comma-separated models", field=POOL_FIELD)
     if text.endswith(FILE_SUFFIXES) or (Path(text).is_file() and "," not in text):
         return read_teachers_file(Path(text))
     from pipeline.teachers.options import parse_teacher_options
@@ -73,7 +74,7 @@ def parse_teachers(text: str, *, backend: str = "transformers", base_url: str | 
         if not item:
             continue
         model, eq, share_text = item.rpartition("=") if "=" in item else (item, "", "")
-        share = _share(share_text, field="teachers") if eq else 1.0
+        share = _share(share_text, field=POOL_FIELD) if eq else 1.0
         specs.append(TeacherSpec(name=default_name(model), model=model.strip(), backend=backend, share=share,
                                  base_url=base_url, api_key_env=api_key_env, options=options))
     return _checked(specs, path=None, lines=None)
@@ -177,7 +178,7 @@ def _share(value: Any, *, field: str, path: Path | None = None, line: int | None
 
 def _checked(specs: list[TeacherSpec], *, path: Path | None, lines: list[int | None] | None) -> list[TeacherSpec]:
     if not specs:
-        raise SiftError("no teachers listed", path=path, field="teachers")
+        raise SiftError("no teachers listed", path=path, field="teachers" if path else POOL_FIELD)
     seen: dict[str, int] = {}
     for i, spec in enumerate(specs):
         line = lines[i] if lines else None
@@ -190,5 +191,6 @@ def _checked(specs: list[TeacherSpec], *, path: Path | None, lines: list[int | N
                             field=f"{where}.name")
         seen[spec.name] = i
     if not any(s.share > 0 for s in specs):
-        raise SiftError("every share is 0; at least one teacher needs a share above 0", path=path, field="teachers")
+        raise SiftError("every share is 0; at least one teacher needs a share above 0", path=path,
+                        field="teachers" if path else POOL_FIELD)
     return specs

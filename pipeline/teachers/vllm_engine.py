@@ -1,7 +1,7 @@
 """The `vllm` teacher: vLLM's offline engine on a GPU.
 
     pip install 'sift-instruct[vllm]'
-    sift generate --teacher vllm --model Qwen/Qwen2.5-7B-Instruct
+    sift generate --teacher.backend vllm --teacher.model Qwen/Qwen2.5-7B-Instruct
 
 All pending requests go to one `LLM.generate` call, each with its own `SamplingParams`, so vLLM's
 scheduler batches them continuously (feeding it small batches leaves the GPU idle). Chat requests

@@ -287,8 +287,7 @@ def eval_section(d: Path) -> str:
     if not path.is_file():
         return _missing("No eval.json yet (run eval).")
     from train.eval_sets import read_sets
-    from train.eval_stats import findings
-    from train.evaluate import METRICS
+    from train.eval_stats import METRICS, findings
 
     sets = read_sets(path)
     if not sets:
@@ -454,7 +453,7 @@ def manifest_section(d: Path) -> str:
 
 
 def teachers_section(d: Path) -> str:
-    """Per-teacher figures of a run with several teachers (--teachers): what each wrote, what was
+    """Per-teacher figures of a run with several teachers (teacher.pool): what each wrote, what was
     kept or rejected and why, its tokens and time; and in `sift loop`, each round's shares and evidence."""
     out = []
     for stage, file in (("generate", "generate.stats.json"), ("classify", "classify.stats.json"),
@@ -498,7 +497,7 @@ def teachers_section(d: Path) -> str:
                            "evidence: sent before", "improved", "mean score change", "eval loss change",
                            "posterior a / b"], rows, {0, 3, 4, 5, 6, 7, 8, 9}))
     if not out:  # not missing data: a run with one teacher has no per-teacher split
-        return "<p>One teacher in this run (several with --teachers; docs/teachers.md).</p>"
+        return "<p>One teacher in this run (several with --teacher.pool; docs/teachers.md).</p>"
     return "\n".join(out)
 
 

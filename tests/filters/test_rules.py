@@ -1,4 +1,4 @@
-"""Rule names, presets and the --rules parser; and filters/ stays free of pipeline/."""
+"""Rule names, presets and the --filter.rules parser; and filters/ stays free of pipeline/."""
 
 from __future__ import annotations
 

@@ -98,8 +98,8 @@ CASES: list[tuple[str, list[str], str | None, list[str]]] = [
      ["filter_instruction_number.jsonl:2:", "field 'instruction'", "expected a string, got integer"]),
     ("filter-input-is-directory", ["filter", "{out}", "-o", "{out}/kept.jsonl"], None,
      ["is a directory"]),
-    ("filter-unknown-rule", ["filter", "{f}", "-o", "{out}/kept.jsonl", "--rules", "rouge,nope"],
-     "filter_list_empty.json", ["field 'rules'", "unknown rule 'nope'"]),
+    ("filter-unknown-rule", ["filter", "{f}", "-o", "{out}/kept.jsonl", "--filter.rules", "rouge,nope"],
+     "filter_list_empty.json", ["field 'filter.rules'", "unknown rule 'nope'"]),
     ("filter-stage-without-instances", ["filter", "--run", "r"], None,
      ["instances.jsonl", "not found", "sift instances"]),
     # sift export: a bad runs/r/filtered.jsonl
@@ -321,7 +321,7 @@ def test_file_size_limit_gives_efbig_and_no_partial_file(tmp_path: Path) -> None
     data = _alpaca(tmp_path, 400, words=20)  # kept.jsonl alone is well above 16 KiB
     out = tmp_path / "out"
     out.mkdir()
-    proc = _sift(["filter", str(data), "-o", str(out / "kept.jsonl"), "--rules", "empty_output"],
+    proc = _sift(["filter", str(data), "-o", str(out / "kept.jsonl"), "--filter.rules", "empty_output"],
                  cwd=tmp_path, fsize=16 * 1024)
     _assert_refused(proc, "kept", "cannot write", "File too large")
     assert _files(out) == set(), sorted(_files(out))
@@ -346,7 +346,7 @@ def tiny_tmpfs(tmp_path: Path):
 
 def test_full_disk_filter_leaves_no_partial_artifact(tmp_path: Path, tiny_tmpfs: Path) -> None:
     data = _alpaca(tmp_path, 400, words=20)
-    proc = _sift(["filter", str(data), "-o", str(tiny_tmpfs / "kept.jsonl"), "--rules", "empty_output"],
+    proc = _sift(["filter", str(data), "-o", str(tiny_tmpfs / "kept.jsonl"), "--filter.rules", "empty_output"],
                  cwd=tmp_path)
     _assert_refused(proc, "cannot write", "No space left on device")
     assert _files(tiny_tmpfs) == set(), sorted(_files(tiny_tmpfs))

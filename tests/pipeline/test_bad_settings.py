@@ -2,7 +2,8 @@
 
     .venv/bin/python -m pytest -q tests/pipeline/test_bad_settings.py
 
-Out-of-range sampling (classify, loop), `--prefilter` (unknown, or minhash without datasketch), and
+Out-of-range settings (generate, classify, instances, filter, loop), `filter.prefilter` (unknown, or
+minhash without datasketch), and
 `--config` files with unknown keys, misspelt sections, or that are not regular files at all.
 """
 
@@ -49,6 +50,14 @@ INSTRUCTION = {"id": "i1", "instruction": "Name three primary colors.", "input":
 @pytest.mark.parametrize(("argv", "field"), [
     (["classify", "--run", "r", "--classify.max_tokens", "0"], "classify.max_tokens"),
     (["classify", "--run", "r", "--classify.batch_size", "0"], "classify.batch_size"),
+    (["generate", "--run", "r", "--generate.n", "0"], "generate.n"),
+    (["generate", "--run", "r", "--generate.top_p", "0"], "generate.top_p"),
+    (["generate", "--run", "r", "--generate.max_requests", "0"], "generate.max_requests"),
+    (["generate", "--run", "r", "--filter.threshold", "1.5"], "filter.threshold"),
+    (["instances", "--run", "r", "--instances.max_instances", "0"], "instances.max_instances"),
+    (["instances", "--run", "r", "--teacher.model", " "], "teacher.model"),
+    (["filter", "--run", "r", "--filter.workers", "0"], "filter.workers"),
+    (["filter", "--run", "r", "--filter.top_k", "-1"], "filter.top_k"),
     (["loop", "--run", "r", "--loop.top_p", "0"], "loop.top_p"),
     (["loop", "--run", "r", "--loop.top_p", "1.5"], "loop.top_p"),
     (["loop", "--run", "r", "--loop.temperature", "-1"], "loop.temperature"),
@@ -68,20 +77,24 @@ def test_out_of_range_sampling_is_refused_first(in_tmp: Path, capsys, argv: list
 
 def test_an_unknown_prefilter_is_reported_under_prefilter(in_tmp: Path, capsys) -> None:
     (in_tmp / "in.jsonl").write_text(json.dumps(INSTRUCTION) + "\n")
-    _fails(["filter", "in.jsonl", "-o", "out.jsonl", "--prefilter", "simhash"], in_tmp, capsys,
-           "field 'prefilter'", "minhash", "simhash")
+    (in_tmp / "run.yaml").write_text("filter:\n  prefilter: simhash\n")
+    _fails(["filter", "in.jsonl", "-o", "out.jsonl", "--config", "run.yaml"], in_tmp, capsys,
+           "run.yaml: field 'filter.prefilter'", "minhash", "simhash")
 
 
 def test_minhash_without_datasketch_says_how_to_install_it(in_tmp: Path, capsys, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "datasketch", None)  # as on an install without the [minhash] extra
     (in_tmp / "in.jsonl").write_text(json.dumps(INSTRUCTION) + "\n")
-    _fails(["filter", "in.jsonl", "-o", "out.jsonl", "--prefilter", "minhash"], in_tmp, capsys,
-           "field 'prefilter'", "datasketch", "pip install 'sift-instruct[minhash]'")
+    _fails(["filter", "in.jsonl", "-o", "out.jsonl", "--filter.prefilter", "minhash"], in_tmp, capsys,
+           "field 'filter.prefilter'", "datasketch", "pip install 'sift-instruct[minhash]'")
 
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("rnu: demo\n", ["field 'rnu'", "unknown setting", "did you mean `run`?"]),
-    ("max_token: 5\n", ["field 'max_token'", "did you mean `max_tokens`?"]),
+    ("max_token: 5\n", ["field 'max_token'", "did you mean `classify.max_tokens`, `generate.max_tokens` or"]),
+    ("max_tokens: 5\n", ["field 'max_tokens'", "unknown setting", "`instances.max_tokens`?"]),
+    ("export:\n  sed: 3\n", ["field 'export.sed'", "did you mean `export.seed`?"]),
+    ("export:\n  lr: 3\n", ["field 'export.lr'", "did you mean `train.lr`?"]),
     ("generat:\n  n: 5\n", ["field 'generat'", "unknown section", "did you mean `generate`?"]),
     ("clasify:\n  max_tokens: 3\n", ["field 'clasify'", "unknown section", "`classify`"]),
     ("export: 5\n", ["field 'export'", "must be a mapping"]),
@@ -94,9 +107,9 @@ def test_unknown_keys_and_misspelt_sections_are_named(in_tmp: Path, capsys, text
 
 def test_a_shared_config_with_other_commands_settings_is_fine(in_tmp: Path, capsys) -> None:
     _run_with(in_tmp, "filtered.jsonl", [INSTRUCTION])
-    # top-level keys of other commands (n, max_tokens) and `seeds` as filter's option, plus other sections
-    (in_tmp / "run.yaml").write_text("run: r\nn: 50\nmax_tokens: 256\nseeds: seeds/default.jsonl\n"
-                                     "generate:\n  n: 10\nexport:\n  seed: 3\n")
+    # sections of other commands, and filter's own plain option in its section
+    (in_tmp / "run.yaml").write_text("run: r\nfilter:\n  seeds: seeds/default.jsonl\n  threshold: 0.6\n"
+                                     "generate:\n  n: 10\nteacher:\n  backend: openai\nexport:\n  seed: 3\n")
     assert main(["export", "--config", "run.yaml"]) == 0, capsys.readouterr().err
     assert (in_tmp / "runs" / "r" / "train.jsonl").exists()
 

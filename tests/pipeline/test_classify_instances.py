@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import read_json, read_jsonl, write_jsonl
+from pipeline.settings import ClassifySettings, GenerateSettings, InstancesSettings
 from pipeline.stages.classify import classify_in
 from pipeline.stages.instances import instances_in, read_classified
 from pipeline.teachers.base import Completion, Request
@@ -33,7 +34,7 @@ def cached(d: Path, delay: float = 0.0) -> CachedTeacher:
 
 def test_classify_marks_every_record_and_keeps_the_raw_answer(tmp_path: Path) -> None:
     d = generated_run(tmp_path)
-    stats = classify_in(d, cached(d), batch_size=7)
+    stats = classify_in(d, cached(d), settings=ClassifySettings(batch_size=7))
     source = read_jsonl(d / "instructions.jsonl")
     out = read_jsonl(d / "classified.jsonl")
     assert [r["id"] for r in out] == [r["id"] for r in source]  # input order, nothing lost
@@ -62,13 +63,15 @@ def test_classify_teacher_errors_go_to_the_ledger_and_are_retried(tmp_path: Path
 
     d = generated_run(tmp_path)
     flaky = Flaky()
-    stats = classify_in(d, CachedTeacher(flaky, d / "cache" / "teacher.jsonl"), batch_size=10)
+    stats = classify_in(d, CachedTeacher(flaky, d / "cache" / "teacher.jsonl"),
+                        settings=ClassifySettings(batch_size=10))
     rejected = read_jsonl(d / "classified.rejected.jsonl")
     assert stats["rejected_by_reason"] == {"teacher_error": 4} and len(rejected) == 4
     assert all(r["detail"] == "503" for r in rejected)
     flaky.failing = False
     calls = flaky.calls
-    stats = classify_in(d, CachedTeacher(flaky, d / "cache" / "teacher.jsonl"), batch_size=10)
+    stats = classify_in(d, CachedTeacher(flaky, d / "cache" / "teacher.jsonl"),
+                        settings=ClassifySettings(batch_size=10))
     assert stats["rejected"] == 0 and flaky.calls == calls + 4  # only the failed ones asked again
     assert len(read_jsonl(d / "classified.jsonl")) == 40
 
@@ -76,7 +79,7 @@ def test_classify_teacher_errors_go_to_the_ledger_and_are_retried(tmp_path: Path
 def test_instances_parse_both_formats_and_ledger_the_failures(tmp_path: Path) -> None:
     d = generated_run(tmp_path)
     classify_in(d, cached(d))
-    stats = instances_in(d, cached(d), batch_size=8, max_instances=3)
+    stats = instances_in(d, cached(d), settings=InstancesSettings(batch_size=8, max_instances=3))
     out = read_jsonl(d / "instances.jsonl")
     rejected = read_jsonl(d / "instances.rejected.jsonl", allow_empty=True)
     assert stats["records_in"] == len(out) + len(rejected) == 40
@@ -127,17 +130,18 @@ CHILD = """
 import sys
 sys.path.insert(0, {repo!r})
 from pathlib import Path
+from pipeline.settings import InstancesSettings
 from pipeline.stages.instances import instances_in
 from tests.pipeline.test_classify_instances import cached
 d = Path({d!r})
-instances_in(d, cached(d, {delay}), batch_size=3)
+instances_in(d, cached(d, {delay}), settings=InstancesSettings(batch_size=3))
 """
 
 
 def test_killed_instances_stage_resumes_to_the_same_records(tmp_path: Path) -> None:
     ref = generated_run(tmp_path, "ref")
     classify_in(ref, cached(ref))
-    instances_in(ref, cached(ref), batch_size=3)
+    instances_in(ref, cached(ref), settings=InstancesSettings(batch_size=3))
     d = tmp_path / "killed"
     d.mkdir()
     (d / "classified.jsonl").write_bytes((ref / "classified.jsonl").read_bytes())
@@ -156,7 +160,7 @@ def test_killed_instances_stage_resumes_to_the_same_records(tmp_path: Path) -> N
         proc.send_signal(signal.SIGKILL)
         kills += proc.wait() == -signal.SIGKILL
     assert kills >= 2 and not (d / "instances.jsonl").exists()
-    instances_in(d, cached(d), batch_size=3)
+    instances_in(d, cached(d), settings=InstancesSettings(batch_size=3))
     for name in ("instances.jsonl", "instances.rejected.jsonl"):
         assert (d / name).read_text() == (ref / name).read_text()
 
@@ -173,14 +177,15 @@ def test_embedded_model_generate_classify_instances(tmp_path: Path, monkeypatch:
         pytest.fail("the embedded model is missing: run `sift model fetch` (make setup)")
     monkeypatch.setenv("SIFT_RUNS_DIR", str(tmp_path))
     d = make_run(tmp_path, "e2e", count=40)
-    generate(run="e2e", n=5, batch_size=8, max_tokens=160, max_requests=48)
+    small = GenerateSettings(n=5, batch_size=8, max_tokens=160, max_requests=48)
+    generate(run="e2e", generate=small)
     accepted = read_jsonl(d / "instructions.jsonl")
     stats = read_json(d / "generate.stats.json")
     assert len(accepted) == stats["accepted"] == 5
     assert stats["candidates"] == stats["accepted"] + sum(stats["rejected_by_reason"].values())
     assert all(r["provenance"]["teacher"]["name"] == "smollm2-135m-instruct" for r in accepted)
-    classify(run="e2e", batch_size=8)
-    instances(run="e2e", batch_size=8, max_tokens=120)
+    classify(run="e2e", classify=ClassifySettings(batch_size=8))
+    instances(run="e2e", instances=InstancesSettings(batch_size=8, max_tokens=120))
     out = read_jsonl(d / "instances.jsonl", allow_empty=True)
     rejected = read_jsonl(d / "instances.rejected.jsonl", allow_empty=True)
     assert len(out) + len(rejected) == 5
@@ -188,5 +193,5 @@ def test_embedded_model_generate_classify_instances(tmp_path: Path, monkeypatch:
     manifest = read_json(d / "manifest.json")
     assert {"generate", "classify", "instances"} <= set(manifest["stages"])
     again = read_json(d / "generate.stats.json")
-    generate(run="e2e", n=5, batch_size=8, max_tokens=160, max_requests=48)  # finished: nothing to redo
+    generate(run="e2e", generate=small)  # finished: nothing to redo
     assert read_json(d / "generate.stats.json")["requests"] == again["requests"]

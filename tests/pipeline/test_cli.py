@@ -112,3 +112,17 @@ def test_second_process_on_a_run_is_refused(in_tmp: Path) -> None:
     assert proc.returncode == 2
     assert "another sift process" in proc.stderr
     assert not (directory / "seeds.jsonl").exists()
+
+
+def test_generate_composes_the_teacher_generate_and_filter_sections(in_tmp: Path, capsys) -> None:
+    (in_tmp / "run.yaml").write_text("run: demo-x\nfilter:\n  rules: alpaca\n  threshold: 0.6\n"
+                                     "generate:\n  n: 9\n")
+    assert main(["generate", "--config", "run.yaml", "--print-config", "--generate.n", "7",
+                 "--teacher.pool", "a,b=2"]) == 0
+    import yaml
+
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["run"] == "demo-x" and printed["generate"]["n"] == 7  # the command line wins
+    assert (printed["filter"]["rules"], printed["filter"]["threshold"]) == ("alpaca", 0.6)
+    assert printed["teacher"]["pool"] == "a,b=2" and printed["generate"]["temperature"] is None
+    assert not (in_tmp / "runs").exists()  # printed, not run

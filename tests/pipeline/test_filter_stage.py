@@ -46,7 +46,8 @@ def test_rouge_alone_keeps_exactly_the_reference(in_tmp: Path, seed: int, thresh
     texts = _instructions(300, seed)
     src = in_tmp / "data.json"
     src.write_text(json.dumps([{"instruction": t, "input": "", "output": f"o{i}"} for i, t in enumerate(texts)]))
-    assert main(["filter", str(src), "-o", "kept.jsonl", "--rules", "rouge", "--threshold", str(threshold)]) == 0
+    assert main(["filter", str(src), "-o", "kept.jsonl", "--filter.rules", "rouge",
+                 "--filter.threshold", str(threshold)]) == 0
     kept = read_jsonl(in_tmp / "kept.jsonl", allow_empty=True)
     rejected = read_jsonl(in_tmp / "kept.rejected.jsonl", allow_empty=True)
     expected = [t for t, k in zip(texts, _reference_keep(texts, threshold), strict=True) if k]
@@ -71,7 +72,7 @@ def test_seeds_preload_the_pool(in_tmp: Path) -> None:
     texts += _instructions(40, 9)
     src = in_tmp / "d.jsonl"
     src.write_text("".join(json.dumps({"instruction": t}) + "\n" for t in texts))
-    assert main(["filter", str(src), "-o", "k.jsonl", "--rules", "rouge", "--seeds", str(REFERENCE_SEEDS)]) == 0
+    assert main(["filter", str(src), "-o", "k.jsonl", "--filter.rules", "rouge", "--seeds", str(REFERENCE_SEEDS)]) == 0
     kept = [r["instruction"] for r in read_jsonl(in_tmp / "k.jsonl", allow_empty=True)]
     assert kept == [t for t, k in zip(texts, _reference_keep(texts, 0.7, seeds), strict=True) if k]
 
@@ -109,7 +110,7 @@ def test_malformed_line_names_file_and_line_and_writes_nothing(in_tmp: Path, cap
 def test_unknown_rule_is_a_clear_error(in_tmp: Path, capsys) -> None:
     src = in_tmp / "d.jsonl"
     src.write_text('{"instruction": "Name three rivers in Africa."}\n')
-    assert main(["filter", str(src), "-o", "k.jsonl", "--rules", "rouge,nope"]) == 2
+    assert main(["filter", str(src), "-o", "k.jsonl", "--filter.rules", "rouge,nope"]) == 2
     assert "unknown rule 'nope'" in capsys.readouterr().err
 
 

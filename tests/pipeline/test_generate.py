@@ -17,7 +17,8 @@ import pytest
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import Journal, read_json, read_jsonl, write_jsonl
-from pipeline.stages.generate import GenerateSettings, generate_in, request_seed
+from pipeline.settings import FilterSettings, GenerateSettings, SettingsError
+from pipeline.stages.generate import generate_in, plan, request_seed
 from pipeline.teachers.base import Completion, Request, Sampling
 from pipeline.teachers.cache import CachedTeacher
 from tests.conftest import REFERENCE_SEEDS
@@ -110,7 +111,7 @@ def make_run(tmp_path: Path, name: str = "r", count: int = 30) -> Path:
 def run_generate(d: Path, *, delay: float = 0.0, **kw: object) -> dict:
     teacher = CachedTeacher(ScriptedTeacher(delay), d / "cache" / "teacher.jsonl")
     settings = GenerateSettings(**{"n": 40, "batch_size": 4, **kw})  # type: ignore[arg-type]
-    return generate_in(d, teacher, settings)
+    return generate_in(d, teacher, plan(settings, FilterSettings()))
 
 
 def artifacts(d: Path) -> tuple[str, str]:
@@ -196,11 +197,20 @@ def test_changed_settings_refuse_to_resume(tmp_path: Path) -> None:
         run_generate(d, n=5, seed=1)
 
 
-def test_bad_settings_are_sift_errors() -> None:
-    with pytest.raises(SiftError, match="n"):
+def test_bad_settings_name_their_field() -> None:
+    with pytest.raises(SettingsError, match="at least 1") as e:
         GenerateSettings(n=0)
-    with pytest.raises(SiftError, match="threshold"):
-        GenerateSettings(threshold=1.5)
+    assert e.value.field == "n"
+    with pytest.raises(SettingsError, match=r"\[0, 1\]") as e:
+        FilterSettings(threshold=1.5)
+    assert e.value.field == "threshold"
+
+
+def test_the_plan_takes_the_recipes_sampling_unless_overridden() -> None:
+    assert plan(GenerateSettings(), FilterSettings()).sampling.temperature == 0.7  # type: ignore[union-attr]
+    alpaca = plan(GenerateSettings(recipe="alpaca", top_p=0.9), FilterSettings(rules="rouge", threshold=0.5))
+    assert (alpaca.sampling.temperature, alpaca.sampling.top_p, alpaca.sampling.max_tokens) == (1.0, 0.9, 3072)  # type: ignore[union-attr]
+    assert (alpaca.rules, alpaca.threshold) == ("rouge", 0.5)
 
 
 def test_alpaca_recipe_keeps_input_and_output(tmp_path: Path) -> None:
@@ -218,7 +228,7 @@ def test_alpaca_recipe_keeps_input_and_output(tmp_path: Path) -> None:
 
     d = make_run(tmp_path)
     teacher = CachedTeacher(AlpacaScript(), d / "cache" / "teacher.jsonl")
-    stats = generate_in(d, teacher, GenerateSettings(recipe="alpaca", n=20, batch_size=5))
+    stats = generate_in(d, teacher, plan(GenerateSettings(recipe="alpaca", n=20, batch_size=5), FilterSettings()))
     accepted = read_jsonl(d / "instructions.jsonl")
     assert len(accepted) == 20 and stats["rejected_by_reason"].get("truncated_response", 0) > 0
     assert all(set(r) >= {"instruction", "input", "output"} for r in accepted)
@@ -321,15 +331,13 @@ def test_command_errors_come_before_the_model_loads(tmp_path: Path, monkeypatch:
         generate(run="empty")
     make_run(tmp_path, "ok")
     with pytest.raises(SiftError, match="unknown recipe 'evol'"):
-        generate(run="ok", recipe="evol")
-    with pytest.raises(SiftError, match="top_p"):
-        generate(run="ok", top_p=0.0)
+        generate(run="ok", generate=GenerateSettings(recipe="evol"))  # type: ignore[arg-type]
     bad = tmp_path / "bad.txt"
     bad.write_text("{examples}\n{nxt}.", encoding="utf-8")
     with pytest.raises(SiftError, match=r"bad\.txt: prompt template uses \{nxt\}"):
-        generate(run="ok", prompt=str(bad))
+        generate(run="ok", generate=GenerateSettings(prompt=str(bad)))
     bad.write_text("Tasks:\n{next}.", encoding="utf-8")
     with pytest.raises(SiftError, match=r"must use \{examples\}"):
-        generate(run="ok", prompt=str(bad))
+        generate(run="ok", generate=GenerateSettings(prompt=str(bad)))
     with pytest.raises(SiftError, match="unknown rule|valid"):
-        generate(run="ok", rules="no_such_rule")
+        generate(run="ok", filter=FilterSettings(rules="no_such_rule"))

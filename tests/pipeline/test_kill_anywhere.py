@@ -64,12 +64,12 @@ def transient(key: str, attempt: int) -> str | None:
 
 def stage_args(stage: str, *, url: str = "", tiny: Path | None = None) -> list[str]:
     """The command line of each stage: small counts, the loopback teacher at `url`, the tiny student."""
-    teacher = ["--backend", "openai", "--teacher", "scripted", "--base-url", url]
+    teacher = ["--teacher.backend", "openai", "--teacher.model", "scripted", "--teacher.base_url", url]
     return {
         "seeds": ["seeds", "seeds/default.jsonl", "--run", RUN],
-        "generate": ["generate", "--run", RUN, "--n", "40", "--batch-size", "4", *teacher],
-        "classify": ["classify", "--run", RUN, "--batch-size", "8", *teacher],
-        "instances": ["instances", "--run", RUN, "--batch-size", "8", *teacher],
+        "generate": ["generate", "--run", RUN, "--generate.n", "40", "--generate.batch_size", "4", *teacher],
+        "classify": ["classify", "--run", RUN, "--classify.batch_size", "8", *teacher],
+        "instances": ["instances", "--run", RUN, "--instances.batch_size", "8", *teacher],
         "filter": ["filter", "--run", RUN],
         "export": ["export", "--run", RUN],
         "train": ["train", "--run", RUN, "--student.model", str(tiny), "--train.max_steps", str(TRAIN_STEPS),
@@ -263,8 +263,9 @@ def test_kill_generate_on_the_embedded_teacher(chain: Chain, tmp_path: Path) -> 
 
     if not embedded_dir().exists():
         pytest.fail("the embedded model is missing: run `sift model fetch` (make setup)")
-    # two rounds of two requests (the budget ends the run, not --n)
-    args = ["generate", "--run", RUN, "--n", "50", "--batch-size", "2", "--max-requests", "4", "--max-tokens", "24"]
+    # two rounds of two requests (the budget ends the run, not generate.n)
+    args = ["generate", "--run", RUN, "--generate.n", "50", "--generate.batch_size", "2",
+            "--generate.max_requests", "4", "--generate.max_tokens", "24"]
     ref_runs, runs = tmp_path / "uninterrupted", tmp_path / "killed"
     for r in (ref_runs, runs):
         shutil.copytree(chain.after("seeds"), r / RUN)
@@ -295,7 +296,7 @@ def misbehaving(key: str, attempt: int) -> str | None:
 
 @pytest.mark.slow
 def test_openai_stages_through_a_misbehaving_server(tmp_path: Path) -> None:
-    """`sift generate`, `classify` and `instances` with --backend openai against a server that
+    """`sift generate`, `classify` and `instances` with --teacher.backend openai against a server that
     answers 429 with Retry-After, 500/503, drops and resets connections, answers slowly, cuts its
     JSON short and sends the wrong schema: each stage completes, what failed past the last retry
     is in the ledger as teacher_error, no record is asked for or written twice, and the whole
@@ -346,6 +347,7 @@ def test_classify_through_replies_slower_than_the_timeout(tmp_path: Path) -> Non
     """The timeout at stage level (the command line keeps the backend's 60 s, so the stage function
     runs here with a 0.3 s one): a reply slower than the timeout is retried and the retry's answer
     kept once; a prompt slow at every attempt ends in the ledger; the stage ends in bounded time."""
+    from pipeline.settings import ClassifySettings
     from pipeline.stages.classify import classify_in
     from pipeline.teachers.cache import CachedTeacher
     from pipeline.teachers.openai_compat import OpenAITeacher
@@ -361,7 +363,8 @@ def test_classify_through_replies_slower_than_the_timeout(tmp_path: Path) -> Non
     with FakeOpenAI(slow, reply=scripted_reply, slow_seconds=1.0) as server:
         teacher = OpenAITeacher("scripted", base_url=server.url, timeout=0.3, max_retries=2, backoff_base=0.01)
         t0 = time.monotonic()
-        stats = classify_in(tmp_path, CachedTeacher(teacher, tmp_path / "cache" / "teacher.jsonl"), batch_size=8)
+        stats = classify_in(tmp_path, CachedTeacher(teacher, tmp_path / "cache" / "teacher.jsonl"),
+                            settings=ClassifySettings(batch_size=8))
         seconds = time.monotonic() - t0
         always = {k for k in server.attempts if _digest(k) % 5 == 0}
         once = {k for k in server.attempts if k not in always and _digest(k) % 3 == 0}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import SiftError
-from pipeline.stages.recipes import alpaca, self_instruct
+from pipeline.recipes import alpaca, self_instruct
 from pipeline.teachers import prompts
 from pipeline.teachers.base import Sampling
 from tests.conftest import REFERENCE_SEEDS

@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import Journal, read_json, read_jsonl, write_json, write_jsonl
+from pipeline.settings import ScoreSettings, StudentSettings, TeacherSettings
 from pipeline.stages.score import score
 from tests.pipeline.kill_harness import sift, sift_killed
 from tests.train.conftest import save_tiny
@@ -32,13 +33,18 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("score") / "tiny")
 
 
+def on(model: Path) -> StudentSettings:
+    """The ifd model, on the CPU in float32 (scores comparable across runs)."""
+    return StudentSettings(model=str(model), device="cpu", dtype="float32")
+
+
 def test_standalone_scores_every_record_and_keeps_a_ledger(tmp_path: Path, tiny: Path) -> None:
     src = tmp_path / "data.json"
     rows = dataset(12) + [{"instruction": "name a primary color", "output": "   "}]
     write_json(src, rows)
     out = tmp_path / "out.jsonl"
-    score(str(src), output=str(out), scorers="ifd,length", keep="ifd<1,top=0.5:length", model=str(tiny),
-          dtype="float32")
+    score(str(src), output=str(out), student=on(tiny), score=ScoreSettings(scorers="ifd,length",
+                                                                           keep="ifd<1,top=0.5:length"))
     kept = read_jsonl(out)
     rejected = read_jsonl(tmp_path / "out.rejected.jsonl", allow_empty=True)
     funnel = read_json(tmp_path / "out.funnel.json")
@@ -63,11 +69,11 @@ def test_standalone_scores_every_record_and_keeps_a_ledger(tmp_path: Path, tiny:
 def test_a_rerun_reads_every_score_from_the_cache(tmp_path: Path, tiny: Path, capsys) -> None:
     src = tmp_path / "data.jsonl"
     write_jsonl(src, dataset(6))
-    score(str(src), output=str(tmp_path / "a.jsonl"), scorers="ifd,length", model=str(tiny), dtype="float32")
+    score(str(src), output=str(tmp_path / "a.jsonl"), student=on(tiny), score=ScoreSettings(scorers="ifd,length"))
     first = read_jsonl(tmp_path / "a.jsonl")
     capsys.readouterr()
-    score(str(src), output=str(tmp_path / "a.jsonl"), scorers="ifd,length", keep="length>=2", model=str(tiny),
-          dtype="float32")
+    score(str(src), output=str(tmp_path / "a.jsonl"), student=on(tiny),
+          score=ScoreSettings(scorers="ifd,length", keep="length>=2"))
     assert "0 scores computed, 12 cached" in capsys.readouterr().out
     again = {r["id"]: r["scores"] for r in read_jsonl(tmp_path / "a.jsonl")}
     assert all(again[r["id"]] == r["scores"] for r in first if r["id"] in again)
@@ -82,9 +88,9 @@ def test_bad_keep_fails_before_anything_loads(tmp_path: Path, keep: str, message
     src = tmp_path / "data.jsonl"
     write_jsonl(src, dataset(2))
     with pytest.raises(SiftError, match=message) as e:  # the model does not exist: it was never loaded
-        score(str(src), output=str(tmp_path / "o.jsonl"), scorers="ifd,length", keep=keep,
-              model=str(tmp_path / "no-such-model"))
-    assert e.value.field == "keep"
+        score(str(src), output=str(tmp_path / "o.jsonl"), student=StudentSettings(model=str(tmp_path / "no-such")),
+              score=ScoreSettings(scorers="ifd,length", keep=keep))
+    assert e.value.field == "score.keep"
     assert not (tmp_path / "o.jsonl").exists()
 
 
@@ -92,13 +98,13 @@ def test_bad_records_name_file_line_and_field(tmp_path: Path) -> None:
     src = tmp_path / "data.jsonl"
     src.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n")
     with pytest.raises(SiftError) as e:
-        score(str(src), output=str(tmp_path / "o.jsonl"), scorers="length")
+        score(str(src), output=str(tmp_path / "o.jsonl"), score=ScoreSettings(scorers="length"))
     assert (e.value.line, e.value.field) == (2, "output")
     assert not (tmp_path / "o.jsonl").exists()
     with pytest.raises(SiftError, match="unknown scorer 'quality'"):
-        score(str(src), output=str(tmp_path / "o.jsonl"), scorers="quality")
-    with pytest.raises(SiftError, match="--reward-model"):
-        score(str(src), output=str(tmp_path / "o.jsonl"), scorers="reward")
+        score(str(src), output=str(tmp_path / "o.jsonl"), score=ScoreSettings(scorers="quality"))
+    with pytest.raises(SiftError, match="--score.reward_model"):
+        score(str(src), output=str(tmp_path / "o.jsonl"), score=ScoreSettings(scorers="reward"))
 
 
 def test_the_stage_writes_scored_and_extends_the_funnel(tmp_path: Path, tiny: Path,
@@ -110,13 +116,13 @@ def test_the_stage_writes_scored_and_extends_the_funnel(tmp_path: Path, tiny: Pa
     write_json(d / "funnel.json", {"input": 10, "kept": 8, "rules": [{"rule": "too_short", "in": 10, "out": 8,
                                                                       "dropped": 2}]})
     for keep in ("length>=3", "top=0.5:length"):  # a rerun replaces the keep rows, never stacks them
-        score(run="r", scorers="length", keep=keep, model=str(tiny))
+        score(run="r", student=on(tiny), score=ScoreSettings(scorers="length", keep=keep))
     funnel = read_json(d / "funnel.json")
     assert [r["rule"] for r in funnel["rules"]] == ["too_short", "keep top=0.5:length"]
     kept, rejected = read_jsonl(d / "scored.jsonl"), read_jsonl(d / "scored.rejected.jsonl", allow_empty=True)
     assert funnel["kept"] == len(kept) == 4 and len(rejected) == 4
     assert all(r["reason"] == "low_length" for r in rejected)
-    assert read_json(d / "manifest.json")["stages"]["score"]["settings"]["keep"] == "top=0.5:length"
+    assert read_json(d / "manifest.json")["stages"]["score"]["settings"]["score"]["keep"] == "top=0.5:length"
 
     from pipeline.views.inspect import summarize
     from pipeline.views.report import build_page
@@ -135,7 +141,8 @@ def test_the_stage_writes_scored_and_extends_the_funnel(tmp_path: Path, tiny: Pa
 def test_kill_and_resume_loses_and_repeats_nothing(tmp_path: Path, tiny: Path) -> None:
     src = tmp_path / "data.jsonl"
     write_jsonl(src, dataset(40))  # journal appends of 32 and 8 records per scorer
-    args = ["score", str(src), "--scorers", "ifd,length", "--model", str(tiny), "--dtype", "float32"]
+    args = ["score", str(src), "--score.scorers", "ifd,length", "--student.model", str(tiny),
+            "--student.dtype", "float32", "--student.device", "cpu"]
     code, _, err = sift([*args, "-o", str(tmp_path / "ref.jsonl")], runs=tmp_path / "runs")
     assert code == 0, err
     out = tmp_path / "out.jsonl"
@@ -157,7 +164,7 @@ def test_kill_and_resume_loses_and_repeats_nothing(tmp_path: Path, tiny: Path) -
 
 
 def test_several_judges_rate_the_stage_and_say_who_rated_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`sift score --scorers judge --teachers FILE`: two loopback judges, one with log-probabilities."""
+    """`sift score --score.scorers judge --teacher.pool FILE`: two loopback judges, one with log-probabilities."""
     from tests.pipeline.openai_server import FakeOpenAI
 
     monkeypatch.setenv("SIFT_RUNS_DIR", str(tmp_path / "runs"))
@@ -169,9 +176,10 @@ def test_several_judges_rate_the_stage_and_say_who_rated_each(tmp_path: Path, mo
         spec.write_text("teachers:\n" + "".join(
             f"  - name: {name}\n    model: {name}-model\n    backend: openai\n    base_url: {url}\n"
             f"    options: {{max_retries: 0}}\n" for name, url in (("alpha", a.url), ("beta", b.url))))
-        score(run="r", scorers="judge", teachers=str(spec))
+        judges = TeacherSettings(pool=str(spec))
+        score(run="r", teacher=judges, score=ScoreSettings(scorers="judge"))
         asked = len(a.bodies) + len(b.bodies)
-        score(run="r", scorers="judge", keep="judge>=4", teachers=str(spec))  # every rating from the cache
+        score(run="r", teacher=judges, score=ScoreSettings(scorers="judge", keep="judge>=4"))  # all from the cache
         assert len(a.bodies) + len(b.bodies) == asked
     kept = read_jsonl(d / "scored.jsonl")
     rejected = read_jsonl(d / "scored.rejected.jsonl", allow_empty=True)

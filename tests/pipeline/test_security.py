@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import SiftError
+from pipeline.settings import GenerateSettings, TeacherSettings
 from pipeline.stages.generate import generate
 from tests.conftest import REPO
 from tests.pipeline.openai_server import FakeOpenAI
@@ -30,9 +31,9 @@ def test_a_planted_api_key_reaches_the_server_and_nothing_else(in_tmp: Path, mon
     monkeypatch.setenv(KEY_ENV, KEY)
     assert main(["seeds", str(REPO / "seeds" / "default.jsonl"), "--run", "r"]) == 0
     with FakeOpenAI() as server:
-        # `sift generate` with the openai backend (called directly: the CLI table may still point elsewhere)
-        generate(run="r", backend="openai", base_url=server.url, teacher="fake-model", n=3, max_requests=4,
-                 batch_size=2, max_tokens=64, api_key_env=KEY_ENV)
+        assert main(["generate", "--run", "r", "--teacher.backend", "openai", "--teacher.base_url", server.url,
+                     "--teacher.model", "fake-model", "--teacher.api_key_env", KEY_ENV, "--generate.n", "3",
+                     "--generate.max_requests", "4", "--generate.batch_size", "2", "--generate.max_tokens", "64"]) == 0
     out, err = capsys.readouterr()
     assert server.auth_headers and all(h == f"Bearer {KEY}" for h in server.auth_headers)
     run = in_tmp / "runs" / "r"
@@ -44,7 +45,7 @@ def test_a_planted_api_key_reaches_the_server_and_nothing_else(in_tmp: Path, mon
         assert b"PLANTED" not in data, f"part of the API key leaked into {path}"
     assert KEY not in out and KEY not in err
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["stages"]["generate"]["settings"]["api_key_env"] == KEY_ENV  # the name, never the value
+    assert manifest["stages"]["generate"]["settings"]["teacher"]["api_key_env"] == KEY_ENV  # the name, not the value
 
 
 def test_a_refused_key_is_not_echoed_anywhere(in_tmp: Path, monkeypatch: pytest.MonkeyPatch,
@@ -55,8 +56,9 @@ def test_a_refused_key_is_not_echoed_anywhere(in_tmp: Path, monkeypatch: pytest.
     message = ""
     with FakeOpenAI(faults=lambda key, attempt: "401") as server:
         try:
-            generate(run="r", backend="openai", base_url=server.url, teacher="fake-model", n=3, max_requests=2,
-                     batch_size=2, max_tokens=64, api_key_env=KEY_ENV)
+            generate(run="r", teacher=TeacherSettings(model="fake-model", backend="openai", base_url=server.url,
+                                                      api_key_env=KEY_ENV),
+                     generate=GenerateSettings(n=3, max_requests=2, batch_size=2, max_tokens=64))
         except SiftError as e:
             message = str(e)
     out, err = capsys.readouterr()

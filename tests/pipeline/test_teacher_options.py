@@ -1,4 +1,4 @@
-"""`--teacher-options`: a backend's own settings from one key=value string, typed, checked, and
+"""`--teacher.options`: a backend's own settings from one key=value string, typed, checked, and
 reaching the backend (a loopback server for openai, a tiny model for transformers)."""
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def test_values_take_the_type_of_the_backends_option() -> None:
     ("chat=perhaps", "openai", "chat: expected true or false"),
     ("concurrency=2.5", "openai", "expected an integer"),
     ("timeout", "openai", "expected key=value"),
-    ("base_url=http://x/v1", "openai", "--base-url"),
-    ("batch_size=4", "transformers", "--batch-size"),
+    ("base_url=http://x/v1", "openai", "--teacher.base_url"),
+    ("batch_size=4", "transformers", "--generate.batch_size"),
     ("on_batch=print", "transformers", "no option 'on_batch'"),
     ("timeout=1,timeout=2", "openai", "given twice"),
     ("engine=hf", "openai", "no option 'engine'"),
@@ -43,7 +43,7 @@ def test_values_take_the_type_of_the_backends_option() -> None:
 def test_a_bad_option_is_one_error_naming_it(text: str, backend: str, says: str) -> None:
     with pytest.raises(SiftError) as e:
         parse_teacher_options(text, backend)
-    assert e.value.field == "teacher_options" and says in str(e.value)
+    assert e.value.field == "teacher.options" and says in str(e.value)
 
 
 def test_a_short_timeout_reaches_the_openai_client_through_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -56,8 +56,8 @@ def test_a_short_timeout_reaches_the_openai_client_through_the_cli(tmp_path: Pat
     write_jsonl(run / "instructions.jsonl", [{"id": f"i{k}", "instruction": f"Name {k} colours."} for k in range(3)])
     with FakeOpenAI(delay=2.0) as server:
         t0 = time.monotonic()
-        rc = main(["classify", "--run", "r", "--backend", "openai", "--teacher", "m", "--base-url", server.url,
-                   "--teacher-options", "timeout=0.3,max_retries=0"])
+        rc = main(["classify", "--run", "r", "--teacher.backend", "openai", "--teacher.model", "m",
+                   "--teacher.base_url", server.url, "--teacher.options", "timeout=0.3,max_retries=0"])
         seconds = time.monotonic() - t0
     assert rc == 0 and seconds < 10
     rejected = read_jsonl(run / "classified.rejected.jsonl")
@@ -70,11 +70,11 @@ def test_bad_options_fail_the_command_before_anything_runs(tmp_path: Path, monke
     monkeypatch.setenv("SIFT_RUNS_DIR", str(tmp_path))
     (tmp_path / "r").mkdir()
     write_jsonl(tmp_path / "r" / "instructions.jsonl", [{"id": "i0", "instruction": "Name a colour."}])
-    rc = main(["classify", "--run", "r", "--backend", "openai", "--teacher", "m", "--base-url",
-               "http://127.0.0.1:9/v1", "--teacher-options", "retries=3"])
+    rc = main(["classify", "--run", "r", "--teacher.backend", "openai", "--teacher.model", "m",
+               "--teacher.base_url", "http://127.0.0.1:9/v1", "--teacher.options", "retries=3"])
     assert rc != 0
     err = capsys.readouterr().err
-    assert "teacher_options" in err and "retries" in err and "max_retries (int)" in err
+    assert "field 'teacher.options'" in err and "retries" in err and "max_retries (int)" in err
     assert not (tmp_path / "r" / "classified.jsonl").exists()
 
 
@@ -86,4 +86,4 @@ def test_transformers_options_choose_the_engine_and_check_its_values(tmp_path: P
     assert teacher.engine == "hf" and teacher.dtype == "float32"
     with pytest.raises(SiftError, match="engine must be") as e:
         make_backend(teacher=str(tiny), backend="transformers", batch_size=2, teacher_options="engine=turbo")
-    assert e.value.field == "teacher_options"
+    assert e.value.field == "teacher.options"

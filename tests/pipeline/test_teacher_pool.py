@@ -1,4 +1,4 @@
-"""Several teachers in one run (--teachers): shares per round, provenance, per-teacher figures, a
+"""Several teachers in one run (--teacher.pool): shares per round, provenance, per-teacher figures, a
 teacher that fails everything, teachers files, and kill-and-resume, with two loopback
 OpenAI-compatible servers (tests/pipeline/openai_server.py) as the two teachers."""
 
@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import Journal, read_json, read_jsonl
+from pipeline.settings import ClassifySettings, GenerateSettings, InstancesSettings, TeacherSettings
 from pipeline.stages.classify import classify
 from pipeline.stages.filter import filter_records
 from pipeline.stages.generate import generate
@@ -44,6 +45,10 @@ def teachers_yaml(path: Path, rows: list[tuple[str, str, float]]) -> Path:
     return path
 
 
+def pool(spec: Path) -> TeacherSettings:
+    return TeacherSettings(backend="openai", pool=str(spec))
+
+
 # ---------------------------------------------------------------- apportioning
 
 
@@ -73,7 +78,7 @@ def test_generate_spreads_each_round_by_share_and_every_record_names_its_teacher
     seeds("seeds/default.jsonl", run="r")
     with FakeOpenAI(reply=scripted_reply) as a, FakeOpenAI(reply=scripted_reply) as b:
         spec = teachers_yaml(tmp_path / "teachers.yaml", [("alpha", a.url, 2), ("beta", b.url, 1)])
-        generate(run="r", n=30, batch_size=7, backend="openai", teachers=str(spec))
+        generate(run="r", teacher=pool(spec), generate=GenerateSettings(n=30, batch_size=7))
         served = {"alpha": len(a.bodies), "beta": len(b.bodies)}
     d = runs / "r"
     entries = [e for e in Journal(d / "generate.journal").read() if e.get("kind") == "round"]
@@ -106,8 +111,8 @@ def test_generate_spreads_each_round_by_share_and_every_record_names_its_teacher
     # classify and instances spread their batches the same way and name the teacher per record
     with FakeOpenAI(reply=scripted_reply) as a, FakeOpenAI(reply=scripted_reply) as b:
         spec = teachers_yaml(tmp_path / "teachers2.yaml", [("alpha", a.url, 1), ("beta", b.url, 1)])
-        classify(run="r", batch_size=8, backend="openai", teachers=str(spec))
-        instances(run="r", batch_size=8, backend="openai", teachers=str(spec))
+        classify(run="r", teacher=pool(spec), classify=ClassifySettings(batch_size=8))
+        instances(run="r", teacher=pool(spec), instances=InstancesSettings(batch_size=8))
     for stage, file in (("classify", "classified.jsonl"), ("instances", "instances.jsonl")):
         names = Counter(r["provenance"][stage]["teacher"]["name"] for r in read_jsonl(d / file))
         st = read_json(d / f"{stage}.stats.json")
@@ -139,7 +144,7 @@ def test_a_teacher_that_fails_every_request_is_reported_and_its_share_goes_to_th
     seeds("seeds/default.jsonl", run="r")
     with FakeOpenAI(reply=scripted_reply) as good, FakeOpenAI(lambda key, attempt: "400") as bad:
         spec = teachers_yaml(tmp_path / "teachers.yaml", [("good", good.url, 1), ("bad", bad.url, 3)])
-        generate(run="r", n=20, batch_size=8, backend="openai", teachers=str(spec))
+        generate(run="r", teacher=pool(spec), generate=GenerateSettings(n=20, batch_size=8))
         asked_bad = len(bad.bodies)
     d = runs / "r"
     stats = read_json(d / "generate.stats.json")
@@ -155,7 +160,7 @@ def test_a_teacher_that_fails_every_request_is_reported_and_its_share_goes_to_th
         spec = teachers_yaml(tmp_path / "bad.yaml", [("b1", bad1.url, 1), ("b2", bad2.url, 1)])
         seeds("seeds/default.jsonl", run="r2")
         with pytest.raises(SiftError, match="every request to the teacher failed"):
-            generate(run="r2", n=5, batch_size=4, backend="openai", teachers=str(spec))
+            generate(run="r2", teacher=pool(spec), generate=GenerateSettings(n=5, batch_size=4))
 
 
 # ---------------------------------------------------------------- specs
@@ -206,7 +211,7 @@ def test_a_bad_teachers_file_fails_before_anything_runs(tmp_path: Path) -> None:
     sift_ok(["seeds", "seeds/default.jsonl", "--run", "r"], runs=runs)
     from tests.pipeline.kill_harness import sift
 
-    code, _, err = sift(["generate", "--run", "r", "--teachers", str(p)], runs=runs)
+    code, _, err = sift(["generate", "--run", "r", "--teacher.pool", str(p)], runs=runs)
     assert code == 2 and f"{p}:2: field 'teachers[0].share'" in err and "Traceback" not in err
     assert not (runs / "r" / "instructions.jsonl").exists() and not (runs / "r" / "generate.journal").exists()
 
@@ -218,8 +223,9 @@ def test_a_bad_teachers_file_fails_before_anything_runs(tmp_path: Path) -> None:
 def test_generate_and_classify_with_two_teachers_killed_and_rerun_give_the_same_run(tmp_path: Path) -> None:
     with FakeOpenAI(reply=scripted_reply) as a, FakeOpenAI(reply=scripted_reply) as b:
         spec = teachers_yaml(tmp_path / "teachers.yaml", [("alpha", a.url, 2), ("beta", b.url, 1)])
-        gen = ["generate", "--run", "r", "--n", "24", "--batch-size", "5", "--teachers", str(spec)]
-        cls = ["classify", "--run", "r", "--batch-size", "6", "--teachers", str(spec)]
+        gen = ["generate", "--run", "r", "--generate.n", "24", "--generate.batch_size", "5",
+               "--teacher.pool", str(spec)]
+        cls = ["classify", "--run", "r", "--classify.batch_size", "6", "--teacher.pool", str(spec)]
         ref, killed = tmp_path / "ref", tmp_path / "killed"
         for runs in (ref, killed):
             sift_ok(["seeds", "seeds/default.jsonl", "--run", "r"], runs=runs)
@@ -236,19 +242,26 @@ def test_generate_and_classify_with_two_teachers_killed_and_rerun_give_the_same_
     same_artifacts(ref / "r", killed / "r", ref_runs=ref)
 
 
-def test_teacher_given_twice_on_the_command_line_means_two_teachers(capsys: pytest.CaptureFixture) -> None:
+def test_a_pool_is_teacher_pool_and_cannot_come_with_teacher_model(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
     from pipeline.cli import build_parser, main, resolve_settings
 
     parser = build_parser()
-    for argv, want in ((["generate", "--teacher", "a"], ("a", None)),
-                       (["classify", "--teacher", "a", "--teacher", "b.gguf=2"],
-                        ("smollm2-135m-instruct", "a,b.gguf=2")),
-                       (["loop", "--teacher", "a", "--teacher", "b"], ("smollm2-135m-instruct", "a,b"))):
-        ns = parser.parse_args(argv)
+    for command in ("generate", "classify", "instances"):
+        ns = parser.parse_args([command, "--teacher.pool", "a,b.gguf=2"])
         _, kwargs = resolve_settings(ns._func, ns._name, ns)
-        assert (kwargs["teacher"], kwargs["teachers"]) == want
-    assert main(["generate", "--teacher", "a", "--teacher", "b", "--teachers", "c,d"]) == 2
-    assert "give --teacher more than once or --teachers, not both" in capsys.readouterr().err
+        assert (kwargs["teacher"].model, kwargs["teacher"].pool) == ("smollm2-135m-instruct", "a,b.gguf=2")
+    # both on the command line, or both in a config file: one error naming teacher.pool, nothing run
+    assert main(["generate", "--run", "r", "--teacher.model", "a", "--teacher.pool", "b,c"]) == 2
+    err = capsys.readouterr().err
+    assert "field 'teacher.pool'" in err and "give teacher.model or teacher.pool, not both" in err
+    config = tmp_path / "run.yaml"
+    config.write_text("teacher:\n  model: a\n  pool: b,c\n")
+    assert main(["instances", "--run", "r", "--config", str(config)]) == 2
+    assert f"{config}: field 'teacher.pool'" in capsys.readouterr().err
+    # the repeated flag of before is no option at all now; the error points at the section
+    assert main(["classify", "--teacher", "a", "--teacher", "b"]) == 2
+    assert "`--teacher` is a section" in capsys.readouterr().err
 
 
 def test_the_repository_teachers_file_loads() -> None:

@@ -15,10 +15,11 @@ import pytest
 
 from pipeline.io.artifacts import write_jsonl
 from pipeline.io.models import resolve_model
+from pipeline.settings import StudentSettings
+from pipeline.stages.sample import load_student, sample
 from tests.pipeline.tiny_gguf import make_tiny_gemma_gguf
 from tests.train.conftest import fine_tune
 from train.format import alpaca_chat_template, prompt_ids, to_messages
-from train.sample import load_student, sample
 
 QA = [("Name a color.", "Red is a color."), ("Give three tips for staying healthy.", "Eat, sleep, walk."),
       ("Translate hello to Spanish.", "Hola.")]
@@ -46,7 +47,7 @@ def test_a_base_student_trains_on_the_alpaca_template_and_sample_uses_it(
     config = json.loads((d / "student" / "train_config.json").read_text())
     assert config["template"] == "alpaca" and config["pad_token"] == "<pad>" and config["eos_token"] == "<eos>"
 
-    model, tokenizer, _ = load_student("base")  # what `sift sample` and `sift eval` load
+    model, tokenizer, _ = load_student("base", student=StudentSettings(device="cpu"))  # what `sift sample` loads
     assert tokenizer.chat_template == alpaca_chat_template()
     text = tokenizer.decode(prompt_ids(tokenizer, [{"role": "user", "content": "Name a color."}]))
     assert text == ("<bos>Below is an instruction that describes a task. Write a response that appropriately "

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import SiftError
-from tests.train.test_evaluate import ROWS, ScriptedJudge, _items, _make_run, _write_jsonl
+from pipeline.settings import EvalSettings
+from tests.train.test_evaluate import CPU32, ROWS, ScriptedJudge, _items, _make_run, _write_jsonl
 from train.eval_sets import merge_sets, read_sets, resolve_sets, set_name
 from train.eval_stats import MIN_EXAMPLES, findings, mean_interval, paired_bootstrap
 
@@ -103,7 +104,7 @@ def test_resolve_sets_names_and_refusals(tmp_path: Path) -> None:
     assert set_name(Path("my tasks.v2.json")) == "my_tasks"
     with pytest.raises(SiftError, match="unknown eval set 'train'") as e:
         resolve_sets(tmp_path, "valid,train", None)
-    assert e.value.field == "sets"
+    assert e.value.field == "eval.sets"
     with pytest.raises(SiftError, match="no such eval file"):
         resolve_sets(tmp_path, None, str(tmp_path / "nope.jsonl"))
 
@@ -131,13 +132,13 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_two_runs_on_different_sets_keep_both(tiny_folder: Path, runs: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture) -> None:
-    from train.evaluate import evaluate
+    from pipeline.stages.eval import evaluate
 
     d = _make_run(runs, tiny_folder)
     other = _write_jsonl(tmp_path / "mine.jsonl", list(reversed(ROWS)))
-    evaluate(run="t", base=str(tiny_folder), max_new_tokens=4, dtype="float32")
+    evaluate(run="t", student=CPU32, eval=EvalSettings(base=str(tiny_folder), max_new_tokens=4))
     first = json.loads((d / "eval.json").read_text())
-    evaluate(run="t", base=str(tiny_folder), eval_file=str(other), max_new_tokens=4, dtype="float32")
+    evaluate(run="t", student=CPU32, eval=EvalSettings(base=str(tiny_folder), eval_file=str(other), max_new_tokens=4))
     both = json.loads((d / "eval.json").read_text())
     assert list(both) == ["valid", "mine"]
     assert both["valid"] == first["valid"]  # untouched by the second run
@@ -159,20 +160,19 @@ def test_fast_greedy_answers_equal_generate_with_a_lora_adapter(tiny_folder: Pat
     import torch
     from transformers import AutoTokenizer
 
-    from train.eval_passes import fast_answers, fast_supported, load_side
-    from train.evaluate import greedy_answers
+    from train.eval_passes import fast_answers, fast_supported, greedy_answers, load_side
     from train.format import prompt_ids, to_messages
 
     d = _make_run(runs, tiny_folder)
     tok = AutoTokenizer.from_pretrained(str(d / "student"))
     rows = [{"id": r["id"], "messages": to_messages(r["instruction"], r["input"], r["output"])} for r in ROWS * 3]
-    merged = load_side(str(tiny_folder), tok, "float32", d / "student")
-    peft = load_side(str(tiny_folder), tok, "float32", d / "student", merge=False)
+    merged = load_side(str(tiny_folder), tok, d / "student", student=CPU32)
+    peft = load_side(str(tiny_folder), tok, d / "student", student=CPU32, merge=False)
     assert fast_supported(merged) and type(merged).__name__ == "LlamaForCausalLM"
     ids = torch.tensor([prompt_ids(tok, rows[0]["messages"][:-1])])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, peft(ids).logits, atol=1e-4)
-        assert not torch.allclose(merged(ids).logits, load_side(str(tiny_folder), tok, "float32", None)(ids).logits,
+        assert not torch.allclose(merged(ids).logits, load_side(str(tiny_folder), tok, None, student=CPU32)(ids).logits,
                                   atol=1e-3)  # the adapter is in
     fast = fast_answers(merged, tok, rows, max_new_tokens=12, max_rows=5)  # fewer slots than rows: refills
     plain = greedy_answers(merged, tok, rows, max_new_tokens=12, batch_size=1)
@@ -183,8 +183,7 @@ def test_fast_greedy_answers_equal_generate_with_a_lora_adapter(tiny_folder: Pat
 def test_length_sorted_nll_equals_the_plain_pass(tiny_folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from train.eval_passes import reference_nll
-    from train.evaluate import answer_nll
+    from train.eval_passes import answer_nll, reference_nll
     from train.format import setup_tokenizer, to_messages
 
     tok = AutoTokenizer.from_pretrained(tiny_folder)

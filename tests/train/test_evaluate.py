@@ -10,8 +10,13 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import SiftError
+from pipeline.settings import EvalSettings, StudentSettings
+from pipeline.stages.eval import evaluate, side_metrics
 from tests.conftest import SHARED
-from train.evaluate import distinct_n, evaluate, load_heldout, pick, rouge_l, side_metrics
+from train.eval_sets import load_heldout, pick
+from train.eval_stats import distinct_n, rouge_l
+
+CPU32 = StudentSettings(device="cpu", dtype="float32")
 
 USER_ORIENTED = SHARED / "data" / "user_oriented_instructions.jsonl"
 
@@ -116,7 +121,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
 def test_batched_nll_equals_one_at_a_time(tiny) -> None:
     import torch
 
-    from train.evaluate import answer_nll
+    from train.eval_passes import answer_nll
     from train.format import to_messages, tokenize_example
 
     _, model, tok = tiny
@@ -133,7 +138,7 @@ def test_batched_nll_equals_one_at_a_time(tiny) -> None:
 def test_batched_greedy_equals_single_and_counts_stops(tiny) -> None:
     import torch
 
-    from train.evaluate import greedy_answers
+    from train.eval_passes import greedy_answers
     from train.format import to_messages
 
     _, model, tok = tiny
@@ -189,7 +194,7 @@ def _make_run(runs: Path, folder: Path, name: str = "t") -> Path:
 def test_evaluate_writes_eval_json_side_by_side(tiny, runs: Path, capsys: pytest.CaptureFixture) -> None:
     folder = tiny[0]
     d = _make_run(runs, folder)
-    evaluate(run="t", base=str(folder), limit=0, max_new_tokens=4, batch_size=2, dtype="float32")
+    evaluate(run="t", student=CPU32, eval=EvalSettings(base=str(folder), limit=0, max_new_tokens=4, batch_size=2))
     result = json.loads((d / "eval.json").read_text())["valid"]
     assert result["examples"] == len(ROWS)
     for side in ("base", "student"):
@@ -218,7 +223,7 @@ def test_evaluate_embedded_model_on_user_oriented(runs: Path) -> None:
     if folder_problem(embedded_dir(), converted=True):
         pytest.skip("embedded model not fetched (sift model fetch)")
     d = _make_run(runs, embedded_dir(), "emb")
-    evaluate(run="emb", eval_file=str(USER_ORIENTED), limit=4, max_new_tokens=12, batch_size=4)
+    evaluate(run="emb", eval=EvalSettings(eval_file=str(USER_ORIENTED), limit=4, max_new_tokens=12, batch_size=4))
     result = json.loads((d / "eval.json").read_text())["user_oriented_instructions"]
     assert result["examples"] == 4
     base = result["base"]

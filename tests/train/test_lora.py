@@ -15,17 +15,18 @@ import torch
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import write_jsonl
 from pipeline.settings import DistillSettings, StudentSettings, TrainSettings
+from pipeline.stages.merge import merge
+from pipeline.stages.sample import generate_ids, load_student, sample
 from pipeline.stages.train import train
 from tests.train.conftest import fine_tune
 from train.format import to_messages
-from train.merge import merge
-from train.sample import generate_ids, load_student, sample
 
 QA = [("what is the capital of france", "the capital of france is paris"),
       ("name a primary color", "red is a primary color"),
       ("translate hello to spanish", "hola"),
       ("give three tips for staying healthy", "eat vegetables sleep well and walk every day")]
 FAST = {"precision": "fp32", "lr": 1e-2, "logging_steps": 1}
+CPU32 = StudentSettings(device="cpu", dtype="float32")  # the student as trained, for exact comparisons
 
 
 def _write_split(runs: Path, run: str, train_qa: list, valid_qa: list) -> Path:
@@ -74,11 +75,11 @@ def test_overfitting_lowers_loss_and_greedy_output_stops_at_eos(trained, capsys)
     assert summary["eval_token_accuracy_after"] == 1.0
     assert any("eval_mean_token_accuracy" in e for e in entries if e["kind"] == "eval")
     assert all(e["tokens_per_s"] > 0 for e in entries if e["kind"] == "train")
-    model, tok, _ = load_student("overfit")  # from disk: the saved adapter carries what was learned
+    model, tok, _ = load_student("overfit", student=CPU32)  # from disk: the saved adapter carries what was learned
     for q, a in QA:
         new = generate_ids(model, tok, to_messages(q, "", "")[:1], max_new_tokens=20)
         assert new == [*tok(a, add_special_tokens=False)["input_ids"], tok.eos_token_id]
-    sample("what is the capital of france", run="overfit")
+    sample("what is the capital of france", run="overfit", student=CPU32)
     assert capsys.readouterr().out.strip() == "the capital of france is paris"
 
 
@@ -92,7 +93,7 @@ def test_saved_adapter_is_real_and_reloads_to_the_same_logits(trained) -> None:
     lora_b = {k: v for k, v in weights.items() if "lora_B" in k}
     assert len(lora_b) == 2 * 7 and all(v.abs().sum() > 0 for v in lora_b.values())  # all linear layers
     ids = [1, 5, 6, 9, 13, 2, 1, 7]
-    from_student = _logits(load_student("overfit")[0], ids)
+    from_student = _logits(load_student("overfit", student=CPU32)[0], ids)
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     from_checkpoint = _logits(PeftModel.from_pretrained(base, str(d / "student" / "checkpoints" / "checkpoint-30")),
                               ids)
@@ -128,7 +129,7 @@ def test_merge_matches_the_adapter_model(trained) -> None:
     merged = AutoModelForCausalLM.from_pretrained(d / "merged").eval()
     assert not any("lora" in k for k in merged.state_dict())
     ids = [1, 5, 6, 9, 13, 2, 1, 7, 3]
-    assert torch.allclose(_logits(merged, ids), _logits(load_student("overfit")[0], ids), atol=1e-5)
+    assert torch.allclose(_logits(merged, ids), _logits(load_student("overfit", student=CPU32)[0], ids), atol=1e-5)
 
 
 def test_resume_restores_the_global_step_and_overlong_are_counted(runs: Path, tiny_model_dir: Path) -> None:

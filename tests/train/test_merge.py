@@ -12,9 +12,9 @@ import pytest
 from pipeline.cli import main
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import write_jsonl
+from pipeline.stages.merge import MARKER, merge
 from tests.train.conftest import fine_tune
 from train.format import to_messages
-from train.merge import MARKER, merge
 
 QA = [("what is the capital of france", "the capital of france is paris"), ("name a primary color", "red")]
 

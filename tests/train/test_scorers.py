@@ -77,7 +77,7 @@ def test_a_model_that_ignores_its_context_gives_ifd_exactly_1(tiny) -> None:
     model = make_model(len(tok), seed=1)
     with torch.no_grad():
         model.get_output_embeddings().weight.zero_()
-    for res in ifd_scores(model, tok, RECORDS):
+    for res in ifd_scores(model, tok, RECORDS, batch_size=8):
         assert res["loss_given_prompt"] == pytest.approx(math.log(len(tok)), rel=1e-5)
         assert res["loss_alone"] == pytest.approx(math.log(len(tok)), rel=1e-5)
         assert res["value"] == pytest.approx(1.0, abs=1e-5)
@@ -85,7 +85,7 @@ def test_a_model_that_ignores_its_context_gives_ifd_exactly_1(tiny) -> None:
 
 def test_an_empty_answer_has_no_ifd(tiny) -> None:
     model, tok = tiny
-    got = ifd_scores(model, tok, [{"instruction": "name a primary color", "output": "  "}, RECORDS[1]])
+    got = ifd_scores(model, tok, [{"instruction": "name a primary color", "output": "  "}, RECORDS[1]], batch_size=8)
     assert got[0] == {"value": None, "reason": "empty_answer", "answer_tokens": 0}
     assert got[1]["value"] > 0
 
@@ -121,12 +121,12 @@ def test_ifd_on_the_embedded_model_copy_own_and_unrelated_answers() -> None:
     folder = embedded_dir()
     if not (folder / "config.json").is_file():
         pytest.skip("the embedded model is not converted here (sift model fetch)")
-    model, tok = load_model(str(folder), dtype="float32"), load_tokenizer(str(folder))
+    model, tok = load_model(str(folder), dtype="float32", device="cpu"), load_tokenizer(str(folder))
     prepare_tokenizer(tok)
     instruction = "Translate the following sentence into French: The cat sleeps on the red sofa."
     recs = [{"instruction": instruction, "output": instruction},
             {"instruction": instruction, "output": "Le chat dort sur le canapé rouge."},
             {"instruction": instruction, "output": "Preheat the oven to 200 degrees and bake the bread for 40 min."}]
-    copy, own, unrelated = (r["value"] for r in ifd_scores(model, tok, recs))
+    copy, own, unrelated = (r["value"] for r in ifd_scores(model, tok, recs, batch_size=8))
     assert copy < 1 and own < 1
     assert unrelated > own

@@ -1,6 +1,6 @@
 """The Stanford Alpaca recipe (Taori et al. 2023), pure parts.
 
-    sift generate --recipe alpaca             # driven by pipeline/stages/generate.py
+    sift generate --generate.recipe alpaca    # driven by pipeline/stages/generate.py
 
 Each prompt shows 3 random seed tasks (seeds only) as "###"-separated instruction/input/output
 chunks and asks for 20; the model writes instruction, input and output together. `<noinput>`
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from pipeline.stages.recipes.self_instruct import clean
+from pipeline.recipes.self_instruct import clean
 from pipeline.teachers.base import Sampling
 from pipeline.teachers.parsers import NOINPUT, Problem, parse_alpaca
 

@@ -1,6 +1,6 @@
 """The Self-Instruct bootstrap recipe (Wang et al., ACL 2023), pure parts.
 
-    sift generate --recipe self-instruct      # driven by pipeline/stages/generate.py
+    sift generate --generate.recipe self-instruct   # driven by pipeline/stages/generate.py
 
 Each prompt lists 8 numbered tasks, 6 sampled seeds and 2 sampled machine-written ones (seeds
 only while the pool has none), shuffled, then "9."; the model continues the list. A response

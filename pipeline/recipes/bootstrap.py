@@ -17,10 +17,10 @@ from types import ModuleType
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import content_id
-from pipeline.stages.recipes import alpaca, self_instruct
+from pipeline.recipes import alpaca, self_instruct
 from pipeline.teachers.base import Completion
 
-Recipe = ModuleType  # a module of pipeline/stages/recipes with NAME, PROMPT, RULES, build_prompt, parse, ...
+Recipe = ModuleType  # a module of pipeline/recipes with NAME, PROMPT, RULES, build_prompt, parse, ...
 RECIPES = {"self-instruct": self_instruct, "alpaca": alpaca}
 Check = Callable[[dict], "str | None"]
 

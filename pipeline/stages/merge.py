@@ -2,6 +2,7 @@
 
     sift merge --run demo                      # -> runs/demo/merged/
     sift merge --run demo --output out/dir --dtype bfloat16
+    sift merge --run demo --student.device cuda   # merge on the GPU (the saved folder is the same)
 
 The base is always loaded in full precision (float32, or bf16/fp16 if asked), never 4-bit:
 merging into a quantised base degrades the model even when training used QLoRA. The folder is
@@ -13,6 +14,7 @@ deletes someone's files. The run's lock is held throughout.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +24,8 @@ from pathlib import Path
 
 from pipeline.errors import SiftError
 from pipeline.io.runs import locked, run_dir
-from train.sample import load_student
+from pipeline.settings import StudentSettings
+from pipeline.stages.sample import load_student
 
 DTYPES = ("float32", "bfloat16", "float16")
 MARKER = ".sift-merge.json"  # written into every merged folder: what sift may replace
@@ -46,7 +49,8 @@ def check_target(target: Path, *, student: Path, force: bool) -> None:
                         "or pass --force to replace it", path=target)
 
 
-def merge(*, run: str = "demo", output: str | None = None, dtype: str = "float32", force: bool = False) -> None:
+def merge(*, run: str = "demo", output: str | None = None, dtype: str = "float32", force: bool = False,
+          student: StudentSettings = StudentSettings()) -> None:
     """Merge the trained adapter into the base model and save it as an ordinary model folder.
 
     Args:
@@ -55,16 +59,20 @@ def merge(*, run: str = "demo", output: str | None = None, dtype: str = "float32
             a previous merge output (it has .sift-merge.json) or empty, unless --force.
         dtype: Precision of the merged weights: float32, bfloat16 or float16 (never 4-bit).
         force: Replace an existing --output even if it is not a previous merge output.
+        student: where the merge runs (device); the precision is dtype above, the base the one trained.
     """
     if dtype not in DTYPES:
         raise SiftError(f"use one of {', '.join(DTYPES)}, got {dtype!r}", field="dtype")
+    from pipeline.io.models import resolve_device
+
+    resolve_device(student.device)  # a device torch does not have fails here, before any work
     directory = run_dir(run)
     target = (Path(output) if output else directory / "merged").expanduser().absolute()
     target = target.parent.resolve() / target.name if target.name not in ("", ".", "..") else target.resolve()
     check_target(target, student=(directory / "student").resolve(), force=force)
     with locked(directory):
         check_target(target, student=(directory / "student").resolve(), force=force)
-        model, tokenizer, _ = load_student(run, adapter=True, dtype=dtype)
+        model, tokenizer, _ = load_student(run, student=dataclasses.replace(student, dtype=dtype), adapter=True)
         merged = model.merge_and_unload()
         try:
             target.parent.mkdir(parents=True, exist_ok=True)

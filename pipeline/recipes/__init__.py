@@ -1,0 +1,1 @@
+"""Generation recipes: pure prompt building and response parsing for `sift generate --generate.recipe ...`."""

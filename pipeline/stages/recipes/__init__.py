@@ -1,1 +1,0 @@
-"""Generation recipes: pure prompt building and response parsing for `sift generate --recipe ...`."""
