@@ -43,7 +43,7 @@ COMMANDS: dict[str, str] = {
     "filter": "pipeline.stages.filter:filter_records",
     "score": "pipeline.stages.score:score",
     "export": "pipeline.stages.export:export",
-    "train": "train.lora:train",
+    "train": "pipeline.stages.train:train",
     "merge": "pipeline.stages.merge:merge",
     "sample": "pipeline.stages.sample:sample",
     "eval": "pipeline.stages.eval:evaluate",

@@ -58,12 +58,16 @@ INSTRUCTION = {"id": "i1", "instruction": "Name three primary colors.", "input":
     (["instances", "--run", "r", "--teacher.model", " "], "teacher.model"),
     (["filter", "--run", "r", "--filter.workers", "0"], "filter.workers"),
     (["filter", "--run", "r", "--filter.top_k", "-1"], "filter.top_k"),
-    (["loop", "--run", "r", "--top-p", "0"], "top_p"),
-    (["loop", "--run", "r", "--top-p", "1.5"], "top_p"),
-    (["loop", "--run", "r", "--temperature", "-1"], "temperature"),
-    (["loop", "--run", "r", "--augment-max-tokens", "0"], "augment_max_tokens"),
-    (["loop", "--run", "r", "--max-new-tokens", "0"], "max_new_tokens"),
-    (["loop", "--run", "r", "--rouge-threshold", "2"], "rouge_threshold"),
+    (["loop", "--run", "r", "--loop.top_p", "0"], "loop.top_p"),
+    (["loop", "--run", "r", "--loop.top_p", "1.5"], "loop.top_p"),
+    (["loop", "--run", "r", "--loop.temperature", "-1"], "loop.temperature"),
+    (["loop", "--run", "r", "--loop.augment_max_tokens", "0"], "loop.augment_max_tokens"),
+    (["loop", "--run", "r", "--loop.max_new_tokens", "0"], "loop.max_new_tokens"),
+    (["loop", "--run", "r", "--filter.threshold", "2"], "filter.threshold"),
+    (["loop", "--run", "r", "--loop.fail_below", "1.5"], "loop.fail_below"),
+    (["train", "--run", "r", "--train.warmup_ratio", "1"], "train.warmup_ratio"),
+    (["train", "--run", "r", "--lora.r", "0"], "lora.r"),
+    (["train", "--run", "r", "--distill.top_k", "-1"], "distill.top_k"),
 ])
 def test_out_of_range_sampling_is_refused_first(in_tmp: Path, capsys, argv: list[str], field: str) -> None:
     _run_with(in_tmp, "instructions.jsonl", [INSTRUCTION])
