@@ -259,9 +259,9 @@ def test_metrics_after_a_resume_equal_an_uninterrupted_run(tmp_path: Path, tiny_
 
     runs = tmp_path / "runs"
     qa = [*QA, *((q + " please", a) for q, a in QA)]
-    args = ["--student", str(tiny_model_dir), "--max-steps", "12", "--save-steps", "3", "--logging-steps", "5",
-            "--batch-size", "2", "--grad-accum", "1", "--max-length", "24", "--precision", "fp32", "--lr", "1e-2",
-            "--resume"]
+    args = ["--student.model", str(tiny_model_dir), "--train.max_steps", "12", "--train.save_steps", "3",
+            "--train.logging_steps", "5", "--train.batch_size", "2", "--train.grad_accum", "1", "--train.max_length",
+            "24", "--train.precision", "fp32", "--train.lr", "1e-2", "--train.resume"]
     for run in ("clean", "kt"):
         _write_split(runs, run, qa, QA[:1])
     code, _, err = sift(["train", "--run", "clean", *args], runs=runs)
@@ -306,8 +306,7 @@ def test_a_full_disk_is_cannot_write_and_a_partial_checkpoint_is_never_resumed(
     import peft.peft_model
 
     d = _write_split(runs, "full", QA, QA[:1])
-    common = {"student": str(tiny_model_dir), "max_steps": 4, "batch_size": 2, "grad_accum": 1, "resume": True,
-              "save_steps": 2, **FAST}
+    common = {"max_steps": 4, "batch_size": 2, "grad_accum": 1, "resume": True, "save_steps": 2, **FAST}
     real = peft.peft_model.safe_save_file
     full = "/checkpoint-4/" if where == "checkpoint" else "/.save-"  # checkpoint-2 is written whole
 
@@ -319,7 +318,7 @@ def test_a_full_disk_is_cannot_write_and_a_partial_checkpoint_is_never_resumed(
     monkeypatch.setattr(peft.peft_model, "safe_save_file", save)
     target = d / "student" / ("checkpoints" if where == "checkpoint" else "")
     with pytest.raises(SiftError, match="cannot write: No space left on device") as e:
-        train(run="full", **common)
+        fine_tune("full", tiny_model_dir, **common)
     assert Path(e.value.path) == target
     checkpoints = d / "student" / "checkpoints"
     if where == "checkpoint":  # the torn checkpoint-4 is gone, checkpoint-2 is whole
@@ -329,7 +328,7 @@ def test_a_full_disk_is_cannot_write_and_a_partial_checkpoint_is_never_resumed(
     assert not (d / "student" / "adapter_model.safetensors").exists()
     assert not list((d / "student").glob(".save-*"))
     monkeypatch.setattr(peft.peft_model, "safe_save_file", real)
-    train(run="full", **common)
+    fine_tune("full", tiny_model_dir, **common)
     assert _metrics(d)[-1]["kind"] == "summary" and _metrics(d)[-1]["step"] == 4
     assert (d / "student" / "adapter_model.safetensors").stat().st_size > 16
 
@@ -342,13 +341,13 @@ def test_a_checkpoint_missing_a_file_is_skipped_on_resume(runs: Path, tiny_model
     from train.lora import last_checkpoint
 
     d = _write_split(runs, "part", QA, [])
-    common = {"student": str(tiny_model_dir), "batch_size": 2, "grad_accum": 1, "save_steps": 2, **FAST}
-    train(run="part", max_steps=4, **common)
+    common = {"batch_size": 2, "grad_accum": 1, "save_steps": 2, **FAST}
+    fine_tune("part", tiny_model_dir, max_steps=4, **common)
     checkpoints = d / "student" / "checkpoints"
     assert last_checkpoint(checkpoints, remove_partial=False) == str(checkpoints / "checkpoint-4")
     (checkpoints / "checkpoint-4" / missing).unlink()
     assert last_checkpoint(checkpoints, remove_partial=False) == str(checkpoints / "checkpoint-2")
-    train(run="part", max_steps=4, resume=True, **common)
+    fine_tune("part", tiny_model_dir, max_steps=4, resume=True, **common)
     steps = [e["step"] for e in _metrics(d) if e["kind"] == "train"]
     assert steps == [1, 2, 3, 4]  # steps 3 and 4 were trained again, from checkpoint-2
     assert checkpoint_files(checkpoints / "checkpoint-4") >= {missing, "trainer_state.json", "optimizer.pt"}
