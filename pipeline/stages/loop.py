@@ -37,7 +37,7 @@ from filters.rules import parse_rules
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import Journal, file_sha256, iter_jsonl, read_json, read_jsonl, write_json, write_jsonl
 from pipeline.io.batched import run_batches
-from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.io.runs import locked, record_stage, run_dir, scrub
 from pipeline.stages import llm2llm
 from pipeline.stages import teacher_policy as policies
 from pipeline.stages.filter import flatten_tasks
@@ -435,11 +435,11 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
             write_json(round_dir / "round.json", info)  # last: its presence means the round is done
             added += kept
             summaries.append(info)
-            write_json(directory / "loop.json", {"settings": settings, "rounds": summaries})
+            write_json(directory / "loop.json", {"settings": scrub(settings), "rounds": summaries})
             print(round_line(info))
         final = originals + [as_data(a) for a in added]
         write_jsonl(loop_dir / "data.jsonl", ({k: v for k, v in d.items()} for d in final))
-        result = {"settings": settings, "rounds": summaries, "data": {"records": len(final), "original":
+        result = {"settings": scrub(settings), "rounds": summaries, "data": {"records": len(final), "original":
                   len(originals), "added": len(added)}, "seconds": round(time.monotonic() - started, 1)}
         write_json(directory / "loop.json", result)
         teacher_models = ",".join(f"{t['name']}={t['model']}" for t in specs) if specs else teacher
@@ -550,9 +550,9 @@ def _check_distill(student: str, teacher: str | None, **settings: Any) -> None:
 
 def _check_settings(path: Path, settings: dict) -> None:
     """Refuse to continue a loop with settings that change what its rounds produce."""
-    shaping = {k: settings[k] for k in SHAPING}
+    shaping = scrub({k: settings[k] for k in SHAPING})  # a teacher's base URL is kept without credentials
     if path.exists():
-        old = read_json(path)
+        old = scrub(read_json(path))
         # a setting added in a later version is absent from older loops: they ran with its default
         defaults = {name: p.default for name, p in inspect.signature(loop).parameters.items()}
         changed = sorted(k for k in SHAPING if old.get(k, defaults.get(k)) != shaping.get(k))

@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.errors import SiftError
+from pipeline.io.redact import redact_urls
 from pipeline.teachers.base import Completion, FinishReason, Request, Sampling
 
 log = logging.getLogger(__name__)
@@ -226,13 +227,14 @@ class OpenAITeacher:
         """
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise SiftError(f"base_url must be an http(s) URL, got {base_url!r}")
+            raise SiftError(f"base_url must be an http(s) URL, got {redact_urls(base_url)!r}")
         if concurrency < 1 or max_retries < 0 or timeout <= 0 or backoff_base < 0 or backoff_max < 0:
             raise SiftError("concurrency >= 1, max_retries >= 0, timeout > 0 and backoffs >= 0 required")
         if total_timeout is not None and total_timeout <= 0:
             raise SiftError(f"total_timeout must be > 0, got {total_timeout}")
         self.name = model
         self.model, self.base_url, self.api_key_env, self.chat = model, base_url.rstrip("/"), api_key_env, chat
+        self.shown_url = redact_urls(self.base_url)  # what messages, logs and provenance show
         self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
         self.backoff_base, self.backoff_max, self.total_timeout = backoff_base, backoff_max, total_timeout
         self._https = parts.scheme == "https"
@@ -247,10 +249,10 @@ class OpenAITeacher:
 
     def describe(self) -> dict:
         """Provenance: what produced the data, never the key."""
-        return {"model": self.model, "base_url": self.base_url, "api_key_env": self.api_key_env}
+        return {"model": self.model, "base_url": self.shown_url, "api_key_env": self.api_key_env}
 
     def __repr__(self) -> str:
-        return f"OpenAITeacher(model={self.model!r}, base_url={self.base_url!r})"
+        return f"OpenAITeacher(model={self.model!r}, base_url={self.shown_url!r})"
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         """Complete every request, in input order; failures come back as finish_reason "error"."""
@@ -267,7 +269,7 @@ class OpenAITeacher:
             results = list(pool.map(lambda r: self._complete(r, key, deadline), requests))
         if self.stats["missing_usage"]:
             log.warning("%d of %d responses from %s carried no usage: their token counts are 0",
-                        self.stats["missing_usage"], len(requests), self.base_url)
+                        self.stats["missing_usage"], len(requests), self.shown_url)
         return results
 
     def first_token_probs(self, requests: Sequence[Request], *, top: int = 20,
@@ -300,7 +302,7 @@ class OpenAITeacher:
         if refusals and not self._logprobs_noted:
             self._logprobs_noted = True
             log.warning("%s gives no log-probabilities for %s (%s): its ratings are parsed from a sampled "
-                        "reply instead", self.base_url, self.model, refusals[0])
+                        "reply instead", self.shown_url, self.model, refusals[0])
         return dists
 
     def _first_token(self, request: Request, key: str | None, deadline: float | None,
@@ -402,7 +404,8 @@ class OpenAITeacher:
 
     @staticmethod
     def _redact(text: str, key: str | None) -> str:
-        return text.replace(key, "***") if key else text
+        """An error for the ledger: without the key (a server may echo it) or a URL's credentials."""
+        return redact_urls(text.replace(key, "***") if key else text)
 
 
 def _error_text(raw: bytes) -> str:
