@@ -9,6 +9,7 @@ runs/<run>/cache/teacher.jsonl.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +72,14 @@ def check_teacher_options(raw: dict[str, Any], backend: str, *, field: str = "te
         hint = settable[key]
         given: Any = None if isinstance(value, str) and value.lower() == "none" and unwrap_optional(hint)[1] \
             else value
+        kind = KINDS.get(unwrap_optional(hint)[0], "a string")
         try:
-            options[key] = converter(hint, key)(given)
-        except (ValueError, TypeError):
-            kind = KINDS.get(unwrap_optional(hint)[0], "a string")
+            converted = converter(hint, key)(given)
+        except (ValueError, TypeError, OverflowError):  # OverflowError: int(inf) from a YAML .inf
             raise SiftError(f"{key}: expected {kind}, got {value!r}", field=field, path=path, line=line) from None
+        if isinstance(converted, float) and not math.isfinite(converted):  # nan, inf, 1e999: no setting means them
+            raise SiftError(f"{key}: expected a finite number, got {value!r}", field=field, path=path, line=line)
+        options[key] = converted
     return options
 
 
