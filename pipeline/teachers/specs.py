@@ -15,8 +15,11 @@ A teachers file (YAML or TOML) lists each teacher under `teachers:` (or as a top
         model: gemma-3-270m
         share: 1
 
-On the command line, models are comma-separated, each optionally `=share`, and all use the stage's
---backend, --base-url and --teacher-options. A mistake is one SiftError naming file, line and field.
+An entry without `backend` takes the stage's --backend; an entry on the stage's backend also takes
+its --base-url and --api-key-env where it names none, and the stage's --teacher-options under its
+own `options` (the entry's own values win). On the command line, models are comma-separated, each
+optionally `=share`, and all use the stage's --backend, --base-url and --teacher-options. A mistake
+is one SiftError naming file, line and field.
 """
 
 from __future__ import annotations
@@ -63,10 +66,12 @@ def parse_teachers(text: str, *, backend: str = "transformers", base_url: str | 
     text = text.strip()
     if not text:
         raise SiftError("empty: give a teachers file or comma-separated models", field="teachers")
-    if text.endswith(FILE_SUFFIXES) or (Path(text).is_file() and "," not in text):
-        return read_teachers_file(Path(text))
     from pipeline.teachers.options import parse_teacher_options
 
+    if text.endswith(FILE_SUFFIXES) or (Path(text).is_file() and "," not in text):
+        stage = StageTeacher(backend=backend, base_url=base_url, api_key_env=api_key_env,
+                             options=parse_teacher_options(teacher_options, backend))
+        return read_teachers_file(Path(text), stage=stage)
     options = parse_teacher_options(teacher_options, backend)
     specs = []
     for item in (p.strip() for p in text.split(",")):
@@ -79,8 +84,20 @@ def parse_teachers(text: str, *, backend: str = "transformers", base_url: str | 
     return _checked(specs, path=None, lines=None)
 
 
-def read_teachers_file(path: Path) -> list[TeacherSpec]:
-    """Teacher specs from a YAML or TOML file (see the module docstring for the shape)."""
+@dataclass(frozen=True)
+class StageTeacher:
+    """The stage's own teacher settings, which a teachers-file entry inherits (see the module docstring)."""
+
+    backend: str = "transformers"
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    options: dict[str, Any] = field(default_factory=dict)  # --teacher-options, converted for `backend`
+
+
+def read_teachers_file(path: Path, *, stage: StageTeacher | None = None) -> list[TeacherSpec]:
+    """Teacher specs from a YAML or TOML file (see the module docstring for the shape); `stage`:
+    the settings an entry inherits (default: the transformers backend and nothing else)."""
+    stage = stage or StageTeacher()
     from pipeline.io.artifacts import _read_bytes  # one reader for every file's errors
 
     data = _read_bytes(path)
@@ -103,16 +120,18 @@ def read_teachers_file(path: Path) -> list[TeacherSpec]:
         model = item.get("model")
         if not isinstance(model, str) or not model.strip():
             raise SiftError("missing or not a string", path=path, line=line, field=f"{where}.model")
-        backend = item.get("backend", "transformers")
+        backend = item.get("backend", stage.backend)
         if backend not in BACKENDS:
             raise SiftError(f"unknown backend {backend!r} (choose one of {', '.join(BACKENDS)})", path=path,
                             line=line, field=f"{where}.backend")
         for key in ("name", "base_url", "api_key_env"):
             if key in item and not isinstance(item[key], str):
                 raise SiftError("not a string", path=path, line=line, field=f"{where}.{key}")
-        if backend == "openai" and not item.get("base_url"):
-            raise SiftError("the openai backend needs base_url (e.g. http://localhost:8000/v1)", path=path,
-                            line=line, field=f"{where}.base_url")
+        inherits = backend == stage.backend  # the stage's server, key and options fit its own backend only
+        base_url = item.get("base_url") or (stage.base_url if inherits else None)
+        if backend == "openai" and not base_url:
+            raise SiftError("the openai backend needs base_url (e.g. http://localhost:8000/v1), here or as the "
+                            "stage's --base-url", path=path, line=line, field=f"{where}.base_url")
         raw_options = item.get("options") or {}
         if isinstance(raw_options, str):
             from pipeline.teachers.options import parse_teacher_options
@@ -125,10 +144,13 @@ def read_teachers_file(path: Path) -> list[TeacherSpec]:
             options = check_teacher_options(raw_options, backend, field=f"{where}.options", path=path, line=line)
         else:
             raise SiftError("expected a mapping (or key=value text)", path=path, line=line, field=f"{where}.options")
+        if inherits:
+            options = {**stage.options, **options}
         specs.append(TeacherSpec(
             name=item.get("name") or default_name(model), model=model.strip(), backend=backend,
-            share=_share(item.get("share", 1.0), field=f"{where}.share", path=path, line=line),
-            base_url=item.get("base_url"), api_key_env=item.get("api_key_env", "OPENAI_API_KEY"), options=options))
+            share=_share(item.get("share", 1.0), field=f"{where}.share", path=path, line=line), base_url=base_url,
+            api_key_env=item.get("api_key_env") or (stage.api_key_env if inherits else "OPENAI_API_KEY"),
+            options=options))
     return _checked(specs, path=path, lines=lines)
 
 

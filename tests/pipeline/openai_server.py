@@ -14,6 +14,7 @@ bytes than it sends), "schema" (200 without choices), "no_usage" (a success with
 "endless" (a 200 whose body never ends, sent as fast as the client reads), "drip" (a 200 whose body
 never ends, one byte every 20 ms, so no socket wait ever times out). Both stop when the client hangs up.
 Only clean successes are counted in `successes`, so a retried request shows up exactly once.
+`stop()` and `restart()` take the server down (connections refused) and up again on the same port.
 `rendezvous=k`: the first k requests are held until all k are in flight (a barrier), so a test of
 concurrency sees k at once however loaded the machine is.
 `reply(body) -> (text, finish_reason)` replaces the echo, for stage tests that need real-looking answers.
@@ -75,6 +76,7 @@ class FakeOpenAI:
         self._httpd = _Server(("127.0.0.1", 0), _handler_for(self))
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
+        self._up = False
 
     @property
     def url(self) -> str:
@@ -82,13 +84,31 @@ class FakeOpenAI:
         return f"http://{host}:{port}/v1"
 
     def __enter__(self) -> FakeOpenAI:
-        self._thread.start()
+        self._start()
         return self
 
+    def _start(self) -> None:
+        self._thread.start()
+        self._up = True
+
     def __exit__(self, *exc: object) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
+        self.stop()
+
+    def stop(self) -> None:
+        """Go down: stop serving and close the listening socket, so connections are refused."""
+        if self._up:
+            self._up = False
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._thread.join(timeout=5)
+
+    def restart(self) -> None:
+        """Come back up on the same address after `stop`."""
+        if not self._up:
+            self._httpd = _Server(self._httpd.server_address[:2], _handler_for(self))
+            self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                            daemon=True)
+            self._start()
 
     def fault_for(self, key: str, attempt: int) -> str | None:
         if callable(self.faults):
