@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.io.redact import redact_urls
+from pipeline.redact import redact_urls
 
 
 class SiftError(Exception):

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import file_sha256, read_json, write_json
-from pipeline.io.redact import redact_urls
+from pipeline.redact import redact_urls
 
 RUNS_DIR_ENV = "SIFT_RUNS_DIR"
 MANIFEST = "manifest.json"

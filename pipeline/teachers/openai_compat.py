@@ -37,7 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.errors import SiftError
-from pipeline.io.redact import redact_urls
+from pipeline.redact import redact_urls
 from pipeline.teachers.base import Completion, FinishReason, Request, Sampling
 
 log = logging.getLogger(__name__)

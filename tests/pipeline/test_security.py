@@ -83,7 +83,7 @@ def test_credentials_in_a_base_url_are_never_written_or_shown(tmp_path: Path) ->
     """User-info and ?api_key= in a base URL (--base-url, a teachers file, a bad URL, a server error
     quoting one) reach no file of the run (manifest settings and `command`, report, ledgers, stats) and
     no output; the rest of the URL is kept."""
-    from pipeline.io.redact import redact_urls
+    from pipeline.redact import redact_urls
     from tests.pipeline.kill_harness import scripted_reply, sift, sift_ok
 
     runs = tmp_path / "runs"
