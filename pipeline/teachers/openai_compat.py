@@ -47,7 +47,7 @@ STOP_REASONS = frozenset({"stop", "eos", "eos_token", "stop_sequence", "end_turn
                           "function_call"})
 LENGTH_REASONS = frozenset({"length", "max_tokens", "model_length"})
 ERROR_SNIPPET = 300  # characters of a server's error body kept in Completion.error
-MAX_REPLY_BYTES = 32 * 2**20  # a completion with logprobs is well under a MiB; an endless stream stops here
+MAX_REPLY_BYTES = 8 * 2**20  # a long completion is tens of KiB; 8 concurrent endless streams hold 64 MiB at most
 READ_CHUNK = 2**16
 
 
