@@ -37,7 +37,7 @@ from filters.rules import parse_rules
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import Journal, file_sha256, iter_jsonl, read_json, read_jsonl, write_json, write_jsonl
 from pipeline.io.batched import run_batches
-from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.io.runs import locked, record_stage, run_dir, scrub
 from pipeline.llm2llm import augment as llm2llm
 from pipeline.llm2llm import policy as policies
 from pipeline.settings import (
@@ -386,11 +386,11 @@ def loop(*, run: str = "demo", teacher: TeacherSettings = TeacherSettings(),
             write_json(round_dir / "round.json", info)  # last: its presence means the round is done
             added += kept
             summaries.append(info)
-            write_json(directory / "loop.json", {"settings": settings, "rounds": summaries})
+            write_json(directory / "loop.json", {"settings": scrub(settings), "rounds": summaries})
             print(round_line(info))
         final = originals + [as_data(a) for a in added]
         write_jsonl(loop_dir / "data.jsonl", ({k: v for k, v in d.items()} for d in final))
-        result = {"settings": settings, "rounds": summaries, "data": {"records": len(final), "original":
+        result = {"settings": scrub(settings), "rounds": summaries, "data": {"records": len(final), "original":
                   len(originals), "added": len(added)}, "seconds": round(time.monotonic() - started, 1)}
         write_json(directory / "loop.json", result)
         teacher_models = ",".join(f"{t['name']}={t['model']}" for t in specs) if specs else teacher.model
@@ -508,9 +508,9 @@ def shaping(settings: dict) -> dict[str, Any]:
 
 def _check_settings(path: Path, settings: dict) -> None:
     """Refuse to continue a loop with settings that change what its rounds produce."""
-    current = shaping(settings)
+    current = scrub(shaping(settings))  # a teacher's base URL is kept without credentials
     if path.exists():
-        old = read_json(path)
+        old = scrub(read_json(path))
         if old and not any("." in k for k in old):
             raise SiftError("this loop was started by an earlier sift, before settings had sections; finish it "
                             "with that version, or start afresh (another --run, or remove loop/)", path=path)
