@@ -31,6 +31,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.errors import SiftError
+from pipeline.redact import redact_urls
 from pipeline.settings import SettingsError, is_section, to_dict
 from pipeline.typed import converter, short, unwrap_optional
 
@@ -495,8 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # an unexpected failure: one line unless --debug
         if debug:
             raise
-        print(f"sift: internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)",
-              file=sys.stderr)
+        print(f"sift: internal error: {type(e).__name__}: {redact_urls(str(e))} (run again with --debug for the "
+              "traceback)", file=sys.stderr)
         return 1
 
 
