@@ -42,6 +42,7 @@ COMMANDS: dict[str, str] = {
     "instances": "pipeline.stages.instances:instances",
     "filter": "pipeline.stages.filter:filter_records",
     "score": "pipeline.stages.score:score",
+    "refine": "pipeline.stages.refine:refine",
     "export": "train.export:export",
     "train": "train.lora:train",
     "merge": "pipeline.stages.merge:merge",

@@ -226,3 +226,66 @@ def parse_alpaca(text: str, *, start: int, truncated: bool = False) -> Parsed[di
             continue
         out.items.append({"instruction": squash(instruction), "input": inp, "output": outp})
     return out
+
+
+# ---------------------------------------------------------------- Reflection-Tuning (sift refine)
+
+_REFLECTION_LABEL = (r"(critique|feedback|analysis|(?:new|better|improved|revised|rewritten)\s+"
+                     r"(?:instruction|input|answer|response)|end)")
+# "[Better Answer]", "[Better Answer]:", "**Better Answer:**", "Better Answer:" or "### Better Answer:" at a line start
+_REFLECTION_MARKER = re.compile(
+    rf"\[\s*{_REFLECTION_LABEL}\s*\]\s*:?|\*\*\s*{_REFLECTION_LABEL}\s*:?\s*\*\*\s*:?"
+    rf"|(?:^|(?<=\n))[ \t]*#*[ \t]*{_REFLECTION_LABEL}[ \t]*:", re.IGNORECASE)
+_PLACEHOLDERS = ("your critique", "your answer", "the new instruction", "its answer", "your instruction",
+                 "an input for it, or <noinput>")  # the format line of the prompt, echoed back
+_NO_INPUT = (NOINPUT, "none", "n/a", "no input", "")
+
+
+def _reflection_field(label: str) -> str:
+    label = label.lower()
+    if label in ("critique", "feedback", "analysis"):
+        return "critique"
+    if label == "end":
+        return "end"
+    last = label.split()[-1]
+    return {"instruction": "instruction", "input": "input"}.get(last, "output")
+
+
+def parse_reflection(text: str, *, target: str, truncated: bool = False) -> Parsed[dict]:
+    """A reflection reply: "[Critique] ... [Better Answer] ... [End]" (target response) or
+    "[Critique] ... [New Instruction] ... [New Input] ... [New Answer] ... [End]" (target instruction).
+
+    Labels are read case-insensitively in brackets, bold, or as "Label:" at a line start, with the
+    synonyms small models use (Feedback, Improved Answer, New Response, ...); the first non-empty
+    section of each kind wins, and text after [End] is ignored. One item {"critique", "output"} (plus
+    "instruction" and "input" for target instruction; "input" is "" when missing or <noinput>), or a
+    problem: empty_response, no_rewrite (no section holding the rewrite), truncated (the reply hit
+    max_tokens inside the rewrite)."""
+    text = _as_text(text)
+    if not text.strip():
+        return Parsed(problems=[Problem("empty_response", text)])
+    marks = list(_REFLECTION_MARKER.finditer(text))
+    sections: dict[str, str] = {}
+    closed = False  # whether the rewrite's last section was followed by another marker
+    needed = ("instruction", "output") if target == "instruction" else ("output",)
+    for k, m in enumerate(marks):
+        name = _reflection_field(next(g for g in m.groups() if g))
+        if name == "end":
+            continue
+        end = marks[k + 1].start() if k + 1 < len(marks) else len(text)
+        body = text[m.end():end].strip().strip("*").strip()
+        if body.lower().rstrip(".") in _PLACEHOLDERS:
+            body = ""
+        if body and name not in sections:
+            sections[name] = body
+            closed = k + 1 < len(marks)
+    if any(not sections.get(n) for n in needed):
+        return Parsed(problems=[Problem("no_rewrite", text)])
+    if truncated and not closed and list(sections)[-1] in needed:
+        return Parsed(problems=[Problem("truncated", text)])
+    item = {"critique": sections.get("critique", ""), "output": sections["output"]}
+    if target == "instruction":
+        given = sections.get("input", "")
+        item["instruction"] = sections["instruction"]
+        item["input"] = "" if given.lower().strip(" .") in _NO_INPUT else given
+    return Parsed(items=[item])
