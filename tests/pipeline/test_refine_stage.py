@@ -209,6 +209,29 @@ def test_the_stage_refines_and_records_every_decision(tmp_path: Path, tiny: Path
         "ifd_not_higher", "rifd_not_lower"}
 
 
+def judged(body: dict) -> tuple[str, str]:
+    """The scripted teacher, and as judge: 5 for an answer with "so" in it (the rewrites), else 3."""
+    content = body["messages"][-1]["content"]
+    if content.rstrip().endswith("Reply with one digit from 1 to 5 and nothing else."):
+        return ("5" if " so " in content.split("### Answer", 1)[1] else "3"), "stop"
+    return scripted(body)
+
+
+def test_the_judge_rule_rates_both_versions_with_the_teacher(tmp_path: Path, tiny: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    d = make_run(tmp_path, monkeypatch, n=8)
+    with FakeOpenAI(reply=judged) as server:
+        refine(run="r", student=student_on(tiny), teacher=teacher_at(server.url),
+               refine=RefineSettings(batch_size=4, target="response", select="judge"))
+    records = read_jsonl(d / "refined.jsonl")
+    check_decisions(records, read_jsonl(d / "refined.rejected.jsonl", allow_empty=True), "judge")
+    decided = [s for r in records for s in r["refinement"]["steps"] if "scores" in s]
+    assert all(s["scores"]["original"]["judge"] == 3 for s in decided)
+    assert all(s["scores"]["rewrite"]["judge"] == (5 if " so " in s["rewrite"]["output"] else 3) for s in decided)
+    assert {s["reason"] for s in decided} == {"higher_judge", "judge_not_higher"}
+    assert all(s["scores"]["rewrite"]["rifd"] is not None for s in decided)  # the student's scores are kept too
+
+
 def test_rounds_refine_again_only_what_the_last_round_refined(tmp_path: Path, tiny: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     d = make_run(tmp_path, monkeypatch, n=10, name="filtered.jsonl")
