@@ -45,8 +45,8 @@ sys.path.insert(0, str(REPO))
 from filters.selection import parse_keep, select  # noqa: E402
 from pipeline.io.artifacts import iter_jsonl, write_json, write_jsonl  # noqa: E402
 from pipeline.io.runs import run_dir  # noqa: E402
+from pipeline.stages.export import chat_record, decontaminate, read_filtered  # noqa: E402
 from train.eval_stats import paired_bootstrap, per_example  # noqa: E402
-from train.export import chat_record, decontaminate, read_filtered  # noqa: E402
 from train.general_set import load_general  # noqa: E402
 
 ARMS = ("all", "random", "top_ifd", "top_judge")

@@ -43,7 +43,7 @@ COMMANDS: dict[str, str] = {
     "filter": "pipeline.stages.filter:filter_records",
     "score": "pipeline.stages.score:score",
     "refine": "pipeline.stages.refine:refine",
-    "export": "train.export:export",
+    "export": "pipeline.stages.export:export",
     "train": "train.lora:train",
     "merge": "pipeline.stages.merge:merge",
     "sample": "pipeline.stages.sample:sample",

@@ -452,7 +452,9 @@ class LoopSettings:
 
 @dataclass(frozen=True)
 class FederateSettings:
-    """`sift federate`: federated LoRA over parties on Flower; training settings come from `train:`.
+    """`sift federate`: federated LoRA over parties on Flower. The clients' training settings come from
+    `train:` (lr, batch_size, grad_accum, max_length, precision, template, seed), the adapter from
+    `lora:`, the device from `student:`, each client's validation share from `export:`.
 
     Args:
         clients: Number of clients when splitting the run's exported records.
@@ -487,6 +489,11 @@ class FederateSettings:
         _positive(self, "clients", "rounds", "local_steps")
         _not_negative(self, "eval_limit")
         _check(self.round_timeout > 0, "round_timeout", f"must be > 0, got {self.round_timeout}")
+        hints = typing.get_type_hints(FederateSettings)  # a choice given in code is checked too
+        for name in ("aggregation", "engine"):
+            allowed = typing.get_args(hints[name])
+            _check(getattr(self, name) in allowed, name,
+                   f"expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
 
 

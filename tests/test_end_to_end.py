@@ -42,8 +42,8 @@ def test_every_stage_on_the_embedded_model(tmp_path: Path, monkeypatch: pytest.M
 def check_run(d: Path) -> None:
     """What a working pipeline leaves in the run folder `d` after the commands above."""
     generated = read_json(d / "generate.stats.json")
-    assert generated["accepted"] == 10
-    assert generated["candidates"] == generated["accepted"] + sum(generated["rejected_by_reason"].values())
+    assert generated["kept"] == 10 and generated["stage"] == "generate" and generated["unit"] == "instructions"
+    assert generated["read"] == generated["kept"] + sum(generated["rejected_by_reason"].values())
     instances = read_jsonl(d / "instances.jsonl", allow_empty=True)
     assert len(instances) + len(read_jsonl(d / "instances.rejected.jsonl", allow_empty=True)) == 10
     funnel = read_json(d / "funnel.json")

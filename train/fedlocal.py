@@ -1,8 +1,8 @@
 """One federated client's work on its own data: train the global LoRA adapter locally, and score an
 adapter's NLL on a set of chat records. Called by the Flower ClientApp of `sift federate`
-(pipeline/stages/fedapps.py); the server uses `initial_adapter` and `adapter_nll` too.
+(pipeline/federated/apps.py); the server uses `initial_adapter` and `adapter_nll` too.
 
-    sift federate --run demo --clients 3 --rounds 2 --local-steps 8
+    sift federate --run demo --federate.clients 3 --federate.rounds 2 --federate.local-steps 8
 
 The training is `sift train`'s (train/lora.py): the same data checks, tokenisation with answer-only
 labels and EOS, packing, precision choice, and TRL's SFTTrainer; what differs is that the LoRA
@@ -19,50 +19,64 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SiftError
+from pipeline.settings import LoraSettings, StudentSettings, TrainSettings
 from train.format import DataError, setup_tokenizer, tokenize_records
 from train.lora import packed_batch, pick_precision, read_split
+
+# the fields of each section a client uses; only these travel and are recorded in federate.json
+USED: dict[str, tuple[str, ...]] = {
+    "student": ("model", "device"),
+    "lora": ("r", "alpha", "dropout", "target_modules"),
+    "train": ("lr", "batch_size", "grad_accum", "max_length", "precision", "template", "seed"),
+}
+SECTIONS: dict[str, type] = {"student": StudentSettings, "lora": LoraSettings, "train": TrainSettings}
 
 
 @dataclasses.dataclass(frozen=True)
 class LocalSettings:
-    """What every client trains with; the server sends it in each round's ConfigRecord."""
+    """What every client trains with: the command's own sections (of train: only the learning rate,
+    constant inside a round, batch, accumulation, max_length, precision, template and seed count) and
+    the optimizer steps per round. The server sends it flat in each round's ConfigRecord."""
 
-    student: str = "smollm2-135m-instruct"  # base model: alias, folder, .gguf or Hub id
-    lora_r: int = 16  # LoRA rank (the exact aggregation re-factorises to this rank)
-    lora_alpha: int = 32  # LoRA scaling numerator
-    lora_dropout: float = 0.05  # dropout on the LoRA input
-    target_modules: str = "all-linear"  # or comma-separated layer names
-    local_steps: int = 8  # optimizer steps per client per round
-    lr: float = 2e-4  # constant learning rate inside a round
-    batch_size: int = 4  # examples per forward pass (packed: rows sized to match)
-    grad_accum: int = 2  # forward passes per optimizer step
-    max_length: int = 512  # longest example in tokens; longer ones are dropped
-    precision: str = "auto"  # auto, bf16, fp16 or fp32 (as sift train)
-    template: str = "auto"  # chat template choice (as sift train)
-    seed: int = 0  # LoRA initialisation and data order (mixed with round and client)
+    student: StudentSettings
+    lora: LoraSettings
+    train: TrainSettings
+    local_steps: int
 
     def __post_init__(self) -> None:
-        for name in ("lora_r", "local_steps", "batch_size", "grad_accum", "max_length"):
-            if getattr(self, name) < 1:
-                raise SiftError(f"must be at least 1, got {getattr(self, name)}", field=name)
-        if not self.lr > 0:
-            raise SiftError(f"must be positive, got {self.lr}", field="lr")
+        if self.local_steps < 1:
+            raise SiftError(f"must be at least 1, got {self.local_steps}", field="federate.local_steps")
+        if self.lora.qlora:
+            raise SiftError("4-bit QLoRA is not supported by federated clients", field="lora.qlora")
 
     def to_config(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Flat {"local_steps": n, "train.lr": x, ...}: a ConfigRecord holds no nested mappings."""
+        return {"local_steps": self.local_steps} | {
+            f"{section}.{name}": getattr(getattr(self, section), name) for section, names in USED.items()
+            for name in names}
 
     @classmethod
     def from_config(cls, config: Any) -> LocalSettings:
-        return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls)})
+        """Back from to_config's shape (a ConfigRecord or federate.json); fields a client does not use
+        take their section's defaults."""
+        return cls(local_steps=int(config["local_steps"]), **{
+            section: SECTIONS[section](**{name: config[f"{section}.{name}"] for name in names})
+            for section, names in USED.items()})
 
 
-_CACHE: dict[LocalSettings, tuple[Any, Any]] = {}  # one PEFT model per process (a Flower client is reused)
-_INITIAL: dict[Any, dict[str, Any]] = {}  # the same key -> the adapter as PEFT initialised it
+def model_key(settings: LocalSettings) -> tuple:
+    """What shapes the PEFT model: everything a client uses but the step count and learning rate."""
+    return tuple(sorted((k, v) for k, v in settings.to_config().items() if k not in ("local_steps", "train.lr")))
+
+
+_CACHE: dict[tuple, tuple[Any, Any]] = {}  # one PEFT model per process (a Flower client is reused)
+_INITIAL: dict[tuple, dict[str, Any]] = {}  # the same key -> the adapter as PEFT initialised it
 
 
 def peft_model(settings: LocalSettings) -> tuple[Any, Any]:
-    """(PEFT model, tokenizer) of the student with fresh LoRA layers (seeded), cached per process."""
-    key = dataclasses.replace(settings, local_steps=1, lr=1.0)  # fields that do not shape the model
+    """(PEFT model, tokenizer) of the student with fresh LoRA layers (seeded), cached per process,
+    on the student's device (`student.device`, resolved on each party's own machine)."""
+    key = model_key(settings)
     if key in _CACHE:
         return _CACHE[key]
     import torch
@@ -70,21 +84,21 @@ def peft_model(settings: LocalSettings) -> tuple[Any, Any]:
 
     from pipeline.io.models import load_model, load_tokenizer
 
-    tokenizer = load_tokenizer(settings.student)
+    student, lora = settings.student, settings.lora
+    tokenizer = load_tokenizer(student.model)
     try:
-        info = setup_tokenizer(tokenizer, settings.template)
+        info = setup_tokenizer(tokenizer, settings.train.template)
     except ValueError as e:
-        raise SiftError(str(e), field="template") from None
-    model = load_model(settings.student, dtype="float32", device="cpu")
+        raise SiftError(str(e), field="train.template") from None
+    model = load_model(student.model, dtype="float32", device=student.device)  # load_model resolves auto
     if info["added_tokens"]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    modules: str | list[str] = settings.target_modules if settings.target_modules == "all-linear" else \
-        [m.strip() for m in settings.target_modules.split(",") if m.strip()]
-    torch.manual_seed(settings.seed)  # every party builds the same initial adapter
-    model = get_peft_model(model, LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha,
-                                             lora_dropout=settings.lora_dropout, target_modules=modules,
-                                             task_type="CAUSAL_LM"))
+    modules: str | list[str] = lora.target_modules if lora.target_modules == "all-linear" else \
+        [m.strip() for m in lora.target_modules.split(",") if m.strip()]
+    torch.manual_seed(settings.train.seed)  # every party builds the same initial adapter
+    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                             target_modules=modules, task_type="CAUSAL_LM"))
     _CACHE.clear()
     _CACHE[key] = (model, tokenizer)
     _INITIAL.clear()
@@ -115,8 +129,7 @@ def initial_adapter(settings: LocalSettings) -> dict[str, Any]:
     """The round-0 global adapter: PEFT's own initialisation (B = 0, so the base model's outputs), as it
     was when the model was built, whatever adapter has been loaded into the cached model since."""
     peft_model(settings)
-    key = dataclasses.replace(settings, local_steps=1, lr=1.0)
-    return {k: v.clone() for k, v in _INITIAL[key].items()}
+    return {k: v.clone() for k, v in _INITIAL[model_key(settings)].items()}
 
 
 def examples(tokenizer: Any, path: Path, settings: LocalSettings, *, allow_empty: bool) -> list[dict]:
@@ -125,7 +138,7 @@ def examples(tokenizer: Any, path: Path, settings: LocalSettings, *, allow_empty
         return []
     try:
         ex, _ = tokenize_records(tokenizer, read_split(path, allow_empty=allow_empty),
-                                 max_length=settings.max_length, overlong="drop")
+                                 max_length=settings.train.max_length, overlong="drop")
     except DataError as e:
         raise SiftError(str(e), path=path, field=e.field) from None
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in ex]
@@ -142,22 +155,24 @@ def local_train(state: dict[str, Any], data_dir: Path, settings: LocalSettings, 
 
     disable_progress_bars()
     model, tokenizer = peft_model(settings)
+    train = settings.train
     load_adapter(model, state)
     rows = examples(tokenizer, data_dir / "train.jsonl", settings, allow_empty=False)
     if not rows:
-        raise SiftError(f"no example fits in max_length {settings.max_length}", path=data_dir / "train.jsonl")
-    packed = pack_rows(rows, settings.max_length)
-    per_device, accum = packed_batch(len(rows), len(packed), settings.batch_size, settings.grad_accum)
-    prec = pick_precision(settings.precision, cuda=False)
+        raise SiftError(f"no example fits in max_length {train.max_length}", path=data_dir / "train.jsonl")
+    packed = pack_rows(rows, train.max_length)
+    per_device, accum = packed_batch(len(rows), len(packed), train.batch_size, train.grad_accum)
+    on = model.device.type  # where peft_model put it: the trainer keeps it there
+    prec = pick_precision(train.precision, cuda=on == "cuda")
     model.train()
     with tempfile.TemporaryDirectory(prefix="sift-client-") as tmp:
         args = SFTConfig(
             output_dir=tmp, max_steps=settings.local_steps, per_device_train_batch_size=per_device,
-            gradient_accumulation_steps=accum, learning_rate=settings.lr, lr_scheduler_type="constant",
+            gradient_accumulation_steps=accum, learning_rate=train.lr, lr_scheduler_type="constant",
             warmup_steps=0, eval_strategy="no", save_strategy="no", logging_steps=max(settings.local_steps, 1),
-            bf16=prec == "bf16", fp16=prec == "fp16", use_cpu=True,
-            seed=settings.seed * 1_000_003 + round_ * 1_009 + client,  # new batches every round
-            report_to="none", max_length=settings.max_length, packing=False, train_sampling_strategy="random",
+            bf16=prec == "bf16", fp16=prec == "fp16", use_cpu=on == "cpu",
+            seed=train.seed * 1_000_003 + round_ * 1_009 + client,  # new batches every round
+            report_to="none", max_length=train.max_length, packing=False, train_sampling_strategy="random",
             dataloader_pin_memory=False, disable_tqdm=True)
         trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
                              train_dataset=Dataset.from_list(packed), data_collator=Collator(tokenizer.pad_token_id))
@@ -179,7 +194,7 @@ def nll(model: Any, rows: list[dict], pad_token_id: int, *, batch_size: int = 8)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     model.eval()
     for start in range(0, len(order), batch_size):
-        batch = collate([rows[i] for i in order[start:start + batch_size]])
+        batch = {k: v.to(model.device) for k, v in collate([rows[i] for i in order[start:start + batch_size]]).items()}
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]
@@ -202,5 +217,5 @@ def rows_nll(state: dict[str, Any], records: list[tuple[str, list[dict]]],
     """(summed NLL, answer tokens) on (id, messages) records already read (a general held-out set)."""
     model, tokenizer = peft_model(settings)
     load_adapter(model, state)
-    ex, _ = tokenize_records(tokenizer, records, max_length=settings.max_length, overlong="drop")
+    ex, _ = tokenize_records(tokenizer, records, max_length=settings.train.max_length, overlong="drop")
     return nll(model, [{"input_ids": e.input_ids, "labels": e.labels} for e in ex], tokenizer.pad_token_id)

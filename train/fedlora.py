@@ -1,6 +1,6 @@
 """Aggregating the LoRA adapters of several clients into one global adapter (the server's step).
 
-    sift federate --run demo --aggregation fedavg     # or --aggregation exact; see docs/federated.md
+    sift federate --run demo --federate.aggregation fedavg     # or exact; see docs/federated.md
 
 Two rules, both weighted by each client's example count:
 - `fedavg`: average every tensor, so A and B separately, as Flower's LLM examples (FlowerTune) and

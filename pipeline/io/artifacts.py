@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -19,9 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pipeline.errors import SiftError
-
-MAX_LINE_BYTES = 4 * 1024 * 1024  # one instruction record beyond 4 MiB is a broken file, not a record
-
+from pipeline.io.files import MAX_DOCUMENT_BYTES, MAX_LINE_BYTES, iter_lines, read_bounded, read_head
 
 # ---------------------------------------------------------------- ids
 
@@ -47,16 +46,15 @@ def file_sha256(path: str | Path) -> str:
 
 # ---------------------------------------------------------------- reading
 
+MAX_DEPTH = 64  # a record nests a few levels; anything deeper is a broken or hostile file
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")  # only a \u escape can put a surrogate in a str
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]:,]')
 
-def _read_bytes(path: Path) -> bytes:
-    if not path.exists():
-        raise SiftError("no such file", path=path)
-    if path.is_dir():
-        raise SiftError("is a directory, expected a file", path=path)
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise SiftError(f"cannot read: {e.strerror or e}", path=path) from None
+
+def _read_bytes(path: Path, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
+    """A regular file's bytes, at most `limit` (see pipeline/io/files.py)."""
+    return read_bounded(path, limit)
 
 
 def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
@@ -72,26 +70,90 @@ def _json_error(e: json.JSONDecodeError) -> str:
     return f"invalid JSON: {e.msg} (column {e.colno})"
 
 
+def _first_field(component: str | int) -> str:
+    return f"[{component}]" if isinstance(component, int) else component
+
+
+def _too_deep_field(text: str) -> str | None:
+    """The top-level key (or list index) under which `text` nests deeper than MAX_DEPTH: found by
+    scanning tokens, for text too deep for the json module to parse at all."""
+    depth, top, last, index, kind = 0, None, "", 0, ""
+    for m in _TOKEN.finditer(text):
+        tok = m.group()
+        if tok[0] == '"':
+            last = tok
+        elif tok in "{[":
+            depth += 1
+            if depth == 1:
+                kind = tok
+                top = _first_field(0) if tok == "[" else None
+            elif depth > MAX_DEPTH:
+                return top
+        elif tok in "}]":
+            depth -= 1
+        elif depth == 1 and tok == ":":
+            try:
+                top = json.loads(last)
+            except ValueError:
+                top = last.strip('"')
+        elif depth == 1 and tok == "," and kind == "[":
+            index += 1
+            top = _first_field(index)
+    return top
+
+
+def _check_value(obj: Any, path: Path, line: int | None, *, surrogates: bool) -> None:
+    """Refuse what json.loads accepts but sift cannot use: nesting deeper than MAX_DEPTH (each later
+    step that walks the value would hit Python's recursion limit), and a lone surrogate from a
+    `\\ud800` escape, which no UTF-8 file can hold, so writing the record would fail."""
+    stack: list[tuple[Any, str | None, str | None, int]] = [(obj, None, None, 0)]  # value, field, top field, depth
+    while stack:
+        value, where, top, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth >= MAX_DEPTH:
+                raise SiftError(f"nested deeper than {MAX_DEPTH} levels", path=path, line=line, field=top)
+            items = list(value.items() if isinstance(value, dict) else enumerate(value))
+            for k, v in reversed(items):  # a stack: pushed last, checked first; report in document order
+                if isinstance(k, str) and surrogates and _SURROGATE.search(k):
+                    raise SiftError("a key holds a lone surrogate escape (like \\ud800): not valid Unicode text",
+                                    path=path, line=line, field=where)
+                child = f"{where or ''}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else k
+                stack.append((v, child, top or _first_field(k), depth + 1))
+        elif surrogates and isinstance(value, str) and _SURROGATE.search(value):
+            raise SiftError("lone surrogate escape (like \\ud800): not valid Unicode text", path=path, line=line,
+                            field=where)
+
+
+def _loads(text: str, path: Path, line: int | None) -> Any:
+    """json.loads plus _check_value; a JSONDecodeError is left to the caller, which words it."""
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise SiftError(f"nested deeper than {MAX_DEPTH} levels", path=path, line=line,
+                        field=_too_deep_field(text)) from None
+    _check_value(obj, path, line, surrogates=bool(_ESCAPED_SURROGATE.search(text)))
+    return obj
+
+
 def iter_jsonl(path: str | Path, *, allow_empty: bool = False) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line of a JSON Lines file.
 
-    Rejects with a SiftError naming file and line: a byte-order mark, invalid UTF-8, NUL bytes,
-    invalid JSON, a line that is not a JSON object, a JSON list given where JSONL is expected,
-    and (unless `allow_empty`) a file with no records.
+    Rejects with a SiftError naming file and line: anything but a regular file, a line longer
+    than MAX_LINE_BYTES, a byte-order mark, invalid UTF-8, NUL bytes, invalid JSON, nesting
+    deeper than MAX_DEPTH, a lone surrogate escape, a line that is not a JSON object, a JSON list
+    given where JSONL is expected, and (unless `allow_empty`) a file with no records. The file is
+    read a line at a time.
     """
     path = Path(path)
-    data = _read_bytes(path)
-    if data.startswith(b"\xef\xbb\xbf"):
-        raise SiftError("starts with a UTF-8 byte-order mark; save it as plain UTF-8", path=path, line=1)
     count = 0
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        if len(raw) > MAX_LINE_BYTES:
-            raise SiftError(f"line longer than {MAX_LINE_BYTES // (1024 * 1024)} MiB", path=path, line=lineno)
+    for lineno, raw in iter_lines(path, MAX_LINE_BYTES):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raise SiftError("starts with a UTF-8 byte-order mark; save it as plain UTF-8", path=path, line=1)
         text = _decode_line(raw, path, lineno)
         if not text.strip():
             continue
         try:
-            obj = json.loads(text)
+            obj = _loads(text, path, lineno)
         except json.JSONDecodeError as e:
             if lineno == 1 and text.lstrip().startswith("["):
                 raise SiftError("looks like a JSON list; expected JSON Lines (one object a line)",
@@ -111,6 +173,9 @@ def read_jsonl(path: str | Path, *, allow_empty: bool = False) -> list[dict]:
     return [obj for _, obj in iter_jsonl(path, allow_empty=allow_empty)]
 
 
+HEAD_BYTES = 64 * 1024  # enough to see a file's first non-blank byte and whether it has a second line
+
+
 def read_records(path: str | Path) -> list[tuple[int, dict]]:
     """Read JSONL, or one JSON list of objects (Alpaca's `alpaca_data.json` shape).
 
@@ -118,11 +183,13 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     JSON list, so errors can point at the record either way.
     """
     path = Path(path)
-    data = _read_bytes(path)
+    data = read_head(path, HEAD_BYTES)
     if data.startswith(b"\xef\xbb\xbf"):  # before the shape checks, which would misread it
         raise SiftError("starts with a UTF-8 byte-order mark; save it as plain UTF-8", path=path, line=1)
     head = data.lstrip()[:1]
     if not head:
+        if len(data) == HEAD_BYTES:  # 64 KiB of white space, and more: read it as JSONL, which says what is wrong
+            return list(iter_jsonl(path))
         raise SiftError("is empty: no records", path=path)
     if path.suffix == ".json" and head != b"[":
         if head == b"{" and data.strip().count(b"\n") > 0:
@@ -130,9 +197,9 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
                             path=path, line=1)
         raise SiftError("expected a JSON list of objects", path=path, line=1)
     if head == b"[":
-        text = _decode_line(data, path, 1)
+        text = _decode_line(_read_bytes(path), path, 1)
         try:
-            obj = json.loads(text)
+            obj = _loads(text, path, None)
         except json.JSONDecodeError as e:
             raise SiftError(_json_error(e), path=path, line=e.lineno) from None
         if not isinstance(obj, list):
@@ -146,11 +213,12 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     return list(iter_jsonl(path))
 
 
-def read_json(path: str | Path) -> Any:
+def read_json(path: str | Path, *, limit: int = MAX_DOCUMENT_BYTES) -> Any:
+    """One JSON document (a regular file of at most `limit` bytes), checked as records are."""
     path = Path(path)
-    text = _decode_line(_read_bytes(path), path, 1)
+    text = _decode_line(_read_bytes(path, limit), path, 1)
     try:
-        return json.loads(text)
+        return _loads(text, path, None)
     except json.JSONDecodeError as e:
         raise SiftError(_json_error(e), path=path, line=e.lineno) from None
 
@@ -277,6 +345,29 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
 
 def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, ensure_ascii=False, indent=indent) + "\n"))
+
+
+RECORD_SUFFIXES = {".jsonl": "JSON Lines, one record a line", ".json": "one JSON list of records"}
+
+
+def check_output_suffix(path: str | Path, suffixes: dict[str, str], *, field: str = "output") -> Path:
+    """`path` if its extension is one the command writes, else a SiftError listing them: checked
+    before any work, so `-o x.json` never gets JSON Lines that sift's own reader then refuses."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        choices = " or ".join(f"{ext} ({what})" for ext, what in suffixes.items())
+        raise SiftError(f"{str(path)!r} must end in {choices}", field=field)
+    return path
+
+
+def write_records(path: str | Path, records: Iterable[dict]) -> int:
+    """Write records as the extension says (see RECORD_SUFFIXES): a JSON list for .json, JSON
+    Lines otherwise; returns the count. Both read back with read_records."""
+    if Path(path).suffix.lower() == ".json":
+        rows = list(records)
+        write_json(path, rows, indent=None)
+        return len(rows)
+    return write_jsonl(path, records)
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -5,6 +5,8 @@
 The run name goes through the same check as every command's --run (a plain name: never empty,
 `.`, `..` or a path), so `make clean RUN=..` or `make clean RUN=` cannot reach outside runs/ or
 remove every run. The run's lock is taken first: a run another sift process is using is not deleted.
+Only a folder sift made a run is deleted: it holds the marker sift writes when it creates a run
+folder, or manifest.json; an empty $SIFT_RUNS_DIR (the current folder as runs folder) is refused.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import shutil
 
 from pipeline.errors import SiftError
-from pipeline.io.runs import locked, run_dir
+from pipeline.io.runs import MANIFEST, RUN_MARKER, is_run_folder, locked, run_dir
 
 
 def clean(*, run: str = "demo") -> None:
@@ -30,7 +32,10 @@ def clean(*, run: str = "demo") -> None:
         return
     if not directory.is_dir():
         raise SiftError("is not a folder", path=directory)
-    with locked(directory):
+    if not is_run_folder(directory):
+        raise SiftError(f"is not a sift run folder (it has no {MANIFEST} or {RUN_MARKER}); sift deletes only "
+                        "folders it made, remove it yourself if you mean to", path=directory)
+    with locked(directory, check_manifest=False):  # a damaged manifest is no reason to keep the run
         try:
             shutil.rmtree(directory)
         except OSError as e:

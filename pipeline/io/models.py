@@ -292,20 +292,23 @@ def resolve_model(spec: str) -> ModelRef:
     return ModelRef(spec, spec, "hub")
 
 
+def native_bf16(capability: str, cpu_flags: list[str]) -> bool:
+    """Whether a CPU does bfloat16 math natively, from torch's CPU capability string and the
+    kernel's CPU flags: AVX-512 BF16 or AMX. Emulated bf16 is slower than float32."""
+    cap = capability.lower()
+    return "amx" in cap or "avx512_bf16" in cap or "avx512_bf16" in cpu_flags or "amx_bf16" in cpu_flags
+
+
 def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bfloat16 math (AVX-512 BF16 or AMX); emulated bf16 is slower
-    than float32, so only then is bf16 worth it."""
+    """native_bf16 for this machine (/proc/cpuinfo where there is one)."""
     import torch
 
-    cap = ""
+    cap, flags = "", []
     with contextlib.suppress(Exception):
-        cap = torch.backends.cpu.get_cpu_capability().lower()
-    if "amx" in cap or "avx512_bf16" in cap:
-        return True
+        cap = torch.backends.cpu.get_cpu_capability()
     with contextlib.suppress(OSError):
         flags = Path("/proc/cpuinfo").read_text().split()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    return False
+    return native_bf16(cap, flags)
 
 
 def resolve_dtype(dtype: str = "auto", device: str = "cpu") -> Any:

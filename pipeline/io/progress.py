@@ -72,7 +72,7 @@ def format_summary(stage: str, stats: dict) -> str:
                  f"tokens in {stats.get('tokens_in', 0)}, out {stats.get('tokens_out', 0)}, "
                  f"wall {stats.get('wall_time_s', 0):.1f} s")
     for name, row in (stats.get("by_teacher") or {}).items():  # several teachers (teacher.pool)
-        parts.append(f"  teacher {name}: {row.get('accepted', 0)} accepted, {row.get('rejected', 0)} rejected; "
+        parts.append(f"  teacher {name}: {row.get('kept', 0)} accepted, {row.get('rejected', 0)} rejected; "
                      f"requests {row.get('requests', 0)}, tokens out {row.get('tokens_out', 0)}, "
                      f"{row.get('teacher_seconds', 0):.1f} s")
     for name, why in (stats.get("teachers_down") or {}).items():

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SiftError
-from pipeline.io.artifacts import file_sha256, read_json, write_json
+from pipeline.io.artifacts import file_sha256, read_json, require, write_json
 
 RUNS_DIR_ENV = "SIFT_RUNS_DIR"
 MANIFEST = "manifest.json"
@@ -35,30 +35,119 @@ TOKEN_CREDENTIAL_WORDS = frozenset({"access", "api", "hf", "huggingface", "refre
                                     "gh", "oauth", "security", "personal", "csrf", "private", "user", "openai"})
 
 
+RUN_MARKER = ".sift-run"  # written into every run folder sift creates: `sift clean` deletes only marked folders
+RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_run_name(run: str) -> str:
+    """A run name is a plain folder name: ASCII letters, digits, - _ . (no space, %, newline or
+    slash), and not `.` or `..`, so it never reaches outside the runs folder and is safe in make."""
+    if not isinstance(run, str) or not RUN_NAME.fullmatch(run) or run in {".", ".."}:
+        raise SiftError(f"run name {run!r} must be a plain name (letters, digits, - _ .)", field="run")
+    return run
+
+
+def runs_root(runs_dir: str | Path | None = None) -> Path:
+    """The runs folder: `runs_dir`, else $SIFT_RUNS_DIR, else runs/. A set but empty $SIFT_RUNS_DIR
+    is refused: it would make the current folder the runs folder, and its subfolders runs."""
+    if runs_dir is not None and str(runs_dir).strip():
+        return Path(runs_dir)
+    env = os.environ.get(RUNS_DIR_ENV)
+    if env is None:
+        return Path("runs")
+    if not env.strip():
+        raise SiftError(f"${RUNS_DIR_ENV} is set but empty; unset it (runs go to runs/) or name a folder",
+                        field=RUNS_DIR_ENV)
+    return Path(env)
+
+
 def run_dir(run: str, runs_dir: str | Path | None = None) -> Path:
     """runs/<run>/ (or $SIFT_RUNS_DIR/<run>/); `run` must be a plain name, never a path out."""
-    if not run or run in {".", ".."} or "/" in run or "\\" in run or "\x00" in run:
-        raise SiftError(f"run name {run!r} must be a plain name (letters, digits, - _ .)", field="run")
-    base = Path(runs_dir or os.environ.get(RUNS_DIR_ENV, "runs"))
-    return base / run
+    return runs_root(runs_dir) / check_run_name(run)
 
 
-def inside(base: Path, name: str) -> Path:
-    """base/name, refusing names that would escape base (absolute paths, '..')."""
-    target = (base / name).resolve()
-    if not target.is_relative_to(base.resolve()):
-        raise SiftError(f"path {name!r} would write outside {base}", field="output")
-    return target
+def is_run_folder(directory: Path) -> bool:
+    """Whether sift made `directory` a run: it holds the marker sift writes on creating a run folder,
+    or the manifest every stage writes."""
+    return (directory / RUN_MARKER).is_file() or (directory / MANIFEST).is_file()
+
+
+_ARTIFACT_FIELDS = {"sha256": str, "bytes": int, "mtime_ns": int}
+_STAGE_FIELDS = {"settings": dict, "models": dict, "stats": dict, "finished_at": str}
+_TOP_FIELDS = {"stages": dict, "artifacts": dict, "versions": dict, "command": str}
+
+
+def _check_fields(obj: dict, kinds: dict[str, type], path: Path, prefix: str) -> None:
+    for key, kind in kinds.items():
+        if key in obj:
+            try:
+                require(obj, key, kind, path=path, line=None)
+            except SiftError as e:
+                raise SiftError(e.reason, path=path, field=f"{prefix}{key}") from None
+
+
+def read_manifest(directory: Path) -> dict:
+    """manifest.json of a run ({} when there is none), its shape checked: a stage that reads it
+    refuses a damaged one before writing anything, instead of failing half-way."""
+    path = directory / MANIFEST
+    if not path.exists():
+        return {}
+    manifest = read_json(path)
+    if not isinstance(manifest, dict):
+        raise SiftError(f"expected a JSON object (the run's manifest), got {type(manifest).__name__}; "
+                        "restore it or delete it (the next stage writes a new one)", path=path)
+    _check_fields(manifest, _TOP_FIELDS, path, "")
+    for group, kinds in (("stages", _STAGE_FIELDS), ("artifacts", _ARTIFACT_FIELDS)):
+        for name, entry in manifest.get(group, {}).items():
+            if not isinstance(entry, dict):
+                raise SiftError("expected an object", path=path, field=f"{group}.{name}")
+            _check_fields(entry, kinds, path, f"{group}.{name}.")
+    return manifest
+
+
+def _missing_dirs(directory: Path) -> list[Path]:
+    """`directory` and those of its parents that do not exist yet, deepest first."""
+    out = []
+    for d in (directory, *directory.parents):
+        if d.exists() or d.is_symlink():
+            break
+        out.append(d)
+    return out
+
+
+def _remove_if_unused(created: list[Path]) -> None:
+    """Remove the run folder this command created (and the parents it created for it) when nothing
+    but sift's own bookkeeping is in it: a command that failed before writing leaves no trace."""
+    if not created:
+        return
+    directory = created[0]
+    with contextlib.suppress(OSError):
+        if {p.name for p in directory.iterdir()} <= {".lock", RUN_MARKER}:
+            for name in (".lock", RUN_MARKER):
+                with contextlib.suppress(FileNotFoundError):
+                    (directory / name).unlink()
+            for d in created:
+                d.rmdir()  # stops at the first folder that is not empty
 
 
 @contextlib.contextmanager
-def locked(directory: Path) -> Iterator[None]:
-    """Hold an exclusive lock on a run directory for the life of a command."""
+def locked(directory: Path, *, check_manifest: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on a run directory for the life of a command.
+
+    A folder it creates gets the run marker (RUN_MARKER), and is removed again if the command
+    leaves nothing in it. With `check_manifest`, a damaged manifest.json is refused before the
+    command does anything (every stage updates it at the end; see read_manifest).
+    """
+    created = _missing_dirs(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        if created:
+            (directory / RUN_MARKER).write_text("a sift run folder: sift clean may delete it\n")
         fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
+        _remove_if_unused(created)
         raise SiftError(f"cannot use run directory: {e.strerror or e}", path=directory) from None
+    held = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -68,11 +157,16 @@ def locked(directory: Path) -> Iterator[None]:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             raise SiftError(f"another sift process (pid {holder}) is using this run directory; "
                             "wait for it or stop it", path=directory) from None
+        held = True
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         remove_leftovers(directory)
+        if check_manifest:
+            read_manifest(directory)
         yield
     finally:
+        if held:
+            _remove_if_unused(created)  # still under the lock
         os.close(fd)
 
 
@@ -119,11 +213,31 @@ def scrub(obj: Any) -> Any:
     return obj
 
 
+def _artifact_entry(path: Path, previous: Any) -> dict:
+    """{sha256, bytes, mtime_ns} of an artifact. The hash is reused from the previous manifest when
+    size and modification time (in ns) are unchanged: every write sift makes replaces the file, so
+    a new mtime, and re-reading every artifact (adapters, caches) after every stage would cost more
+    than the stage itself."""
+    st = path.stat()
+    if (isinstance(previous, dict) and previous.get("bytes") == st.st_size
+            and previous.get("mtime_ns") == st.st_mtime_ns and isinstance(previous.get("sha256"), str)):
+        return {"sha256": previous["sha256"], "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"sha256": file_sha256(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _is_artifact(directory: Path, path: Path) -> bool:
+    """Files the manifest lists: not itself, journals, temporaries, .lock and the run marker, nor the
+    trainer's own checkpoint folders (their model card varies)."""
+    parts = path.relative_to(directory).parts
+    return (path.is_file() and path.name != MANIFEST and path.suffix != ".journal"
+            and not any(p.startswith(".") or p == "checkpoints" or p.startswith("checkpoint-") for p in parts))
+
+
 def record_stage(directory: Path, stage: str, settings: dict, *, models: dict | None = None,
                  stats: dict | None = None) -> None:
-    """Update manifest.json after a stage: its settings, models, stats, and every artifact's hash."""
-    path = directory / MANIFEST
-    manifest = read_json(path) if path.exists() else {}
+    """Update manifest.json after a stage: its settings, models, stats, and every artifact's hash
+    (hashing only the files that changed since the manifest was last written)."""
+    manifest = read_manifest(directory)
     manifest.setdefault("stages", {})[stage] = {
         "settings": scrub(settings),
         "models": models or {},
@@ -132,11 +246,10 @@ def record_stage(directory: Path, stage: str, settings: dict, *, models: dict | 
     }
     manifest["versions"] = library_versions()
     manifest["command"] = " ".join(["sift", *sys.argv[1:]]) if sys.argv else "sift"
+    previous = manifest.get("artifacts") or {}
     manifest["artifacts"] = {
-        p.relative_to(directory).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST and p.suffix != ".journal" and not any(
-            part.startswith(".") or part == "checkpoints" or part.startswith("checkpoint-")  # temporaries, .lock,
-            for part in p.relative_to(directory).parts)  # the trainer's own folder (its model card varies)
+        name: _artifact_entry(p, previous.get(name))
+        for p in sorted(directory.rglob("*")) if _is_artifact(directory, p)
+        for name in [p.relative_to(directory).as_posix()]
     }
-    write_json(path, scrub(manifest))
+    write_json(directory / MANIFEST, scrub(manifest))

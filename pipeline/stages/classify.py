@@ -19,6 +19,7 @@ from pipeline.io.artifacts import iter_jsonl, write_json, write_jsonl
 from pipeline.io.batched import check_ids, run_batches
 from pipeline.io.progress import print_summary
 from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.io.stage_stats import stage_stats
 from pipeline.settings import ClassifySettings, TeacherSettings, to_dict
 from pipeline.teachers.base import Sampling, Teacher
 from pipeline.teachers.parsers import parse_yes_no
@@ -108,10 +109,12 @@ def classify_in(directory: Path, teacher: Teacher, *, template: PromptTemplate |
         stats["by_teacher"] = per_teacher(kept, rejected, stage="classify", usage=stats.get("by_teacher"))
         stats["teachers_down"] = dict(getattr(teacher, "down", {}))
     write_jsonl(directory / "classified.rejected.jsonl", rejected)
-    write_json(directory / "classify.stats.json", stats)
+    doc = stage_stats("classify", "instructions", read=stats["records_in"], kept=stats["accepted"],
+                      rejected_by_reason=stats["rejected_by_reason"], extras=stats)
+    write_json(directory / "classify.stats.json", doc)
     write_jsonl(directory / "classified.jsonl", kept)
     resolved = {**(options or {}), "prompt": template.provenance(), "sampling": sampling.to_dict()}
-    record_stage(directory, "classify", resolved, models={"teacher": identity}, stats=stats)
+    record_stage(directory, "classify", resolved, models={"teacher": identity}, stats=doc)
     return stats
 
 

@@ -1,15 +1,15 @@
 """`sift federate`: federated LoRA on Flower; parties train the student locally, only adapters travel.
 
-    sift federate --run demo --clients 3 --rounds 2 --local-steps 8      # or: make federate CLIENTS=3 ROUNDS=2
-    sift federate --run fed --client-runs hospital-a,hospital-b --rounds 3
+    sift federate --run demo --federate.clients 3 --federate.rounds 2 --federate.local-steps 8   # or: make federate
+    sift federate --run fed --federate.client-runs hospital-a,hospital-b --federate.rounds 3 --train.lr 1e-4
 
-Clients are either a deterministic split of runs/<run>/filtered.jsonl into --clients parts (whole
-groups of --split-by, e.g. all instances of one task, go to one client; each part is split into
+Clients are either a deterministic split of runs/<run>/filtered.jsonl into federate.clients parts (whole
+groups of federate.split_by, e.g. all instances of one task, go to one client; each part is split into
 train and validation as `sift export` does) written to runs/<run>/federate/clients/client-K/, or
-the run directories named by --client-runs, each holding its own train.jsonl and valid.jsonl from
+the run directories named by federate.client_runs, each holding its own train.jsonl and valid.jsonl from
 `sift export`. Flower's simulation engine runs the ClientApp and ServerApp of
-pipeline/stages/fedapps.py; every round the server sends the global adapter, each client trains it
-for --local-steps steps with `sift train`'s trainer, and the server aggregates (train/fedlora.py:
+pipeline/federated/apps.py; every round the server sends the global adapter, each client trains it
+for federate.local_steps steps with `sift train`'s trainer, and the server aggregates (train/fedlora.py:
 fedavg or exact). After every round the global adapter's NLL per answer token is measured on each
 client's validation split (by the client) and on a held-out set (by the server):
 train/evalsets/general.jsonl when present, else the clients' validation splits pooled. Writes
@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pipeline.errors import SiftError
+from pipeline.federated.state import ADAPTERS, check_settings, read_state, write_state
 from pipeline.io.artifacts import iter_jsonl, write_jsonl
+from pipeline.io.models import resolve_device
 from pipeline.io.runs import locked, record_stage, run_dir
-from pipeline.stages.fedstate import ADAPTERS, check_settings, read_state, write_state
+from pipeline.settings import ExportSettings, FederateSettings, LoraSettings, StudentSettings, TrainSettings, to_dict
 from train.general_set import GENERAL_PATH
 
 GENERAL = GENERAL_PATH
-ENGINES = ("simulation", "deployment")
 
 
 def field_value(obj: dict, field: str) -> Any:
@@ -52,11 +53,12 @@ def split_groups(path: Path, clients: int, split_by: str, seed: int) -> list[set
     for line, obj in iter_jsonl(path):
         value = field_value(obj, split_by)
         if value is None or isinstance(value, dict):
-            raise SiftError(f"no value to split by (--split-by {split_by})", path=path, line=line, field=split_by)
+            raise SiftError(f"no value to split by (federate.split_by {split_by})", path=path, line=line,
+                           field=split_by)
         groups.setdefault(str(value), []).append(str(obj.get("id")))
     if len(groups) < clients:
         raise SiftError(f"only {len(groups)} distinct values of {split_by!r}, fewer than {clients} clients; "
-                        "use fewer clients or another --split-by", path=path, field="split_by")
+                        "use fewer clients or another federate.split_by", path=path, field="federate.split_by")
     order = sorted(groups, key=lambda v: hashlib.sha256(f"{seed}:{v}".encode()).hexdigest())
     parts: list[set[str]] = [set() for _ in range(clients)]
     for i, value in enumerate(order):
@@ -66,7 +68,7 @@ def split_groups(path: Path, clients: int, split_by: str, seed: int) -> list[set
 
 def split_clients(directory: Path, clients: int, split_by: str, valid_fraction: float, seed: int) -> list[dict]:
     """Write runs/<run>/federate/clients/client-K/{train,valid}.jsonl from filtered.jsonl."""
-    from train.export import read_filtered, split_ids, write_splits
+    from pipeline.stages.export import read_filtered, split_ids, write_splits
 
     source = directory / "filtered.jsonl"
     records = read_filtered(source)
@@ -101,25 +103,32 @@ def pooled_heldout(directory: Path, clients: list[dict]) -> Path:
             for i, m in read_split(Path(c["dir"]) / "valid.jsonl", allow_empty=True)]
     if not rows:
         raise SiftError("no held-out set: no train/evalsets/general.jsonl and no client has a validation record; "
-                        "pass --eval-file", field="eval_file")
+                        "pass --federate.eval-file", field="federate.eval_file")
     path = directory / ADAPTERS / "heldout.jsonl"
     write_jsonl(path, rows)
     return path
 
 
-def run_simulation_engine(directory: Path, clients: list[dict], observe: Any = None) -> None:
-    """Flower's simulation engine (Ray): one virtual SuperNode per client, one CPU each."""
+def client_resources(clients: int, device: str) -> dict[str, float]:
+    """What Ray gives each simulated client: one CPU, and a share of the GPU when the student runs on
+    one (Ray hides the GPUs from a client that has none)."""
+    return {"num_cpus": 1, "num_gpus": 1.0 / clients if device.startswith("cuda") else 0.0}
+
+
+def run_simulation_engine(directory: Path, clients: list[dict], observe: Any = None, *, device: str) -> None:
+    """Flower's simulation engine (Ray): one virtual SuperNode per client, on the student's `device`
+    (resolved)."""
     try:
         from flwr.simulation import run_simulation
     except ImportError:
         raise SiftError("sift federate needs Flower: pip install 'sift-instruct[federated]' "
                         "(flwr[simulation])", field="engine") from None
-    from pipeline.stages.fedapps import build_client_app, build_server_app
+    from pipeline.federated.apps import build_client_app, build_server_app
 
     errors: list[BaseException] = []
     run_simulation(server_app=build_server_app(directory.resolve(), observe, errors),
                    client_app=build_client_app([c["dir"] for c in clients]), num_supernodes=len(clients),
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                   backend_config={"client_resources": client_resources(len(clients), device),
                                    "init_args": {"logging_level": "error", "log_to_driver": True}})
     if errors:
         raise errors[0]
@@ -152,12 +161,12 @@ clientapp = "sift_flower_app:client_app"
 [tool.flwr.app.config]
 federation-dir = ""
 """
-FLOWER_SHIM = '''"""sift federate's ClientApp and ServerApp (pipeline/stages/fedapps.py) for `flwr run`."""
+FLOWER_SHIM = '''"""sift federate's ClientApp and ServerApp (pipeline/federated/apps.py) for `flwr run`."""
 
-from pipeline.stages import fedapps
+from pipeline.federated import apps
 
-client_app = fedapps.client_app  # assigned here: Flower checks the names statically before loading
-server_app = fedapps.server_app
+client_app = apps.client_app  # assigned here: Flower checks the names statically before loading
+server_app = apps.server_app
 '''
 
 
@@ -199,57 +208,25 @@ def run_deployment_engine(directory: Path, superlink: str, timeout: float) -> No
                         field="superlink") from None
 
 
-def federate(*, run: str = "demo", clients: int = 3, rounds: int = 2, local_steps: int = 8,
-             client_runs: str | None = None, split_by: str = "task_id",
-             aggregation: Literal["fedavg", "exact"] = "fedavg",
-             student: str = "smollm2-135m-instruct", lora_r: int = 16, lora_alpha: int = 32, lr: float = 2e-4,
-             batch_size: int = 4, grad_accum: int = 2, max_length: int = 512, valid_fraction: float = 0.1,
-             eval_file: str | None = None, eval_limit: int = 64, round_timeout: float = 3600.0,
-             precision: str = "auto", seed: int = 0, engine: Literal["simulation", "deployment"] = "simulation",
-             superlink: str = "127.0.0.1:9093") -> None:
+def federate(*, run: str = "demo", student: StudentSettings = StudentSettings(), lora: LoraSettings = LoraSettings(),
+             train: TrainSettings = TrainSettings(), export: ExportSettings = ExportSettings(),
+             federate: FederateSettings = FederateSettings()) -> None:
     """Federated LoRA with Flower: clients train locally, the server aggregates adapters; writes federate.json.
 
     Args:
         run: Run name; the federation's files go in runs/<run>/ (split mode reads its filtered.jsonl).
-        clients: Number of clients when splitting the run's filtered.jsonl.
-        rounds: Rounds in all; a rerun with more rounds continues, finished rounds are kept.
-        local_steps: Optimizer steps each client trains per round.
-        client_runs: Comma-separated run names, one client each (their train.jsonl and valid.jsonl).
-        split_by: Record field whose values keep records together when splitting (dots reach inside, e.g.
-            provenance.seed_ids; a list splits by its first item).
-        aggregation: fedavg (average A and B, weighted by examples) or exact (average B·A, re-factorise).
-        student: Base model: the embedded alias, a local folder, a .gguf file or a Hub id.
-        lora_r: LoRA rank.
-        lora_alpha: LoRA scaling numerator.
-        lr: Learning rate of the clients' local steps (constant within a round).
-        batch_size: Examples per forward pass on a client.
-        grad_accum: Forward passes per optimizer step on a client.
-        max_length: Longest example in tokens; longer ones are dropped.
-        valid_fraction: Share of each client's records held out for its validation split (split mode).
-        eval_file: Held-out set for the server's evaluation (default: train/evalsets/general.jsonl).
-        eval_limit: Held-out rows scored per round (a seeded subset; 0: all).
-        round_timeout: Seconds the server waits for a round's replies; a client that does not answer failed.
-        precision: Client training precision: auto, bf16, fp16 or fp32.
-        seed: Seed of the split, the initial adapter and the clients' data order.
-        engine: simulation (Flower's simulation engine, every client here) or deployment (a running
-            SuperLink, one SuperNode per party started with --node-config "partition-id=K data-dir='...'").
-        superlink: The SuperLink's address for the deployment engine (host:port of flower-superlink).
+        student: the base model and the device every client (and the server's evaluation) loads it on.
+        lora: the adapter the clients train (rank, alpha, dropout, target modules; qlora is not supported).
+        train: the clients' learning rate, batch_size, grad_accum, max_length, precision, template and seed
+            (also the seed of the split and the initial adapter); its other fields are not used.
+        export: valid_fraction, each client's share held out for validation (split mode).
+        federate: clients, rounds, local steps, aggregation, held-out set, engine.
     """
     from train.fedlocal import LocalSettings
-    from train.fedlora import METHODS
 
-    if engine not in ENGINES:
-        raise SiftError(f"use one of {', '.join(ENGINES)}, got {engine!r}", field="engine")
-    if aggregation not in METHODS:
-        raise SiftError(f"use one of {', '.join(METHODS)}, got {aggregation!r}", field="aggregation")
-    for name, value in (("clients", clients), ("rounds", rounds), ("eval_limit", eval_limit + 1)):
-        if value < 1:
-            raise SiftError(f"must be at least 1, got {value}", field=name)
-    if not 0 <= valid_fraction < 1:
-        raise SiftError(f"must be in [0, 1), got {valid_fraction}", field="valid_fraction")
-    local = LocalSettings(student=student, lora_r=lora_r, lora_alpha=lora_alpha, local_steps=local_steps, lr=lr,
-                          batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
-                          precision=precision, seed=seed)
+    local = LocalSettings(student=student, lora=lora, train=train, local_steps=federate.local_steps)
+    seed, valid_fraction = train.seed, export.valid_fraction
+    clients, rounds, client_runs, engine = federate.clients, federate.rounds, federate.client_runs, federate.engine
     directory = run_dir(run)
     with locked(directory):
         if client_runs:
@@ -259,16 +236,16 @@ def federate(*, run: str = "demo", clients: int = 3, rounds: int = 2, local_step
             # the parties' data is on their own machines: the server knows only how many there are
             members = [{"name": f"client-{k}", "dir": None} for k in range(clients)]
         else:
-            members = split_clients(directory, clients, split_by, valid_fraction, seed)
-        if eval_file:
-            heldout, kind = Path(eval_file), "given"
+            members = split_clients(directory, clients, federate.split_by, valid_fraction, seed)
+        if federate.eval_file:
+            heldout, kind = Path(federate.eval_file), "given"
         elif GENERAL.is_file():
             heldout, kind = GENERAL, "general"
         else:
             heldout, kind = pooled_heldout(directory, members), "clients-valid-pooled"
-        settings = {"local": local.to_config(), "aggregation": aggregation, "split_by": None if client_runs
-                    else split_by, "valid_fraction": valid_fraction, "heldout": str(heldout.resolve()),
-                    "heldout_kind": kind, "eval_limit": eval_limit, "round_timeout": round_timeout,
+        settings = {"local": local.to_config(), "aggregation": federate.aggregation, "split_by": None if client_runs
+                    else federate.split_by, "valid_fraction": valid_fraction, "heldout": str(heldout.resolve()),
+                    "heldout_kind": kind, "eval_limit": federate.eval_limit, "round_timeout": federate.round_timeout,
                     }
         state = check_settings(directory, settings, members)
         state["target_rounds"] = max(rounds, len(state["rounds"]))
@@ -282,15 +259,18 @@ def federate(*, run: str = "demo", clients: int = 3, rounds: int = 2, local_step
             sizes = ", ".join(f"{c['name']}: {c.get('train', '?')} train" for c in members)
             print(f"federate: {len(members)} clients ({sizes}), held-out set: {kind} ({heldout})")
             if engine == "deployment":
-                run_deployment_engine(directory, superlink, timeout=round_timeout * (rounds - done + 1))
+                run_deployment_engine(directory, federate.superlink,
+                                      timeout=federate.round_timeout * (rounds - done + 1))
             else:
-                run_simulation_engine(directory, members)
+                run_simulation_engine(directory, members, device=resolve_device(student.device))
         state = read_state(directory) or {}
         if len(state.get("rounds", [])) < rounds:
             raise SiftError(f"the federation stopped after round {len(state.get('rounds', []))} of {rounds}; "
                             "see the log above, then rerun the same command to continue", path=directory)
-        record_stage(directory, "federate", {**settings, "rounds": rounds, "clients": [c["name"] for c in members]},
-                     models={"student": student}, stats={"rounds": len(state["rounds"]),
+        record_stage(directory, "federate", to_dict(student=student, lora=lora, train=train, export=export,
+                                                     federate=federate)
+                     | {"heldout": settings["heldout"], "heldout_kind": kind, "clients": [c["name"] for c in members]},
+                     models={"student": student.model}, stats={"rounds": len(state["rounds"]),
                                                          "heldout_nll": state["rounds"][-1]["heldout_nll"]})
     print(table(state))
 

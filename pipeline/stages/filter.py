@@ -21,8 +21,18 @@ from filters.engine import apply_rules, funnel
 from filters.rouge import PREFILTERS, RougeIndex
 from filters.rules import parse_rules
 from pipeline.errors import SiftError
-from pipeline.io.artifacts import all_or_none, content_id, read_records, require, write_json, write_jsonl
+from pipeline.io.artifacts import (
+    RECORD_SUFFIXES,
+    all_or_none,
+    check_output_suffix,
+    content_id,
+    read_records,
+    require,
+    write_json,
+    write_jsonl,
+)
 from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.io.stage_stats import stage_stats
 from pipeline.settings import FilterSettings, to_dict
 from pipeline.teachers.tally import per_teacher, record_teacher
 
@@ -171,14 +181,16 @@ def filter_records(input: str | None = None, /, *, output: str | None = None, ru
                                   seeds=seed_path if seed_path.exists() else None,
                                   decontaminate=Path(decontaminate) if decontaminate else None)
             stats["wall_seconds"] = round(time.time() - started, 2)
-            write_json(directory / "filter.stats.json", stats)
+            doc = stage_stats("filter", "examples", read=stats["input"], kept=stats["kept"],
+                              rejected_by_reason=stats["by_reason"], extras=stats)
+            write_json(directory / "filter.stats.json", doc)
             settings = to_dict(run=run, seeds=str(seed_path), decontaminate=decontaminate, filter=filter)
-            record_stage(directory, "filter", {**settings, "rules": rule_names}, stats=stats)
+            record_stage(directory, "filter", {**settings, "rules": rule_names}, stats=doc)
     else:
         if output is None:
             raise SiftError("-o/--output is required when filtering a file", field="output")
-        out = Path(output)
-        stem = out.with_suffix("") if out.suffix in (".jsonl", ".json") else out
+        out = check_output_suffix(output, RECORD_SUFFIXES)
+        stem = out.with_suffix("")
         targets = (out, Path(f"{stem}.rejected.jsonl"), Path(f"{stem}.funnel.json"))
         stats = _filter_files(Path(input), targets, rule_names, settings=filter,
                               seeds=Path(seeds) if seeds else None,
@@ -199,7 +211,7 @@ def _filter_files(source: Path, targets: tuple[Path, Path, Path], rules: list[st
     with all_or_none(*targets):
         write_jsonl(rejected_path, rejected)
         write_json(funnel_path, funnel_doc)
-        if kept_path.suffix == ".json":
+        if kept_path.suffix.lower() == ".json":
             write_json(kept_path, [{k: v for k, v in r.items() if k not in ("filter",)} for r in kept],
                        indent=None)
         else:

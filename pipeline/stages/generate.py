@@ -22,6 +22,7 @@ from pipeline.io.artifacts import content_id, read_jsonl, require, write_json, w
 from pipeline.io.journal import open_journal
 from pipeline.io.progress import StageProgress, print_summary
 from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.io.stage_stats import stage_stats
 from pipeline.recipes.bootstrap import Recipe, decide_round, get_recipe, heuristics_for
 from pipeline.settings import FilterSettings, GenerateSettings, TeacherSettings, to_dict
 from pipeline.teachers.base import Sampling, Teacher
@@ -225,12 +226,14 @@ def generate_in(directory: Path, teacher: Teacher, settings: BootstrapPlan, *, s
     accepted, rejected, stats = run_bootstrap(seeds=seeds, teacher=teacher, settings=settings,
                                               journal_path=directory / JOURNAL)
     write_jsonl(directory / "instructions.rejected.jsonl", rejected)
-    write_json(directory / "generate.stats.json", stats)
+    doc = stage_stats("generate", "instructions", read=stats["candidates"], kept=stats["accepted"],
+                      rejected_by_reason=stats["rejected_by_reason"], extras=stats)
+    write_json(directory / "generate.stats.json", doc)
     write_jsonl(directory / "instructions.jsonl", accepted)  # last: make's target, written when all is done
     recipe = get_recipe(settings.recipe)
     sampling = settings.sampling or recipe.default_sampling()
     # the settings as given, then what they resolved to: the recipe's sampling and rules where left unset
     resolved = {**(options or {}), "sampling": sampling.to_dict(), "rules": settings.rules or recipe.RULES}
     identity = getattr(teacher, "identity", teacher.name)
-    record_stage(directory, "generate", resolved, models={"teacher": identity}, stats=stats)
+    record_stage(directory, "generate", resolved, models={"teacher": identity}, stats=doc)
     return stats

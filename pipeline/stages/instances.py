@@ -20,6 +20,7 @@ from pipeline.io.artifacts import iter_jsonl, write_json, write_jsonl
 from pipeline.io.batched import check_ids, run_batches
 from pipeline.io.progress import print_summary
 from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.io.stage_stats import stage_stats
 from pipeline.settings import InstancesSettings, TeacherSettings, to_dict
 from pipeline.teachers.base import Sampling, Teacher
 from pipeline.teachers.parsers import parse_input_first, parse_output_first
@@ -139,10 +140,12 @@ def instances_in(directory: Path, teacher: Teacher, *, templates: dict[bool, Pro
         stats["by_teacher"] = per_teacher(kept, rejected, stage="instances", usage=stats.get("by_teacher"))
         stats["teachers_down"] = dict(getattr(teacher, "down", {}))
     write_jsonl(directory / "instances.rejected.jsonl", rejected)
-    write_json(directory / "instances.stats.json", stats)
+    doc = stage_stats("instances", "tasks", read=stats["records_in"], kept=stats["accepted"],
+                      rejected_by_reason=stats["rejected_by_reason"], extras=stats)
+    write_json(directory / "instances.stats.json", doc)
     write_jsonl(directory / "instances.jsonl", kept)
     resolved = {**(options or {}), "prompts": prompts, "sampling": sampling.to_dict()}
-    record_stage(directory, "instances", resolved, models={"teacher": identity}, stats=stats)
+    record_stage(directory, "instances", resolved, models={"teacher": identity}, stats=doc)
     return stats
 
 

@@ -40,10 +40,10 @@ from pipeline.io.batched import run_batches
 from pipeline.io.runs import locked, record_stage, run_dir
 from pipeline.stages import llm2llm
 from pipeline.stages import teacher_policy as policies
+from pipeline.stages.export import read_filtered, split_ids, write_splits
 from pipeline.stages.filter import flatten_tasks
 from pipeline.teachers.base import Sampling, Teacher
 from pipeline.teachers.prompts import PromptTemplate, load
-from train.export import read_filtered, split_ids, write_splits
 from train.format import to_messages
 
 LOOP_DIR = "loop"
@@ -163,9 +163,8 @@ def score_examples(round_dir: Path, rows: list[dict], *, metric: str, max_new_to
                    teacher: Callable[[], Teacher], grade_template: PromptTemplate) -> list[dict]:
     """{id, score, answer, stopped, tokens} for every row: the round's student answers greedily, the
     answer is scored; journaled per batch."""
-    from transformers import AutoTokenizer
-
     from train.evaluate import _load_side, greedy_answers, rouge_l
+    from transformers import AutoTokenizer
 
     student = round_dir / "student"
     config = read_json(student / "train_config.json")

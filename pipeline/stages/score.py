@@ -7,7 +7,7 @@ Every kept record gets a `scores` object of numbers (`scores.ifd`, `scores.ifd_l
 `scores.ifd_loss_alone`, `scores.length`, `scores.judge`, `scores.reward`; None where a record has
 no score) and `score_details` (how each was computed, e.g. the judge's method). `score.keep` rules
 (filters/selection.py) then drop records into scored.rejected.jsonl with the reason and the score;
-their funnel rows go into funnel.json after the filter's rules. Scores are cached per (scorer,
+their funnel rows go into scored.funnel.json (funnel.json is the filter's). Scores are cached per (scorer,
 model, settings, record) in an append-only journal (runs/<run>/cache/scores.jsonl, or OUT's
 `.cache.jsonl` stand-alone), written after each batch: a killed run resumes where it stopped, and a
 rerun with other `score.keep` rules recomputes nothing. The ifd and reward models run on
@@ -25,17 +25,20 @@ from typing import Any
 from filters.selection import parse_keep, score_of, select
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import (
+    RECORD_SUFFIXES,
     Journal,
     all_or_none,
+    check_output_suffix,
     content_id,
-    read_json,
     read_records,
     require,
     write_json,
     write_jsonl,
+    write_records,
 )
 from pipeline.io.progress import StageProgress
 from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.io.stage_stats import stage_stats
 from pipeline.settings import ScoreSettings, StudentSettings, TeacherSettings, to_dict
 from pipeline.teachers.pool import check_teachers, open_teachers
 
@@ -265,15 +268,15 @@ def score(input: str | None = None, /, *, output: str | None = None, run: str = 
           score: ScoreSettings = ScoreSettings()) -> None:
     """Score every record (ifd, length, judge, reward) and keep the best, with a ledger of the dropped.
 
-    With no INPUT, the stage: runs/<run>/filtered.jsonl -> scored.jsonl and scored.rejected.jsonl, and
-    the score.keep rows appended to funnel.json. With INPUT (JSONL or a JSON list of records with
+    With no INPUT, the stage: runs/<run>/filtered.jsonl -> scored.jsonl, scored.rejected.jsonl and the
+    --keep rows in scored.funnel.json. With INPUT (JSONL or a JSON list of records with
     `instruction`, optional `input`, and `output`), writes OUT and OUT.rejected.jsonl, OUT.funnel.json.
     Every record gets `scores` (numbers) and `score_details`. Cached per (scorer, model, record) and
     resumable: a killed or repeated run recomputes nothing it finished.
 
     Args:
         input: a dataset to score stand-alone; omit to run the stage on runs/<run>/filtered.jsonl
-        output: where kept records go (stand-alone; .jsonl); required with INPUT
+        output: where kept records go (stand-alone; .jsonl, or .json for one JSON list); required with INPUT
         run: run name for the stage; artifacts live in runs/<run>/
         student: the model that computes ifd (student.model), and where ifd and reward run (device, dtype).
         teacher: the judge (or teacher.pool, several judges; score_details.judge.teacher names each one's).
@@ -310,31 +313,30 @@ def score(input: str | None = None, /, *, output: str | None = None, run: str = 
         with locked(directory):
             records = read_scorable(source)
             kept, rejected, rows, stats = score_records(records, names, keep, built, directory / CACHE_FILE)
-            funnel_path = directory / "funnel.json"
-            funnel = read_json(funnel_path) if funnel_path.is_file() else {"input": len(records), "rules": []}
-            funnel["rules"] = [r for r in funnel.get("rules", []) if not str(r.get("rule", "")).startswith("keep ")]
-            funnel["rules"] += rows
-            funnel["kept"] = len(kept)
+            funnel_path = directory / "scored.funnel.json"  # score's own: funnel.json is the filter's
+            funnel = {"input": len(records), "kept": len(kept), "rules": rows}
             target = directory / "scored.jsonl"
             with all_or_none(target, directory / "scored.rejected.jsonl", funnel_path):
                 write_jsonl(directory / "scored.rejected.jsonl", rejected)
                 write_json(funnel_path, funnel)
                 write_jsonl(target, kept)
             stats["wall_seconds"] = round(time.time() - started, 2)
-            write_json(directory / "score.stats.json", stats)
-            record_stage(directory, "score", {"run": run, **settings}, stats=stats)
+            doc = stage_stats("score", "examples", read=stats["input"], kept=stats["kept"],
+                              rejected_by_reason=stats["by_reason"], extras=stats)
+            write_json(directory / "score.stats.json", doc)
+            record_stage(directory, "score", {"run": run, **settings}, stats=doc)
     else:
         if output is None:
             raise SiftError("-o/--output is required when scoring a file", field="output")
-        out = Path(output)
-        stem = out.with_suffix("") if out.suffix in (".jsonl", ".json") else out
+        out = check_output_suffix(output, RECORD_SUFFIXES)
+        stem = out.with_suffix("")
         target = out
         records = read_scorable(Path(input))
         kept, rejected, rows, stats = score_records(records, names, keep, built, Path(f"{stem}.cache.jsonl"))
         with all_or_none(out, Path(f"{stem}.rejected.jsonl"), Path(f"{stem}.funnel.json")):
             write_jsonl(Path(f"{stem}.rejected.jsonl"), rejected)
             write_json(Path(f"{stem}.funnel.json"), {"input": len(records), "kept": len(kept), "rules": rows})
-            write_jsonl(out, kept)
+            write_records(out, kept)  # a JSON list for .json, JSON Lines for .jsonl
         stats["wall_seconds"] = round(time.time() - started, 2)
     reasons = ", ".join(f"{r} {c}" for r, c in sorted(stats["by_reason"].items(), key=lambda x: -x[1])) or "none"
     print(f"score: {stats['input']} in, {stats['kept']} kept, {stats['rejected']} rejected ({reasons}); "

@@ -14,6 +14,7 @@ from pathlib import Path
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import iter_jsonl, require, write_json, write_jsonl
 from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.io.stage_stats import stage_stats
 
 SEED_FIELDS = ("id", "name", "instruction", "instances", "is_classification")
 INSTANCE_FIELDS = ("input", "output")
@@ -112,7 +113,8 @@ def seeds(source: str = "seeds/default.jsonl", /, *, run: str = "demo") -> None:
     with locked(out):
         write_jsonl(out / "seeds.jsonl", tasks)
         stats = seed_stats(tasks)
-        write_json(out / "seeds.stats.json", stats)
-        record_stage(out, "seeds", {"source": str(source), "run": run}, stats=stats)
+        doc = stage_stats("seeds", "tasks", read=len(tasks), kept=len(tasks), rejected_by_reason={}, extras=stats)
+        write_json(out / "seeds.stats.json", doc)
+        record_stage(out, "seeds", {"source": str(source), "run": run}, stats=doc)
     print(f"seeds: {stats['tasks']} tasks ({stats['classification']} classification, "
           f"{stats['with_input']} with input) -> {out / 'seeds.jsonl'}")

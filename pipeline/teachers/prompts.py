@@ -119,13 +119,15 @@ def parse_template(text: str, *, name: str, path: Path) -> PromptTemplate:
 def load(name_or_path: str | Path) -> PromptTemplate:
     """Load a template by name (prompts/<name>.txt) or by path."""
     name, path = _resolve(name_or_path)
-    if not path.is_file():
+    if not path.exists():  # anything else that is not a regular file is refused by read_bounded
         where = "no such prompt file" if path.parent != PROMPTS_DIR else (
             f"no prompt named {name!r} (available: {', '.join(available()) or 'none'})")
         raise SiftError(where, path=path)
+    from pipeline.io.files import MAX_SETTINGS_BYTES, read_bounded
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        text = read_bounded(path, MAX_SETTINGS_BYTES).decode("utf-8")
+    except UnicodeDecodeError as e:
         raise SiftError(f"cannot read prompt: {e}", path=path) from None
     return parse_template(text, name=name, path=path)
 

@@ -82,9 +82,9 @@ def parse_teachers(text: str, *, backend: str = "transformers", base_url: str | 
 
 def read_teachers_file(path: Path) -> list[TeacherSpec]:
     """Teacher specs from a YAML or TOML file (see the module docstring for the shape)."""
-    from pipeline.io.artifacts import _read_bytes  # one reader for every file's errors
+    from pipeline.io.files import MAX_SETTINGS_BYTES, read_bounded  # one reader for every file's errors
 
-    data = _read_bytes(path)
+    data = read_bounded(path, MAX_SETTINGS_BYTES)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

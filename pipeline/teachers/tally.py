@@ -33,7 +33,8 @@ def record_teacher(record: dict, stage: str | None = None) -> str | None:
 
 def per_teacher(accepted: Iterable[dict], rejected: Iterable[dict], *, stage: str | None = None,
                 usage: dict[str, dict] | None = None) -> dict[str, dict]:
-    """{teacher: {accepted, rejected, rejected_by_reason, and the usage figures}}, teachers in name order."""
+    """{teacher: {kept, rejected, rejected_by_reason, and the usage figures}}, teachers in name order (the
+    counts named as in every stage's stats, docs/artifacts.md)."""
     kept: Counter[str] = Counter(str(record_teacher(r, stage)) for r in accepted)
     dropped: dict[str, Counter[str]] = {}
     for r in rejected:
@@ -42,7 +43,7 @@ def per_teacher(accepted: Iterable[dict], rejected: Iterable[dict], *, stage: st
     out = {}
     for name in names:
         reasons = dropped.get(name, Counter())
-        out[name] = {"accepted": kept.get(name, 0), "rejected": sum(reasons.values()),
+        out[name] = {"kept": kept.get(name, 0), "rejected": sum(reasons.values()),
                      "rejected_by_reason": dict(sorted(reasons.items())), **(usage or {}).get(name, {})}
     return out
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import read_json, read_records
+from pipeline.io.files import read_head
 from pipeline.teachers.tally import record_teacher
 from pipeline.views.scores import inspect_rows, print_percentiles
 from pipeline.views.stats import (
@@ -208,6 +209,11 @@ def _cut(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _first_byte(path: Path) -> bytes:
+    """The first non-blank byte of a regular file (b"" for an empty one): `[` a JSON list, `{` a document."""
+    return read_head(path, 64 * 1024).lstrip()[:1]
+
+
 def _print_directory(path: Path, console: Any) -> None:
     from rich.table import Table
 
@@ -219,11 +225,11 @@ def _print_directory(path: Path, console: Any) -> None:
         if p.name.startswith(".") or p.is_dir():
             continue
         n = ""
-        if p.suffix == ".jsonl" or (p.suffix == ".json" and p.read_bytes().lstrip()[:1] == b"["):
+        if p.suffix == ".jsonl" or (p.suffix == ".json" and _first_byte(p) == b"["):
             try:
                 n = str(len(read_records(p)))
             except SiftError:
-                n = "empty" if not p.read_bytes().strip() else "unreadable"
+                n = "empty" if p.is_file() and not _first_byte(p) else "unreadable"
         t.add_row(p.name, n, f"{p.stat().st_size:,}")
     console.print(t)
 
@@ -257,12 +263,14 @@ def inspect_artifact(
     """
     from rich.console import Console
 
+    if sample < 0:
+        raise SiftError(f"must be >= 0, got {sample}", field="sample")
     console = Console()
     p = Path(path)
     if p.is_dir():
         _print_directory(p, console)
         return
-    if p.suffix == ".json" and p.exists() and p.read_bytes().lstrip()[:1] == b"{":
+    if p.suffix == ".json" and _first_byte(p) == b"{":
         console.print_json(json.dumps(read_json(p), ensure_ascii=False))
         return
     records = [r for _, r in read_records(p)]

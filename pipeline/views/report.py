@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SiftError
-from pipeline.io.artifacts import iter_jsonl, read_json, read_records, write_text
+from pipeline.io.artifacts import check_output_suffix, iter_jsonl, read_json, read_records, write_text
 from pipeline.io.runs import MANIFEST, locked, record_stage, run_dir
 from pipeline.views import plots
 from pipeline.views.federated import federate_section
@@ -42,7 +42,14 @@ STAGE_FILES = (  # funnel order: label, artifact
     ("train split", "train.jsonl"),
     ("valid split", "valid.jsonl"),
 )
+# what one record of each artifact is: a task holds an instruction and its instances (examples), so
+# the chart never sets a count of tasks against a count of examples without saying so
+UNITS = {"seeds.jsonl": "tasks", "instructions.jsonl": "instructions", "classified.jsonl": "instructions",
+         "instances.jsonl": "tasks", "filtered.jsonl": "examples", "scored.jsonl": "examples",
+         "train.jsonl": "examples", "valid.jsonl": "examples"}
+FUNNELS = (("filter", "funnel.json"), ("score", "scored.funnel.json"))  # each written by its stage alone
 SHOWN_SAMPLES = 5
+HTML_SUFFIXES = {".html": "one HTML page", ".htm": "one HTML page"}
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:0 auto;max-width:1100px;padding:1em 2em;
 color:#222;line-height:1.45}
@@ -97,8 +104,23 @@ def _fmt(x: Any) -> str:
 # ---------------------------------------------------------------- sections
 
 
+def stage_counts(data: dict[str, list[dict] | None]) -> list[tuple[str, int]]:
+    """(label with its unit, count) per artifact present, in funnel order. Where tasks turn into
+    examples (instances.jsonl, one task per line with its instances) both counts are given, so the
+    next stage's examples follow a count of the same unit."""
+    out = []
+    for label, name in STAGE_FILES:
+        records = data.get(name)
+        if records is None:
+            continue
+        out.append((f"{label} ({UNITS[name]})", len(records)))
+        if name == "instances.jsonl":
+            out.append((f"{label} (examples)", sum(len(record_examples(r)) for r in records)))
+    return out
+
+
 def funnel_section(d: Path, data: dict[str, list[dict] | None]) -> str:
-    stages = [(label, len(data[name])) for label, name in STAGE_FILES if data.get(name) is not None]
+    stages = stage_counts(data)
     if not stages:
         return _missing("No stage has run yet: no seeds.jsonl, instructions.jsonl or later artifacts.")
     by_reason: Counter[str] = Counter()
@@ -114,16 +136,18 @@ def funnel_section(d: Path, data: dict[str, list[dict] | None]) -> str:
         out.append(_table(["stage: reason", "rejected"], [[r, n] for r, n in by_reason.most_common()], {1}))
     else:
         out.append(_missing("No rejected ledger (*.rejected.jsonl) yet."))
-    funnel = d / "funnel.json"
-    if funnel.is_file():
+    for stage, name in FUNNELS:
+        funnel = d / name
+        if not funnel.is_file():
+            continue
         f = read_json(funnel)
-        rules = f if isinstance(f, list) else f.get("rules", f.get("funnel")) if isinstance(f, dict) else None
+        rules = f.get("rules") if isinstance(f, dict) else None
         if isinstance(rules, list) and rules and all(isinstance(r, dict) for r in rules):
             cols = list(dict.fromkeys(k for r in rules for k in r))
-            out.append("<h3>filter rules, in order (funnel.json)</h3>")
+            out.append(f"<h3>{stage} rules, in order ({name}; examples)</h3>")
             out.append(_table(cols, [[_fmt(r.get(c, "")) for c in cols] for r in rules]))
         else:
-            out.append(f"<h3>funnel.json</h3><pre>{_e(json.dumps(f, indent=1)[:4000])}</pre>")
+            out.append(f"<h3>{name}</h3><pre>{_e(json.dumps(f, indent=1)[:4000])}</pre>")
     return "\n".join(out)
 
 
@@ -463,7 +487,7 @@ def teachers_section(d: Path) -> str:
         table = doc.get("by_teacher") if isinstance(doc, dict) else None
         if not isinstance(doc, dict) or not isinstance(table, dict) or not table:
             continue
-        rows = [[name, r.get("requests", "-"), r.get("accepted", "-"), r.get("rejected", 0),
+        rows = [[name, r.get("requests", "-"), r.get("kept", "-"), r.get("rejected", 0),
                  ", ".join(f"{k} {v}" for k, v in r.get("rejected_by_reason", {}).items()) or "none",
                  r.get("tokens_in", "-"), r.get("tokens_out", "-"), _fmt(r.get("teacher_seconds", "-")),
                  r.get("errors", "-")] for name, r in table.items()]
@@ -543,15 +567,15 @@ def report(*, run: str = "demo", output: str | None = None, against: str | None 
 
     Args:
         run: Run name; reads runs/<run>/ and writes runs/<run>/report.html.
-        output: Write the page here instead.
+        output: Write the page here instead (a .html or .htm file).
         against: Evaluation file for the contamination check (default: eval.json's --eval-file, if any).
     """
     d = run_dir(run)
+    target = check_output_suffix(output, HTML_SUFFIXES) if output else d / "report.html"
     if not d.is_dir():
         raise SiftError("no such run directory; run `sift seeds` first", path=d)
     with locked(d):
         page = build_page(run, d, against=against)
-        target = Path(output) if output else d / "report.html"
         write_text(target, page)
         record_stage(
             d,

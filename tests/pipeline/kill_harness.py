@@ -210,7 +210,8 @@ def comparable(d: Path, rel: str, runs: tuple[Path, ...]) -> object:
         for folder in runs:
             text = text.replace(str(folder), "$SIFT_RUNS_DIR")
         manifest = json.loads(text)
-        artifacts = {k: v for k, v in manifest["artifacts"].items() if not RECORD_FILES.search(k)}
+        artifacts = {k: {f: x for f, x in v.items() if f != "mtime_ns"}  # when it was written: a timing
+                     for k, v in manifest["artifacts"].items() if not RECORD_FILES.search(k)}
         stages = {name: {**untimed(stage), "settings": {k: v for k, v in stage["settings"].items() if k != "resume"}}
                   for name, stage in manifest["stages"].items()}
         return {**manifest, "artifacts": artifacts, "stages": stages}

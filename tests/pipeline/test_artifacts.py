@@ -186,3 +186,46 @@ def test_overlong_line_is_refused(tmp_path: Path) -> None:
     p = _write(tmp_path / "big.jsonl", '{"a": 1}\n{"a": "' + "x" * (5 * 1024 * 1024) + '"}\n')
     with pytest.raises(SiftError, match=r"big.jsonl:2: line longer than 4 MiB"):
         read_jsonl(p)
+
+
+# ---------------------------------------------------------------- what json.loads accepts but sift cannot use (#25.12)
+
+
+@pytest.mark.parametrize(("text", "field"), [
+    ('{"instruction": "ok", "instances": [{"input": "", "output": "\\udc80"}]}', "instances[0].output"),
+    ('{"a": {"\\ud800": 1}}', "a"),  # a key: named by where it sits
+    ('{"instruction": "\\ud83d"}', "instruction"),  # the first half of a pair, alone
+])
+def test_a_lone_surrogate_escape_is_refused_naming_the_field(tmp_path: Path, text: str, field: str) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"instruction": "fine"}\n' + text + "\n")
+    with pytest.raises(SiftError, match="lone surrogate") as e:
+        read_jsonl(path)
+    assert (e.value.line, e.value.field) == (2, field)
+
+
+def test_a_surrogate_pair_and_an_escaped_backslash_are_text(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"instruction": "\\ud83d\\ude00 and \\\\ud800"}\n')
+    assert read_jsonl(path) == [{"instruction": "\U0001F600 and \\ud800"}]
+    write_jsonl(tmp_path / "b.jsonl", read_jsonl(path))  # and it writes back
+
+
+def test_nesting_is_refused_past_64_levels_in_every_reader(tmp_path: Path) -> None:
+    from pipeline.io.artifacts import MAX_DEPTH, read_json
+
+    ok = '{"a": ' + "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1) + "}"
+    deep = '{"a": ' + "[" * MAX_DEPTH + "]" * MAX_DEPTH + "}"
+    (tmp_path / "ok.jsonl").write_text(ok + "\n")
+    assert read_jsonl(tmp_path / "ok.jsonl")
+    for name, text in (("deep.jsonl", deep + "\n"), ("deep.json", f'[{{"b": 1}}, {deep}]'), ("doc.json", deep)):
+        (tmp_path / name).write_text(text)
+    with pytest.raises(SiftError, match="deep.jsonl:1: field 'a': nested deeper than 64 levels"):
+        read_jsonl(tmp_path / "deep.jsonl")
+    with pytest.raises(SiftError, match=r"deep.json: field '\[1\]': nested deeper"):
+        read_records(tmp_path / "deep.json")
+    with pytest.raises(SiftError, match="doc.json: field 'a': nested deeper"):
+        read_json(tmp_path / "doc.json")
+    (tmp_path / "huge.json").write_text('{"x": 1, "a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(SiftError, match="huge.json: field 'a': nested deeper"):
+        read_json(tmp_path / "huge.json")  # too deep for json.loads itself: found by scanning

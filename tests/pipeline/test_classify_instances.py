@@ -181,8 +181,8 @@ def test_embedded_model_generate_classify_instances(tmp_path: Path, monkeypatch:
     generate(run="e2e", generate=small)
     accepted = read_jsonl(d / "instructions.jsonl")
     stats = read_json(d / "generate.stats.json")
-    assert len(accepted) == stats["accepted"] == 5
-    assert stats["candidates"] == stats["accepted"] + sum(stats["rejected_by_reason"].values())
+    assert len(accepted) == stats["kept"] == 5
+    assert stats["read"] == stats["kept"] + sum(stats["rejected_by_reason"].values())
     assert all(r["provenance"]["teacher"]["name"] == "smollm2-135m-instruct" for r in accepted)
     classify(run="e2e", classify=ClassifySettings(batch_size=8))
     instances(run="e2e", instances=InstancesSettings(batch_size=8, max_tokens=120))
@@ -195,3 +195,39 @@ def test_embedded_model_generate_classify_instances(tmp_path: Path, monkeypatch:
     again = read_json(d / "generate.stats.json")
     generate(run="e2e", generate=small)  # finished: nothing to redo
     assert read_json(d / "generate.stats.json")["requests"] == again["requests"]
+
+
+def test_every_stage_writes_its_stats_in_one_schema_and_the_report_labels_units(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch
+                                                                                ) -> None:
+    """#25.21: stats files mixed `rejected_by_reason` and `by_reason` (and input / records_in / candidates,
+    accepted / kept); funnel.json had two writers; the report charted instances (tasks) 87 then filtered
+    (examples) 91 under one axis. Now: one schema, documented in docs/artifacts.md, and every bar names its unit."""
+    from pipeline.io.stage_stats import COMMON
+    from pipeline.stages.filter import filter_records
+    from pipeline.views.report import funnel_section, stage_counts
+
+    monkeypatch.setenv("SIFT_RUNS_DIR", str(tmp_path))
+    d = generated_run(tmp_path)
+    classify_in(d, cached(d))
+    instances_in(d, cached(d), settings=InstancesSettings(max_instances=3))
+    filter_records(run="r")
+    units = {"generate": "instructions", "classify": "instructions", "instances": "tasks", "filter": "examples"}
+    for stage, unit in units.items():
+        doc = read_json(d / f"{stage}.stats.json")
+        assert list(doc)[:len(COMMON)] == list(COMMON), stage
+        assert doc["stage"] == stage and doc["unit"] == unit
+        assert doc["read"] == doc["kept"] + doc["rejected"]
+        assert doc["rejected"] == sum(doc["rejected_by_reason"].values())
+        assert not {"by_reason", "input", "records_in", "candidates", "accepted"} & set(doc), stage
+        assert read_json(d / "manifest.json")["stages"][stage]["stats"] == doc
+    tasks = read_jsonl(d / "instances.jsonl")
+    examples = sum(len(t["instances"]) for t in tasks)
+    assert examples > len(tasks)  # the case the chart got wrong: more examples than tasks
+    assert read_json(d / "filter.stats.json")["read"] == examples
+    data = {name: read_jsonl(d / name, allow_empty=True) for name in ("instructions.jsonl", "classified.jsonl",
+                                                                       "instances.jsonl", "filtered.jsonl")}
+    counts = dict(stage_counts(data))
+    assert counts["instances (tasks)"] == len(tasks) and counts["instances (examples)"] == examples
+    assert counts["filtered (examples)"] == len(data["filtered.jsonl"]) <= examples
+    assert "filter rules, in order (funnel.json; examples)" in funnel_section(d, data)

@@ -21,6 +21,7 @@ def _runs(root: Path) -> Path:
     for name in ("a", "b"):
         (root / "runs" / name).mkdir(parents=True)
         (root / "runs" / name / "seeds.jsonl").write_text("{}\n")
+        (root / "runs" / name / "manifest.json").write_text("{}\n")  # what makes a folder a run
     (root / "keep.txt").write_text("keep")
     return root / "runs"
 
@@ -73,3 +74,30 @@ def test_make_clean_validates_the_run_name(tmp_path: Path, run: str, removed: st
     else:
         assert r.returncode == 0, r.stderr
         assert left == ["b"]
+
+
+def test_sift_clean_refuses_a_folder_sift_did_not_make_a_run(in_tmp: Path, monkeypatch, capsys) -> None:
+    """#25.18: with SIFT_RUNS_DIR= the current folder was the runs folder, and `clean --run victimdir`
+    removed any folder there. An empty SIFT_RUNS_DIR is refused; a folder with neither the run marker nor
+    manifest.json is never deleted, even under the runs folder."""
+    victim = in_tmp / "victimdir"
+    victim.mkdir()
+    (victim / "data.txt").write_text("precious\n")
+    monkeypatch.setenv("SIFT_RUNS_DIR", "")
+    assert main(["clean", "--run", "victimdir"]) == 2
+    assert "SIFT_RUNS_DIR" in capsys.readouterr().err
+    monkeypatch.setenv("SIFT_RUNS_DIR", str(in_tmp))
+    assert main(["clean", "--run", "victimdir"]) == 2
+    assert "not a sift run folder" in capsys.readouterr().err
+    assert (victim / "data.txt").read_text() == "precious\n"
+
+
+def test_a_run_folder_sift_creates_is_marked_and_sift_clean_removes_it(in_tmp: Path, monkeypatch) -> None:
+    from pipeline.io.runs import RUN_MARKER, locked, run_dir
+
+    monkeypatch.delenv("SIFT_RUNS_DIR", raising=False)
+    d = run_dir("fresh")
+    with locked(d):
+        (d / "notes.txt").write_text("a stage's output\n")
+    assert (d / RUN_MARKER).is_file()
+    assert main(["clean", "--run", "fresh"]) == 0 and not d.exists()

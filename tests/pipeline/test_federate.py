@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -14,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import SiftError
+from pipeline.federated.state import adapter_path, read_state
+from pipeline.settings import FederateSettings, LoraSettings, SettingsError, StudentSettings, TrainSettings
 from pipeline.stages import federate as fed
-from pipeline.stages.fedstate import adapter_path, read_state
+from pipeline.stages.export import write_splits
 from tests.train.conftest import save_tiny
-from train.export import write_splits
 
 PAIRS = [("give three tips for staying healthy", "eat vegetables sleep well and walk every day"),
          ("what is the capital of france", "the capital of france is paris"),
@@ -90,6 +92,47 @@ def _client_run(runs: Path, name: str, pairs: list[tuple[str, str]]) -> list[str
     return [r[k] for r in recs for k in ("instruction", "output")]
 
 
+def test_the_student_device_reaches_the_clients(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round's config, as the server sends it, through the ClientApp: the client loads the student on
+    student.device (resolved there: auto is the CPU here), not on a device of its own choosing."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+
+    from pipeline.federated.apps import build_client_app
+    from pipeline.io import models
+    from train import fedlocal
+
+    local = fedlocal.LocalSettings(student=StudentSettings(model=str(save_tiny(tmp_path / "tiny")), device="auto"),
+                                   lora=LoraSettings(r=4, alpha=8), train=TrainSettings(max_length=48),
+                                   local_steps=1)
+    adapter = fedlocal.initial_adapter(local)
+    monkeypatch.setattr(fedlocal, "_CACHE", {})  # the client process builds its own model
+    loads: list[str] = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda spec, **kw: loads.append(kw["device"]) or real(spec, **kw))
+    _client_run(tmp_path / "runs", "a", PAIRS[:3])
+    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="",
+                        created_at=0.0, ttl=3600.0, message_type=MessageType.EVALUATE)
+    message = Message(metadata=metadata, content=RecordDict({
+        "arrays": ArrayRecord(adapter), "config": ConfigRecord({**local.to_config(), "round": 0})}))
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    reply = build_client_app([str(tmp_path / "runs" / "a")])(message, context)
+    assert not reply.has_error() and reply.content["metrics"]["tokens"] > 0
+    assert loads == ["auto"]
+    assert fedlocal.peft_model(local)[0].device.type == "cpu"
+
+
+def test_simulated_clients_get_a_share_of_the_gpu_when_the_student_runs_on_one() -> None:
+    assert fed.client_resources(4, "cuda") == {"num_cpus": 1, "num_gpus": 0.25}
+    assert fed.client_resources(3, "cpu") == {"num_cpus": 1, "num_gpus": 0.0}
+
+
+@pytest.mark.parametrize(("field", "value"), [("aggregation", "median"), ("engine", "ray"), ("clients", 0)])
+def test_federate_settings_are_checked_in_code_too(field: str, value: object) -> None:
+    with pytest.raises(SettingsError) as e:
+        FederateSettings(**{field: value})
+    assert e.value.field == field
+
+
 @pytest.mark.slow
 def test_simulation_privacy_failing_client_and_resume(runs: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
@@ -106,13 +149,15 @@ def test_simulation_privacy_failing_client_and_resume(runs: Path, tmp_path: Path
     filtered(heldout, n=4)
     seen: list = []
     real = fed.run_simulation_engine
-    monkeypatch.setattr(fed, "run_simulation_engine", lambda d, c: real(d, c, observe=seen.append))
-    options = dict(run="fed", client_runs="a,b,c", local_steps=2, student=str(model), lora_r=4, lora_alpha=8,
-                   batch_size=2, grad_accum=1, max_length=48, eval_file=str(heldout), precision="fp32")
-    fed.federate(rounds=1, **options)
+    monkeypatch.setattr(fed, "run_simulation_engine", lambda d, c, **kw: real(d, c, observe=seen.append, **kw))
+    options = dict(run="fed", student=StudentSettings(model=str(model)), lora=LoraSettings(r=4, alpha=8),
+                   train=TrainSettings(batch_size=2, grad_accum=1, max_length=48, precision="fp32"))
+    federation = FederateSettings(client_runs="a,b,c", local_steps=2, eval_file=str(heldout))
+    fed.federate(federate=dataclasses.replace(federation, rounds=1), **options)
 
     state = read_state(runs / "fed")
     assert [c["name"] for c in state["clients"]] == ["a", "b", "c"]
+    assert state["settings"]["local"]["student.device"] == "auto"  # what the server sends every client
     (r1,) = state["rounds"]
     assert sorted(r1["trained"]) == ["client-0", "client-1"]  # partitions 0 and 1: a and b
     assert r1["trained"]["client-0"]["examples"] == 2
@@ -144,8 +189,10 @@ def test_simulation_privacy_failing_client_and_resume(runs: Path, tmp_path: Path
 
     # killed: `sift federate --rounds 2` SIGKILLs itself while writing round 2 into federate.json
     # (its adapter is on disk, the round is not); round 1 stays, nothing is half-written
-    args = ["federate", "--run", "fed", "--rounds", "2", *[f"--{k.replace('_', '-')}={v}" for k, v in options.items()
-                                                           if k != "run"]]
+    args = ["federate", "--run", "fed", "--federate.rounds", "2", "--federate.client-runs", "a,b,c",
+            "--federate.local-steps", "2", "--federate.eval-file", str(heldout), "--student.model", str(model),
+            "--lora.r", "4", "--lora.alpha", "8", "--train.batch-size", "2", "--train.grad-accum", "1",
+            "--train.max-length", "48", "--train.precision", "fp32"]
     log = tmp_path / "killed.log"
     with log.open("w") as out:  # a session of its own: Ray's daemons go with it
         child = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=out, stderr=subprocess.STDOUT,
@@ -159,14 +206,14 @@ def test_simulation_privacy_failing_client_and_resume(runs: Path, tmp_path: Path
     assert adapter_path(runs / "fed", 2).is_file() and list((runs / "fed").glob(".federate.json.*.tmp"))
 
     # rerun: the same command continues after round 1 from its adapter
-    fed.federate(rounds=2, **options)
+    fed.federate(federate=dataclasses.replace(federation, rounds=2), **options)
     state2 = read_state(runs / "fed")
     assert [r["round"] for r in state2["rounds"]] == [1, 2]
     assert state2["rounds"][0] == r1 and adapter_path(runs / "fed", 1).read_bytes() == first
     assert not list((runs / "fed").glob(".federate.json.*.tmp"))
     assert state2["rounds"][1]["failed"][0]["error"] == "client 2: SiftError"
     with pytest.raises(SiftError, match="changed: local"):
-        fed.federate(rounds=3, **{**options, "local_steps": 3})
+        fed.federate(federate=dataclasses.replace(federation, rounds=3, local_steps=3), **options)
 
 
 def test_report_section_shows_rounds_curves_and_failures(tmp_path: Path) -> None:

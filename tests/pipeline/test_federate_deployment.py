@@ -1,4 +1,4 @@
-"""`sift federate --engine deployment` for real on loopback: a Flower SuperLink and two SuperNodes
+"""`sift federate --federate.engine deployment` for real on loopback: a Flower SuperLink and two SuperNodes
 started here on 127.0.0.1, each SuperNode naming its own data folder, then `flwr run` of sift's
 Flower app (the same ClientApp and ServerApp the simulation engine runs). Bounded in time."""
 
@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.federated.state import read_state
+from pipeline.settings import FederateSettings, LoraSettings, StudentSettings, TrainSettings
 from pipeline.stages import federate as fed
-from pipeline.stages.fedstate import read_state
+from pipeline.stages.export import write_splits
 from tests.train.conftest import save_tiny
-from train.export import write_splits
 
 BIN = Path(sys.executable).parent
 PAIRS = [("give three tips for staying healthy", "eat vegetables sleep well"), ("what is the capital of france",
@@ -72,9 +73,11 @@ def test_deployment_engine_on_loopback(tmp_path: Path, monkeypatch: pytest.Monke
                                f"partition-id={k} data-dir='{runs / name}'"], f"supernode-{name}")
             wait_listening(port, node, log)
         monkeypatch.setenv("PATH", env["PATH"])
-        fed.federate(run="fed", client_runs="a,b", rounds=1, local_steps=2, student=str(model), lora_r=4,
-                     lora_alpha=8, batch_size=2, grad_accum=1, max_length=48, eval_file=str(heldout),
-                     precision="fp32", engine="deployment", superlink=f"127.0.0.1:{link_port}", round_timeout=600)
+        fed.federate(run="fed", student=StudentSettings(model=str(model)), lora=LoraSettings(r=4, alpha=8),
+                     train=TrainSettings(batch_size=2, grad_accum=1, max_length=48, precision="fp32"),
+                     federate=FederateSettings(client_runs="a,b", rounds=1, local_steps=2, eval_file=str(heldout),
+                                               engine="deployment", superlink=f"127.0.0.1:{link_port}",
+                                               round_timeout=600))
     finally:
         for proc in procs:  # each started in a session of its own: its group holds its SuperExec children
             if proc.poll() is None:

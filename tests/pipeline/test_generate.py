@@ -155,7 +155,7 @@ def test_generate_records_provenance_and_counts_add_up(tmp_path: Path) -> None:
             assert r["score"] > 0.7 and r["nearest_id"] and r["nearest_text"]
         if r["reason"] == "truncated_response":
             assert r["raw"] == r["provenance"]["raw_response"] and r["provenance"]["finish_reason"] == "length"
-    assert read_json(d / "manifest.json")["stages"]["generate"]["stats"]["accepted"] == 40
+    assert read_json(d / "manifest.json")["stages"]["generate"]["stats"]["kept"] == 40
 
 
 def test_each_accepted_instruction_is_new_against_everything_before_it(tmp_path: Path) -> None:

@@ -156,10 +156,10 @@ def test_reference_run_has_work_for_every_ledger(chain: Chain) -> None:
     d = chain.after("train")
     check_run(d)
     gen = read_json(d / "generate.stats.json")
-    assert gen["accepted"] == 40 and {"rouge_duplicate", "blacklist", "over_quota"} <= set(gen["rejected_by_reason"])
+    assert gen["kept"] == 40 and {"rouge_duplicate", "blacklist", "over_quota"} <= set(gen["rejected_by_reason"])
     assert 0 < read_json(d / "classify.stats.json")["yes"] < 40
     assert read_jsonl(d / "instances.rejected.jsonl")
-    assert read_json(d / "filter.stats.json")["by_reason"]
+    assert read_json(d / "filter.stats.json")["rejected_by_reason"]
     assert len(read_jsonl(d / "train.jsonl")) > 40
     assert read_json(d / "manifest.json")["stages"]["train"]["stats"]["step"] == TRAIN_STEPS
 
@@ -332,11 +332,11 @@ def test_openai_stages_through_a_misbehaving_server(tmp_path: Path) -> None:
         # instances: the classified records whose instance request failed
         assert failed_prompts == len(always), (failed_prompts, len(always))
         stats = {s: read_json(d / f"{s}.stats.json") for s in ("generate", "classify", "instances")}
-        assert stats["generate"]["accepted"] == 40
+        assert stats["generate"]["kept"] == 40
         classify_errors = stats["classify"]["rejected_by_reason"].get("teacher_error", 0)
         assert classify_errors == len(ledgers["classified.rejected.jsonl"])
         for s in ("classify", "instances"):
-            assert stats[s]["records_in"] == stats[s]["accepted"] + stats[s]["rejected"]
+            assert stats[s]["read"] == stats[s]["kept"] + stats[s]["rejected"]
         assert sum(seconds.values()) < 120, seconds
         print(f"stage seconds: {json.dumps({k: round(v, 1) for k, v in seconds.items()})}; "
               f"{len(always)} prompts failed every attempt; {sum(server.attempts.values())} attempts for "

@@ -63,7 +63,7 @@ def test_half_converted_alias_is_not_ready(tiny: Path, cache: Path) -> None:
 def test_folder_resolves_and_loads(tiny: Path) -> None:
     ref = resolve_model(str(tiny))
     assert ref == ModelRef(str(tiny.resolve()), "tiny-llama", "folder")
-    model = models.load_model(str(tiny), dtype="float32")
+    model = models.load_model(str(tiny), dtype="float32", device="cpu")
     tok = models.load_tokenizer(ref)
     assert not model.training and str(model.dtype) == "torch.float32"
     assert model.config.vocab_size == len(tok) and tok.chat_template
@@ -87,7 +87,7 @@ def test_unloadable_folder_is_a_sift_error(tmp_path: Path) -> None:
     bad.mkdir()
     (bad / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(SiftError, match=r"bad: cannot load model"):
-        models.load_model(str(bad))
+        models.load_model(str(bad), device="cpu")
 
 
 def test_gguf_path_errors(tmp_path: Path, cache: Path) -> None:
@@ -112,7 +112,7 @@ def test_hub_id_passes_through_and_fails_clearly_offline(monkeypatch: pytest.Mon
     ref = resolve_model("HuggingFaceTB/SmolLM2-360M-Instruct")
     assert ref == ModelRef("HuggingFaceTB/SmolLM2-360M-Instruct", "HuggingFaceTB/SmolLM2-360M-Instruct", "hub")
     with pytest.raises(SiftError, match="from the Hugging Face Hub.*local folder, a .gguf file"):
-        models.load_model(ref)
+        models.load_model(ref, device="cpu")
     with pytest.raises(SiftError, match="Hub"):
         models.load_tokenizer("HuggingFaceTB/SmolLM2-360M-Instruct")
     with pytest.raises(SiftError, match="empty model spec"):
@@ -140,14 +140,46 @@ def test_an_unreachable_hub_fails_at_once_from_the_local_cache(monkeypatch: pyte
         assert models.hub_reachable(timeout=1.0)
 
 
-def test_dtype_choice() -> None:
+def test_every_dtype_name_maps_to_its_torch_dtype() -> None:
     import torch
 
-    assert models.resolve_dtype("float32") is torch.float32
-    auto = models.resolve_dtype("auto", "cpu")
-    assert auto is (torch.bfloat16 if models.cpu_supports_bf16() else torch.float32)
-    with pytest.raises(SiftError, match="unknown dtype"):
-        models.resolve_dtype("float8")
+    expected = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}
+    for name, dtype in expected.items():
+        for device in ("cpu", "cuda"):  # a name given is a name kept, whatever the device
+            assert models.resolve_dtype(name, device) is dtype
+    for bad in ("float8", "Float32", "", "int8"):
+        with pytest.raises(SiftError, match="field 'dtype': unknown dtype"):
+            models.resolve_dtype(bad)
+
+
+# (torch's CPU capability, /proc/cpuinfo flags) of real CPUs -> native bf16 math or not
+CPUS = [
+    ("AVX2", "fpu sse4_2 avx avx2 fma", False),  # a laptop: bf16 only emulated
+    ("AVX512", "avx512f avx512bw avx512vl avx512_vnni", False),  # Cascade Lake: AVX-512 but no BF16
+    ("AVX512", "avx512f avx512bw avx512_bf16", True),  # Cooper Lake, Zen 4
+    ("AVX512", "avx512f avx512_bf16 amx_bf16 amx_tile", True),  # Sapphire Rapids
+    ("DEFAULT", "amx_bf16", True),  # torch built without the capability string still counts the flag
+    ("AMX", "", True),  # torch names AMX itself, where /proc/cpuinfo cannot be read
+    ("AVX2", "", False),
+    ("AVX2", "avx512_bf16_disabled xavx512_bf16", False),  # whole flags only, no substrings
+]
+
+
+@pytest.mark.parametrize(("capability", "flags", "native"), CPUS)
+def test_native_bf16_is_read_from_the_cpu_flags(capability: str, flags: str, native: bool) -> None:
+    assert models.native_bf16(capability, flags.split()) is native
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_does_it_natively(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    for native, cpu in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(models, "cpu_supports_bf16", lambda native=native: native)
+        assert models.resolve_dtype("auto", "cpu") is cpu
+        assert models.resolve_dtype("auto", "mps") is torch.float32  # another device never gets the CPU's answer
+    if not torch.cuda.is_available():  # no GPU here: half precision for a CUDA device all the same
+        assert models.resolve_dtype("auto", "cuda") is torch.float16
 
 
 def test_model_info_prints_the_facts(tiny: Path, capsys: pytest.CaptureFixture) -> None:
@@ -166,7 +198,7 @@ def test_embedded_model_loads_and_generates_offline(monkeypatch: pytest.MonkeyPa
     offline(monkeypatch)
     ref = resolve_model(EMBEDDED_ALIAS)
     assert Path(ref.path_or_id) == folder and ref.kind == "embedded"
-    model, tok = models.load_model(EMBEDDED_ALIAS, dtype="float32"), models.load_tokenizer(EMBEDDED_ALIAS)
+    model, tok = models.load_model(EMBEDDED_ALIAS, dtype="float32", device="cpu"), models.load_tokenizer(EMBEDDED_ALIAS)
     assert tok.eos_token == tok.pad_token == "<|im_end|>"  # recorded in the marker too
     assert json.loads((folder / MARKER).read_text())["pad_token"] == "<|im_end|>"
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import Journal, read_json, read_jsonl, write_json, write_jsonl
-from pipeline.settings import ScoreSettings, StudentSettings, TeacherSettings
+from pipeline.settings import FilterSettings, ScoreSettings, StudentSettings, TeacherSettings
 from pipeline.stages.score import score
 from tests.pipeline.kill_harness import sift, sift_killed
 from tests.train.conftest import save_tiny
@@ -107,20 +107,26 @@ def test_bad_records_name_file_line_and_field(tmp_path: Path) -> None:
         score(str(src), output=str(tmp_path / "o.jsonl"), score=ScoreSettings(scorers="reward"))
 
 
-def test_the_stage_writes_scored_and_extends_the_funnel(tmp_path: Path, tiny: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_stage_writes_scored_and_its_own_funnel(tmp_path: Path, tiny: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """funnel.json is the filter's alone (#25.21: score rewrote it); score's --keep rows go to scored.funnel.json."""
     monkeypatch.setenv("SIFT_RUNS_DIR", str(tmp_path / "runs"))
     d = tmp_path / "runs" / "r"
     d.mkdir(parents=True)
     write_jsonl(d / "filtered.jsonl", [{"id": f"ex_{i}", **r} for i, r in enumerate(dataset(8))])
-    write_json(d / "funnel.json", {"input": 10, "kept": 8, "rules": [{"rule": "too_short", "in": 10, "out": 8,
-                                                                      "dropped": 2}]})
+    filter_funnel = {"input": 10, "kept": 8, "rules": [{"rule": "too_short", "in": 10, "out": 8, "dropped": 2}]}
+    write_json(d / "funnel.json", filter_funnel)
     for keep in ("length>=3", "top=0.5:length"):  # a rerun replaces the keep rows, never stacks them
         score(run="r", student=on(tiny), score=ScoreSettings(scorers="length", keep=keep))
-    funnel = read_json(d / "funnel.json")
-    assert [r["rule"] for r in funnel["rules"]] == ["too_short", "keep top=0.5:length"]
+    assert read_json(d / "funnel.json") == filter_funnel
+    funnel = read_json(d / "scored.funnel.json")
+    assert [r["rule"] for r in funnel["rules"]] == ["keep top=0.5:length"] and funnel["input"] == 8
     kept, rejected = read_jsonl(d / "scored.jsonl"), read_jsonl(d / "scored.rejected.jsonl", allow_empty=True)
     assert funnel["kept"] == len(kept) == 4 and len(rejected) == 4
+    stats = read_json(d / "score.stats.json")
+    assert {k: stats[k] for k in ("stage", "unit", "read", "kept", "rejected", "rejected_by_reason")} == {
+        "stage": "score", "unit": "examples", "read": 8, "kept": 4, "rejected": 4,
+        "rejected_by_reason": {"low_length": 4}}
     assert all(r["reason"] == "low_length" for r in rejected)
     assert read_json(d / "manifest.json")["stages"]["score"]["settings"]["score"]["keep"] == "top=0.5:length"
 
@@ -194,3 +200,34 @@ def test_several_judges_rate_the_stage_and_say_who_rated_each(tmp_path: Path, mo
                                          "beta": {"logprobs": 0, "sampled": 3, "unrated": 0}}
     settings = read_json(d / "manifest.json")["stages"]["score"]["settings"]
     assert [t["name"] for t in settings["teachers"]] == ["alpha", "beta"]
+
+
+def test_output_is_written_as_its_extension_says(tmp_path: Path) -> None:
+    """#25.15: `sift score -o x.json` wrote JSON Lines into x.json, which sift's own reader refused. A .json
+    output is one JSON list (score and filter alike), and an extension neither writes is refused before
+    anything is read, for every command with -o."""
+    from pipeline.io.artifacts import read_records
+    from pipeline.stages.filter import filter_records
+
+    src = tmp_path / "data.jsonl"
+    write_jsonl(src, dataset(6))
+    for ext in (".json", ".jsonl"):
+        score(str(src), output=str(tmp_path / f"s{ext}"), score=ScoreSettings(scorers="length"))
+        filter_records(str(src), output=str(tmp_path / f"f{ext}"), rules="rouge")
+    for name in ("s", "f"):
+        assert (tmp_path / f"{name}.json").read_text().startswith("[")
+        as_list = [r["instruction"] for _, r in read_records(tmp_path / f"{name}.json")]
+        assert as_list == [r["instruction"] for r in read_jsonl(tmp_path / f"{name}.jsonl")]
+    assert len(read_jsonl(tmp_path / "s.jsonl")) == 6
+
+    for command in (lambda o: score(str(src), output=o, score=ScoreSettings(scorers="length")),
+                    lambda o: filter_records(str(src), output=o, filter=FilterSettings(rules="rouge"))):
+        with pytest.raises(SiftError, match=r"field 'output': '.*x.txt' must end in .jsonl .* or .json"):
+            command(str(tmp_path / "x.txt"))
+    from pipeline.views.report import report
+
+    with pytest.raises(SiftError, match=r"field 'output': 'x.json' must end in .html"):
+        report(run="no-such-run", output="x.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+        "data.jsonl", *(f"{s}{ext}" for s in ("s", "f") for ext in (".json", ".rejected.jsonl", ".funnel.json")),
+        "s.cache.jsonl", "s.jsonl", "f.jsonl"])

@@ -100,5 +100,8 @@ def test_cli_writes_normalised_seeds_and_manifest(in_tmp: Path) -> None:
     assert [s["id"] for s in read_jsonl(out / "seeds.jsonl")] == ["t1", "t2"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"]["seeds"]["stats"]["tasks"] == 2
+    assert json.loads((out / "seeds.stats.json").read_text()) == manifest["stages"]["seeds"]["stats"]
+    assert {k: manifest["stages"]["seeds"]["stats"][k] for k in ("stage", "unit", "read", "kept", "rejected")} == {
+        "stage": "seeds", "unit": "tasks", "read": 2, "kept": 2, "rejected": 0}
     assert "seeds.jsonl" in manifest["artifacts"]
     assert manifest["versions"]["transformers"]

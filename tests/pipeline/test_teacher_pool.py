@@ -99,9 +99,9 @@ def test_generate_spreads_each_round_by_share_and_every_record_names_its_teacher
     accepted = Counter(r["provenance"]["teacher"]["name"] for r in read_jsonl(d / "instructions.jsonl"))
     for name in served:
         row = stats["by_teacher"][name]
-        assert row["accepted"] == accepted[name] and row["tokens_out"] > 0 and "teacher_seconds" in row
+        assert row["kept"] == accepted[name] and row["tokens_out"] > 0 and "teacher_seconds" in row
         assert row["rejected"] == sum(row["rejected_by_reason"].values())
-    assert sum(r["accepted"] for r in stats["by_teacher"].values()) == stats["accepted"]
+    assert sum(r["kept"] for r in stats["by_teacher"].values()) == stats["kept"]
     assert sum(r["rejected"] for r in stats["by_teacher"].values()) == stats["rejected"]
     assert (d / "cache" / "teachers" / "alpha.jsonl").stat().st_size > 0  # each teacher its own cache
     assert (d / "cache" / "teachers" / "beta.jsonl").stat().st_size > 0
@@ -117,15 +117,15 @@ def test_generate_spreads_each_round_by_share_and_every_record_names_its_teacher
         names = Counter(r["provenance"][stage]["teacher"]["name"] for r in read_jsonl(d / file))
         st = read_json(d / f"{stage}.stats.json")
         assert abs(names["alpha"] - names["beta"]) <= 4  # within one per batch of 8 (30 records: 4 batches)
-        assert {n: st["by_teacher"][n]["accepted"] for n in names} == dict(names)
+        assert {n: st["by_teacher"][n]["kept"] for n in names} == dict(names)
         assert st["by_teacher"]["alpha"]["requests"] + st["by_teacher"]["beta"]["requests"] == st["requests"]
 
     # the filter's funnel, `sift inspect --by teacher` and the report split the figures per teacher
     filter_records(run="r")
     funnel = read_json(d / "funnel.json")
     table = funnel["by_teacher"]
-    assert set(table) == {"alpha", "beta"} and sum(r["accepted"] for r in table.values()) == funnel["kept"]
-    assert sum(r["accepted"] + r["rejected"] for r in table.values()) == funnel["input"]
+    assert set(table) == {"alpha", "beta"} and sum(r["kept"] for r in table.values()) == funnel["kept"]
+    assert sum(r["kept"] + r["rejected"] for r in table.values()) == funnel["input"]
     ledger = read_jsonl(d / "filtered.rejected.jsonl")
     groups = group_by(ledger, "teacher")
     assert {n: g["records"] for n, g in groups.items()} == {n: r["rejected"] for n, r in table.items() if r["rejected"]}
@@ -148,10 +148,10 @@ def test_a_teacher_that_fails_every_request_is_reported_and_its_share_goes_to_th
         asked_bad = len(bad.bodies)
     d = runs / "r"
     stats = read_json(d / "generate.stats.json")
-    assert stats["accepted"] == 20 and "teacher_error" not in stats["rejected_by_reason"]
+    assert stats["kept"] == 20 and "teacher_error" not in stats["rejected_by_reason"]
     assert "400" in stats["teachers_down"]["bad"]
     assert stats["by_teacher"]["bad"]["errors"] == stats["by_teacher"]["bad"]["requests"] == asked_bad == 6
-    assert stats["by_teacher"]["bad"]["accepted"] == 0  # its share of the first round, then nothing
+    assert stats["by_teacher"]["bad"]["kept"] == 0  # its share of the first round, then nothing
     for r in read_jsonl(d / "instructions.jsonl") + read_jsonl(d / "instructions.rejected.jsonl"):
         assert r["provenance"]["teacher"]["name"] == "good"
     assert "teacher bad failed every request" in capsys.readouterr().err

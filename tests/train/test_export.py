@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import SiftError
-from train.export import export, split_ids
+from pipeline.settings import ExportSettings, SettingsError
+from pipeline.stages.export import export, split_ids
 
 
 def _filtered(runs: Path, rows: list[dict], run: str = "r") -> Path:
@@ -27,7 +28,7 @@ def test_export_writes_loadable_splits(runs: Path) -> None:
     from datasets import load_dataset
 
     _filtered(runs, _rows(50))
-    export(run="r", valid_fraction=0.2)
+    export(run="r", export=ExportSettings(valid_fraction=0.2))
     d = runs / "r"
     train = [json.loads(x) for x in (d / "train.jsonl").read_text().splitlines()]
     valid = [json.loads(x) for x in (d / "valid.jsonl").read_text().splitlines()]
@@ -76,7 +77,20 @@ def test_bad_records_give_one_clear_error(runs: Path, rows: list[dict], message:
     assert not (runs / "r" / "train.jsonl").exists()
 
 
-def test_valid_fraction_is_checked(runs: Path) -> None:
+def test_valid_fraction_is_checked(runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.cli import main
+
+    with pytest.raises(SettingsError) as e:
+        ExportSettings(valid_fraction=1.0)
+    assert e.value.field == "valid_fraction"
     _filtered(runs, _rows(3))
-    with pytest.raises(SiftError, match="valid_fraction"):
-        export(run="r", valid_fraction=1.0)
+    assert main(["export", "--run", "r", "--export.valid-fraction", "1.0"]) == 2
+    assert "field 'export.valid_fraction': must be in [0, 1), got 1.0" in capsys.readouterr().err
+    assert not (runs / "r" / "train.jsonl").exists()
+
+
+def test_the_manifest_records_the_export_section(runs: Path) -> None:
+    _filtered(runs, _rows(10))
+    export(run="r", export=ExportSettings(seed=3))
+    settings = json.loads((runs / "r" / "manifest.json").read_text())["stages"]["export"]["settings"]
+    assert settings == {"run": "r", "export": {"valid_fraction": 0.1, "seed": 3, "decontaminate_general": True}}

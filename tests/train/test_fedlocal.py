@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pipeline.errors import SiftError
-from train.export import write_splits
+from pipeline.settings import LoraSettings, StudentSettings, TrainSettings
+from pipeline.stages.export import write_splits
 from train.fedlocal import LocalSettings, adapter_nll, examples, initial_adapter, load_adapter, local_train, peft_model
 
 PAIRS = [("give three tips for staying healthy", "eat vegetables sleep well and walk every day"),
@@ -25,8 +26,10 @@ def client_dir(folder: Path) -> Path:
 
 @pytest.fixture
 def settings(tiny_model_dir: Path) -> LocalSettings:
-    return LocalSettings(student=str(tiny_model_dir), lora_r=4, lora_alpha=8, lora_dropout=0.0, local_steps=6,
-                         lr=5e-3, batch_size=2, grad_accum=1, max_length=64, precision="fp32")
+    return LocalSettings(student=StudentSettings(model=str(tiny_model_dir)),
+                         lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+                         train=TrainSettings(lr=5e-3, batch_size=2, grad_accum=1, max_length=64, precision="fp32"),
+                         local_steps=6)
 
 
 def test_initial_adapter_scores_as_the_base_model(settings: LocalSettings, tmp_path: Path) -> None:
@@ -76,8 +79,16 @@ def test_an_adapter_from_other_lora_settings_is_refused(settings: LocalSettings)
         load_adapter(model, {"base_model.model.x.lora_A.weight": torch.zeros(4, 4)})
 
 
-def test_settings_are_checked() -> None:
+def test_settings_are_checked_and_travel_flat(settings: LocalSettings) -> None:
+    from flwr.app import ConfigRecord
+
+    sections = {"student": settings.student, "lora": settings.lora, "train": settings.train}
     with pytest.raises(SiftError) as e:
-        LocalSettings(local_steps=0)
-    assert e.value.field == "local_steps"
-    assert LocalSettings.from_config(LocalSettings(lr=0.1).to_config()) == LocalSettings(lr=0.1)
+        LocalSettings(**sections, local_steps=0)
+    assert e.value.field == "federate.local_steps"
+    with pytest.raises(SiftError) as e:
+        LocalSettings(**{**sections, "lora": LoraSettings(qlora=True)}, local_steps=1)
+    assert e.value.field == "lora.qlora"
+    config = settings.to_config()
+    assert config["train.lr"] == 5e-3 and config["student.device"] == "auto" and "train.epochs" not in config
+    assert LocalSettings.from_config(ConfigRecord(config)) == settings  # as the clients receive it

@@ -12,8 +12,9 @@ from filters.contamination import build_ngram_index, ngram_overlap
 from filters.rouge import RougeIndex
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import read_jsonl
+from pipeline.settings import ExportSettings
+from pipeline.stages.export import export
 from tests.conftest import REFERENCE_SEEDS, REPO, SHARED
-from train.export import export
 from train.general_set import CATEGORIES, GENERAL_PATH, build_eval_index, load_general, overlapping_tasks
 
 USER_ORIENTED = SHARED / "data" / "user_oriented_instructions.jsonl"
@@ -134,7 +135,7 @@ def test_export_drops_records_that_overlap_the_general_set(runs: Path, tasks: li
     planted = {"id": "leak", "instruction": "Answer this.", "input": target["input"], "output": "ok",
                "provenance": {"teacher": "t"}}
     _write_filtered(runs, [*clean[:10], planted, *clean[10:]])
-    export(run="r", valid_fraction=0.2)
+    export(run="r", export=ExportSettings(valid_fraction=0.2))
     d = runs / "r"
     exported = read_jsonl(d / "train.jsonl") + read_jsonl(d / "valid.jsonl", allow_empty=True)
     assert sorted(r["id"] for r in exported) == sorted(r["id"] for r in clean)
@@ -143,14 +144,14 @@ def test_export_drops_records_that_overlap_the_general_set(runs: Path, tasks: li
     assert target["id"] in entry["eval_ids"] and entry["score"] >= 1
     assert entry["record"]["input"] == target["input"] and entry["record"]["provenance"] == {"teacher": "t"}
     stats = json.loads((d / "manifest.json").read_text())["stages"]["export"]["stats"]
-    assert stats["contaminated"] == 1 and stats["by_reason"] == {"contaminated": 1} and stats["records"] == 21
+    assert stats["rejected"] == 1 and stats["rejected_by_reason"] == {"contaminated": 1} and stats["read"] == 21
     assert stats["train"] + stats["valid"] == 20
 
     _write_filtered(runs, clean)  # a clean rerun leaves an empty ledger, not the old one
     export(run="r")
     assert read_jsonl(d / "export.rejected.jsonl", allow_empty=True) == []
     _write_filtered(runs, [*clean, planted])  # the check can be turned off
-    export(run="r", decontaminate_general=False)
+    export(run="r", export=ExportSettings(decontaminate_general=False))
     assert "leak" in {r["id"] for r in read_jsonl(d / "train.jsonl") + read_jsonl(d / "valid.jsonl")}
 
 

@@ -1,6 +1,6 @@
 """Export the kept records for training: chat messages and Alpaca's JSON list.
 
-    sift export --run demo        # or: make export
+    sift export --run demo --export.valid-fraction 0.1       # or: make export
 
 Reads runs/<run>/scored.jsonl (`sift score`; filtered.jsonl when the run has none) and writes, atomically:
 - train.jsonl / valid.jsonl: {"id", "messages": [user, assistant], "metadata"} a line;
@@ -20,6 +20,8 @@ from pathlib import Path
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import all_or_none, iter_jsonl, require, write_json, write_jsonl
 from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.io.stage_stats import stage_stats
+from pipeline.settings import ExportSettings, to_dict
 from train.format import to_messages
 from train.general_set import GENERAL_PATH, build_eval_index, load_general, overlapping_tasks
 
@@ -109,8 +111,7 @@ def export_source(directory: Path) -> Path:
     return scored
 
 
-def export(*, run: str = "demo", valid_fraction: float = 0.1, seed: int = 0, decontaminate_general: bool = True
-           ) -> None:
+def export(*, run: str = "demo", export: ExportSettings = ExportSettings()) -> None:
     """Write train.jsonl, valid.jsonl (chat messages) and alpaca.json from scored.jsonl (else filtered.jsonl).
 
     Records that share a word 13-gram with sift's general held-out set go to export.rejected.jsonl
@@ -118,32 +119,28 @@ def export(*, run: str = "demo", valid_fraction: float = 0.1, seed: int = 0, dec
 
     Args:
         run: Run name; artifacts live in runs/<run>/.
-        valid_fraction: Share of records held out for validation (at least one when there are two).
-        seed: Changes which records fall in the validation split.
-        decontaminate_general: Drop records that overlap the general eval set (train/evalsets/general.jsonl).
+        export: the split and the decontamination.
     """
-    if not 0 <= valid_fraction < 1:
-        raise SiftError(f"must be in [0, 1), got {valid_fraction}", field="valid_fraction")
     directory = run_dir(run)
     source = export_source(directory)
     with locked(directory):
         read = read_filtered(source)
-        tasks = load_general(GENERAL_PATH) if decontaminate_general else []
+        tasks = load_general(GENERAL_PATH) if export.decontaminate_general else []
         records, rejected = decontaminate(read, tasks)
         if not records:
             first = rejected[0]
             raise SiftError(f"all {len(read)} records share a 13-gram with the general eval set (the first, "
                             f"{first['id']!r}, with {', '.join(first['eval_ids'])}); nothing is left to train on",
                             path=source)
-        valid_ids = split_ids([r["id"] for r in records], valid_fraction, seed)
+        valid_ids = split_ids([r["id"] for r in records], export.valid_fraction, export.seed)
         train = [r for r in records if r["id"] not in valid_ids]
         valid = [r for r in records if r["id"] in valid_ids]
         write_splits(directory, train, valid, rejected)
-        stats = {"records": len(read), "train": len(train), "valid": len(valid),
-                 "with_input": sum(bool(r["input"]) for r in records), "contaminated": len(rejected),
-                 "by_reason": {"contaminated": len(rejected)} if rejected else {}}
-        record_stage(directory, "export", {"run": run, "valid_fraction": valid_fraction, "seed": seed,
-                                           "decontaminate_general": decontaminate_general}, stats=stats)
+        stats = stage_stats("export", "examples", read=len(read), kept=len(records),
+                            rejected_by_reason={"contaminated": len(rejected)} if rejected else {},
+                            extras={"train": len(train), "valid": len(valid),
+                                    "with_input": sum(bool(r["input"]) for r in records)})
+        record_stage(directory, "export", {"run": run} | to_dict(export=export), stats=stats)
     print(f"exported {len(train)} train and {len(valid)} validation records to {directory}/"
           " (train.jsonl, valid.jsonl, alpaca.json)")
     if rejected:

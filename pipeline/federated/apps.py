@@ -2,7 +2,7 @@
 engine (the default, all clients on this machine) and its deployment engine (a SuperLink and one
 SuperNode per party, see docs/federated.md).
 
-    sift federate --run demo --clients 3 --rounds 2              # simulation engine
+    sift federate --run demo --federate.clients 3 --federate.rounds 2    # simulation engine
     flwr run runs/demo/federate/flower-app local --run-config "federation-dir='/abs/runs/demo'"
 
 What travels: server -> client, the global LoRA adapter (an ArrayRecord) and the training settings
@@ -10,7 +10,7 @@ What travels: server -> client, the global LoRA adapter (an ArrayRecord) and the
 partition number and loss/NLL numbers (MetricRecords). A client that fails answers with an error
 carrying its partition number and the exception's type, never its message (which may quote data);
 the full traceback stays in the client's own log. The server aggregates with train/fedlora.py and
-keeps its state in federate.json (pipeline/stages/fedstate.py), one atomic write per finished round.
+keeps its state in federate.json (pipeline/federated/state.py), one atomic write per finished round.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SiftError
-from pipeline.stages.fedstate import load_adapter_file, read_state, save_adapter, write_state
+from pipeline.federated.state import load_adapter_file, read_state, save_adapter, write_state
 
 ERROR_CODE = 1  # a client's own failure (Flower reserves other codes for transport errors)
 NODE_WAIT_S = 120.0  # how long the server waits for every SuperNode to connect (deployment)
@@ -127,7 +127,7 @@ class Rounds:
         self.local = LocalSettings.from_config(plan["local"])
         self.method = plan["aggregation"]
         self.timeout = float(plan["round_timeout"])
-        rows = pick(load_heldout(Path(plan["heldout"])), int(plan["eval_limit"]), self.local.seed)
+        rows = pick(load_heldout(Path(plan["heldout"])), int(plan["eval_limit"]), self.local.train.seed)
         self.heldout = [(r["id"], r["messages"]) for r in rows]
         self.nodes = self._wait_for_nodes(len(state["clients"]))
 

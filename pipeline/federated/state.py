@@ -1,9 +1,9 @@
 """The state of a federation on disk, so a killed `sift federate` continues from its last round.
 
-    sift federate --run demo --clients 3 --rounds 2     # writes runs/demo/federate.json
+    sift federate --run demo --federate.clients 3 --federate.rounds 2     # writes runs/demo/federate.json
 
-runs/<run>/federate.json: `settings` (what shapes the rounds; a rerun must keep them, only --rounds
-may grow), `clients` (name, data folder, example counts), `initial` (the untrained adapter's NLL)
+runs/<run>/federate.json: `settings` (what shapes the rounds; a rerun must keep them, only
+federate.rounds may grow), `clients` (name, data folder, example counts), `initial` (the untrained adapter's NLL)
 and `rounds`, one entry per finished round. Each round's global adapter is saved first, as
 runs/<run>/federate/round-<k>.safetensors, then the round is appended to federate.json; both writes
 are atomic, so a kill at any moment leaves the last finished round and nothing half-written.
@@ -47,7 +47,7 @@ def check_settings(directory: Path, settings: dict, clients: list[dict]) -> dict
         changed.append("clients")
     if changed:
         raise SiftError(f"this federation was started with other settings (changed: {', '.join(changed)}); rerun "
-                        "with the same options (only --rounds may change), or use another --run",
+                        "with the same options (only federate.rounds may change), or use another --run",
                         path=state_path(directory))
     return old
 
