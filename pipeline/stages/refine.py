@@ -45,6 +45,7 @@ from pipeline.io.artifacts import all_or_none, content_id, write_json, write_jso
 from pipeline.io.batched import run_batches
 from pipeline.io.progress import print_summary
 from pipeline.io.runs import locked, record_stage, run_dir
+from pipeline.io.stage_stats import stage_stats
 from pipeline.settings import FilterSettings, RefineSettings, StudentSettings, TeacherSettings, to_dict
 from pipeline.stages.score import read_scorable
 from pipeline.teachers.base import Sampling, Teacher
@@ -366,15 +367,19 @@ def round_stats(round_no: int, steps: list[list[dict]], records: int, errors: in
 
 
 def refine_stats(records: list[dict], ledger: list[dict], extra: dict, started: float) -> dict:
-    """The stage's figures, in the batched stages' shape (records_in, accepted, rejected, ...):
-    accepted counts records out, rejected the ledger's rewrites."""
-    by_reason: dict[str, int] = {}
-    for e in ledger:
-        by_reason[e["reason"]] = by_reason.get(e["reason"], 0) + 1
-    return {"records_in": len(records), "accepted": len(records), "rejected": len(ledger),
-            "rejected_by_reason": dict(sorted(by_reason.items())),
-            "refined": sum(r["refinement"]["changed"] for r in records), **extra,
-            "wall_time_s": round(time.monotonic() - started, 3)}
+    """The stage's figures in the shared schema (pipeline/io/stage_stats.py): no record is dropped, so
+    read = kept; the rewrites' own counts, kept and not, are under `rewrites`."""
+    steps = [s for r in records for s in r["refinement"]["steps"]]
+    by_reason: dict[str, dict[str, int]] = {"kept": {}, "rejected": {}}
+    for s in steps:
+        table = by_reason["kept" if s["decision"] == "rewrite" else "rejected"]
+        table[s["reason"]] = table.get(s["reason"], 0) + 1
+    rewrites = {"proposed": len(steps), "kept": len(steps) - len(ledger), "rejected": len(ledger),
+                "kept_by_reason": dict(sorted(by_reason["kept"].items())),
+                "rejected_by_reason": dict(sorted(by_reason["rejected"].items()))}
+    return stage_stats("refine", "examples", read=len(records), kept=len(records), rejected_by_reason={},
+                       extras={"refined": sum(r["refinement"]["changed"] for r in records), "rewrites": rewrites,
+                               **extra, "wall_time_s": round(time.monotonic() - started, 3)})
 
 
 def refine_source(directory: Path) -> Path:
@@ -463,6 +468,8 @@ def refine(*, run: str = "demo", student: StudentSettings = StudentSettings(),
                     "prompts": {k: t.provenance() for k, t in templates.items()}, "sampling": sampling.to_dict()}
         record_stage(directory, "refine", settings, models={"teacher": identity, "student": student.model},
                      stats=stats)
-    print_summary("refine", stats)
-    print(f"wrote {target} ({stats['accepted']} records, {stats['refined']} refined; "
-          f"{stats['rejected']} rewrites not kept)")
+    # the summary counts rewrites: accepted are the rewrites kept
+    print_summary("refine", {**stats, "accepted": stats["rewrites"]["kept"],
+                             "rejected_by_reason": stats["rewrites"]["rejected_by_reason"]})
+    print(f"wrote {target} ({stats['kept']} records, {stats['refined']} refined; "
+          f"{stats['rewrites']['kept']} of {stats['rewrites']['proposed']} rewrites kept)")

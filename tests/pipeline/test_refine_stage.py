@@ -189,7 +189,10 @@ def test_the_stage_refines_and_records_every_decision(tmp_path: Path, tiny: Path
         assert {"no_rewrite", "rouge_duplicate"} <= reasons
         assert reasons & {"unchanged", "restates_instruction"}
         stats = read_json(d / "refine.stats.json")
-        assert stats["records_in"] == stats["accepted"] == 14 and stats["rejected"] == len(ledger)
+        assert (stats["stage"], stats["unit"], stats["read"], stats["kept"], stats["rejected"]) == (
+            "refine", "examples", 14, 14, 0)  # no record is dropped: rewrites are
+        assert stats["rewrites"]["rejected"] == len(ledger) == sum(stats["rewrites"]["rejected_by_reason"].values())
+        assert stats["rewrites"]["proposed"] == steps == stats["rewrites"]["kept"] + len(ledger)
         assert stats["refined"] == sum(r["refinement"]["changed"] for r in records)
         assert stats["rounds"][0]["records"] == 14 and stats["source"] == "scored.jsonl"
         settings = read_json(d / "manifest.json")["stages"]["refine"]["settings"]
@@ -319,3 +322,31 @@ def test_bad_input_is_refused_before_any_request(tmp_path: Path, monkeypatch: py
     assert not (d / "refined.jsonl").exists() and not (d / "refine.journal").exists()
     code, _, err = sift(["refine", "--run", "r", "--refine.select", "newest"], runs=tmp_path / "runs")
     assert code != 0 and "refine.select" in err
+
+
+def test_export_reads_refined_then_scored_then_filtered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from pipeline.stages.export import export
+
+    d = make_run(tmp_path, monkeypatch, n=4, name="filtered.jsonl")
+    rows = {name: [{**r, "output": f"{name} {r['output']}"} for r in dataset(4)]
+            for name in ("filtered", "scored", "refined")}
+    for age, name in enumerate(("filtered", "scored", "refined")):  # each one newer than the one it was made from
+        write_jsonl(d / f"{name}.jsonl", rows[name])
+        os.utime(d / f"{name}.jsonl", ns=(10**18 + age * 10**9,) * 2)
+
+    def exported() -> set[str]:
+        export(run="r")
+        return {json.loads(line)["messages"][1]["content"].split()[0]
+                for line in (d / "train.jsonl").read_text().splitlines()}
+
+    assert exported() == {"refined"}
+    os.utime(d / "scored.jsonl", ns=(10**18 + 5 * 10**9,) * 2)  # score ran again after refine: refined is stale
+    with pytest.raises(SiftError, match="older than scored.jsonl: rerun `sift refine`") as e:
+        export(run="r")
+    assert e.value.path.name == "refined.jsonl"
+    (d / "refined.jsonl").unlink()
+    assert exported() == {"scored"}
+    (d / "scored.jsonl").unlink()
+    assert exported() == {"filtered"}
