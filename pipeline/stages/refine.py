@@ -49,7 +49,7 @@ from pipeline.io.stage_stats import stage_stats
 from pipeline.settings import FilterSettings, RefineSettings, StudentSettings, TeacherSettings, to_dict
 from pipeline.stages.score import read_scorable
 from pipeline.teachers.base import Sampling, Teacher
-from pipeline.teachers.parsers import parse_reflection
+from pipeline.teachers.parsers import NOINPUT, parse_reflection, reflection_lead
 from pipeline.teachers.pool import check_teachers, open_teachers, teacher_of
 from pipeline.teachers.prompts import PromptTemplate, load
 
@@ -58,6 +58,8 @@ PHASES = {"instruction": ("instruction",), "response": ("response",), "both": ("
 JOURNAL = "refine.journal"
 TEXT = ("instruction", "input", "output")
 RAW_KEPT = 2000  # characters of an unparsed reply kept in the ledger
+# a reply ends at [End], or where the teacher starts a next example of the prompt's own
+STOP = ("[End]", "\n[Instruction]")
 
 
 # ---------------------------------------------------------------- the selection rule (pure, table-driven)
@@ -224,7 +226,7 @@ class Refiner:
 
     def _phase(self, phase: str, states: list[dict]) -> None:
         template = self.templates[phase]
-        requests = [template.request(self.sampling, **s["current"]) for s in states]
+        requests = [template.request(self.sampling, **prompt_fields(s["current"])) for s in states]
         completions = self.teacher.generate(requests) if requests else []
         contenders: list[tuple[dict, dict]] = []
         for s, comp in zip(states, completions, strict=True):
@@ -253,7 +255,9 @@ class Refiner:
         current = state["current"]
         step: dict[str, Any] = {"round": self.round, "target": phase, "teacher": teacher_of(comp, self.teacher),
                                 "critique": "", "rewrite": None, "decision": "original", "reason": None}
-        parsed = parse_reflection(comp.text, target=phase, truncated=comp.finish_reason == "length")
+        lead = reflection_lead(self.templates[phase].body)  # the prompt ends in "[Critique]": the reply goes on
+        parsed = parse_reflection(f"{lead} {comp.text}" if lead else comp.text, target=phase,
+                                  truncated=comp.finish_reason == "length")
         if parsed.problems:
             step.update(reason=parsed.problems[0].reason, raw_response=comp.text[:RAW_KEPT])
             return step
@@ -267,6 +271,11 @@ class Refiner:
         if reason is not None:
             step.update(reason=reason, **({"filter": details} if details else {}))
         return step
+
+
+def prompt_fields(current: dict) -> dict:
+    """A record's text as the prompts take it: an empty input is shown as <noinput>, as Alpaca's are."""
+    return {**current, "input": current.get("input") or NOINPUT}
 
 
 # ---------------------------------------------------------------- rounds and artifacts
@@ -445,7 +454,8 @@ def refine(*, run: str = "demo", student: StudentSettings = StudentSettings(),
     with locked(directory):
         cached = open_teachers(directory, teacher, batch_size=refine.batch_size)
         identity = getattr(cached, "identity", cached.name)
-        sampling = Sampling(temperature=refine.temperature, max_tokens=refine.max_tokens, seed=refine.seed)
+        sampling = Sampling(temperature=refine.temperature, max_tokens=refine.max_tokens, stop=STOP,
+                            seed=refine.seed)
         scores = VersionScores(student, batch_size=refine.batch_size, judge=cached if judging else None,
                                judge_template=judge_template)
         refiner = Refiner(cached, templates, sampling, refine, rules, scores)

@@ -231,24 +231,35 @@ def parse_alpaca(text: str, *, start: int, truncated: bool = False) -> Parsed[di
 # ---------------------------------------------------------------- Reflection-Tuning (sift refine)
 
 _REFLECTION_LABEL = (r"(critique|feedback|analysis|(?:new|better|improved|revised|rewritten)\s+"
-                     r"(?:instruction|input|answer|response)|end)")
+                     r"(?:instruction|input|answer|response)|end|instruction|input|answer|response|output)")
 # "[Better Answer]", "[Better Answer]:", "**Better Answer:**", "Better Answer:" or "### Better Answer:" at a line start
 _REFLECTION_MARKER = re.compile(
     rf"\[\s*{_REFLECTION_LABEL}\s*\]\s*:?|\*\*\s*{_REFLECTION_LABEL}\s*:?\s*\*\*\s*:?"
     rf"|(?:^|(?<=\n))[ \t]*#*[ \t]*{_REFLECTION_LABEL}[ \t]*:", re.IGNORECASE)
 _PLACEHOLDERS = ("your critique", "your answer", "the new instruction", "its answer", "your instruction",
-                 "an input for it, or <noinput>")  # the format line of the prompt, echoed back
+                 "an input for it, or <noinput>")  # the format line of a prompt, echoed back
 _NO_INPUT = (NOINPUT, "none", "n/a", "no input", "")
 
 
+def reflection_lead(prompt: str) -> str:
+    """The label a reflection prompt ends with ("[Critique]"), which its reply continues; "" if none.
+    The stage puts it back in front of the reply before parsing."""
+    text = prompt.rstrip()
+    last = None
+    for last in _REFLECTION_MARKER.finditer(text):
+        pass
+    return last.group(0).strip() if last is not None and last.end() == len(text) else ""
+
+
 def _reflection_field(label: str) -> str:
-    label = label.lower()
+    """The section a label opens: critique, instruction, input, output, or "end"/"other" (a label that
+    only closes the section before it: [End], or the prompt's own [Instruction]/[Answer] of a next example)."""
+    label = " ".join(label.lower().split())
     if label in ("critique", "feedback", "analysis"):
         return "critique"
-    if label == "end":
+    if " " not in label:
         return "end"
-    last = label.split()[-1]
-    return {"instruction": "instruction", "input": "input"}.get(last, "output")
+    return {"instruction": "instruction", "input": "input"}.get(label.split()[-1], "output")
 
 
 def parse_reflection(text: str, *, target: str, truncated: bool = False) -> Parsed[dict]:
@@ -257,7 +268,8 @@ def parse_reflection(text: str, *, target: str, truncated: bool = False) -> Pars
 
     Labels are read case-insensitively in brackets, bold, or as "Label:" at a line start, with the
     synonyms small models use (Feedback, Improved Answer, New Response, ...); the first non-empty
-    section of each kind wins, and text after [End] is ignored. One item {"critique", "output"} (plus
+    section of each kind wins, and [End], or a bare [Instruction], [Input], [Answer] (the model going
+    on to a next example), closes a section; what follows such a label is ignored. One item {"critique", "output"} (plus
     "instruction" and "input" for target instruction; "input" is "" when missing or <noinput>), or a
     problem: empty_response, no_rewrite (no section holding the rewrite), truncated (the reply hit
     max_tokens inside the rewrite)."""

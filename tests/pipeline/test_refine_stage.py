@@ -33,26 +33,27 @@ def dataset(n: int) -> list[dict]:
 
 
 def scripted(body: dict) -> tuple[str, str]:
-    """A teacher that critiques and rewrites, from the request alone: every few records a reply it
-    cannot parse, an unchanged answer, or a rewrite the filters drop (empty, restating, a duplicate)."""
-    content = body["messages"][-1]["content"]
-    instruction = content.split("[Instruction]\n", 1)[1].split("\n\n[Input]", 1)[0]
+    """A teacher that critiques and rewrites, from the request alone (its reply continues the prompt's
+    "[Critique]"): every few records a reply it cannot parse, an unchanged answer, or a rewrite the
+    filters drop (a duplicate instruction, a restated one)."""
+    prompt = body["prompt"]
+    last = prompt.rsplit("[Instruction]\n", 1)[1]  # after the prompt's worked example
+    instruction = last.split("\n\n[Input]", 1)[0]
     n = int(re.findall(r"\d+", instruction)[0])
-    answer = content.split("[Answer]\n", 1)[1].split("\n\nFirst say", 1)[0]
-    if "[New Instruction]" in content:
+    answer = last.split("[Answer]\n", 1)[1].split("\n\n[Critique]", 1)[0]
+    if "[New Instruction]" in prompt:
         if n % 6 == 5:
-            return "I am not sure what you mean.", "stop"  # no sections: no_rewrite
+            return " I am not sure what you mean.", "stop"  # no sections: no_rewrite
         if n % 6 == 4:  # the instruction of another task: a ROUGE-L duplicate
-            return (f"[Critique] Vague.\n[New Instruction] {TASKS[(n + 1) % 5]} number {n + 1}\n"
-                    f"[New Input] <noinput>\n[New Answer] {ANSWERS[n % 5]}\n[End]"), "stop"
-        return (f"[Critique] Too easy.\n[New Instruction] {TASKS[n % 5]} in detail for case {n}\n"
-                f"[New Input] <noinput>\n[New Answer] {ANSWERS[(n + 2) % 5]} and {ANSWERS[(n + 4) % 5]} {n}\n"
-                "[End]"), "stop"
+            return (f" Vague.\n[New Instruction] {TASKS[(n + 1) % 5]} number {n + 1}\n"
+                    f"[New Input] <noinput>\n[New Answer] {ANSWERS[n % 5]}\n"), "stop"
+        return (f" Too easy.\n[New Instruction] {TASKS[n % 5]} in detail for case {n}\n"
+                f"[New Input] <noinput>\n[New Answer] {ANSWERS[(n + 2) % 5]} and {ANSWERS[(n + 4) % 5]} {n}\n"), "stop"
     if n % 7 == 3:
-        return f"**Feedback:** fine as it is.\n**Improved Answer:** {answer}", "stop"  # unchanged
+        return f" fine as it is.\n**Improved Answer:** {answer}", "stop"  # unchanged
     if n % 7 == 6:
-        return f"[Critique] Short.\n[Better Answer] {instruction}\n[End]", "stop"  # restates the instruction
-    return f"[Critique] Too short.\n[Better Answer] {answer} so {ANSWERS[(n + 1) % 5]}\n[End]", "stop"
+        return f" Short.\n[Better Answer] {instruction}\n", "stop"  # restates the instruction
+    return f" Too short.\n[Better Answer] {answer} so {ANSWERS[(n + 1) % 5]}\n\n[Instruction]\nmore", "stop"
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +206,7 @@ def test_the_stage_refines_and_records_every_decision(tmp_path: Path, tiny: Path
         again = {k: v - asked.get(k, 0) for k, v in server.successes.items() if v > asked.get(k, 0)}
         # the instruction pass is the same request as before: from the teacher cache, never asked twice
         assert again and not any("[New Instruction]" in k for k in again)
+        assert all(b["stop"] == ["[End]", "\n[Instruction]"] for b in server.bodies)
     teacher_kept = read_jsonl(d / "refined.jsonl")
     check_decisions(teacher_kept, read_jsonl(d / "refined.rejected.jsonl", allow_empty=True), "teacher")
     assert sum(r["refinement"]["changed"] for r in teacher_kept) >= stats["refined"]
@@ -214,8 +216,8 @@ def test_the_stage_refines_and_records_every_decision(tmp_path: Path, tiny: Path
 
 def judged(body: dict) -> tuple[str, str]:
     """The scripted teacher, and as judge: 5 for an answer with "so" in it (the rewrites), else 3."""
-    content = body["messages"][-1]["content"]
-    if content.rstrip().endswith("Reply with one digit from 1 to 5 and nothing else."):
+    if "messages" in body:  # the judge's prompt is a chat prompt
+        content = body["messages"][-1]["content"]
         return ("5" if " so " in content.split("### Answer", 1)[1] else "3"), "stop"
     return scripted(body)
 
