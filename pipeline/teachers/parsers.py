@@ -245,10 +245,8 @@ def reflection_lead(prompt: str) -> str:
     """The label a reflection prompt ends with ("[Critique]"), which its reply continues; "" if none.
     The stage puts it back in front of the reply before parsing."""
     text = prompt.rstrip()
-    last = None
-    for last in _REFLECTION_MARKER.finditer(text):
-        pass
-    return last.group(0).strip() if last is not None and last.end() == len(text) else ""
+    marks = list(_REFLECTION_MARKER.finditer(text))
+    return marks[-1].group(0).strip() if marks and marks[-1].end() == len(text) else ""
 
 
 def _reflection_field(label: str) -> str:
