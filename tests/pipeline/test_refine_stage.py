@@ -125,6 +125,11 @@ def test_every_select_choice_has_a_rule_for_both_targets() -> None:
      "instruction", False, {"critique": "x", "instruction": "List 3 fruits.", "input": "", "output": "apple, pear"}),
     ("[Better Answer] no critique, still used", "response", False,
      {"critique": "", "output": "no critique, still used"}),
+    # the model goes on to a next example of the prompt: its own [Instruction] closes the answer
+    ("[Critique] ok.\n[Better Answer] Paris.\n\n[Instruction]\nWhat is x?\n\n[Answer]\ny", "response", False,
+     {"critique": "ok.", "output": "Paris."}),
+    ("[Critique] Long.\n[New Input]\n12\n\n[New Answer] 2\n\n[New Instruction] Count.\n\n[Input]\n12", "instruction",
+     False, {"critique": "Long.", "instruction": "Count.", "input": "12", "output": "2"}),
 ])
 def test_reflection_replies_are_read_in_the_forms_small_models_write(text, target, truncated, expected) -> None:
     parsed = parse_reflection(text, target=target, truncated=truncated)
@@ -142,6 +147,15 @@ def test_reflection_replies_are_read_in_the_forms_small_models_write(text, targe
 def test_a_reply_that_cannot_be_read_is_a_problem_never_an_exception(text, target, truncated, reason) -> None:
     parsed = parse_reflection(text, target=target, truncated=truncated)
     assert not parsed.items and parsed.problems[0].reason == reason
+
+
+def test_the_reply_continues_the_label_the_prompt_ends_with() -> None:
+    from pipeline.teachers.parsers import reflection_lead
+    from pipeline.teachers.prompts import load
+
+    for name in ("refine_response", "refine_instruction"):
+        assert reflection_lead(load(name).body) == "[Critique]"
+    assert reflection_lead("[Critique] done.\nNo label at the end") == ""
 
 
 # ---------------------------------------------------------------- the stage
