@@ -31,9 +31,10 @@ POOL_RULES = ("rouge", "contaminated")
 RULES = (*INSTRUCTION_RULES, "rouge", *INSTANCE_RULES, *RECORD_RULES, *TASK_RULES, "contaminated")
 REASONS = {rule: ("rouge_duplicate" if rule == "rouge" else rule) for rule in RULES}
 
-# In the references' order: instruction checks, the ROUGE-L pool, then (Self-Instruct only) instances.
+# In the references' order: instruction checks, the ROUGE-L pool, then (Self-Instruct only) instances;
+# sift adds restates_instruction to self-instruct (measured in filters/restates.py).
 PRESETS: dict[str, list[str]] = {
-    "self-instruct": [*heuristics.PRESETS["self-instruct"], "rouge", *INSTANCE_RULES, *TASK_RULES],
+    "self-instruct": [*heuristics.PRESETS["self-instruct"], "rouge", *INSTANCE_RULES, *RECORD_RULES, *TASK_RULES],
     "alpaca": [*heuristics.PRESETS["alpaca"], "rouge"],
 }
 
