@@ -84,7 +84,7 @@ args_federate  = federate $(COMMON) $(STUDENT_ARGS) $(call opt,--federate.client
 	$(call opt,--federate.rounds,$(ROUNDS)) $(call opt,--federate.local_steps,$(LOCAL_STEPS)) \
 	$(call opt,--train.seed,$(SEED)) $(FEDERATE_OPTS)
 
-.PHONY: all setup test test-fast lint bench clean $(STAGES) loop federate help FORCE
+.PHONY: all setup test test-fast lint bench clean $(STAGES) loop federate view help FORCE
 
 all: $(STAGES)
 	@echo ""
@@ -144,7 +144,8 @@ $(R)/scored.jsonl: $(R)/filtered.jsonl $(STAMPS)/score.yaml
 	$(SIFT) $(args_score)
 
 export: $(R)/train.jsonl
-$(R)/train.jsonl: $(R)/scored.jsonl $(STAMPS)/export.yaml
+# a human review (sift view) changes what export keeps: make export reruns when review.jsonl changes
+$(R)/train.jsonl: $(R)/scored.jsonl $(STAMPS)/export.yaml $(wildcard $(R)/review.jsonl)
 	$(SIFT) $(args_export)
 
 train: $(R)/student/adapter_model.safetensors
@@ -158,6 +159,10 @@ $(R)/eval.json: $(R)/student/adapter_model.safetensors $(STAMPS)/eval.yaml
 report: $(R)/report.html
 $(R)/report.html: $(R)/eval.json
 	$(SIFT) $(args_report)
+
+# browse and review the run in the browser (Ctrl-C stops it)
+view: | $(SETUP)
+	$(SIFT) view --run '$(RUN)'
 
 # always runs: `sift federate` skips finished rounds, so a larger ROUNDS extends the federation
 federate: $(R)/scored.jsonl | $(MODEL)

@@ -5,10 +5,11 @@
 
 The table every federated-learning paper shows. It takes `sift federate`'s own sections and flags
 (student:, lora:, train:, export:, federate:; `--help` lists them, `--config` reads them).
-runs/<run>/filtered.jsonl is split into federate.clients parts exactly as `sift federate` splits it
-(whole federate.split_by groups, a validation split each), in a scratch run <run>-fedbench so the
-run's own federate.json is left alone. Then, from the same initial adapter and with the same client
-settings:
+The run's records (scored.jsonl when present, else filtered.jsonl) are split into federate.clients parts
+exactly as `sift federate` splits them (what `sift export` would train on: selected, less the records
+overlapping the general held-out set; whole federate.split_by groups, a validation split each), in a
+scratch run <run>-fedbench so the run's own federate.json is left alone. Then, from the same initial
+adapter and with the same client settings:
 - local-only: each client alone trains rounds x local_steps steps on its own data;
 - federated: `sift federate` itself (Flower's simulation engine), rounds x local_steps per client;
 - centralised: one trainer on all clients' training data pooled, clients x rounds x local_steps steps;
@@ -66,7 +67,8 @@ def bench(*, run: str = "demo", student: StudentSettings = StudentSettings(), lo
     """Local-only, federated and centralised LoRA on the same data and the same total steps, by NLL.
 
     Args:
-        run: Run whose filtered.jsonl is split into clients (in a scratch run <run>-fedbench).
+        run: Run whose records (scored.jsonl, else filtered.jsonl) are split into clients (in a scratch
+            run <run>-fedbench).
         student: the base model and its device, as in sift federate.
         lora: the adapter, as in sift federate.
         train: the clients' training settings, as in sift federate.
@@ -77,13 +79,18 @@ def bench(*, run: str = "demo", student: StudentSettings = StudentSettings(), lo
     a = federate
     source = run_dir(run) / "filtered.jsonl"
     scratch = run_dir(f"{run}-fedbench")
+    names = [n for n in ("filtered.jsonl", "scored.jsonl") if (source.parent / n).is_file()]
+
+    def same(name: str) -> bool:
+        return (scratch / name).is_file() and (scratch / name).read_bytes() == (source.parent / name).read_bytes()
+
     # a rerun on the same data continues the federation where it stopped (sift federate resumes; changed
     # settings are refused); other data starts the scratch run afresh
-    if not (scratch / "filtered.jsonl").is_file() or \
-            (scratch / "filtered.jsonl").read_bytes() != source.read_bytes():
+    if not all(same(n) for n in names) or (scratch / "scored.jsonl").is_file() != ("scored.jsonl" in names):
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
-        shutil.copy(source, scratch / "filtered.jsonl")
+        for name in names:  # with their times: a scored.jsonl older than filtered.jsonl is stale, and refused
+            shutil.copy2(source.parent / name, scratch / name)
     settings = LocalSettings(student=student, lora=lora, train=train, local_steps=a.local_steps)
     heldout = [(r["id"], r["messages"]) for r in pick(load_heldout(fed.GENERAL), a.eval_limit, train.seed)]
     results, steps = {}, a.clients * a.rounds * a.local_steps

@@ -24,8 +24,18 @@ from typing import Any
 OPS: dict[str, Callable[[float, float], bool]] = {"<=": operator.le, ">=": operator.ge, "==": operator.eq,
                                                   "<": operator.lt, ">": operator.gt}
 _NAME = r"[a-z][a-z0-9_]*"
-_THRESHOLD = re.compile(rf"^({_NAME})\s*(<=|>=|==|<|>)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)$")
-_TOP = re.compile(rf"^top\s*=\s*([-+]?(?:\d+\.?\d*|\.\d+))\s*:\s*({_NAME})$")
+# what float() reads, the non-finite spellings included, so that they get their own message below
+_NUMBER = r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[iI][nN][fF](?:[iI][nN][iI][tT][yY])?|[nN][aA][nN])"
+_THRESHOLD = re.compile(rf"^({_NAME})\s*(<=|>=|==|<|>)\s*({_NUMBER})$")
+_TOP = re.compile(rf"^top\s*=\s*({_NUMBER})\s*:\s*({_NAME})$")
+
+
+def _finite(part: str, text: str) -> float:
+    """The rule's number; inf, nan and numbers too large for a float (1e999) are refused, however written."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{part!r}: {text} is not a finite number; a keep rule needs one, e.g. ifd<1")
+    return value
 
 
 @dataclass(frozen=True)
@@ -45,17 +55,20 @@ class KeepRule:
 
 
 def parse_keep(spec: str | None, known: Sequence[str] | None = None) -> list[KeepRule]:
-    """'ifd<1,judge>=4,top=0.25:judge' -> rules, in order. ValueError naming the bad part, and, when
-    `known` is given, a rule on a score that no scorer computes."""
+    """'ifd<1,judge>=4,top=0.25:judge' -> rules, in order; None: no rules (keep all). ValueError naming
+    the bad part: an empty rule ("", "," or "ifd<1,"), a number that is not finite, and, when `known`
+    is given, a rule on a score that no scorer computes."""
     rules: list[KeepRule] = []
-    for part in (p.strip() for p in (spec or "").split(",")):
+    if spec is None:
+        return rules
+    for n, part in enumerate((p.strip() for p in spec.split(",")), start=1):
         if not part:
-            continue
+            raise ValueError(f"keep rule {n} of {spec!r} is empty; leave --keep out to keep every record")
         m = _THRESHOLD.match(part)
         if m:
-            rule = KeepRule(part, m.group(1), m.group(2), float(m.group(3)))
+            rule = KeepRule(part, m.group(1), m.group(2), _finite(part, m.group(3)))
         elif (m := _TOP.match(part)) is not None:
-            fraction = float(m.group(1))
+            fraction = _finite(part, m.group(1))
             if not 0 < fraction <= 1:
                 raise ValueError(f"{part!r}: the fraction of top= must be in (0, 1], got {fraction}")
             rule = KeepRule(part, m.group(2), "top", fraction)

@@ -18,7 +18,7 @@ import math
 import re
 import typing
 from dataclasses import asdict, dataclass, fields, is_dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_type_hints
 
 EMBEDDED = "smollm2-135m-instruct"  # the model shipped in a PyPI wheel: default teacher and student
 API_KEY_ENV = "OPENAI_API_KEY"  # where the openai backend looks for the key unless told otherwise
@@ -114,6 +114,16 @@ class StudentSettings:
                f"expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
 
+def _one_of(obj: Any, *names: str) -> None:
+    """Literal fields hold one of their choices also when the section is built in code (the command
+    line and config files already offer only those)."""
+    hints = get_type_hints(type(obj))
+    for name in names:
+        choices = get_args(hints[name])
+        _check(getattr(obj, name) in choices, name,
+               f"use one of {', '.join(map(str, choices))}, got {getattr(obj, name)!r}")
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """The LoRA adapter trained on the student (all linear layers by default, as QLoRA found best).
@@ -189,6 +199,7 @@ class TrainSettings:
         _check(self.max_steps == -1 or self.max_steps >= 1, "max_steps",
                f"must be -1 or at least 1, got {self.max_steps}")
         _fraction(self, "warmup_ratio", high_open=True)
+        _one_of(self, "overlong", "precision", "template")
 
 
 @dataclass(frozen=True)
@@ -448,6 +459,7 @@ class LoopSettings:
         _not_negative(self, "max_failures", "eval_limit", "temperature")
         _fraction(self, "fail_below")
         _fraction(self, "top_p", low_open=True)
+        _one_of(self, "metric", "policy")
 
 
 @dataclass(frozen=True)

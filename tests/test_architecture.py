@@ -1,7 +1,8 @@
 """The layout holds: every module imports, no import cycles, and no import runs up a layer.
 
 Layers, lowest first (docs/architecture.md draws them):
-  0  pipeline.errors, pipeline.typed, pipeline.settings, filters, prompts   no sift imports above these
+  0  pipeline.errors, pipeline.typed, pipeline.settings, pipeline.redact,  no sift imports above these
+     filters, prompts
   1  pipeline.io                                          artifacts, journals, runs, models, progress
   2  pipeline.teachers                                    backends, cache, prompts, parsers
   3  train                                                the student side
@@ -26,7 +27,7 @@ import tomllib
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("pipeline", "filters", "train", "prompts")
 LAYERS: list[tuple[str, ...]] = [
-    ("pipeline.errors", "pipeline.typed", "pipeline.settings", "filters", "prompts", "pipeline"),
+    ("pipeline.errors", "pipeline.typed", "pipeline.settings", "pipeline.redact", "filters", "prompts", "pipeline"),
     ("pipeline.io",),
     ("pipeline.teachers",),
     ("train",),

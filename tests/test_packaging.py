@@ -19,3 +19,6 @@ def test_the_wheel_carries_every_prompt(tmp_path: Path) -> None:
     assert prompts and prompts <= names
     assert "pipeline/cli.py" in names and "filters/rouge.py" in names and "train/lora.py" in names
     assert "train/evalsets/general.jsonl" in names  # the general held-out set train/general_set.py loads
+    viewer = REPO / "pipeline" / "views" / "viewer"
+    pages = {p.relative_to(REPO).as_posix() for d in ("templates", "static") for p in (viewer / d).iterdir()}
+    assert pages and pages <= names  # sift view's templates, script and style

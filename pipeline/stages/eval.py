@@ -239,10 +239,11 @@ def evaluate(
         from transformers import AutoTokenizer
 
         from pipeline.io.models import load_tokenizer, resolve_model
+        from train.lora import trained_base
 
         config_path = student_dir / "train_config.json"
         train_config = read_json(config_path) if config_path.exists() else {}
-        student_base = str(train_config.get("student") or student_base_of(student_dir, eval.base))
+        student_base = str(trained_base(train_config) or student_base_of(student_dir, eval.base))
         base = eval.base or student_base
         student_tok = AutoTokenizer.from_pretrained(str(student_dir))
         if resolve_model(base).path_or_id == resolve_model(student_base).path_or_id:

@@ -3,8 +3,10 @@
     sift federate --run demo --federate.clients 3 --federate.rounds 2 --federate.local-steps 8   # or: make federate
     sift federate --run fed --federate.client-runs hospital-a,hospital-b --federate.rounds 3 --train.lr 1e-4
 
-Clients are either a deterministic split of runs/<run>/filtered.jsonl into federate.clients parts (whole
-groups of federate.split_by, e.g. all instances of one task, go to one client; each part is split into
+Clients are either a deterministic split of the records `sift export` would train on into federate.clients
+parts (runs/<run>/scored.jsonl, the score stage's selection, else filtered.jsonl; less the records
+sharing a 13-gram with the general held-out set, in runs/<run>/federate/clients/export.rejected.jsonl;
+whole groups of federate.split_by, e.g. all instances of one task, go to one client; each part is split into
 train and validation as `sift export` does) written to runs/<run>/federate/clients/client-K/, or
 the run directories named by federate.client_runs, each holding its own train.jsonl and valid.jsonl from
 `sift export`. Flower's simulation engine runs the ClientApp and ServerApp of
@@ -46,11 +48,15 @@ def field_value(obj: dict, field: str) -> Any:
     return value
 
 
-def split_groups(path: Path, clients: int, split_by: str, seed: int) -> list[set[str]]:
+def split_groups(path: Path, clients: int, split_by: str, seed: int, only: set[str] | None = None
+                 ) -> list[set[str]]:
     """The ids of each client: distinct values of `split_by`, ordered by a seeded hash, dealt out in
-    turn, so the split depends on neither file order nor machine and groups stay whole."""
+    turn, so the split depends on neither file order nor machine and groups stay whole. `only`: the
+    ids to split (the others, e.g. contaminated records, are left out)."""
     groups: dict[str, list[str]] = {}
     for line, obj in iter_jsonl(path):
+        if only is not None and str(obj.get("id")) not in only:
+            continue
         value = field_value(obj, split_by)
         if value is None or isinstance(value, dict):
             raise SiftError(f"no value to split by (federate.split_by {split_by})", path=path, line=line,
@@ -66,14 +72,17 @@ def split_groups(path: Path, clients: int, split_by: str, seed: int) -> list[set
     return parts
 
 
-def split_clients(directory: Path, clients: int, split_by: str, valid_fraction: float, seed: int) -> list[dict]:
-    """Write runs/<run>/federate/clients/client-K/{train,valid}.jsonl from filtered.jsonl."""
-    from pipeline.stages.export import read_filtered, split_ids, write_splits
+def split_clients(directory: Path, clients: int, split_by: str, valid_fraction: float, seed: int
+                  ) -> tuple[list[dict], dict]:
+    """Write runs/<run>/federate/clients/client-K/{train,valid}.jsonl from the records `sift export`
+    trains on (`pipeline.stages.export.training_records`: selected, decontaminated), and the ledger of the
+    contaminated ones; returns the clients and {"source", "contaminated"}."""
+    from pipeline.stages.export import split_ids, training_records, write_splits
 
-    source = directory / "filtered.jsonl"
-    records = read_filtered(source)
+    source, _, records, rejected = training_records(directory)
+    write_jsonl(directory / ADAPTERS / "clients" / "export.rejected.jsonl", rejected)
     out = []
-    for k, ids in enumerate(split_groups(source, clients, split_by, seed)):
+    for k, ids in enumerate(split_groups(source, clients, split_by, seed, only={r["id"] for r in records})):
         folder = directory / ADAPTERS / "clients" / f"client-{k}"
         mine = [r for r in records if r["id"] in ids]
         valid_ids = split_ids([r["id"] for r in mine], valid_fraction, seed)  # as `sift export`, per client
@@ -82,7 +91,7 @@ def split_clients(directory: Path, clients: int, split_by: str, valid_fraction: 
             raise SiftError(f"client {k} has no training record; use fewer clients", path=source)
         write_splits(folder, train, [r for r in mine if r["id"] in valid_ids])
         out.append(client_entry(f"client-{k}", folder))
-    return out
+    return out, {"source": source.name, "contaminated": len(rejected)}
 
 
 def client_entry(name: str, folder: Path) -> dict:
@@ -229,6 +238,7 @@ def federate(*, run: str = "demo", student: StudentSettings = StudentSettings(),
     clients, rounds, client_runs, engine = federate.clients, federate.rounds, federate.client_runs, federate.engine
     directory = run_dir(run)
     with locked(directory):
+        data: dict = {}  # split mode: where the records came from, how many were contaminated
         if client_runs:
             names = [n.strip() for n in client_runs.split(",") if n.strip()]
             members = [client_entry(n, run_dir(n)) for n in names]
@@ -236,7 +246,11 @@ def federate(*, run: str = "demo", student: StudentSettings = StudentSettings(),
             # the parties' data is on their own machines: the server knows only how many there are
             members = [{"name": f"client-{k}", "dir": None} for k in range(clients)]
         else:
-            members = split_clients(directory, clients, federate.split_by, valid_fraction, seed)
+            members, data = split_clients(directory, clients, federate.split_by, valid_fraction, seed)
+            if data["contaminated"]:
+                print(f"federate: left out {data['contaminated']} records of {data['source']} that overlap the "
+                      f"general eval set (reason contaminated): {directory / ADAPTERS / 'clients'}/"
+                      "export.rejected.jsonl")
         if federate.eval_file:
             heldout, kind = Path(federate.eval_file), "given"
         elif GENERAL.is_file():
@@ -246,7 +260,7 @@ def federate(*, run: str = "demo", student: StudentSettings = StudentSettings(),
         settings = {"local": local.to_config(), "aggregation": federate.aggregation, "split_by": None if client_runs
                     else federate.split_by, "valid_fraction": valid_fraction, "heldout": str(heldout.resolve()),
                     "heldout_kind": kind, "eval_limit": federate.eval_limit, "round_timeout": federate.round_timeout,
-                    }
+                    **({"data": data} if data else {})}
         state = check_settings(directory, settings, members)
         state["target_rounds"] = max(rounds, len(state["rounds"]))
         write_state(directory, state)

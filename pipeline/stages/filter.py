@@ -132,6 +132,18 @@ def run_filter(records: list[dict], rules: list[str], *, settings: FilterSetting
     return kept, rejected, funnel(rules, reasons), stats
 
 
+def check_seeds(seeds: str | None) -> Path | None:
+    """The --seeds file, which must exist as a file: a typo is an error, never a dedup without the pool."""
+    if not seeds:
+        return None
+    path = Path(seeds)
+    if not path.exists():
+        raise SiftError("no such file", path=path, field="seeds")
+    if not path.is_file():
+        raise SiftError("is not a regular file; --seeds takes a seed or data file", path=path, field="seeds")
+    return path
+
+
 def check_prefilter(prefilter: str | None) -> None:
     """A known filter.prefilter whose library is installed, checked before any file is read."""
     if prefilter not in PREFILTERS:
@@ -169,22 +181,27 @@ def filter_records(input: str | None = None, /, *, output: str | None = None, ru
     except ValueError as e:
         raise SiftError(str(e), field="filter.rules") from None
     check_prefilter(filter.prefilter)
+    given_seeds = check_seeds(seeds)
     if input is None:
         directory = run_dir(run)
         source = directory / "instances.jsonl"
         if not source.exists():
             raise SiftError("not found; run `sift instances` (or `make instances`) first", path=source)
-        seed_path = Path(seeds) if seeds else directory / "seeds.jsonl"
+        # the run's own seeds when present (a run started from data has none); a given file must exist
+        seed_path = given_seeds or directory / "seeds.jsonl"
+        if not seed_path.exists():
+            seed_path = None
         targets = (directory / "filtered.jsonl", directory / "filtered.rejected.jsonl", directory / "funnel.json")
         with locked(directory):
             stats = _filter_files(source, targets, rule_names, settings=filter,
-                                  seeds=seed_path if seed_path.exists() else None,
+                                  seeds=seed_path,
                                   decontaminate=Path(decontaminate) if decontaminate else None)
             stats["wall_seconds"] = round(time.time() - started, 2)
             doc = stage_stats("filter", "examples", read=stats["input"], kept=stats["kept"],
                               rejected_by_reason=stats["by_reason"], extras=stats)
             write_json(directory / "filter.stats.json", doc)
-            settings = to_dict(run=run, seeds=str(seed_path), decontaminate=decontaminate, filter=filter)
+            settings = to_dict(run=run, seeds=str(seed_path) if seed_path else None, decontaminate=decontaminate,
+                               filter=filter)
             record_stage(directory, "filter", {**settings, "rules": rule_names}, stats=doc)
     else:
         if output is None:
@@ -193,7 +210,7 @@ def filter_records(input: str | None = None, /, *, output: str | None = None, ru
         stem = out.with_suffix("")
         targets = (out, Path(f"{stem}.rejected.jsonl"), Path(f"{stem}.funnel.json"))
         stats = _filter_files(Path(input), targets, rule_names, settings=filter,
-                              seeds=Path(seeds) if seeds else None,
+                              seeds=given_seeds,
                               decontaminate=Path(decontaminate) if decontaminate else None)
         stats["wall_seconds"] = round(time.time() - started, 2)
     reasons = ", ".join(f"{r} {c}" for r, c in sorted(stats["by_reason"].items(), key=lambda x: -x[1])) or "none"

@@ -7,12 +7,19 @@ dropped candidate with its reason and raw text) and generate.stats.json (the cou
 candidates = accepted + rejected). The loop runs in rounds of `generate.batch_size` requests; a round's
 prompts depend only on (seed, round index, pool), and each finished round is one entry of
 generate.journal. A killed run, rerun with the same command, replays the journal and goes on:
-same records, none lost or repeated. Raising --generate.n later extends the same run.
+same records, none lost or repeated. Raising generate.n later extends the same run.
+
+A request the teacher failed (an error past the backend's retries) does not count against the
+request budget. A round in which every request failed means the teacher is down: it is not
+journaled, the loop stops, the artifacts hold what was accepted so far, and the command exits
+TEACHER_FAILED (3), so make stops; the same command, once the teacher is back, asks that round
+again and goes on as if nothing had happened.
 """
 
 from __future__ import annotations
 
 import random
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +38,7 @@ from pipeline.teachers.prompts import PromptTemplate, load
 from pipeline.teachers.tally import add_usage, per_teacher
 
 JOURNAL = "generate.journal"
+TEACHER_FAILED = 3  # exit status: the target was not reached because the teacher failed (docs/faults.md)
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,7 @@ class BootstrapPlan:
 
     @property
     def request_budget(self) -> int:
+        """Requests the teacher may answer; failed ones are not counted."""
         return self.max_requests if self.max_requests is not None else 10 * self.n + 100
 
 
@@ -66,6 +75,11 @@ def plan(generate: GenerateSettings, filter: FilterSettings) -> BootstrapPlan:
     return BootstrapPlan(recipe=generate.recipe, n=generate.n, max_requests=generate.max_requests,
                          batch_size=generate.batch_size, seed=generate.seed, sampling=sampling,
                          prompt=generate.prompt, rules=filter.rules, threshold=filter.threshold)
+
+
+def teacher_errors(entry: dict) -> int:
+    """The requests of a journaled round that the teacher failed (one teacher_error row each)."""
+    return sum(r.get("reason") == "teacher_error" for r in entry["rejected"])
 
 
 def load_seeds(path: Path) -> list[dict]:
@@ -125,28 +139,34 @@ def run_bootstrap(*, seeds: list[dict], teacher: Teacher, settings: BootstrapPla
     rejected: list[dict] = []
     totals = {"requests": 0, "tokens_in": 0, "tokens_out": 0, "cache_hits": 0, "seconds": 0.0,
               "truncated_responses": 0}
+    errors = 0  # failed requests, outside the budget
     for entry in rounds:  # replay: rebuild the pool exactly as it stood after each round
         for rec in entry["accepted"]:
             index.add(rec["id"], rec["instruction"])
         accepted += entry["accepted"]
         rejected += entry["rejected"]
+        errors += teacher_errors(entry)
         for k in totals:
             totals[k] += entry.get(k, 0)
     base = {"recipe": recipe.NAME, "stage": "generate", "prompt": template.provenance(),
             "teacher": {"name": teacher.name, "identity": identity, "backend": getattr(teacher, "backend", None)},
             "sampling": sampling.to_dict(), "run_seed": settings.seed}
     hits_before = getattr(teacher, "hits", 0)
+    failure = None  # the teacher's error when a whole round failed
     with StageProgress("generate", settings.n, unit="instr", initial=len(accepted)) as bar:
-        while len(accepted) < settings.n and totals["requests"] < settings.request_budget:
+        while len(accepted) < settings.n and totals["requests"] - errors < settings.request_budget:
             round_index = len(rounds)
-            count = min(settings.batch_size, settings.request_budget - totals["requests"])
+            count = min(settings.batch_size, settings.request_budget - (totals["requests"] - errors))
             t0 = time.monotonic()
             planned = round_requests(recipe, template, sampling, settings, seeds, accepted, round_index,
                                      totals["requests"], count)
             completions = teacher.generate([p[0] for p in planned])
-            if not accepted and completions and all(c.finish_reason == "error" for c in completions):
-                # a wrong key, URL or model name: stop before journaling so the rerun asks again
-                raise SiftError(f"every request to the teacher failed; the first: {completions[0].error}")
+            if completions and all(c.finish_reason == "error" for c in completions):
+                # stop before journaling, so the rerun asks this very round again
+                if not accepted:  # nothing to keep: most likely a wrong key, URL or model name
+                    raise SiftError(f"every request to the teacher failed; the first: {completions[0].error}")
+                failure = completions[0].error or "every request failed"
+                break
             hits_now = getattr(teacher, "hits", 0)
             new_acc, new_rej = decide_round(recipe, planned, completions, index, check, base,
                                             known_ids={r["id"] for r in accepted})
@@ -163,6 +183,7 @@ def run_bootstrap(*, seeds: list[dict], teacher: Teacher, settings: BootstrapPla
             rounds.append(entry)
             accepted += new_acc
             rejected += new_rej
+            errors += teacher_errors(entry)
             for k in totals:
                 totals[k] += entry[k]
             bar.update(done=len(new_acc), requests=len(planned), tokens_out=entry["tokens_out"],
@@ -179,6 +200,7 @@ def run_bootstrap(*, seeds: list[dict], teacher: Teacher, settings: BootstrapPla
              "candidates": len(accepted) + len(rejected), "accepted": len(accepted),
              "rejected": len(rejected), "rejected_by_reason": dict(sorted(by_reason.items())),
              "target": settings.n, "reached_target": len(accepted) >= settings.n,
+             "teacher_errors": errors, "teacher_failed": failure,
              "teacher_seconds": round(totals["seconds"], 3),
              "wall_time_s": round(time.monotonic() - started, 3)}
     if hasattr(teacher, "last_usage"):
@@ -191,11 +213,13 @@ def run_bootstrap(*, seeds: list[dict], teacher: Teacher, settings: BootstrapPla
 
 
 def generate(*, run: str = "demo", teacher: TeacherSettings = TeacherSettings(),
-             generate: GenerateSettings = GenerateSettings(), filter: FilterSettings = FilterSettings()) -> None:
+             generate: GenerateSettings = GenerateSettings(), filter: FilterSettings = FilterSettings()) -> int | None:
     """Generate instructions from the run's seeds with a teacher (Self-Instruct or Alpaca recipe).
 
     Resumable: rerunning the same command after a crash continues from generate.journal, and
-    raising generate.n extends a finished run. Teacher calls are cached in the run's cache/.
+    raising generate.n extends a finished run. Teacher calls are cached in the run's cache/. Exit status 3:
+    the teacher failed every request of a round before generate.n were accepted (an outage); what was
+    accepted is written, and the same command goes on once the teacher is back.
 
     Args:
         run: run name; artifacts live in runs/<run>/ (or $SIFT_RUNS_DIR/<run>/).
@@ -217,6 +241,12 @@ def generate(*, run: str = "demo", teacher: TeacherSettings = TeacherSettings(),
         stats = generate_in(directory, cached, settings, seeds=seeds, options=options)
     print_summary("generate", stats)
     print(f"wrote {directory / 'instructions.jsonl'} ({stats['accepted']} records)")
+    if stats["teacher_failed"] and not stats["reached_target"]:
+        print(f"sift: generate: the teacher failed every request of a round ({stats['teacher_failed']}); "
+              f"{stats['accepted']} of {stats['target']} instructions accepted. Run the same command again "
+              "once the teacher is back: it asks that round again and goes on", file=sys.stderr)
+        return TEACHER_FAILED
+    return None
 
 
 def generate_in(directory: Path, teacher: Teacher, settings: BootstrapPlan, *, seeds: list[dict] | None = None,

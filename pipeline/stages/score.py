@@ -12,7 +12,8 @@ model, settings, record) in an append-only journal (runs/<run>/cache/scores.json
 `.cache.jsonl` stand-alone), written after each batch: a killed run resumes where it stopped, and a
 rerun with other `score.keep` rules recomputes nothing. The ifd and reward models run on
 `student.device` (auto: CUDA when torch sees a GPU); the judge is the `teacher:` section, built as
-every stage builds its teacher (options, key variable, vLLM, pools).
+every stage builds its teacher (options, key variable, vLLM, pools). A score that failed (the judge's server answered
+with an error) is never cached: that run drops the record as `no_judge`, and the next run asks again.
 """
 
 from __future__ import annotations
@@ -200,11 +201,19 @@ def load_reward_model(folder: str | None, *, device: str) -> tuple[Any, Any]:
 # ---------------------------------------------------------------- the cached loop
 
 
+def failed(result: object) -> bool:
+    """A result the scorer could not compute because its backend failed (a judge's teacher error):
+    it says nothing about the record, so it is never cached and the next run asks again."""
+    return isinstance(result, dict) and bool(result.get("error"))
+
+
 def score_all(records: list[dict], names: list[str], scorers: Scorers, cache_path: Path) -> dict[str, int]:
-    """Put `scores` and `score_details` on every record, computing only what the cache lacks."""
+    """Put `scores` and `score_details` on every record, computing only what the cache lacks.
+    Failed results (see `failed`) count under "errors" and are kept out of the cache, so a rerun
+    retries them; a cache written before that rule has its failed entries ignored."""
     journal = Journal(cache_path)
-    cache = {e["key"]: e["result"] for e in journal.read() if isinstance(e.get("key"), str)}
-    counts = {"computed": 0, "cached": 0}
+    cache = {e["key"]: e["result"] for e in journal.read() if isinstance(e.get("key"), str) and not failed(e["result"])}
+    counts = {"computed": 0, "cached": 0, "errors": 0}
     for rec in records:
         rec["scores"], rec["score_details"] = {}, {}
     for name in names:
@@ -220,9 +229,10 @@ def score_all(records: list[dict], names: list[str], scorers: Scorers, cache_pat
                     chunk = todo[lo:lo + CHUNK]
                     results = fn([records[i] for i in chunk])
                     entries = [{"key": keys[i], "result": r} for i, r in zip(chunk, results, strict=True)]
-                    journal.append(entries)
-                    cache.update((e["key"], e["result"]) for e in entries)
-                    counts["computed"] += len(chunk)
+                    journal.append([e for e in entries if not failed(e["result"])])
+                    cache.update((e["key"], e["result"]) for e in entries)  # this run still uses them
+                    counts["errors"] += sum(failed(e["result"]) for e in entries)
+                    counts["computed"] += len(chunk) - sum(failed(e["result"]) for e in entries)
         for rec, key in zip(records, keys, strict=True):
             result = cache[key]
             for field in SCORE_FIELDS[name]:
@@ -341,3 +351,6 @@ def score(input: str | None = None, /, *, output: str | None = None, run: str = 
     reasons = ", ".join(f"{r} {c}" for r, c in sorted(stats["by_reason"].items(), key=lambda x: -x[1])) or "none"
     print(f"score: {stats['input']} in, {stats['kept']} kept, {stats['rejected']} rejected ({reasons}); "
           f"{stats['computed']} scores computed, {stats['cached']} cached, in {stats['wall_seconds']:.1f}s -> {target}")
+    if stats["errors"]:
+        print(f"score: {stats['errors']} scores failed (the judge's server answered with errors); they are not "
+              "cached: run the same command again to retry them")

@@ -9,10 +9,12 @@ settings (`--teacher.model`, `--teacher.backend`, `--teacher.base_url`, `--teach
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SiftError
+from pipeline.settings import API_KEY_ENV
 from pipeline.teachers.base import Teacher
 from pipeline.teachers.cache import CachedTeacher
 from pipeline.typed import converter, unwrap_optional
@@ -72,16 +74,19 @@ def check_teacher_options(raw: dict[str, Any], backend: str, *, field: str = OPT
         hint = settable[key]
         given: Any = None if isinstance(value, str) and value.lower() == "none" and unwrap_optional(hint)[1] \
             else value
+        kind = KINDS.get(unwrap_optional(hint)[0], "a string")
         try:
-            options[key] = converter(hint, key)(given)
-        except (ValueError, TypeError):
-            kind = KINDS.get(unwrap_optional(hint)[0], "a string")
+            converted = converter(hint, key)(given)
+        except (ValueError, TypeError, OverflowError):  # OverflowError: int(inf) from a YAML .inf
             raise SiftError(f"{key}: expected {kind}, got {value!r}", field=field, path=path, line=line) from None
+        if isinstance(converted, float) and not math.isfinite(converted):  # nan, inf, 1e999: no setting means them
+            raise SiftError(f"{key}: expected a finite number, got {value!r}", field=field, path=path, line=line)
+        options[key] = converted
     return options
 
 
 def make_backend(*, teacher: str, backend: str, batch_size: int, base_url: str | None = None,
-                 api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None,
+                 api_key_env: str = API_KEY_ENV, teacher_options: str | None = None,
                  checked_options: dict[str, Any] | None = None) -> Teacher:
     """The uncached teacher (loads the model for in-process backends); `teacher_options` are the
     backend's own settings as key=value pairs (see `parse_teacher_options`), `checked_options` the
@@ -109,7 +114,7 @@ def make_backend(*, teacher: str, backend: str, batch_size: int, base_url: str |
 
 
 def open_teacher(directory: Path, *, teacher: str, backend: str, batch_size: int,
-                 base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+                 base_url: str | None = None, api_key_env: str = API_KEY_ENV,
                  teacher_options: str | None = None) -> CachedTeacher:
     inner = make_backend(teacher=teacher, backend=backend, batch_size=batch_size, base_url=base_url,
                          api_key_env=api_key_env, teacher_options=teacher_options)

@@ -2,7 +2,8 @@
 
 Each returns `Parsed(items, problems)`: what could be read, and one `Problem` (a snake_case
 reason plus the raw text that failed) per piece that could not, so the stage can put every
-failure in its rejected ledger with the raw response. Formats (ANCHORS.md):
+failure in its rejected ledger with the raw response. Formats (of the Self-Instruct and Stanford
+Alpaca reference code):
 
 - Self-Instruct bootstrap: the continuation of a numbered list, "<text>\n10. <text>\n11. ...";
 - classification check: "Yes" / "No";

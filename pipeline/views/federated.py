@@ -3,7 +3,7 @@ validation split, and a table of rounds with the clients that trained and those 
 
     sift report --run demo            # the section appears once runs/demo/federate.json exists
 
-Reads federate.json only (STYLE.md rule 4).
+Reads federate.json only: the stage writes its figures, views only show them.
 """
 
 from __future__ import annotations

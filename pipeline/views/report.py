@@ -2,8 +2,9 @@
 
     sift report --run demo            # or: make report; writes runs/demo/report.html
 
-Only reads the run's artifacts (STYLE.md rule 4) and embeds every figure as a PNG data URI, so
-the page opens offline and can be mailed as one file. A section whose stage has not run says so.
+Only reads the run's artifacts (each stage writes its own counts; report never recomputes them) and
+embeds every figure as a PNG data URI, so the page opens offline and can be mailed as one file. A
+section whose stage has not run says so.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import check_output_suffix, iter_jsonl, read_json, read_records, write_text
-from pipeline.io.runs import MANIFEST, locked, record_stage, run_dir
+from pipeline.io.runs import MANIFEST, locked, record_stage, run_dir, scrub
 from pipeline.views import plots
 from pipeline.views.federated import federate_section
 from pipeline.views.refined import refine_section
@@ -432,7 +433,7 @@ def manifest_section(d: Path) -> str:
     path = d / MANIFEST
     if not path.is_file():
         return _missing("No manifest.json yet.")
-    m = read_json(path)
+    m = scrub(read_json(path))  # a manifest written before URLs were scrubbed shows none either
     out = []
     stages = m.get("stages") or {}
     if stages:
@@ -498,7 +499,7 @@ def teachers_section(d: Path) -> str:
                            "seconds", "errors"], rows, {1, 2, 3, 5, 6, 7, 8}))
         down = doc.get("teachers_down") or {}
         out += [f"<p>teacher <code>{_e(n)}</code> failed every request it was sent; its share went to the "
-                f"others: {_e(why)}</p>" for n, why in down.items()]
+                f"others: {_e(scrub(why))}</p>" for n, why in down.items()]
     loop = d / "loop.json"
     loop_doc = read_json(loop) if loop.is_file() else None
     rounds = [r for r in (loop_doc.get("rounds") or []) if isinstance(r, dict) and r.get("teachers")] \

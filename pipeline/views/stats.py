@@ -6,7 +6,7 @@
     contamination(records, eval_texts)     # shared 13-grams with an evaluation file
 
 ROUGE-L here is rouge_score's (lower-case, tokens of [a-z0-9], F1 with beta 1) computed as
-2·LCS/(|a|+|b|) with rapidfuzz's bit-parallel Indel similarity, as DESIGN.md describes; these
+2·LCS/(|a|+|b|) with rapidfuzz's bit-parallel Indel similarity (filters/rouge.py explains why that is exact); these
 numbers describe data, they decide nothing, so float ties at a threshold do not matter here.
 """
 

@@ -19,7 +19,7 @@ DATA = recs({"ifd": 0.5, "judge": 4.5}, {"ifd": 1.2, "judge": 5.0}, {"ifd": 0.9,
 
 
 @pytest.mark.parametrize(("spec", "reasons"), [
-    ("", [None] * 6),
+    (None, [None] * 6),
     ("ifd<1", [None, "ifd_at_least_1", None, "no_ifd", None, None]),
     ("ifd<=0.9", [None, "low_ifd", None, "no_ifd", None, None]),
     ("judge>=4", [None, None, "low_judge", "low_judge", None, "low_judge"]),
@@ -37,7 +37,7 @@ DATA = recs({"ifd": 0.5, "judge": 4.5}, {"ifd": 1.2, "judge": 5.0}, {"ifd": 0.9,
     ("ifd<1,top=0.5:judge", [None, "ifd_at_least_1", "low_judge", "no_ifd", None, "low_judge"]),
     ("top=1:judge", [None] * 6),
 ])
-def test_rules_in_order(spec: str, reasons: list[str | None]) -> None:
+def test_rules_in_order(spec: str | None, reasons: list[str | None]) -> None:
     got, rows = select(DATA, parse_keep(spec))
     assert got == reasons
     assert len(rows) == len(parse_keep(spec))
@@ -64,6 +64,8 @@ def test_the_funnel_names_each_rule() -> None:
     ("reward>-0.5", KeepRule("reward>-0.5", "reward", ">", -0.5)),
     ("top=0.25:judge", KeepRule("top=0.25:judge", "judge", "top", 0.25)),
     ("length>=1e1", KeepRule("length>=1e1", "length", ">=", 10.0)),
+    ("length>=1E1", KeepRule("length>=1E1", "length", ">=", 10.0)),
+    ("top=1e-1:judge", KeepRule("top=1e-1:judge", "judge", "top", 0.1)),
 ])
 def test_parse(spec: str, rule: KeepRule) -> None:
     assert parse_keep(spec) == [rule]
@@ -77,11 +79,27 @@ def test_parse(spec: str, rule: KeepRule) -> None:
     ("top=1.5:judge", "fraction of top= must be in (0, 1]"),
     ("top=0.25", "cannot read keep rule"),
     ("judge>=4", "no scorer computes 'judge'"),
-    ("ifd<1,,bogus", "cannot read keep rule 'bogus'"),
+    ("ifd<1,bogus", "cannot read keep rule 'bogus'"),
+    ("ifd<1,,bogus", "keep rule 2 of 'ifd<1,,bogus' is empty"),
+    ("", "keep rule 1 of '' is empty"),
+    (",", "keep rule 1 of ',' is empty"),
+    (" ", "keep rule 1 of ' ' is empty"),
+    ("ifd<1,", "keep rule 2 of 'ifd<1,' is empty"),
+    ("ifd<1e999", "1e999 is not a finite number"),
+    ("ifd<-1E400", "-1E400 is not a finite number"),
+    ("ifd<inf", "inf is not a finite number"),
+    ("length>=-Infinity", "-Infinity is not a finite number"),
+    ("ifd<nan", "nan is not a finite number"),
+    ("top=NaN:length", "NaN is not a finite number"),
+    ("top=inf:length", "inf is not a finite number"),
 ])
 def test_bad_rules(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         parse_keep(spec, known=["ifd", "length"])
+
+
+def test_no_spec_keeps_everything() -> None:
+    assert parse_keep(None) == []
 
 
 def test_reasons() -> None:

@@ -72,7 +72,8 @@ def test_changed_settings_are_refused_before_any_training(runs: Path, tmp_path: 
     filtered(runs / "r" / "filtered.jsonl")
     heldout = tmp_path / "heldout.jsonl"
     filtered(heldout, n=3)
-    members = fed.split_clients(runs / "r", 3, "task_id", 0.2, 0)
+    members, data = fed.split_clients(runs / "r", 3, "task_id", 0.2, 0)
+    assert data == {"source": "filtered.jsonl", "contaminated": 0}
     assert [c["name"] for c in members] == ["client-0", "client-1", "client-2"]
     assert all(c["valid"] >= 1 and c["train"] >= 1 for c in members)
     settings = {"local": {"local_steps": 4}, "aggregation": "fedavg"}
@@ -84,6 +85,33 @@ def test_changed_settings_are_refused_before_any_training(runs: Path, tmp_path: 
         fed.check_settings(runs / "r", {"local": {"local_steps": 8}, "aggregation": "exact"}, members)
     with pytest.raises(SiftError, match="changed: clients"):
         fed.check_settings(runs / "r", settings, members[:2])
+
+
+def test_the_split_trains_on_what_export_would_selected_and_decontaminated(runs: Path, capsys) -> None:
+    """A record that copies an answer of the general held-out set (which the server evaluates on by
+    default) goes to no client, and with a scored.jsonl only the score stage's selection is split."""
+    from train.general_set import load_general
+
+    d = runs / "r"
+    recs = filtered(d / "filtered.jsonl")
+    task = next(t for t in load_general() if len(t["output"].split()) >= 13)
+    leak = {**recs[0], "id": "leak", "output": task["output"]}
+    (d / "filtered.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [leak, *recs]), encoding="utf-8")
+    members, data = fed.split_clients(d, 3, "task_id", 0.2, 0)
+    assert data == {"source": "filtered.jsonl", "contaminated": 1}
+    split = [json.loads(x)["id"] for c in members for name in ("train.jsonl", "valid.jsonl")
+             for x in (Path(c["dir"]) / name).read_text().splitlines()]
+    assert sorted(split) == sorted(r["id"] for r in recs)  # everything but the leak, once
+    ledger = [json.loads(x) for x in (d / "federate" / "clients" / "export.rejected.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["reason"], r["eval_ids"]) for r in ledger] == [("leak", "contaminated", [task["id"]])]
+
+    scored = [r for r in [leak, *recs] if r["id"] in {"leak", "ex1", "ex2", "ex3", "ex4", "ex5", "ex6", "ex7"}]
+    (d / "scored.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scored), encoding="utf-8")
+    members, data = fed.split_clients(d, 3, "task_id", 0.2, 0)
+    assert data == {"source": "scored.jsonl", "contaminated": 1}
+    split = [json.loads(x)["id"] for c in members for name in ("train.jsonl", "valid.jsonl")
+             for x in (Path(c["dir"]) / name).read_text().splitlines()]
+    assert sorted(split) == [f"ex{i}" for i in range(1, 8)]
 
 
 def _client_run(runs: Path, name: str, pairs: list[tuple[str, str]]) -> list[str]:

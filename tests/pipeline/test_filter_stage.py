@@ -134,3 +134,19 @@ def test_stage_reads_instances_and_writes_the_run_artifacts(in_tmp: Path) -> Non
     assert reasons == ["conflicting_outputs", "conflicting_outputs", "duplicate_instance", "rouge_duplicate"]
     assert read_json(run / "funnel.json")["kept"] == 2
     assert "filter" in read_json(run / "manifest.json")["stages"]
+
+
+@pytest.mark.parametrize("mode", ["stage", "stand-alone"])
+def test_a_missing_seeds_file_is_an_error_in_both_modes(in_tmp: Path, capsys, mode: str) -> None:
+    """`--seeds typo.jsonl` used to dedup the stage without the seed pool and record the typo in the
+    manifest as if it had been used; now it is one error naming the file, before anything is written."""
+    run = in_tmp / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "instances.jsonl").write_text(json.dumps({"id": "t1", "instruction": "Name three rivers in Africa.",
+                                                     "instances": [{"input": "", "output": "Nile"}]}) + "\n")
+    args = ["filter", "--run", "r"] if mode == "stage" else ["filter", str(run / "instances.jsonl"), "-o", "k.jsonl"]
+    assert main([*args, "--seeds", "typo.jsonl"]) == 2
+    assert "typo.jsonl: field 'seeds': no such file" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["instances.jsonl"] and not list(in_tmp.glob("k*"))
+    assert main([*args, "--seeds", str(in_tmp)]) == 2  # a folder is no seed file either
+    assert "field 'seeds': is not a regular file" in capsys.readouterr().err

@@ -171,8 +171,11 @@ def test_each_accepted_instruction_is_new_against_everything_before_it(tmp_path:
 
 def test_the_request_budget_stops_the_loop(tmp_path: Path) -> None:
     d = make_run(tmp_path)
-    stats = run_generate(d, n=1000, max_requests=10)
-    assert stats["requests"] == 10 and stats["reached_target"] is False
+    stats = run_generate(d, n=1000, max_requests=30)
+    # the budget counts answered requests: the teacher's failures come on top
+    assert stats["teacher_errors"] > 0 and stats["requests"] == 30 + stats["teacher_errors"]
+    assert stats["rejected_by_reason"]["teacher_error"] == stats["teacher_errors"]
+    assert stats["reached_target"] is False and stats["teacher_failed"] is None
     assert stats["accepted"] == len(read_jsonl(d / "instructions.jsonl"))
 
 
@@ -341,3 +344,48 @@ def test_command_errors_come_before_the_model_loads(tmp_path: Path, monkeypatch:
         generate(run="ok", generate=GenerateSettings(prompt=str(bad)))
     with pytest.raises(SiftError, match="unknown rule|valid"):
         generate(run="ok", filter=FilterSettings(rules="no_such_rule"))
+
+
+def test_a_teacher_outage_mid_run_exits_3_and_the_rerun_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """A loopback teacher that answers two rounds, then fails every request (an outage): the
+    command keeps what it accepted, says so, exits 3; the same command once the server is back asks
+    the failed round again and ends with the artifacts of a run that never saw the outage."""
+    from pipeline.cli import main
+    from tests.pipeline.kill_harness import scripted_reply
+    from tests.pipeline.openai_server import FakeOpenAI
+
+    monkeypatch.setenv("SIFT_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("SIFT_PROGRESS", "0")
+    outage = {"after": None}  # fail every request once the server has seen this many
+
+    def faults(key: str, attempt: int) -> str | None:
+        return "500" if outage["after"] is not None and len(server.bodies) > outage["after"] else None
+
+    with FakeOpenAI(faults, reply=scripted_reply) as server:
+        def generate(run: str) -> int:
+            return main(["generate", "--run", run, "--teacher.backend", "openai", "--teacher.base_url", server.url,
+                         "--teacher.model", "m", "--generate.n", "20", "--generate.batch_size", "4",
+                         "--generate.max_requests", "24", "--teacher.options", "max_retries=0"])
+
+        for run in ("ref", "r"):
+            assert main(["seeds", str(REPO / "seeds" / "default.jsonl"), "--run", run]) == 0
+        assert generate("ref") == 0
+        outage["after"] = len(server.bodies) + 8
+        capsys.readouterr()
+        assert generate("r") == 3
+        err = capsys.readouterr().err
+        d = tmp_path / "runs" / "r"
+        stats = read_json(d / "generate.stats.json")
+        assert "the teacher failed every request of a round" in err and "Run the same command again" in err
+        assert stats["reached_target"] is False and "500" in stats["teacher_failed"]
+        assert stats["requests"] == 8 and stats["teacher_errors"] == 0  # the failed round was not journaled
+        kept = read_jsonl(d / "instructions.jsonl")
+        assert 0 < len(kept) == stats["kept"] < 20
+        assert generate("r") == 3  # still down: nothing changes, nothing is used up
+        assert read_json(d / "generate.stats.json")["requests"] == 8
+        outage["after"] = None
+        assert generate("r") == 0
+    ref = tmp_path / "runs" / "ref"
+    assert artifacts(d) == artifacts(ref)
+    assert read_json(d / "generate.stats.json")["requests"] == read_json(ref / "generate.stats.json")["requests"]

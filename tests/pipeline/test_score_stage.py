@@ -83,6 +83,10 @@ def test_a_rerun_reads_every_score_from_the_cache(tmp_path: Path, tiny: Path, ca
     ("ifd=<1", "cannot read keep rule"),
     ("judge>=4", "no scorer computes 'judge'"),
     ("top=2:ifd", "fraction of top="),
+    ("", "is empty; leave --keep out"),
+    (",", "is empty; leave --keep out"),
+    ("ifd<1e999", "1e999 is not a finite number"),
+    ("ifd<inf", "inf is not a finite number"),
 ])
 def test_bad_keep_fails_before_anything_loads(tmp_path: Path, keep: str, message: str) -> None:
     src = tmp_path / "data.jsonl"
@@ -213,7 +217,7 @@ def test_output_is_written_as_its_extension_says(tmp_path: Path) -> None:
     write_jsonl(src, dataset(6))
     for ext in (".json", ".jsonl"):
         score(str(src), output=str(tmp_path / f"s{ext}"), score=ScoreSettings(scorers="length"))
-        filter_records(str(src), output=str(tmp_path / f"f{ext}"), rules="rouge")
+        filter_records(str(src), output=str(tmp_path / f"f{ext}"), filter=FilterSettings(rules="rouge"))
     for name in ("s", "f"):
         assert (tmp_path / f"{name}.json").read_text().startswith("[")
         as_list = [r["instruction"] for _, r in read_records(tmp_path / f"{name}.json")]
@@ -231,3 +235,35 @@ def test_output_is_written_as_its_extension_says(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
         "data.jsonl", *(f"{s}{ext}" for s in ("s", "f") for ext in (".json", ".rejected.jsonl", ".funnel.json")),
         "s.cache.jsonl", "s.jsonl", "f.jsonl"])
+
+
+def test_judge_errors_are_not_cached_and_a_rerun_retries_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys) -> None:
+    """A judge server that fails, then recovers: the first run drops the records as no_judge, the
+    next one asks again (nothing from the failed run is in the cache) and keeps them."""
+    from tests.pipeline.openai_server import FakeOpenAI
+
+    monkeypatch.setenv("SIFT_RUNS_DIR", str(tmp_path / "runs"))
+    d = tmp_path / "runs" / "r"
+    d.mkdir(parents=True)
+    write_jsonl(d / "filtered.jsonl", [{"id": f"ex_{i}", **r} for i, r in enumerate(dataset(5))])
+    down = {"now": True}
+    with FakeOpenAI(faults=lambda key, attempt: "500" if down["now"] else None,
+                    reply=lambda body: ("4", "stop")) as server:
+        args = {"run": "r", "score": ScoreSettings(scorers="judge", keep="judge>=3"),
+                "teacher": TeacherSettings(model="fake", backend="openai", base_url=server.url,
+                                           options="max_retries=0")}
+        score(**args)
+        assert read_jsonl(d / "scored.jsonl", allow_empty=True) == []
+        assert read_json(d / "score.stats.json")["rejected_by_reason"] == {"no_judge": 5}
+        assert "5 scores failed" in capsys.readouterr().out
+        down["now"] = False
+        score(**args)
+        assert "5 scores computed, 0 cached" in capsys.readouterr().out
+        asked = sum(server.successes.values())
+        score(**args)  # now every rating is in the cache
+        assert "0 scores computed, 5 cached" in capsys.readouterr().out
+        assert sum(server.successes.values()) == asked
+    kept = read_jsonl(d / "scored.jsonl")
+    assert [r["scores"]["judge"] for r in kept] == [4] * 5
+    assert all("error" not in e["result"] for e in Journal(d / "cache" / "scores.jsonl").read())
