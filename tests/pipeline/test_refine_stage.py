@@ -253,6 +253,22 @@ def test_the_judge_rule_rates_both_versions_with_the_teacher(tmp_path: Path, tin
     assert all(s["scores"]["rewrite"]["rifd"] is not None for s in decided)  # the student's scores are kept too
 
 
+def test_a_pool_of_teachers_shares_the_rewrites(tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = make_run(tmp_path, monkeypatch, n=8)
+    with FakeOpenAI(reply=scripted) as a, FakeOpenAI(reply=scripted) as b:
+        spec = tmp_path / "teachers.yaml"
+        spec.write_text("teachers:\n" + "".join(
+            f"  - name: {name}\n    model: scripted\n    backend: openai\n    base_url: {url}\n"
+            f"    options: {{max_retries: 0}}\n" for name, url in (("alpha", a.url), ("beta", b.url))))
+        refine(run="r", student=student_on(tiny), teacher=TeacherSettings(pool=str(spec)),
+               refine=RefineSettings(batch_size=4, target="response", select="teacher"))
+        assert a.bodies and b.bodies and len(a.bodies) + len(b.bodies) == 8
+    steps = [s for r in read_jsonl(d / "refined.jsonl") for s in r["refinement"]["steps"]]
+    assert {s["teacher"]["name"] for s in steps} == {"alpha", "beta"}
+    assert [t["name"] for t in read_json(d / "manifest.json")["stages"]["refine"]["settings"]["teachers"]] == [
+        "alpha", "beta"]
+
+
 def test_rounds_refine_again_only_what_the_last_round_refined(tmp_path: Path, tiny: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     d = make_run(tmp_path, monkeypatch, n=10, name="filtered.jsonl")
