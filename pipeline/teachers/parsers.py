@@ -232,7 +232,7 @@ def parse_alpaca(text: str, *, start: int, truncated: bool = False) -> Parsed[di
 # ---------------------------------------------------------------- Reflection-Tuning (sift refine)
 
 _REFLECTION_LABEL = (r"(critique|feedback|analysis|(?:new|better|improved|revised|rewritten)\s+"
-                     r"(?:instruction|input|answer|response)|end|instruction|input|answer|response|output)")
+                     r"(?:instruction|input|answer|response|output)|end|instruction|input|answer|response|output)")
 # "[Better Answer]", "[Better Answer]:", "**Better Answer:**", "Better Answer:" or "### Better Answer:" at a line start
 _REFLECTION_MARKER = re.compile(
     rf"\[\s*{_REFLECTION_LABEL}\s*\]\s*:?|\*\*\s*{_REFLECTION_LABEL}\s*:?\s*\*\*\s*:?"

@@ -130,6 +130,9 @@ def test_every_select_choice_has_a_rule_for_both_targets() -> None:
      {"critique": "ok.", "output": "Paris."}),
     ("[Critique] Long.\n[New Input]\n12\n\n[New Answer] 2\n\n[New Instruction] Count.\n\n[Input]\n12", "instruction",
      False, {"critique": "Long.", "instruction": "Count.", "input": "12", "output": "2"}),
+    # a second answer under another name is not part of the first
+    ("[Critique] c.\n[New Instruction] Root of 20?\n[New Answer] 4.47\n\n[New Output] 4.47", "instruction", False,
+     {"critique": "c.", "instruction": "Root of 20?", "input": "", "output": "4.47"}),
 ])
 def test_reflection_replies_are_read_in_the_forms_small_models_write(text, target, truncated, expected) -> None:
     parsed = parse_reflection(text, target=target, truncated=truncated)
