@@ -56,7 +56,7 @@ def refine_section(d: Path) -> str:
     for rec in shown:
         ref = rec["refinement"]
         kept = [s for s in ref["steps"] if s["decision"] == "rewrite"]
-        scores = "; ".join(f"{s['target']} ({s['reason']}): " + ", ".join(
+        scores = "; ".join(f"{_e(s['target'])} ({_e(s['reason'])}): " + ", ".join(
             f"{k} {_fmt(s['scores']['original'].get(k))} &rarr; {_fmt(s['scores']['rewrite'].get(k))}"
             for k in ("ifd", "rifd", "judge") if k in s["scores"]["original"]) for s in kept if "scores" in s)
         out.append(f"<h3>{_e(rec['id'])}</h3><table><tr><th></th><th>original</th><th>refined</th></tr>"
