@@ -24,28 +24,36 @@ Pruning (top_k=0), exact. L <= the multiset intersection of the two token lists,
 (token, occurrence) features, and that is <= (|a| + |b| - popcount(mask_a XOR mask_b)) / 2 for any
 hashing of features into mask bits (a bit set on one side only is set by a feature the other side
 lacks). So a pair whose L could reach need(|a|, |b|) = ceil(cutoff (|a|+|b|) / 2) must have |b| in a
-range fixed by |a| (L <= the shorter length) and popcount(mask_a XOR mask_b) <= |a| + |b| - 2 need.
-Each text keeps a 256-bit mask (and its 64-bit fold); the pool is kept sorted by token count, and a
-candidate is tested against the slice of feasible lengths with one XOR and one popcount per pair on
-the 64-bit masks (numpy, 8 candidates x 8,192 pool texts per call), the survivors on the 256-bit
-masks, and only the pairs still left get an LCS (rapidfuzz `cpdist`). On bench/synthetic.py's
-instructions about 1 pair in 1,000 survives the first test and 1 in 20,000 the second. Texts of more
-than LONG_TEXT tokens fill a 64-bit mask, so their pairs go to rapidfuzz's `cdist` with a cutoff.
+range fixed by |a| (L <= the shorter length), must share at least need features, and must have
+popcount(mask_a XOR mask_b) <= |a| + |b| - 2 need. Candidate pairs come from prefix filtering
+(`_PrefixIndex`): with all features in one order, rarest first, two texts sharing need features
+share one among the first |a| - need + 1 features of a and the first |b| - need + 1 of b. Every pool
+text is listed under its first few features (enough for its shortest possible partner), with its
+64-bit mask; a block's candidates probe the lists of their own first few features, one broadcast
+XOR and popcount per (feature, candidates x list) rectangle, and the survivors are cut to the exact
+length, position, 64-bit and 256-bit bounds; only the pairs still left get an LCS (rapidfuzz
+`cpdist`). Candidates of one block are compared with each other by the former search, kept
+behind SEARCH = "scan": the pool sorted by token count, each candidate tested against the slice of
+feasible lengths on the 64-bit masks (numpy, 8 candidates x 8,192 texts per call), the survivors on
+the 256-bit masks. Texts of more than LONG_TEXT tokens fill a 64-bit mask, so in that scan their
+pairs go to rapidfuzz's `cdist` with a cutoff.
 
 Cost model (N = final pool size, M = candidates, T = tokens per text):
 - tokenising and encoding: O((N + M) * T) Python work, once per text (`findall` on the lower-cased
   text, the same tokens as rouge_score's tokenizer); the masks and the length-sorted view of the pool
   are built with numpy once per block.
-- dedup only (top_k=0): up to M * N mask tests (N**2 / 2 for a stream deduplicated against itself),
-  minus the pairs whose lengths alone rule them out (|b|/|a| outside [t/(2-t), (2-t)/t]: about 5% on
-  bench/synthetic.py's narrow lengths, a third on the reference seeds' spread), at about 1 ns per pair
-  on one core, plus an LCS for the few pairs that pass the masks: still quadratic, but about 30 times
-  less work per pair than an LCS on every pair. bench/dedup.py measures it.
+- dedup only (top_k=0): one mask test (1 to 3 ns) per candidate and pool text that lists one of the
+  candidate's first features: a fixed share of the pool, so still quadratic, but on
+  bench/synthetic.py's small vocabulary about a tenth of the former search's M * N tests (minus the
+  pairs whose lengths rule them out); plus B**2 / 2 tests within each block of B candidates and an
+  LCS for the few pairs that pass the masks. The lists cost O(N * T) to build, again at each
+  REFRESH_GROWTH-fold growth of the pool. bench/dedup.py and bench/scale.py measure it.
 - top_k > 0: an LCS for every pair (rapidfuzz `cdist`, bit-parallel, SIMD across 8 to 32 queries,
   `workers` threads), without cutoff or length bound, plus numpy work on every cell (row sums for
   `mean_all`, a top-k selection that scores only the candidates exactly): about 15 times the dedup
   cost. `top_k=1` gives every candidate's exact nearest neighbour and score.
-- memory: the pool (ids, texts, one short string per text, 56 bytes of masks and view per text) plus
+- memory: the pool (ids, texts, one short string per text, 40 bytes of masks per text, about 17 bytes
+  per token for the lists and the feature ids that rebuild them) plus
   bounded scratch (SCAN_ROWS x SCAN_COLUMNS cells, or max_cells for top_k > 0), whatever N is: an
   N x N matrix is never built.
 - prefilter="minhash" (inexact, off by default): compares a candidate only with the pool texts that a
@@ -232,6 +240,7 @@ KNOWN = 1 << 42  # order keys of the features ranked at the last refresh come af
 DENSE_CELLS = 4096  # a feature's (query rows x pool list) rectangle this large is tested by broadcasting
 DENSE_CHUNK = 1 << 17  # cells per broadcast (fits in L2)
 REFRESH_GROWTH = 4  # the rarity order is recomputed, and the lists rebuilt, each time the pool grows 4 times
+REFRESH_MIN = 256  # ... and not before it has REFRESH_GROWTH times this many texts
 
 
 def _grown(a: np.ndarray, size: int) -> np.ndarray:
@@ -402,7 +411,7 @@ class _PrefixIndex:
     def _refresh(self, masks: np.ndarray, lens: np.ndarray) -> None:
         """Rank every feature by its pool frequency and rebuild all lists in that order."""
         n, f = self._size, self._n_ids
-        self._refresh_at = REFRESH_GROWTH * max(n, 256)
+        self._refresh_at = REFRESH_GROWTH * max(n, REFRESH_MIN)
         ids = self._pool_ids[: self._offsets[n]].astype(np.int64)
         df = np.bincount(ids, minlength=f)
         by_rarity = np.lexsort((self._fkey[:f], df))
@@ -679,8 +688,9 @@ class RougeIndex:
     top_k: how many most-similar pool entries to report, with the mean over the whole pool
         (Self-Instruct keeps 10): an LCS for every pair. 0 turns that off and leaves the pure dedup,
         pruned exactly by token counts and feature masks, about 15 times faster (see the module).
-    workers: rapidfuzz threads (-1: all cores). block_size: candidates per batch. max_cells: the
-        largest score matrix held at once. prefilter: None (exact) or "minhash" (inexact, see module).
+    workers: threads for rapidfuzz and the dedup pass's broadcast tests (-1: all cores). block_size:
+        candidates per batch. max_cells: the largest score matrix held at once. prefilter: None (exact)
+        or "minhash" (inexact, see module).
     """
 
     def __init__(
