@@ -236,7 +236,8 @@ class _Vocab:
 # -- candidate pairs by prefix filtering (top_k=0, exact) ------------------------------------------
 
 FEATURE_BITS = 21  # a feature is a (token code, occurrence) pair: code + (occurrence << 21); codes < 0x110000
-KNOWN = 1 << 42  # order keys of the features ranked at the last refresh come after every feature key
+KNOWN = 1 << 62  # order keys of the features ranked at the last refresh come after every feature key (< 2**62
+# unless a text has 2**41 tokens)
 DENSE_CELLS = 4096  # a feature's (query rows x pool list) rectangle this large is tested by broadcasting
 DENSE_CHUNK = 1 << 17  # cells per broadcast (fits in L2)
 REFRESH_GROWTH = 4  # the rarity order is recomputed, and the lists rebuilt, each time the pool grows 4 times
@@ -280,8 +281,6 @@ def _features(chars: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     first = np.r_[True, (owner[1:] != owner[:-1]) | (codes[1:] != codes[:-1])]
     at = np.arange(total)
     copy = at - np.maximum.accumulate(np.where(first, at, 0))
-    if int(copy.max()) >= 1 << FEATURE_BITS:
-        raise OverflowError("a token repeated more than 2,097,151 times in one text")
     return owner, codes + (copy << FEATURE_BITS)
 
 
