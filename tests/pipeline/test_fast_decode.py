@@ -359,7 +359,7 @@ def test_embedded_model_greedy_float32_matches_generate() -> None:
     from pipeline.io.models import EMBEDDED_ALIAS, load_model, load_tokenizer, resolve_model
 
     ref = resolve_model(EMBEDDED_ALIAS)
-    model, tok = load_model(ref, dtype="float32"), load_tokenizer(ref)
+    model, tok = load_model(ref, dtype="float32", device="cpu"), load_tokenizer(ref)
     texts = ["Write a haiku about autumn.", "List three prime numbers.", "Why is the sky blue?",
              "Give two tips for learning Python.", "Explain what a noun is.", "Name a famous painter."]
     prompts = [tok(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
@@ -422,7 +422,8 @@ def test_embedded_model_bfloat16_picks_only_float32_near_ties() -> None:
     from pipeline.io.models import EMBEDDED_ALIAS, load_model, load_tokenizer, resolve_model
 
     ref = resolve_model(EMBEDDED_ALIAS)
-    model, model32, tok = load_model(ref, dtype="bfloat16"), load_model(ref, dtype="float32"), load_tokenizer(ref)
+    model, model32 = load_model(ref, dtype="bfloat16", device="cpu"), load_model(ref, dtype="float32", device="cpu")
+    tok = load_tokenizer(ref)
     texts = ["Write a haiku about autumn.", "List three prime numbers.", "Why is the sky blue?",
              "Give two tips for learning Python.", "Explain what a noun is.", "Name a famous painter.",
              "Describe a rainy day in one sentence.", "What is the boiling point of water?"]
@@ -516,8 +517,8 @@ def test_ctrl_c_during_sift_generate_exits_130_with_one_message(tmp_path) -> Non
     runs = tmp_path / "runs"
     sift_ok(["seeds", "seeds/default.jsonl", "--run", "r"], runs=runs)
     cache = runs / "r" / "cache" / "teacher.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "generate", "--run", "r", "--n", "500",
-                             "--batch-size", "8", "--teacher-options", "lanes=2"], cwd=REPO, env=_env(runs),
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "generate", "--run", "r", "--generate.n", "500",
+                             "--generate.batch_size", "8", "--teacher.options", "lanes=2"], cwd=REPO, env=_env(runs),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         while proc.poll() is None and not (cache.exists() and cache.stat().st_size):
