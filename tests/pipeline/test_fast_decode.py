@@ -518,7 +518,9 @@ def test_ctrl_c_during_sift_generate_exits_130_with_one_message(tmp_path) -> Non
     sift_ok(["seeds", "seeds/default.jsonl", "--run", "r"], runs=runs)
     cache = runs / "r" / "cache" / "teacher.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "generate", "--run", "r", "--generate.n", "500",
-                             "--generate.batch_size", "8", "--teacher.options", "lanes=2"], cwd=REPO, env=_env(runs),
+                             "--generate.batch_size", "8", "--generate.max_tokens", "96",
+                             "--teacher.options", "lanes=2"],
+                            cwd=REPO, env=_env(runs),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         while proc.poll() is None and not (cache.exists() and cache.stat().st_size):
