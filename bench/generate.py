@@ -1,8 +1,9 @@
-"""Generation throughput of the embedded teacher: naive loop vs plain batched generate vs ours.
+"""Generation throughput of a transformers teacher: naive loop vs plain batched generate vs ours.
 
     .venv/bin/python bench/generate.py            # 256 prompts, 128 new tokens, 2 interleaved rounds
     .venv/bin/python bench/generate.py --quick    # 128 prompts, 64 new tokens, 1 round, generate at
                                                   # batch 64 only (under 3 minutes on an idle 2-core machine)
+    .venv/bin/python bench/generate.py --quick --teacher gemma-3-270m   # Gemma 3 (sift model fetch gemma-3-270m)
 
 Plain batched `model.generate` runs at each of `--batch-sizes` and its best rate is the baseline;
 our TransformersTeacher (fast engine: continuous batching, `--rows` sequences at once, one decoding
@@ -69,6 +70,8 @@ def hf_generate(model, tok, prompts: list[str], max_new: int, eos_ids: set[int])
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", default=EMBEDDED_ALIAS,
+                    help=f"model alias, folder or .gguf (default {EMBEDDED_ALIAS}; gemma-3-270m after its fetch)")
     ap.add_argument("--quick", action="store_true", help="128 prompts, 64 new tokens, one round, generate at batch 64")
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--tokens", type=int, default=None)
@@ -99,7 +102,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     prompts = build_prompts(n)
-    teacher = TransformersTeacher(EMBEDDED_ALIAS, batch_size=max(sizes), dtype=args.dtype, engine="fast",
+    teacher = TransformersTeacher(args.teacher, batch_size=max(sizes), dtype=args.dtype, engine="fast",
                                   max_rows=args.rows, lanes=args.lanes)
     model, tok = teacher.model, teacher.tokenizer
     eos = set(teacher.eos_ids)
