@@ -420,6 +420,27 @@ def test_gemma3_greedy_matches_generate(tiny, tiny_gemma, variant: str, max_rows
         assert ids == expected or first_divergence_is_a_tie(model, p, ids, expected, tol=1e-4), (p, ids, expected)
 
 
+def test_gemma3_softcapped_penalised_greedy_matches_the_plain_processor(tiny, tiny_gemma) -> None:
+    """The final logit softcap never moves an argmax, but it sets the scale penalties act on: greedy with
+    presence/frequency penalties picks what `generate` + PenaltyProcessor picks."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    from pipeline.teachers.hf import PenaltyProcessor
+
+    _, tok = tiny
+    model = tiny_gemma(softcap=3.0)
+    prompts = encode(tok, PROMPTS + SENTENCES[:3])
+    sampling = Sampling(temperature=0, max_tokens=16, presence_penalty=0.6, frequency_penalty=0.3)
+    got = FastDecoder(model, eos_ids=[tok.eos_token_id], max_rows=3).run([Job(p, sampling, 0) for p in prompts])
+    for p, ids in zip(prompts, got, strict=True):
+        ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id,
+                             logits_processor=LogitsProcessorList([PenaltyProcessor([0.6], [0.3], prompt_len=len(p))])
+                             )[0, len(p):].tolist()
+        assert ids == ref[:len(ids)] and (len(ids) == 16 or ids[-1] == tok.eos_token_id), (p, ids, ref)
+
+
 def test_gemma3_tiny_models_answers_depend_on_the_window(tiny, tiny_gemma) -> None:
     """The test above can see a decoder that ignores the window: with the same weights and a window
     longer than every sequence, `generate` answers differently."""
