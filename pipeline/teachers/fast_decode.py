@@ -1,9 +1,19 @@
-"""A fast decode loop for Llama-family models on CPU: the default engine of the transformers teacher.
+"""A fast decode loop for Llama-family and Gemma 3 models on CPU: the default engine of the transformers teacher.
 
-    .venv/bin/python bench/generate.py --quick      # side by side with plain batched `model.generate`
+    .venv/bin/python bench/generate.py --quick                          # beside plain batched `model.generate`
+    .venv/bin/python bench/generate.py --quick --teacher gemma-3-270m   # the same for Gemma 3 270M
 
-Same model weights and the same arithmetic as the Hugging Face Llama forward (RMSNorm, RoPE, SiLU
-MLP, op for op), without `generate`'s per-step overhead:
+Same model weights and the same arithmetic as the Hugging Face forward, op for op: for Llama
+RMSNorm, RoPE, SiLU MLP; for Gemma 3's text model (`Gemma3ForCausalLM`) also its differences:
+- sliding-window and global layers, in the per-layer pattern of `config.layer_types`: a sliding
+  layer attends to its last `sliding_window` positions (itself included), in prefill and decode;
+- one rotary table per layer type (local and global theta, static scaling such as "linear");
+- qk-norm (q_norm/k_norm on each head before RoPE) and the query scale `query_pre_attn_scalar`;
+- Gemma's RMSNorm, x * (1 + w) in float32 then rounded, before and after attention and the MLP;
+- embeddings scaled by sqrt(hidden) rounded to the weights' dtype; GELU-tanh MLP;
+- the tied 262K-row output layer, with `final_logit_softcapping` where the config sets it.
+  (`attn_logit_softcapping` is refused by `supports`: transformers' Gemma 3 never applies it.)
+Without `generate`'s per-step overhead:
 - lanes: one decoding thread per torch thread (at most MAX_LANES), each with one intra-op thread,
   its own rows and cache; job i goes to lane i % lanes. OpenMP's two-thread ops meet at a barrier
   after every one of the ~1,000 ops of a step, and on a busy machine a descheduled partner stalls
@@ -11,14 +21,18 @@ MLP, op for op), without `generate`'s per-step overhead:
   thread and 112 for two lanes); lanes never wait for each other, and torch releases the GIL in ops;
 - continuous batching: up to `max_rows` sequences decode together; a finished row's slot goes to
   the next waiting prompt, so the batch stays full until the queue drains;
-- a pre-allocated KV cache (slot x kv-head x position), grown by doubling, rows kept contiguous;
+- a pre-allocated KV cache (slot x kv-head x position), grown by doubling, rows kept contiguous
+  (sliding layers keep every position too; they read only their window);
 - prefill of admitted prompts in one right-padded causal pass, logits only for each last token;
-- decode attention in bfloat16 by the C kernel of `fast_kernel.py` (scaled_dot_product_attention
-  spent half of a step on per-block set-up); float32 keeps SDPA, which is what `generate` runs;
+- decode attention in bfloat16 by the C kernel of `fast_kernel.py` (head_dim 64, 128 or 256, with
+  the window of a sliding layer; scaled_dot_product_attention spent half of a step on per-block
+  set-up); float32 keeps SDPA, which is what `generate` runs;
 - the sampler in `fast_sampler.py`: top-k candidates (found in C) before top-p, one uniform per row.
-Greedy float32 outputs are token-identical to plain `generate` (tested on the embedded model);
-a row's random draws come only from its own seed (`random.Random(seed)`), never from its neighbours.
-Only Llama-shaped models are supported (`supports(model)`); others use `generate`.
+  On Gemma's 262K vocabulary the output layer is about half of a decode step (docs/measurements.md).
+Greedy float32 outputs are token-identical to plain `generate` (tested on the embedded model, and
+on Gemma 3 but for float32 ties); a row's random draws come only from its own seed
+(`random.Random(seed)`), never from its neighbours. Other architectures (`supports(model)` False)
+use `generate`.
 """
 
 from __future__ import annotations
