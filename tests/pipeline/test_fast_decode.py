@@ -613,7 +613,7 @@ def test_gemma3_270m_bfloat16_picks_only_float32_near_ties() -> None:
     prompts = [tok(t)["input_ids"] for t in GEMMA_TEXTS]
     fast = FastDecoder(model, eos_ids=[tok.eos_token_id], max_rows=len(prompts)).run(
         [Job(p, Sampling(temperature=0, max_tokens=40), 0) for p in prompts])
-    plain = [plain_generate(model, tok, p, 40) for p in prompts[:3]]  # generate is slow here: a few suffice
+    plain = [plain_generate(model, tok, p, 40) for p in prompts[:2]]  # generate is slow here: two suffice
     worst = {"fast": 0.0, "generate": 0.0}
     for name, outs in (("fast", fast), ("generate", plain)):
         for p, ids in zip(prompts, outs, strict=False):
