@@ -8,7 +8,8 @@ them as separate blocked GEMMs and spends most of its time on per-block set-up: 
 decode step of SmolLM2-135M at 64-128 rows here. This kernel does the same arithmetic row by row with
 vector registers (query heads of one key-value head share each key and value load), in float32,
 and writes bfloat16 rounded to nearest even: keys as (slot, kv-head, dim, position) so the scores of
-16 positions come from one vector, values as (slot, kv-head, position, dim).
+16 positions come from one vector, values as (slot, kv-head, position, dim). Head sizes 64, 128
+(Llama family) and 256 (Gemma 3); a sliding-window layer attends to its last `window` positions only.
 
 The C source below is compiled once per machine with the system C compiler (`$CC`, else `cc`) into
 `$SIFT_CACHE/kernels/` (`-march=native`, so the file name carries the compiler and CPU), and loaded
@@ -93,7 +94,8 @@ static inline __attribute__((always_inline)) void head(
         for (int64_t j = from; j < len; j++) si[j] *= inv;
     }
     /* weighted values, BC vectors of each query's output at a time: all of them where the accumulators
-       fit the registers (head_dim 64 and 128), else blocks of 4 (256: G x 16 would spill) */
+       fit the registers (G x DC <= 32: SmolLM2, head_dim 128 with G <= 4), else blocks of 4 (Gemma 3's
+       head_dim 256: 4 x 16 accumulators would spill) */
     const int BC = DC * G <= 32 ? DC : 4;
     for (int c0 = 0; c0 < DC; c0 += BC) {
         vf acc[MAXG][MAXD / W];
