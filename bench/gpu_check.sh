@@ -42,7 +42,7 @@ run=gpucheck-transformers
 timed classify  $SIFT classify  --run $run --teacher.options device=cuda
 timed instances $SIFT instances --run $run --teacher.options device=cuda --instances.max_tokens 200
 $SIFT filter --run $run && $SIFT export --run $run
-timed train $SIFT train --run $run --precision bf16 --epochs 1
+timed train $SIFT train --run $run --train.precision bf16 --train.epochs 1
 $PY -c "import json; m=[json.loads(l) for l in open('runs/$run/student/metrics.jsonl')]; \
 s=[x for x in m if 'train_tokens_per_second' in x or 'tokens_per_second' in x]; print('train:', s[-1] if s else m[-1])"
 timed eval $SIFT eval --run $run --student.device cuda --eval.sets valid,general --eval.limit 64 --eval.max_new_tokens 128

@@ -96,7 +96,8 @@ def example_tokens(records: list[dict]) -> dict[str, int]:
 
 def train_arm(folder: Path, records: list[dict], steps: int, seed: int) -> dict:
     """The arm's student, trained once: its summary (steps, tokens, seconds)."""
-    from train.lora import train_in
+    from pipeline.settings import DistillSettings, LoraSettings, StudentSettings, TrainSettings
+    from pipeline.stages.train import train_in
 
     settings = {"ids": [r["id"] for r in records], "steps": steps, "batch": BATCH, "accum": ACCUM,
                 "max_length": MAX_LENGTH, "lr": LR, "seed": seed, "student": STUDENT}
@@ -105,11 +106,10 @@ def train_arm(folder: Path, records: list[dict], steps: int, seed: int) -> dict:
         return json.loads(done.read_text())["summary"]
     folder.mkdir(parents=True, exist_ok=True)
     write_jsonl(folder / "train.jsonl", (chat_record(r) for r in records))
-    train_in(folder, run=folder.name, student=STUDENT, epochs=1000.0, lr=LR, lora_r=16, lora_alpha=32,
-             lora_dropout=0.05, target_modules="all-linear", max_length=MAX_LENGTH, batch_size=BATCH,
-             grad_accum=ACCUM, packing=True, overlong="drop", eval_steps=10**6, save_steps=10**6,
-             logging_steps=5, resume=False, gradient_checkpointing=False, qlora=False, precision="auto",
-             max_steps=steps, warmup_ratio=0.03, seed=seed, template="auto")
+    train_in(folder, label=folder.name, student=StudentSettings(model=STUDENT), lora=LoraSettings(),
+             train=TrainSettings(epochs=1000.0, lr=LR, max_length=MAX_LENGTH, batch_size=BATCH, grad_accum=ACCUM,
+                                 eval_steps=10**6, save_steps=10**6, max_steps=steps, seed=seed),
+             distill=DistillSettings())
     summary = [obj for _, obj in iter_jsonl(folder / "student" / "metrics.jsonl") if obj.get("kind") == "summary"][-1]
     write_json(done, {"settings": settings, "summary": summary})
     return summary

@@ -112,17 +112,17 @@ def path_vs_stripped(model_spec: str, records: list[dict], *, batch_size: int, m
 
     from pipeline.io.artifacts import write_jsonl
     from pipeline.io.models import cpu_supports_bf16, load_tokenizer
+    from pipeline.settings import DistillSettings, LoraSettings, StudentSettings, TrainSettings
+    from pipeline.stages.train import train_in
     from train.format import setup_tokenizer, tokenize_records
-    from train.lora import packed_batch, read_split, train_in
+    from train.lora import packed_batch, read_split
 
     folder = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
         write_jsonl(folder / "train.jsonl", records)
-        settings = dict(run="bench", student=model_spec, epochs=1.0, lr=2e-4, lora_r=16, lora_alpha=32,
-                        lora_dropout=0.05, target_modules="all-linear", max_length=max_length,
-                        batch_size=batch_size, grad_accum=4, packing=True, overlong="drop", eval_steps=10**6,
-                        save_steps=50, logging_steps=5, resume=False, gradient_checkpointing=False, qlora=False,
-                        precision="auto", max_steps=-1, warmup_ratio=0.03, seed=seed, template="auto")
+        settings = dict(label="bench", student=StudentSettings(model=model_spec), lora=LoraSettings(),
+                        train=TrainSettings(epochs=1.0, max_length=max_length, batch_size=batch_size,
+                                            eval_steps=10**6, seed=seed), distill=DistillSettings())
         tokenizer = load_tokenizer(model_spec)
         setup_tokenizer(tokenizer, "auto")
         examples, stats = tokenize_records(tokenizer, read_split(folder / "train.jsonl"), max_length=max_length,

@@ -31,6 +31,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.errors import SiftError
+from pipeline.redact import redact_urls
 from pipeline.settings import SettingsError, is_section, to_dict
 from pipeline.typed import converter, short, unwrap_optional
 
@@ -42,8 +43,9 @@ COMMANDS: dict[str, str] = {
     "instances": "pipeline.stages.instances:instances",
     "filter": "pipeline.stages.filter:filter_records",
     "score": "pipeline.stages.score:score",
+    "refine": "pipeline.stages.refine:refine",
     "export": "pipeline.stages.export:export",
-    "train": "train.lora:train",
+    "train": "pipeline.stages.train:train",
     "merge": "pipeline.stages.merge:merge",
     "sample": "pipeline.stages.sample:sample",
     "eval": "pipeline.stages.eval:evaluate",
@@ -61,6 +63,13 @@ _UNSET = object()
 SHORT_FLAGS = {"output": "-o"}  # the few options common enough to deserve one letter
 GLOBAL_KEYS = {"run"}  # plain options a config file may set at its top level, for every command that has one
 EXCLUSIVE = {"teacher": ("model", "pool")}  # section -> two fields that cannot both be given
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its usage errors are one line like every other error (`sift: error: ...`, exit 2)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise SiftError(f"{message} (see `{self.prog} --help`)")
 
 
 class _Doc(typing.NamedTuple):
@@ -130,22 +139,36 @@ def _add_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup, flags: list[
         p.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=_UNSET, help=help_text)
         return
     choices = typing.get_args(base) if typing.get_origin(base) is typing.Literal else None
-    p.add_argument(*flags, dest=dest, type=converter(hint, dest), default=_UNSET, choices=choices,
+    p.add_argument(*flags, dest=dest, type=_for_argparse(converter(hint, dest)), default=_UNSET, choices=choices,
                    metavar=dest.rpartition(".")[2].upper(), help=help_text)
+
+
+def _for_argparse(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """argparse replaces a converter's ValueError by "invalid float value"; keep the converter's own
+    reason ("expected a finite number, got 'nan'") by raising the one exception it passes through."""
+    def wrapped(value: Any) -> Any:
+        try:
+            return convert(value)
+        except (ValueError, TypeError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    wrapped.__name__ = convert.__name__
+    return wrapped
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, func: Callable[..., Any]) -> None:
     doc = parse_docstring(func.__doc__)
     # allow_abbrev off: `--train.l` must not quietly mean `--train.lr`, nor `--teacher` `--teacher.model`
     p = sub.add_parser(name, help=doc.summary, description=(doc.summary + "\n\n" + doc.description).strip(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+                       formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False, exit_on_error=False)
     p.set_defaults(_func=func, _name=name)
     _add_common(p)
     for param, hint in plain_params(func):
         help_text = doc.params.get(param.name, "")
         if param.kind is param.POSITIONAL_ONLY:
             nargs = "?" if param.default is not param.empty else None
-            p.add_argument(param.name, type=converter(hint, param.name), help=help_text, nargs=nargs, default=_UNSET)
+            p.add_argument(param.name, type=_for_argparse(converter(hint, param.name)), help=help_text, nargs=nargs,
+                           default=_UNSET)
             continue
         flags = [f"--{param.name.replace('_', '-')}"]
         if param.name in SHORT_FLAGS:
@@ -175,12 +198,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sift", description=__doc__.splitlines()[0] if __doc__ else "sift", allow_abbrev=False,
+        exit_on_error=False,
         epilog="Stages in order: seeds, generate, classify, instances, filter, score, export, train, eval, report. "
                "Run `sift CMD --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"sift {__version__}")
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
     groups: dict[str, argparse._SubParsersAction] = {}
     for name in COMMANDS:
         func = load_command(name)
@@ -188,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
             group, leaf = name.split(" ", 1)
             if group not in groups:
                 gp = sub.add_parser(group, help=f"{group} commands ({group} --help)")
-                groups[group] = gp.add_subparsers(title=f"{group} commands", metavar="COMMAND")
+                groups[group] = gp.add_subparsers(title=f"{group} commands", metavar="COMMAND", parser_class=_Parser)
             add_command(groups[group], leaf, func)
         else:
             add_command(sub, name, func)
@@ -298,11 +322,11 @@ def _did_you_mean(word: str, candidates: list[str]) -> str:
     return f"; did you mean `{close[0]}`?" if close else ""
 
 
-def _suggest(word: str, dotted: list[str]) -> str:
+def _suggest(word: str, dotted: list[str], *, exact: bool = False) -> str:
     """`; did you mean ...?` for a key: the sections' fields of that name (a key in the wrong place),
     else the closest names."""
     same = [d for d in dotted if d.rpartition(".")[2] == word]
-    if not same:
+    if not same and not exact:
         close = set(difflib.get_close_matches(word, sorted({d.rpartition(".")[2] for d in dotted}), n=1))
         same = [d for d in dotted if d.rpartition(".")[2] in close]
     if not same:
@@ -324,7 +348,7 @@ def check_config(raw: dict, path: Path) -> None:
         if k in GLOBAL_KEYS:
             continue
         if k not in known_in:
-            hint = _did_you_mean(k, [*known_in, *GLOBAL_KEYS]) or _suggest(k, dotted)
+            hint = _suggest(k, dotted, exact=True) or _did_you_mean(k, [*known_in, *GLOBAL_KEYS]) or _suggest(k, dotted)
             what = "section" if isinstance(value, dict) else "setting"
             raise SiftError(f"unknown {what}{hint}", path=path, field=str(key))
         if not isinstance(value, dict):
@@ -443,7 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or bool(os.environ.get("SIFT_DEBUG"))
     try:
         parser = build_parser()
-        ns, extras = parser.parse_known_args(argv)
+        try:
+            ns, extras = parser.parse_known_args(argv)
+        except argparse.ArgumentError as e:  # a value the option cannot take: one line, like every error
+            flag = (e.argument_name or "").split("/")[-1].lstrip("-")
+            raise SiftError(e.message, field=None if flag in ("", "COMMAND") else flag) from None
         if extras:
             raise _unknown_option(parser, argv, extras)
         if not hasattr(ns, "_func"):
@@ -469,8 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # an unexpected failure: one line unless --debug
         if debug:
             raise
-        print(f"sift: internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)",
-              file=sys.stderr)
+        print(f"sift: internal error: {type(e).__name__}: {redact_urls(str(e))} (run again with --debug for the "
+              "traceback)", file=sys.stderr)
         return 1
 
 

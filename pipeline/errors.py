@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.redact import redact_urls
+
 
 class SiftError(Exception):
     """A user-facing error: bad input, a missing model, an unwritable output.
@@ -14,9 +16,10 @@ class SiftError(Exception):
 
     def __init__(self, message: str, *, path: str | Path | None = None, line: int | None = None,
                  field: str | None = None) -> None:
-        self.path, self.line, self.field, self.reason = path, line, field, message
+        self.path, self.line, self.field = path, line, field
         where = ""
         if path is not None:
             where = str(path) + (f":{line}" if line is not None else "") + ": "
         what = f"field '{field}': " if field else ""
-        super().__init__(f"{where}{what}{message}")
+        self.reason = redact_urls(message)  # a base URL quoted in a message keeps no credentials
+        super().__init__(redact_urls(f"{where}{what}{message}"))

@@ -18,7 +18,7 @@ import math
 import re
 import typing
 from dataclasses import asdict, dataclass, fields, is_dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_type_hints
 
 EMBEDDED = "smollm2-135m-instruct"  # the model shipped in a PyPI wheel: default teacher and student
 API_KEY_ENV = "OPENAI_API_KEY"  # where the openai backend looks for the key unless told otherwise
@@ -114,6 +114,16 @@ class StudentSettings:
                f"expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
 
+def _one_of(obj: Any, *names: str) -> None:
+    """Literal fields hold one of their choices also when the section is built in code (the command
+    line and config files already offer only those)."""
+    hints = get_type_hints(type(obj))
+    for name in names:
+        choices = get_args(hints[name])
+        _check(getattr(obj, name) in choices, name,
+               f"use one of {', '.join(map(str, choices))}, got {getattr(obj, name)!r}")
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """The LoRA adapter trained on the student (all linear layers by default, as QLoRA found best).
@@ -189,6 +199,7 @@ class TrainSettings:
         _check(self.max_steps == -1 or self.max_steps >= 1, "max_steps",
                f"must be -1 or at least 1, got {self.max_steps}")
         _fraction(self, "warmup_ratio", high_open=True)
+        _one_of(self, "overlong", "precision", "template")
 
 
 @dataclass(frozen=True)
@@ -448,6 +459,7 @@ class LoopSettings:
         _not_negative(self, "max_failures", "eval_limit", "temperature")
         _fraction(self, "fail_below")
         _fraction(self, "top_p", low_open=True)
+        _one_of(self, "metric", "policy")
 
 
 @dataclass(frozen=True)
@@ -495,6 +507,51 @@ class FederateSettings:
             _check(getattr(self, name) in allowed, name,
                    f"expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """`sift refine`: the teacher critiques and rewrites each record, the student keeps what suits it
+    (Reflection-Tuning, Li et al. 2023; Selective Reflection-Tuning, Li et al. 2024).
+
+    Args:
+        target: What the teacher rewrites: response, instruction (a new instruction with its answer),
+            or both (the instruction first, then the response of the version kept).
+        select: Which version a record keeps: student (the paper's rule: the instruction with the higher
+            IFD, the response with the lower r-IFD), teacher (every rewrite that passes the filters),
+            judge (the higher judge rating), student+judge (the student's rule, unless the judge rates
+            the rewrite lower), or original (no rewrite: a control with the same scores).
+        rounds: Refine again, up to this many times, the records whose rewrite was kept in the round before.
+        judge: Also rate both versions with the teacher as judge (1-5; judge and student+judge always do).
+        judge_prompt: Your own rating prompt file (placeholders {instruction}, {input}, {output}).
+        prompt_response: Your own response template (placeholders {instruction}, {input}, {output}).
+        prompt_instruction: Your own instruction template (placeholders {instruction}, {input}, {output}).
+        batch_size: Records per batch (teacher requests, student forward passes, one journal entry).
+        max_tokens: New tokens per teacher reply (critique and rewrite).
+        temperature: Teacher sampling temperature (the reference's: 0, greedy).
+        seed: Seed of the teacher's sampling.
+    """
+
+    target: Literal["response", "instruction", "both"] = "both"
+    select: Literal["student", "teacher", "judge", "student+judge", "original"] = "student"
+    rounds: int = 1
+    judge: bool = False
+    judge_prompt: str | None = None
+    prompt_response: str | None = None
+    prompt_instruction: str | None = None
+    batch_size: int = 8
+    max_tokens: int = 512
+    temperature: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _finite(self)
+        _positive(self, "rounds", "batch_size", "max_tokens")
+        _not_negative(self, "temperature")
+        for name in ("target", "select"):  # the command line checks these choices; code callers too
+            choices = typing.get_args(typing.get_type_hints(type(self))[name])
+            _check(getattr(self, name) in choices, name,
+                   f"expected one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
 def is_section(hint: Any) -> bool:
     """Whether a parameter's type is a settings section (a dataclass the CLI expands into flags)."""

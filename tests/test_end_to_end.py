@@ -29,12 +29,12 @@ def test_every_stage_on_the_embedded_model(tmp_path: Path, monkeypatch: pytest.M
     assert main(["instances", *run, "--instances.batch_size", "16", "--instances.max_tokens", "120"]) == 0
     assert main(["filter", *run]) == 0
     assert main(["export", *run]) == 0
-    assert main(["train", *run, "--max-steps", "3", "--batch-size", "4", "--grad-accum", "1",
-                 "--eval-steps", "100", "--save-steps", "2", "--resume"]) == 0
+    assert main(["train", *run, "--train.max_steps", "3", "--train.batch_size", "4", "--train.grad_accum", "1",
+                 "--train.eval_steps", "100", "--train.save_steps", "2", "--train.resume"]) == 0
     assert main(["eval", *run, "--eval.limit", "3", "--eval.max_new_tokens", "24"]) == 0
-    assert main(["loop", *run, "--rounds", "2", "--no-train-on-seeds", "--max-steps", "1", "--batch-size", "4",
-                 "--eval-limit", "4", "--max-failures", "2", "--max-new-tokens", "24",
-                 "--augment-max-tokens", "200"]) == 0
+    assert main(["loop", *run, "--loop.rounds", "2", "--no-loop.train_on_seeds", "--train.max_steps", "1",
+                 "--train.batch_size", "4", "--loop.eval_limit", "4", "--loop.max_failures", "2",
+                 "--loop.max_new_tokens", "24", "--loop.augment_max_tokens", "200"]) == 0
     assert main(["report", *run]) == 0
     check_run(d)
 

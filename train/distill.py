@@ -1,7 +1,7 @@
-"""Knowledge distillation for `sift train --distill`: the loss, the tokenizer check, the top-k cache.
+"""Knowledge distillation for `sift train --distill.enabled`: the loss, the tokenizer check, the top-k cache.
 
-    sift train --run demo --distill --teacher runs/big/merged              # teacher run on the fly
-    sift train --run demo --distill --teacher runs/big/merged --distill-top-k 64   # cached top-k
+    sift train --run demo --distill.enabled --distill.teacher runs/big/merged       # teacher run on the fly
+    sift train --run demo --distill.enabled --distill.teacher runs/big/merged --distill.top_k 64   # cached
 
 The student learns the teacher's next-token distribution on every completion token (labels not
 -100), mixed with the usual cross-entropy on the data's tokens:
@@ -15,7 +15,7 @@ changes (Hinton, Vinyals and Dean 2015, "Distilling the Knowledge in a Neural Ne
 T = 1 on the data's own tokens. Both terms share one normaliser: the batch's completion tokens, or
 Trainer's `num_items_in_batch` (completion tokens over all accumulated micro-batches).
 
-Top-k cache (`--distill-top-k k`): the teacher runs once over the packed training rows and keeps, at
+Top-k cache (`--distill.top_k k`): the teacher runs once over the packed training rows and keeps, at
 each completion position, its k most likely tokens with their log-probabilities at temperature T,
 plus one tail bucket: the log of its total mass on every other token. The cached KL is over those
 k + 1 outcomes, the student's softmax at T grouped the same way (its own mass on the k tokens, and
@@ -184,18 +184,6 @@ def distill_loss(student_logits: Any, targets: Any, *, teacher_logits: Any = Non
     loss = alpha * temperature ** 2 * kl.sum() / denom + (1 - alpha) * ce / denom
     return DistillTerms(loss=loss, kl_sum=kl.sum().detach(), ce_sum=ce.detach(),
                         correct=(s32.argmax(-1) == targets).sum().detach() if n else s32.new_zeros(()), tokens=n)
-
-
-def check_settings(*, temperature: float, alpha: float, top_k: int) -> list[tuple[str, str]]:
-    """(field, problem) pairs for out-of-range distillation settings."""
-    problems = []
-    if not temperature > 0:
-        problems.append(("distill_temperature", f"must be above 0, got {temperature}"))
-    if not 0 <= alpha <= 1:
-        problems.append(("distill_alpha", f"must be in [0, 1], got {alpha}"))
-    if top_k < 0:
-        problems.append(("distill_top_k", f"must be 0 (teacher on the fly) or a positive k, got {top_k}"))
-    return problems
 
 
 # ---------------------------------------------------------------- the tokenizer check

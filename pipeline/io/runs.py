@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import file_sha256, read_json, require, write_json
+from pipeline.redact import redact_urls
 
 RUNS_DIR_ENV = "SIFT_RUNS_DIR"
 MANIFEST = "manifest.json"
@@ -204,12 +205,15 @@ def is_secret(key: str) -> bool:
 
 
 def scrub(obj: Any) -> Any:
-    """Redact the values of secret settings (see is_secret), so no API key reaches a manifest."""
+    """Redact the values of secret settings (see is_secret), and credentials in any URL inside any
+    string (user-info, ?api_key=...: see redact_urls), so no API key reaches a manifest or a report."""
     if isinstance(obj, dict):
         return {k: ("<redacted>" if isinstance(k, str) and is_secret(k) and isinstance(v, str) and v else scrub(v))
                 for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [scrub(v) for v in obj]
+    if isinstance(obj, str):
+        return redact_urls(obj)
     return obj
 
 

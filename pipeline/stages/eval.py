@@ -39,12 +39,6 @@ from train.format import setup_tokenizer
 SAMPLES_KEPT = 20  # answers stored in eval.json for reading
 
 
-def _load_side(spec: str, tokenizer: Any, dtype: str, adapter: Path | None) -> Any:
-    """What train/evaluate.py's loader did (the PEFT model, not merged, device auto), until its last
-    caller uses train.eval_passes.load_side(..., merge=False) instead."""
-    return load_side(spec, tokenizer, adapter, student=StudentSettings(dtype=dtype), merge=False)  # type: ignore[arg-type]
-
-
 # ---------------------------------------------------------------- metrics (pure)
 
 
@@ -239,10 +233,11 @@ def evaluate(
         from transformers import AutoTokenizer
 
         from pipeline.io.models import load_tokenizer, resolve_model
+        from train.lora import trained_base
 
         config_path = student_dir / "train_config.json"
         train_config = read_json(config_path) if config_path.exists() else {}
-        student_base = str(train_config.get("student") or student_base_of(student_dir, eval.base))
+        student_base = str(trained_base(train_config) or student_base_of(student_dir, eval.base))
         base = eval.base or student_base
         student_tok = AutoTokenizer.from_pretrained(str(student_dir))
         if resolve_model(base).path_or_id == resolve_model(student_base).path_or_id:

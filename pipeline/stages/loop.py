@@ -1,14 +1,14 @@
 """Stage `loop`: student-in-the-loop rounds (LLM2LLM, Lee et al. 2024) on a run's filtered data.
 
-    sift loop --run demo --rounds 2          # or: make loop ROUNDS=2
+    sift loop --run demo --loop.rounds 2          # or: make loop ROUNDS=2
 
 The data starts as the run's filtered.jsonl plus the seed examples (round 0). Each round then:
 1. trains a fresh LoRA student on the data so far (the same trainer as `sift train`);
 2. has it answer the original training examples, greedily, and scores each answer: ROUGE-L F1
-   against the reference, or the teacher's yes/no verdict (`--metric judge`);
-3. takes the examples scoring below `--threshold`, worst first (at most `--max-failures`);
-4. asks the teacher for `--per-failure` new examples like each one (prompts/llm2llm_augment.txt);
-5. passes them through the rules of `sift filter` and the ROUGE-L dedup against every instruction so far;
+   against the reference, or the teacher's yes/no verdict (`--loop.metric judge`);
+3. takes the examples scoring below `--loop.fail_below`, worst first (at most `--loop.max_failures`);
+4. asks the teacher for `--loop.per_failure` new examples like each one (prompts/llm2llm_augment.txt);
+5. passes them through `filter.rules` and the ROUGE-L dedup (`filter.threshold`) against every instruction so far;
 6. appends the survivors, each with `loop`: {round, parent_id, parent_score, parent_instruction}.
 Only round-0 examples are scored and augmented (LLM2LLM: augmenting augmentations drifts), and the
 validation split is fixed at round 0, so eval loss compares across rounds.
@@ -19,15 +19,15 @@ loop/round-<r>/: train.jsonl, valid.jsonl, student/, scores.jsonl, added.jsonl,
 added.rejected.jsonl (the ledger: filter reasons, parse problems, teacher errors), round.json.
 Scoring and teacher calls are journaled in batches and training checkpoints, so a killed loop
 rerun with the same command carries on; a finished round (round.json) is never redone, and a
-larger --rounds extends the loop.
+larger --loop.rounds extends the loop. loop/settings.json holds the settings a rerun must keep.
 """
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,20 @@ from filters.rules import parse_rules
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import Journal, file_sha256, iter_jsonl, read_json, read_jsonl, write_json, write_jsonl
 from pipeline.io.batched import run_batches
-from pipeline.io.runs import locked, record_stage, run_dir
-from pipeline.stages import llm2llm
-from pipeline.stages import teacher_policy as policies
+from pipeline.io.runs import locked, record_stage, run_dir, scrub
+from pipeline.llm2llm import augment as llm2llm
+from pipeline.llm2llm import policy as policies
+from pipeline.settings import (
+    DistillSettings,
+    ExportSettings,
+    FilterSettings,
+    LoopSettings,
+    LoraSettings,
+    StudentSettings,
+    TeacherSettings,
+    TrainSettings,
+    to_dict,
+)
 from pipeline.stages.export import read_filtered, split_ids, write_splits
 from pipeline.stages.filter import flatten_tasks
 from pipeline.teachers.base import Sampling, Teacher
@@ -47,12 +58,15 @@ from pipeline.teachers.prompts import PromptTemplate, load
 from train.format import to_messages
 
 LOOP_DIR = "loop"
-# settings that change what a round produces; a rerun must keep them (--rounds may grow)
-SHAPING = ("student", "teacher", "backend", "metric", "threshold", "max_failures", "per_failure", "eval_limit",
-           "max_new_tokens", "augment_max_tokens", "temperature", "top_p", "rules", "rouge_threshold",
-           "train_on_seeds", "valid_fraction", "epochs", "max_steps", "lr", "batch_size", "max_length", "seed",
-           "prompt", "grade_prompt", "distill", "distill_teacher", "distill_temperature", "distill_alpha",
-           "distill_top_k", "teachers", "teacher_policy")
+# the sections a loop records; every field of them shapes what a round produces, so a rerun must keep
+# them, except those in FREE: how many rounds, where the models run and how to reach them, and the
+# fields of shared sections the loop does not use (its split and dedup are its own)
+SECTIONS: dict[str, type] = {"teacher": TeacherSettings, "student": StudentSettings, "lora": LoraSettings,
+                             "train": TrainSettings, "distill": DistillSettings, "filter": FilterSettings,
+                             "export": ExportSettings, "loop": LoopSettings}
+FREE = frozenset({"loop.rounds", "teacher.base_url", "teacher.api_key_env", "teacher.options", "student.device",
+                  "train.resume", "filter.use_stemmer", "filter.top_k", "filter.prefilter", "filter.workers",
+                  "export.seed", "export.decontaminate_general"})
 
 
 # ---------------------------------------------------------------- data
@@ -130,15 +144,17 @@ def filter_new(candidates: list[dict], pool: list[tuple[str, str]], known_ids: s
 # ---------------------------------------------------------------- one round's steps
 
 
-def train_student(round_dir: Path, label: str, options: dict, eval_before: dict | None = None) -> dict:
-    """Train the round's student unless a finished one is there; returns the training summary."""
-    from train.lora import train, train_in
+def train_student(round_dir: Path, label: str, *, student: StudentSettings, lora: LoraSettings,
+                  train: TrainSettings, distill: DistillSettings, eval_before: dict | None = None) -> dict:
+    """Train the round's student unless a finished one is there (resuming a killed one); returns the
+    training summary."""
+    from pipeline.stages.train import train_in
 
-    student = round_dir / "student"
-    if not (student / "train_config.json").is_file():
-        defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
-        train_in(round_dir, **{**defaults, **options, "run": label, "resume": True}, eval_before=eval_before)
-    summaries = [e for e in Journal(student / "metrics.jsonl").read() if e.get("kind") == "summary"]
+    folder = round_dir / "student"
+    if not (folder / "train_config.json").is_file():
+        train_in(round_dir, label=label, student=student, lora=lora, train=replace(train, resume=True),
+                 distill=distill, eval_before=eval_before)
+    summaries = [e for e in Journal(folder / "metrics.jsonl").read() if e.get("kind") == "summary"]
     return summaries[-1] if summaries else {}
 
 
@@ -151,29 +167,30 @@ def untrained_eval(round_dir: Path) -> dict | None:
 
 
 def eval_rows(records: list[dict], valid_ids: set[str], limit: int, seed: int) -> list[dict]:
-    """The original training examples the student is scored on (a seeded subset with --eval-limit)."""
-    from train.evaluate import pick
+    """The original training examples the student is scored on (a seeded subset with --loop.eval_limit)."""
+    from train.eval_sets import pick
 
     rows = [{**r, "messages": to_messages(r["instruction"], r["input"], r["output"])}
             for r in records if r["id"] not in valid_ids]
     return pick(rows, limit, seed)
 
 
-def score_examples(round_dir: Path, rows: list[dict], *, metric: str, max_new_tokens: int, batch_size: int,
-                   teacher: Callable[[], Teacher], grade_template: PromptTemplate) -> list[dict]:
-    """{id, score, answer, stopped, tokens} for every row: the round's student answers greedily, the
-    answer is scored; journaled per batch."""
-    from train.evaluate import _load_side, greedy_answers, rouge_l
+def score_examples(round_dir: Path, rows: list[dict], *, student: StudentSettings, metric: str, max_new_tokens: int,
+                   batch_size: int, teacher: Callable[[], Teacher], grade_template: PromptTemplate) -> list[dict]:
+    """{id, score, answer, stopped, tokens} for every row: the round's student (on `student.device`)
+    answers greedily, the answer is scored; journaled per batch."""
     from transformers import AutoTokenizer
 
-    student = round_dir / "student"
-    config = read_json(student / "train_config.json")
+    from train.eval_passes import greedy_answers, load_side
+    from train.eval_stats import rouge_l
+
+    folder = round_dir / "student"
     loaded: dict[str, Any] = {}
 
     def work(batch: list[dict]) -> tuple[list[dict], list[dict], dict]:
         if not loaded:
-            loaded["tok"] = AutoTokenizer.from_pretrained(str(student))
-            loaded["model"] = _load_side(config["student"], loaded["tok"], "auto", student)
+            loaded["tok"] = AutoTokenizer.from_pretrained(str(folder))
+            loaded["model"] = load_side(student.model, loaded["tok"], folder, student=student, merge=False)
         answers = greedy_answers(loaded["model"], loaded["tok"], batch, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size)
         if metric == "rouge":
@@ -190,7 +207,7 @@ def score_examples(round_dir: Path, rows: list[dict], *, metric: str, max_new_to
                 for r, a, s, g in zip(batch, answers, scores, grades, strict=True)]
         return kept, [], {"answers": len(batch), "tokens_out": sum(a["tokens"] for a in answers)}
 
-    fingerprint = {"adapter": file_sha256(student / "adapter_model.safetensors"), "metric": metric,
+    fingerprint = {"adapter": file_sha256(folder / "adapter_model.safetensors"), "metric": metric,
                    "max_new_tokens": max_new_tokens, "grade_prompt": grade_template.provenance()}
     scored, _, _ = run_batches(rows, work, stage="score", journal_path=round_dir / "score.journal",
                                fingerprint=fingerprint, batch_size=batch_size)
@@ -199,17 +216,17 @@ def score_examples(round_dir: Path, rows: list[dict], *, metric: str, max_new_to
 
 
 def augment(round_dir: Path, failures: list[dict], answers: dict[str, str], *, round_index: int,
-            template: PromptTemplate, teacher: Callable[[], Teacher], teacher_name: str, per_failure: int,
-            temperature: float, top_p: float, max_tokens: int, seed: int, batch_size: int,
+            template: PromptTemplate, teacher: Callable[[], Teacher], teacher_name: str, settings: LoopSettings,
             assignment: dict[str, str] | None = None) -> tuple[list[dict], list[dict], dict]:
     """New candidate records from the teacher, one request per failure, journaled per batch; the
     ledger holds parse problems and failures the teacher could not serve. With several teachers,
     `assignment` names the teacher of each failure id (a TeacherPool), and every added record's
     lineage names the teacher that actually wrote it."""
+    per_failure, seed, batch_size = settings.per_failure, settings.seed, settings.teacher_batch_size
 
     def sampling_for(failure: dict) -> Sampling:
-        return llm2llm.augment_sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                        count=per_failure,
+        return llm2llm.augment_sampling(temperature=settings.temperature, top_p=settings.top_p,
+                                        max_tokens=settings.augment_max_tokens, count=per_failure,
                                         seed=llm2llm.request_seed(seed, round_index, failure["id"]))
 
     def work(batch: list[dict]) -> tuple[list[dict], list[dict], dict]:
@@ -254,115 +271,53 @@ def augment(round_dir: Path, failures: list[dict], answers: dict[str, str], *, r
 # ---------------------------------------------------------------- the command
 
 
-def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-instruct",
-         teacher: str = "smollm2-135m-instruct", backend: str = "transformers", base_url: str | None = None,
-         api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None, metric: str = "rouge",
-         threshold: float = 0.5,
-         max_failures: int = 0, per_failure: int = 2, eval_limit: int = 0, max_new_tokens: int = 128,
-         augment_max_tokens: int = 512, temperature: float = 0.7, top_p: float = 0.9,
-         rules: str = "self-instruct", rouge_threshold: float = 0.7, train_on_seeds: bool = True,
-         valid_fraction: float = 0.1, epochs: float = 2.0, max_steps: int = -1, lr: float = 2e-4,
-         batch_size: int = 8, max_length: int = 512, seed: int = 0, teacher_batch_size: int = 16,
-         prompt: str | None = None, grade_prompt: str | None = None, distill: bool = False,
-         distill_teacher: str | None = None, distill_temperature: float = 2.0, distill_alpha: float = 0.5,
-         distill_top_k: int = 0, teachers: str | None = None, teacher_policy: str = "fixed") -> None:
+def loop(*, run: str = "demo", teacher: TeacherSettings = TeacherSettings(),
+         student: StudentSettings = StudentSettings(), lora: LoraSettings = LoraSettings(),
+         train: TrainSettings = TrainSettings(), distill: DistillSettings = DistillSettings(),
+         filter: FilterSettings = FilterSettings(), export: ExportSettings = ExportSettings(),
+         loop: LoopSettings = LoopSettings()) -> None:
     """Student-in-the-loop rounds (LLM2LLM): train, find the examples the student fails, augment them.
 
     Reads runs/<run>/filtered.jsonl and seeds.jsonl; writes loop.json, loop/data.jsonl and
-    loop/round-<r>/. Resumable: rerun the same command after a crash; a larger --rounds extends.
+    loop/round-<r>/. Resumable: rerun the same command after a crash; a larger --loop.rounds extends.
 
     Args:
         run: Run name; artifacts live in runs/<run>/.
-        rounds: Rounds of train, score, augment (each trains a fresh student on all data so far).
-        student: Student base model: the embedded alias, a local folder, a .gguf file or a Hub id.
-        teacher: Teacher that writes the new examples (and grades, with --metric judge).
-        backend: Teacher backend: transformers (in-process), vllm (GPU) or openai (any compatible server).
-        base_url: Server URL for the openai backend, e.g. http://localhost:8000/v1.
-        api_key_env: Environment variable holding the API key (never logged).
-        teacher_options: The teacher backend's own settings as comma-separated key=value pairs, e.g.
-            "timeout=300,max_retries=10" (openai), "engine=hf" or "device=cuda" (transformers).
-        metric: How an answer is scored: rouge (ROUGE-L F1 against the reference) or judge (teacher says yes/no).
-        threshold: An example whose score is below this is a failure.
-        max_failures: Augment at most this many failures per round, the worst first (0: all).
-        per_failure: New examples the teacher writes for each failure.
-        eval_limit: Score at most this many original training examples per round, a seeded subset (0: all).
-        max_new_tokens: Longest greedy student answer when scoring.
-        augment_max_tokens: Longest teacher response per failure.
-        temperature: Teacher sampling temperature for new examples.
-        top_p: Teacher nucleus sampling mass for new examples.
-        rules: Filter rules for new examples, as `sift filter --rules` (a preset or a comma list).
-        rouge_threshold: ROUGE-L F1 above which a new instruction duplicates one already in the data.
-        train_on_seeds: Include the seed examples in round 0's data (and score them).
-        valid_fraction: Share of round-0 records held out for eval loss (fixed across rounds).
-        epochs: Training passes per round.
-        max_steps: Stop each round's training after this many optimizer steps (-1: all epochs).
-        lr: Peak learning rate of each round's training.
-        batch_size: Examples per forward pass when training and when scoring.
-        max_length: Longest training example in tokens.
-        seed: Seed for the split, the scored subset, training and teacher sampling.
-        teacher_batch_size: Requests per teacher batch (and per journal entry).
-        prompt: Your own augmentation template (placeholders instruction, input, output, student_answer, count).
-        grade_prompt: Your own grading template for --metric judge (instruction, input, reference, answer).
-        distill: Train each round's student with the distillation loss of `sift train --distill`.
-        distill_teacher: Model whose token distributions the student learns, sharing its tokenizer
-            (default: --teacher, with the transformers backend).
-        distill_temperature: Softmax temperature of the distillation KL.
-        distill_alpha: Weight of the KL term; 1 - alpha weighs the cross-entropy.
-        distill_top_k: Cache the distillation teacher's top-k log-probabilities per round (0: on the fly).
-        teachers: Several teachers instead of --teacher: a teachers file (YAML/TOML: name, model, backend,
-            options, share) or comma-separated models, each optionally =share; failures are spread by share,
-            and --metric judge grades with the first.
-        teacher_policy: fixed (the shares as given) or learned (after each round, Thompson sampling on
-            whether the failures each teacher's additions targeted improved; docs/teachers.md).
+        teacher: the teacher (or teacher.pool) that writes the new examples, and grades with loop.metric judge.
+        student: the student trained each round, and where it trains and answers.
+        lora: each round's adapter.
+        train: each round's training (a round always resumes its own checkpoints).
+        distill: each round's optional distillation (distill.teacher defaults to teacher.model on the
+            transformers backend).
+        filter: the rules and ROUGE-L threshold new examples must pass (rules default: self-instruct).
+        export: the share of round-0 records held out for eval loss (valid_fraction; fixed across rounds).
+        loop: the rounds, scoring, failures and augmentation.
     """
     started = time.monotonic()
-    if distill and distill_teacher is None and backend == "transformers":
-        distill_teacher = teacher
-    recorded = ("run", "rounds", "base_url", "teacher_options")  # kept in loop.json, free to change on a rerun
-    settings = {k: v for k, v in locals().items() if k in SHAPING or k in recorded}
-    _check(rounds=rounds, metric=metric, threshold=threshold, max_failures=max_failures, per_failure=per_failure,
-           eval_limit=eval_limit, valid_fraction=valid_fraction, teacher_batch_size=teacher_batch_size,
-           temperature=temperature, top_p=top_p, augment_max_tokens=augment_max_tokens,
-           max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length, lr=lr,
-           rouge_threshold=rouge_threshold)
-    try:
-        rule_names = parse_rules(rules)
-    except ValueError as e:
-        raise SiftError(str(e), field="rules") from None
-    if teacher_policy not in policies.POLICIES:
-        raise SiftError(f"use one of {', '.join(policies.POLICIES)}, got {teacher_policy!r}",
-                        field="teacher_policy")
-    from pipeline.teachers.pool import check_teachers
-
-    specs = check_teachers(teachers, backend=backend, base_url=base_url, api_key_env=api_key_env,
-                           teacher_options=teacher_options)
-    settings["teachers"] = specs  # the resolved teachers, not the file name: an edited file is a change
-    if teacher_policy == "learned" and not (specs and len(specs) > 1):
-        raise SiftError("the learned policy needs several teachers (--teachers FILE or a,b)", field="teacher_policy")
-    if distill:
-        _check_distill(student, distill_teacher, temperature=distill_temperature, alpha=distill_alpha,
-                       top_k=distill_top_k)
-    template = load(prompt or llm2llm.AUGMENT_PROMPT)
+    sections = {"teacher": teacher, "student": student, "lora": lora, "train": train,
+                "distill": effective_distill(distill, teacher), "filter": filter, "export": export, "loop": loop}
+    rule_names, specs = check_loop(sections)
+    distill = sections["distill"]
+    template = load(loop.prompt or llm2llm.AUGMENT_PROMPT)
     template.check(llm2llm.AUGMENT_FIELDS, required={"instruction", "output"})
-    grade_template = load(grade_prompt or llm2llm.GRADE_PROMPT)
+    grade_template = load(loop.grade_prompt or llm2llm.GRADE_PROMPT)
     grade_template.check(llm2llm.GRADE_FIELDS, required={"answer"})
-    settings["prompt"], settings["grade_prompt"] = template.provenance(), grade_template.provenance()
+    settings = {"run": run, **to_dict(**sections), "teachers": specs,
+                "prompts": {"augment": template.provenance(), "grade": grade_template.provenance()}}
     directory = run_dir(run)
     loop_dir = directory / LOOP_DIR
     with locked(directory):
-        originals = original_records(directory, train_on_seeds=train_on_seeds)
+        originals = original_records(directory, train_on_seeds=loop.train_on_seeds)
         _check_settings(loop_dir / "settings.json", settings)
-        valid_ids = split_ids([r["id"] for r in originals], valid_fraction, seed)
-        rows = eval_rows(originals, valid_ids, eval_limit, seed)
+        valid_ids = split_ids([r["id"] for r in originals], export.valid_fraction, loop.seed)
+        rows = eval_rows(originals, valid_ids, loop.eval_limit, loop.seed)
         teacher_cache: dict[str, Teacher] = {}
 
         def get_teacher() -> Teacher:
             if not teacher_cache:
                 from pipeline.teachers.pool import open_teachers
 
-                teacher_cache["t"] = open_teachers(directory, teachers=teachers, teacher=teacher, backend=backend,
-                                                   batch_size=teacher_batch_size, base_url=base_url,
-                                                   api_key_env=api_key_env, teacher_options=teacher_options)
+                teacher_cache["t"] = open_teachers(directory, teacher, batch_size=loop.teacher_batch_size)
             return teacher_cache["t"]
 
         def get_grader() -> Teacher:  # with several teachers, the first grades (one judge for every round)
@@ -372,7 +327,7 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
 
         added: list[dict] = []
         summaries: list[dict] = []
-        for r in range(1, rounds + 1):
+        for r in range(1, loop.rounds + 1):
             round_dir = loop_dir / f"round-{r}"
             if (round_dir / "round.json").exists():
                 summaries.append(read_json(round_dir / "round.json"))
@@ -383,32 +338,29 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
             data = originals + [as_data(a) for a in added]
             train_part = [d for d in data if d["id"] not in valid_ids]
             write_splits(round_dir, train_part, [d for d in data if d["id"] in valid_ids])
-            summary = train_student(round_dir, f"{run}/loop/round-{r}", {
-                "student": student, "epochs": epochs, "max_steps": max_steps, "lr": lr, "batch_size": batch_size,
-                "max_length": max_length, "seed": seed, "distill": distill, "teacher": distill_teacher,
-                "distill_temperature": distill_temperature, "distill_alpha": distill_alpha,
-                "distill_top_k": distill_top_k}, eval_before=untrained_eval(loop_dir / "round-1") if r > 1 else None)
-            scored = score_examples(round_dir, rows, metric=metric, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size, teacher=get_grader, grade_template=grade_template)
+            summary = train_student(round_dir, f"{run}/loop/round-{r}", student=student, lora=lora, train=train,
+                                    distill=distill,
+                                    eval_before=untrained_eval(loop_dir / "round-1") if r > 1 else None)
+            scored = score_examples(round_dir, rows, student=student, metric=loop.metric,
+                                    max_new_tokens=loop.max_new_tokens, batch_size=train.batch_size,
+                                    teacher=get_grader, grade_template=grade_template)
             by_id = {r_["id"]: r_ for r_ in rows}
             graded = [s for s in scored if s["score"] is not None]
-            failed_all = llm2llm.select_failures(graded, threshold=threshold)
-            failures = [{**by_id[f["id"]], "score": f["score"]} for f in failed_all[:max_failures or None]]
+            failed_all = llm2llm.select_failures(graded, threshold=loop.fail_below)
+            failures = [{**by_id[f["id"]], "score": f["score"]} for f in failed_all[:loop.max_failures or None]]
             answers = {s["id"]: s["answer"] for s in scored}
-            plan = plan_teachers(loop_dir, r, specs, teacher_policy, summaries, scored, failures,
-                                 eval_loss=summary.get("eval_loss_after"), seed=seed) if specs else None
+            plan = plan_teachers(loop_dir, r, specs, loop.policy, summaries, scored, failures,
+                                 eval_loss=summary.get("eval_loss_after"), seed=loop.seed) if specs else None
             round_teacher: Callable[[], Teacher] = get_teacher
-            teacher_name = f"{backend}:{teacher}"
+            teacher_name = f"{teacher.backend}:{teacher.model}"
             if plan is not None:  # the round's shares over the teachers loaded once
                 round_pool = get_teacher().with_shares(plan["shares"])  # type: ignore[attr-defined]
                 round_teacher, teacher_name = _constant(round_pool), round_pool.identity
             candidates, ledger, counters = augment(
                 round_dir, failures, answers, round_index=r, template=template, teacher=round_teacher,
-                teacher_name=teacher_name,
-                per_failure=per_failure, temperature=temperature, top_p=top_p, max_tokens=augment_max_tokens,
-                seed=seed, batch_size=teacher_batch_size, assignment=plan["assignment"] if plan else None)
+                teacher_name=teacher_name, settings=loop, assignment=plan["assignment"] if plan else None)
             kept, rejected = filter_new(candidates, pool_instructions(data, directory / "seeds.jsonl"),
-                                        {d["id"] for d in data}, rules=rule_names, rouge_threshold=rouge_threshold)
+                                        {d["id"] for d in data}, rules=rule_names, rouge_threshold=filter.threshold)
             reasons = Counter(e["reason"] for e in [*ledger, *rejected])
             info = {
                 "round": r,
@@ -416,9 +368,9 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
                          "added_before": len(added)},
                 "train": {k: summary.get(k) for k in ("step", "train_seconds", "train_loss", "eval_loss_before",
                                                        "eval_loss_after", "tokens_per_s")},
-                "eval": {"metric": metric, "examples": len(scored), "graded": len(graded),
+                "eval": {"metric": loop.metric, "examples": len(scored), "graded": len(graded),
                          "mean_score": _mean([s["score"] for s in graded]),
-                         "pass_rate": _mean([float(s["score"] >= threshold) for s in graded]),
+                         "pass_rate": _mean([float(s["score"] >= loop.fail_below) for s in graded]),
                          "stop_rate": _mean([float(s["stopped"]) for s in scored]),
                          "failures": len(failed_all)},
                 "augment": {"failures_used": len(failures), "requests": counters.get("requests", 0),
@@ -434,19 +386,43 @@ def loop(*, run: str = "demo", rounds: int = 2, student: str = "smollm2-135m-ins
             write_json(round_dir / "round.json", info)  # last: its presence means the round is done
             added += kept
             summaries.append(info)
-            write_json(directory / "loop.json", {"settings": settings, "rounds": summaries})
+            write_json(directory / "loop.json", {"settings": scrub(settings), "rounds": summaries})
             print(round_line(info))
         final = originals + [as_data(a) for a in added]
         write_jsonl(loop_dir / "data.jsonl", ({k: v for k, v in d.items()} for d in final))
-        result = {"settings": settings, "rounds": summaries, "data": {"records": len(final), "original":
+        result = {"settings": scrub(settings), "rounds": summaries, "data": {"records": len(final), "original":
                   len(originals), "added": len(added)}, "seconds": round(time.monotonic() - started, 1)}
         write_json(directory / "loop.json", result)
-        teacher_models = ",".join(f"{t['name']}={t['model']}" for t in specs) if specs else teacher
-        record_stage(directory, "loop", settings, models={"student": student, "teacher": teacher_models},
+        teacher_models = ",".join(f"{t['name']}={t['model']}" for t in specs) if specs else teacher.model
+        record_stage(directory, "loop", settings, models={"student": student.model, "teacher": teacher_models},
                      stats=result["data"])
     print_table(summaries)
     print(f"loop: {len(originals)} original + {len(added)} added records in {loop_dir / 'data.jsonl'}; "
           f"figures in {directory / 'loop.json'}")
+
+
+def effective_distill(distill: DistillSettings, teacher: TeacherSettings) -> DistillSettings:
+    """distill.teacher defaults to the loop's teacher when that one runs here (its weights are local)."""
+    if distill.enabled and distill.teacher is None and teacher.backend == "transformers":
+        return replace(distill, teacher=teacher.model)
+    return distill
+
+
+def check_loop(sections: dict[str, Any]) -> tuple[list[str], list[dict] | None]:
+    """What the sections cannot check alone, before any model loads: the filter rules, the teachers
+    and the policy, and distillation's teacher. Returns the rule names and the pool's resolved specs."""
+    from pipeline.teachers.pool import check_teachers
+
+    try:
+        rule_names = parse_rules(sections["filter"].rules or "self-instruct")
+    except ValueError as e:
+        raise SiftError(str(e), field="filter.rules") from None
+    specs = check_teachers(sections["teacher"])
+    if sections["loop"].policy == "learned" and not (specs and len(specs) > 1):
+        raise SiftError("the learned policy needs several teachers (--teacher.pool FILE or a,b)", field="loop.policy")
+    if sections["distill"].enabled:
+        _check_distill(sections["student"], sections["distill"])
+    return rule_names, specs
 
 
 # ---------------------------------------------------------------- several teachers
@@ -506,60 +482,46 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _check(**v: Any) -> None:
-    if v["rounds"] < 1:
-        raise SiftError(f"must be >= 1, got {v['rounds']}", field="rounds")
-    if v["metric"] not in llm2llm.METRICS:
-        raise SiftError(f"use one of {', '.join(llm2llm.METRICS)}, got {v['metric']!r}", field="metric")
-    for name in ("max_failures", "eval_limit"):
-        if v[name] < 0:
-            raise SiftError(f"must be >= 0, got {v[name]}", field=name)
-    for name in ("per_failure", "teacher_batch_size"):
-        if v[name] < 1:
-            raise SiftError(f"must be >= 1, got {v[name]}", field=name)
-    if not 0 <= v["valid_fraction"] < 1:
-        raise SiftError(f"must be in [0, 1), got {v['valid_fraction']}", field="valid_fraction")
-    # the teacher's and the trainer's own settings, checked here rather than after a round of training
-    for name in ("augment_max_tokens", "max_new_tokens", "batch_size", "max_length"):
-        if v[name] < 1:
-            raise SiftError(f"must be >= 1, got {v[name]}", field=name)
-    if not v["lr"] > 0:
-        raise SiftError(f"must be > 0, got {v['lr']}", field="lr")
-    if not v["temperature"] >= 0:
-        raise SiftError(f"must be >= 0, got {v['temperature']}", field="temperature")
-    if not 0 < v["top_p"] <= 1:
-        raise SiftError(f"must be in (0, 1], got {v['top_p']}", field="top_p")
-    if not 0 <= v["rouge_threshold"] <= 1:
-        raise SiftError(f"must be in [0, 1], got {v['rouge_threshold']}", field="rouge_threshold")
-
-
-def _check_distill(student: str, teacher: str | None, **settings: Any) -> None:
+def _check_distill(student: StudentSettings, distill: DistillSettings) -> None:
     """Distillation needs the teacher's weights here and the student's tokenizer: say so before round 1."""
     from pipeline.io.models import load_tokenizer
-    from train.distill import check_settings
     from train.lora import check_teacher_tokenizer
 
-    if not teacher:
-        raise SiftError("--distill needs the teacher's weights: --distill-teacher SPEC (a model sharing the "
-                        "student's tokenizer), since the --backend teacher runs elsewhere", field="distill_teacher")
-    for name, problem in check_settings(**settings):
-        raise SiftError(problem, field=name)
-    check_teacher_tokenizer(load_tokenizer(student), student, teacher, field="distill_teacher")
+    if not distill.teacher:
+        raise SiftError("--distill.enabled needs the teacher's weights: --distill.teacher SPEC (a model sharing the "
+                        "student's tokenizer), since the teacher.backend teacher runs elsewhere",
+                        field="distill.teacher")
+    check_teacher_tokenizer(load_tokenizer(student.model), student.model, distill.teacher, field="distill.teacher")
+
+
+def shaping(settings: dict) -> dict[str, Any]:
+    """The settings that change what a round produces, by dotted name (`loop.fail_below`): every field
+    of every section but the FREE ones, and the resolved teachers and prompts."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key in SECTIONS:
+            flat.update({f"{key}.{name}": v for name, v in value.items()})
+        elif key != "run":
+            flat[key] = value
+    return {k: v for k, v in flat.items() if k not in FREE}
 
 
 def _check_settings(path: Path, settings: dict) -> None:
     """Refuse to continue a loop with settings that change what its rounds produce."""
-    shaping = {k: settings[k] for k in SHAPING}
+    current = scrub(shaping(settings))  # a teacher's base URL is kept without credentials
     if path.exists():
-        old = read_json(path)
+        old = scrub(read_json(path))
+        if old and not any("." in k for k in old):
+            raise SiftError("this loop was started by an earlier sift, before settings had sections; finish it "
+                            "with that version, or start afresh (another --run, or remove loop/)", path=path)
         # a setting added in a later version is absent from older loops: they ran with its default
-        defaults = {name: p.default for name, p in inspect.signature(loop).parameters.items()}
-        changed = sorted(k for k in SHAPING if old.get(k, defaults.get(k)) != shaping.get(k))
+        defaults = shaping(to_dict(**{name: cls() for name, cls in SECTIONS.items()}))
+        changed = sorted(k for k in current if old.get(k, defaults.get(k)) != current[k])
         if changed:
             raise SiftError(f"this loop was started with other settings (changed: {', '.join(changed)}); rerun "
-                            "with the same options (only --rounds may change), or use another --run", path=path)
+                            "with the same options (only --loop.rounds may change), or use another --run", path=path)
         return
-    write_json(path, shaping)
+    write_json(path, current)
 
 
 def round_line(info: dict) -> str:

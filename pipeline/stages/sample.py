@@ -37,11 +37,12 @@ def load_student(run: str, *, student: StudentSettings, adapter: bool = True) ->
     from transformers import AutoTokenizer
 
     from pipeline.io.models import load_model
+    from train.lora import trained_base
 
     folder = student_dir(run)
     config = read_json(folder / "train_config.json")
     tokenizer = AutoTokenizer.from_pretrained(folder)  # as trained: chat template, pad token
-    model = load_model(config["student"], dtype=student.dtype, device=student.device)
+    model = load_model(str(trained_base(config)), dtype=student.dtype, device=student.device)
     if config.get("added_tokens"):
         model.resize_token_embeddings(len(tokenizer))
     if adapter:

@@ -96,6 +96,20 @@ def _split(rows: list[_Row]) -> tuple[list[_Row], list[_Row]]:
     return rows[:take], rows[take:]
 
 
+def _wait_all(ended: list[threading.Event]) -> None:
+    """Wait until every started lane has left its decode loop, even through further Ctrl-C: a lane
+    still inside a torch op when the interpreter exits takes the process down with SIGABRT
+    ("terminate called without an active exception") instead of the clean exit 130. A lane stops at
+    its next step once `stop` is set. Events, not Thread.join: on Python 3.11 a join interrupted by
+    Ctrl-C marks a running thread as stopped, and a second join returns at once."""
+    for e in ended:
+        while not e.is_set():
+            try:
+                e.wait()
+            except KeyboardInterrupt:
+                continue
+
+
 def _llama(c: Any) -> bool:
     """Plain Llama: no biases, default RoPE, SiLU, no tensor-parallel slicing."""
     rope = (getattr(c, "rope_parameters", None) or {}).get("rope_type", "default")
@@ -372,6 +386,8 @@ class FastDecoder:
             with lock:
                 on_finish(index, ids)  # type: ignore[misc]
 
+        ended = [threading.Event() for _ in range(lanes)]
+
         def work(k: int) -> None:
             try:
                 torch.set_num_threads(per_lane)  # this thread's own setting (OpenMP and MKL keep it per thread)
@@ -380,16 +396,19 @@ class FastDecoder:
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
                 errors.append(e)
                 stop.set()
+            finally:
+                ended[k].set()
 
         workers = [threading.Thread(target=work, args=(k,), name=f"sift-decode-{k}", daemon=True)
                    for k in range(lanes)]
         try:
             for w in workers:
                 w.start()
-            for w in workers:
-                w.join()
+            for e in ended:
+                e.wait()
         finally:
             stop.set()  # an interrupt in this thread stops the lanes at their next step
+            _wait_all([e for w, e in zip(workers, ended, strict=True) if w.ident is not None])
         if errors:
             raise errors[0]
         return results

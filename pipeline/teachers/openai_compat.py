@@ -5,7 +5,9 @@
 `Request.prompt` goes to `/v1/completions`, `Request.messages` to `/v1/chat/completions`. Requests
 run concurrently (a bounded thread pool), each with a timeout, and are retried with exponential
 backoff and full jitter on 429, 408, 409, 5xx, dropped or refused connections, timeouts and
-malformed 200 responses (Retry-After is honoured, capped at `backoff_max`). A request that still
+malformed 200 responses (Retry-After is honoured, capped at `backoff_max`). One attempt may take
+`attempt_timeout` seconds and read `max_reply_bytes` at most, so a server that streams without end
+is cut off and retried rather than filling memory. A request that still
 fails comes back as a Completion with finish_reason "error", so one bad prompt never loses the
 others. The API key is read from the environment at call time and kept in no attribute.
 `first_token_probs` asks for one greedy token with its top log-probabilities (chat: `logprobs: true,
@@ -17,6 +19,7 @@ Standard library only (http.client), so nothing to install.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import http.client
 import json
@@ -24,6 +27,7 @@ import logging
 import math
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +37,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.errors import SiftError
+from pipeline.redact import redact_urls
+from pipeline.settings import API_KEY_ENV
 from pipeline.teachers.base import Completion, FinishReason, Request, Sampling
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,8 @@ STOP_REASONS = frozenset({"stop", "eos", "eos_token", "stop_sequence", "end_turn
                           "function_call"})
 LENGTH_REASONS = frozenset({"length", "max_tokens", "model_length"})
 ERROR_SNIPPET = 300  # characters of a server's error body kept in Completion.error
+MAX_REPLY_BYTES = 8 * 2**20  # a long completion is tens of KiB; 8 concurrent endless streams hold 64 MiB at most
+READ_CHUNK = 2**16
 
 
 # ---------------------------------------------------------------- pure parts
@@ -201,40 +209,77 @@ class _Retry:
     retry_after: float | None = None
 
 
+@dataclass(frozen=True)
+class OpenAIOptions:
+    """The openai backend's own settings (`--teacher.options key=value,...`), checked before any request.
+
+    Args:
+        chat: None routes prompts to /completions and messages to /chat/completions; True sends
+            plain prompts as one user message to /chat/completions (chat-only APIs); False
+            refuses chat messages.
+        concurrency: requests in flight at most.
+        timeout: seconds one attempt may wait on the socket (connect, send, each read).
+        max_retries: retries after the first attempt before a request is given up as "error".
+        backoff_base: first backoff ceiling in seconds; doubles each retry (full jitter).
+        backoff_max: ceiling of any single wait, Retry-After included.
+        total_timeout: seconds the whole generate call may take (each socket wait is cut to
+            the time left, and no attempt starts after it); None for no bound.
+        attempt_timeout: seconds one attempt may take from sending the request to the last byte
+            of the reply, however steadily bytes arrive (the socket timeout alone never fires
+            while they do); None for 2 x `timeout`. A cut attempt is retried.
+        max_reply_bytes: the largest reply body read; a longer one (an endless stream) is cut
+            there and the attempt retried.
+    """
+
+    chat: bool | None = None
+    concurrency: int = 8
+    timeout: float = 60.0
+    max_retries: int = 6
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    total_timeout: float | None = None
+    attempt_timeout: float | None = None
+    max_reply_bytes: int = MAX_REPLY_BYTES
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.max_retries < 0 or self.timeout <= 0 or self.backoff_base < 0 \
+                or self.backoff_max < 0:
+            raise SiftError("concurrency >= 1, max_retries >= 0, timeout > 0 and backoffs >= 0 required")
+        if self.total_timeout is not None and self.total_timeout <= 0:
+            raise SiftError(f"total_timeout must be > 0, got {self.total_timeout}")
+        if self.attempt_timeout is not None and not self.attempt_timeout > 0:
+            raise SiftError(f"attempt_timeout must be > 0, got {self.attempt_timeout}")
+        if self.max_reply_bytes < 1:
+            raise SiftError(f"max_reply_bytes must be >= 1, got {self.max_reply_bytes}")
+
+
 class OpenAITeacher:
     """A Teacher over the OpenAI HTTP protocol, with bounded concurrency, retries and timeouts."""
 
-    def __init__(self, model: str, *, base_url: str, api_key_env: str = "OPENAI_API_KEY",
-                 chat: bool | None = None, concurrency: int = 8, timeout: float = 60.0,
-                 max_retries: int = 6, backoff_base: float = 0.5, backoff_max: float = 30.0,
-                 total_timeout: float | None = None) -> None:
+    OPTIONS = OpenAIOptions  # the backend's own settings, for the registry and --teacher.options
+
+    def __init__(self, model: str, *, base_url: str, api_key_env: str = API_KEY_ENV, **options: Any) -> None:
         """Args:
             model: model name the server knows, sent as "model" and recorded as the teacher name.
             base_url: API root as the OpenAI SDK takes it, e.g. http://localhost:8000/v1 (a bare
                 host gets /v1).
             api_key_env: environment variable holding the key, read at each call; unset sends none.
-            chat: None routes prompts to /completions and messages to /chat/completions; True sends
-                plain prompts as one user message to /chat/completions (chat-only APIs); False
-                refuses chat messages.
-            concurrency: requests in flight at most.
-            timeout: seconds one attempt may wait on the socket (connect, send, each read).
-            max_retries: retries after the first attempt before a request is given up as "error".
-            backoff_base: first backoff ceiling in seconds; doubles each retry (full jitter).
-            backoff_max: ceiling of any single wait, Retry-After included.
-            total_timeout: seconds the whole generate call may take (each socket wait is cut to
-                the time left, and no attempt starts after it); None for no bound.
+            options: the fields of OpenAIOptions (concurrency, timeout, retries, ...).
         """
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise SiftError(f"base_url must be an http(s) URL, got {base_url!r}")
-        if concurrency < 1 or max_retries < 0 or timeout <= 0 or backoff_base < 0 or backoff_max < 0:
-            raise SiftError("concurrency >= 1, max_retries >= 0, timeout > 0 and backoffs >= 0 required")
-        if total_timeout is not None and total_timeout <= 0:
-            raise SiftError(f"total_timeout must be > 0, got {total_timeout}")
+            raise SiftError(f"base_url must be an http(s) URL, got {redact_urls(base_url)!r}")
+        try:
+            o = OpenAIOptions(**options)
+        except TypeError as e:  # an unknown keyword
+            raise SiftError(f"the openai backend: {e}") from None
         self.name = model
-        self.model, self.base_url, self.api_key_env, self.chat = model, base_url.rstrip("/"), api_key_env, chat
-        self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
-        self.backoff_base, self.backoff_max, self.total_timeout = backoff_base, backoff_max, total_timeout
+        self.model, self.base_url, self.api_key_env, self.chat = model, base_url.rstrip("/"), api_key_env, o.chat
+        self.shown_url = redact_urls(self.base_url)  # what messages, logs and provenance show
+        self.concurrency, self.timeout, self.max_retries = o.concurrency, o.timeout, o.max_retries
+        self.backoff_base, self.backoff_max, self.total_timeout = o.backoff_base, o.backoff_max, o.total_timeout
+        self.attempt_timeout = 2 * o.timeout if o.attempt_timeout is None else o.attempt_timeout
+        self.max_reply_bytes = o.max_reply_bytes
         self._https = parts.scheme == "https"
         self._host, self._port = parts.hostname, parts.port
         self._prefix = parts.path.rstrip("/") or "/v1"  # like the OpenAI SDK: the path includes the version
@@ -247,10 +292,10 @@ class OpenAITeacher:
 
     def describe(self) -> dict:
         """Provenance: what produced the data, never the key."""
-        return {"model": self.model, "base_url": self.base_url, "api_key_env": self.api_key_env}
+        return {"model": self.model, "base_url": self.shown_url, "api_key_env": self.api_key_env}
 
     def __repr__(self) -> str:
-        return f"OpenAITeacher(model={self.model!r}, base_url={self.base_url!r})"
+        return f"OpenAITeacher(model={self.model!r}, base_url={self.shown_url!r})"
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         """Complete every request, in input order; failures come back as finish_reason "error"."""
@@ -267,7 +312,7 @@ class OpenAITeacher:
             results = list(pool.map(lambda r: self._complete(r, key, deadline), requests))
         if self.stats["missing_usage"]:
             log.warning("%d of %d responses from %s carried no usage: their token counts are 0",
-                        self.stats["missing_usage"], len(requests), self.base_url)
+                        self.stats["missing_usage"], len(requests), self.shown_url)
         return results
 
     def first_token_probs(self, requests: Sequence[Request], *, top: int = 20,
@@ -300,7 +345,7 @@ class OpenAITeacher:
         if refusals and not self._logprobs_noted:
             self._logprobs_noted = True
             log.warning("%s gives no log-probabilities for %s (%s): its ratings are parsed from a sampled "
-                        "reply instead", self.base_url, self.model, refusals[0])
+                        "reply instead", self.shown_url, self.model, refusals[0])
         return dists
 
     def _first_token(self, request: Request, key: str | None, deadline: float | None,
@@ -352,8 +397,9 @@ class OpenAITeacher:
             self._count("attempts", counters)
             if attempt:
                 self._count("retries", counters)
-            outcome = self._attempt(path, payload, key, parse,
-                                    timeout=self.timeout if remaining is None else min(self.timeout, remaining))
+            outcome = self._attempt(
+                path, payload, key, parse, timeout=self.timeout if remaining is None else min(self.timeout, remaining),
+                limit=self.attempt_timeout if remaining is None else min(self.attempt_timeout, remaining))
             if not isinstance(outcome, _Retry):
                 return outcome
             failure = outcome.reason
@@ -368,22 +414,39 @@ class OpenAITeacher:
         return None, self._redact(f"{failure} ({attempts} attempt(s))", key), False
 
     def _attempt(self, path: str, payload: bytes, key: str | None, parse: Callable[[object], Any], *,
-                 timeout: float) -> tuple[Any, str | None, bool] | _Retry:
-        """One HTTP exchange: (parsed value, None, False), a final (None, error, True), or a reason to retry."""
+                 timeout: float, limit: float) -> tuple[Any, str | None, bool] | _Retry:
+        """One HTTP exchange: (parsed value, None, False), a final (None, error, True), or a reason to
+        retry. `timeout` bounds each socket wait, `limit` the whole exchange after connecting: a
+        timer shuts the socket down at `limit`, which ends any read in progress."""
         cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
         conn = cls(self._host, self._port, timeout=timeout)
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if key:
             headers["Authorization"] = f"Bearer {key}"
+        expired = threading.Event()
+        timer: threading.Timer | None = None
         try:
+            conn.connect()  # bounded by the socket timeout; the timer needs the socket
+            # the socket itself, not conn.sock: a reply that ends with the connection detaches it
+            timer = threading.Timer(limit, _cut, args=(conn.sock, expired))
+            timer.daemon = True
+            timer.start()
             conn.request("POST", path, body=payload, headers=headers)
             resp = conn.getresponse()
-            status, retry_after, raw = resp.status, resp.getheader("Retry-After"), resp.read()
-        except TimeoutError:
-            return _Retry(f"no answer within {timeout:.3g}s")
-        except (OSError, http.client.HTTPException) as e:  # refused, reset, dropped, truncated body
+            status, retry_after = resp.status, resp.getheader("Retry-After")
+            raw = read_capped(resp, self.max_reply_bytes, expired)
+        except ReplyTooLarge as e:
+            return _Retry(str(e))
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, dropped, truncated body, timeouts
+            if expired.is_set():
+                which = "attempt_timeout" if limit >= self.attempt_timeout else "total_timeout"
+                return _Retry(f"no complete reply within {limit:.3g}s ({which})")
+            if isinstance(e, TimeoutError):
+                return _Retry(f"no answer within {timeout:.3g}s")
             return _Retry(f"connection problem: {type(e).__name__}: {e}".rstrip(": "))
         finally:
+            if timer is not None:
+                timer.cancel()
             conn.close()
         if status == 200:
             try:
@@ -402,7 +465,40 @@ class OpenAITeacher:
 
     @staticmethod
     def _redact(text: str, key: str | None) -> str:
-        return text.replace(key, "***") if key else text
+        """An error for the ledger: without the key (a server may echo it) or a URL's credentials."""
+        return redact_urls(text.replace(key, "***") if key else text)
+
+
+class ReplyTooLarge(Exception):
+    """A reply body past max_reply_bytes (retried)."""
+
+
+def read_capped(resp: http.client.HTTPResponse, cap: int, expired: threading.Event | None = None) -> bytes:
+    """The whole body of `resp`, refusing to hold more than `cap` bytes: a server streaming without
+    end (or announcing more) raises ReplyTooLarge after at most cap + 1 bytes were read."""
+    announced = resp.length
+    if announced is not None and announced > cap:
+        raise ReplyTooLarge(f"the reply announces {announced} bytes, more than max_reply_bytes={cap}")
+    chunks, size = [], 0
+    while True:
+        if expired is not None and expired.is_set():
+            raise TimeoutError("attempt_timeout")
+        chunk = resp.read(min(READ_CHUNK, cap + 1 - size))
+        if not chunk:
+            if announced is not None and size < announced:  # read(amt), unlike read(), does not say so
+                raise http.client.IncompleteRead(b"".join(chunks), announced - size)
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > cap:
+            raise ReplyTooLarge(f"the reply is longer than max_reply_bytes={cap}")
+
+
+def _cut(sock: socket.socket, expired: threading.Event) -> None:
+    """The attempt timer's action: shut the socket down, so a read in progress returns."""
+    expired.set()
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _error_text(raw: bytes) -> str:

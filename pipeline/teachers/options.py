@@ -9,13 +9,15 @@ settings (`--teacher.model`, `--teacher.backend`, `--teacher.base_url`, `--teach
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SiftError
+from pipeline.settings import API_KEY_ENV
 from pipeline.teachers.base import Teacher
 from pipeline.teachers.cache import CachedTeacher
-from pipeline.typed import converter, unwrap_optional
+from pipeline.typed import converter, short, unwrap_optional
 
 BACKENDS = ("transformers", "vllm", "openai")
 CACHE_FILE = Path("cache") / "teacher.jsonl"
@@ -52,12 +54,9 @@ def check_teacher_options(raw: dict[str, Any], backend: str, *, field: str = OPT
                           path: Path | None = None, line: int | None = None) -> dict[str, Any]:
     """The backend's own keyword options from raw values (strings from the command line, or typed
     values from a teachers file), each converted to the option's type; one SiftError otherwise."""
-    import typing
+    from pipeline.teachers.registry import backend_options, option_hints
 
-    from pipeline.teachers.registry import backend_options, teacher_class
-
-    cls = teacher_class(backend)
-    hints = typing.get_type_hints(cls.__init__)
+    hints = option_hints(backend)
     settable = {name: hints.get(name, str) for name in backend_options(backend)
                 if name not in RESERVED and unwrap_optional(hints.get(name, str))[0] in (bool, int, float, str)}
     listing = ", ".join(f"{k} ({unwrap_optional(h)[0].__name__})" for k, h in settable.items())
@@ -72,16 +71,20 @@ def check_teacher_options(raw: dict[str, Any], backend: str, *, field: str = OPT
         hint = settable[key]
         given: Any = None if isinstance(value, str) and value.lower() == "none" and unwrap_optional(hint)[1] \
             else value
+        kind = KINDS.get(unwrap_optional(hint)[0], "a string")
         try:
-            options[key] = converter(hint, key)(given)
-        except (ValueError, TypeError):
-            kind = KINDS.get(unwrap_optional(hint)[0], "a string")
-            raise SiftError(f"{key}: expected {kind}, got {value!r}", field=field, path=path, line=line) from None
+            converted = converter(hint, key)(given)
+        except (ValueError, TypeError, OverflowError) as e:  # OverflowError: int(inf) from a YAML .inf
+            reason = str(e) if "finite" in str(e) else f"expected {kind}, got {short(value)}"
+            raise SiftError(f"{key}: {reason}", field=field, path=path, line=line) from None
+        if isinstance(converted, float) and not math.isfinite(converted):  # nan, inf, 1e999: no setting means them
+            raise SiftError(f"{key}: expected a finite number, got {value!r}", field=field, path=path, line=line)
+        options[key] = converted
     return options
 
 
 def make_backend(*, teacher: str, backend: str, batch_size: int, base_url: str | None = None,
-                 api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None,
+                 api_key_env: str = API_KEY_ENV, teacher_options: str | None = None,
                  checked_options: dict[str, Any] | None = None) -> Teacher:
     """The uncached teacher (loads the model for in-process backends); `teacher_options` are the
     backend's own settings as key=value pairs (see `parse_teacher_options`), `checked_options` the
@@ -109,7 +112,7 @@ def make_backend(*, teacher: str, backend: str, batch_size: int, base_url: str |
 
 
 def open_teacher(directory: Path, *, teacher: str, backend: str, batch_size: int,
-                 base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+                 base_url: str | None = None, api_key_env: str = API_KEY_ENV,
                  teacher_options: str | None = None) -> CachedTeacher:
     inner = make_backend(teacher=teacher, backend=backend, batch_size=batch_size, base_url=base_url,
                          api_key_env=api_key_env, teacher_options=teacher_options)

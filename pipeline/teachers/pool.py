@@ -8,10 +8,13 @@ Each generate() call (a round of `sift generate`, a batch of classify or instanc
 afresh by `apportion`: request k goes to the teacher furthest below its share after k requests, so
 every prefix of a call, and the call itself, gives each teacher its share to within one request,
 and the same call on a resume gets the same assignment. A teacher that fails every request it is
-sent in a call is marked down (`pool.down` says why): those requests, and its share from then on,
-go to the others. Each teacher keeps its own cache, runs/<run>/cache/teachers/<name>.jsonl, and its
-own figures (`usage`: requests, tokens, seconds, errors, cache hits). Without teacher.pool,
-`open_teachers` returns the single cached teacher exactly as before.
+sent in a call is marked down (`pool.down` says why): those requests go to the others, and so does
+its share while it cools down, for 1, 2, 4, ... calls (at most COOL_DOWN_MAX) after 1, 2, 3, ...
+such calls in a row (`Health`). Then it is sent its share again; the first request it serves
+brings it back (`pool.recovered` counts the outages it came back from). When every teacher is down
+or cooling down, all are tried at once rather than none. Each teacher keeps its own cache,
+runs/<run>/cache/teachers/<name>.jsonl, and its own figures (`usage`: requests, tokens, seconds,
+errors, cache hits). Without teacher.pool, `open_teachers` returns the single cached teacher as before.
 
 `first_token_probs(requests, names=pool.assign(n))` (the judge's G-Eval rating, logprobs.py) asks
 each request's member for its first-token distribution: a pool of judges gives log-probabilities
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.errors import SiftError
@@ -34,6 +37,44 @@ from pipeline.teachers.specs import TeacherSpec, parse_teachers
 
 CACHE_DIR = Path("cache") / "teachers"
 USAGE_KEYS = ("requests", "tokens_in", "tokens_out", "teacher_seconds", "errors", "cache_hits")
+COOL_DOWN_MAX = 16  # calls a down teacher sits out at most before it is tried again
+
+
+def cool_down(failed_calls: int) -> int:
+    """Calls a teacher sits out after `failed_calls` calls in a row in which it failed everything:
+    1, 2, 4, ... up to COOL_DOWN_MAX (exponential backoff counted in calls, so a resumed run and a
+    test see the same schedule whatever the clock says)."""
+    return min(COOL_DOWN_MAX, 2 ** max(0, failed_calls - 1))
+
+
+@dataclass
+class Health:
+    """Which members are down, since how many failed calls, and for how many more calls they rest.
+    Shared by a pool and its `with_shares` copies."""
+
+    down: dict[str, str] = field(default_factory=dict)  # name -> the error of its last all-failed call
+    failed_calls: dict[str, int] = field(default_factory=dict)  # all-failed calls in a row
+    resting: dict[str, int] = field(default_factory=dict)  # calls still to sit out
+    recovered: dict[str, int] = field(default_factory=dict)  # outages a member came back from
+
+    def start_call(self) -> set[str]:
+        """The members that sit this call out (counting the call against their rest)."""
+        out = {n for n, left in self.resting.items() if left > 0}
+        for n in out:
+            self.resting[n] -= 1
+        return out
+
+    def failed(self, name: str, why: str) -> None:
+        self.failed_calls[name] = self.failed_calls.get(name, 0) + 1
+        self.resting[name] = cool_down(self.failed_calls[name])
+        self.down[name] = why
+
+    def served(self, name: str) -> None:
+        if name in self.down:
+            self.recovered[name] = self.recovered.get(name, 0) + 1
+        self.down.pop(name, None)
+        self.failed_calls.pop(name, None)
+        self.resting.pop(name, None)
 
 
 def apportion(count: int, shares: Sequence[float]) -> list[int]:
@@ -86,9 +127,18 @@ class TeacherPool:
         self.name = "+".join(names)
         # what the stages' journal fingerprints see: each member's identity and share
         self.identity = "pool:" + canonical_json([[m.name, m.provenance()["identity"], m.share] for m in members])
-        self.down: dict[str, str] = {}  # name -> the first error of the call in which it failed everything
+        self.health = Health()
         self.usage: dict[str, dict[str, float]] = {n: dict.fromkeys(USAGE_KEYS, 0) for n in names}
         self.last_usage: dict[str, dict[str, float]] = {}  # the last generate() call's, per member called
+
+    @property
+    def down(self) -> dict[str, str]:
+        """The members down now (failed every request of their last call), with that call's error."""
+        return self.health.down
+
+    @property
+    def recovered(self) -> dict[str, int]:
+        return self.health.recovered
 
     @property
     def shares(self) -> dict[str, float]:
@@ -99,9 +149,9 @@ class TeacherPool:
         return sum(getattr(m.teacher, "hits", 0) for m in self.members.values())
 
     def with_shares(self, shares: dict[str, float]) -> TeacherPool:
-        """The same loaded teachers with other shares (a loop round's); `down` carries over."""
+        """The same loaded teachers with other shares (a loop round's); their health carries over."""
         pool = TeacherPool([replace(m, share=float(shares.get(n, 0.0))) for n, m in self.members.items()])
-        pool.down, pool.usage = self.down, self.usage
+        pool.health, pool.usage = self.health, self.usage
         return pool
 
     def provenance(self, name: str) -> dict:
@@ -109,13 +159,22 @@ class TeacherPool:
 
     def describe(self) -> dict:
         return {"teachers": [{**m.provenance(), "share": m.share} for m in self.members.values()],
-                "down": dict(self.down)}
+                "down": dict(self.down), "recovered": dict(self.recovered)}
 
     def assign(self, count: int) -> list[str]:
-        """The member name of each of `count` requests, by share among the teachers not down."""
-        live = [n for n, m in self.members.items() if m.share > 0 and n not in self.down]
+        """The member name of each of `count` requests, by share among the teachers not resting
+        (among all of them when every one is)."""
+        return self._assign(count, self._resting())
+
+    def _resting(self) -> set[str]:
+        out = {n for n, left in self.health.resting.items() if left > 0}
+        return out if self._assign(1, out) else set()
+
+    def _assign(self, count: int, out: set[str]) -> list[str]:
+        """As `assign`, leaving out the members in `out` (resting, or failed in this call)."""
+        live = [n for n, m in self.members.items() if m.share > 0 and n not in out]
         if not live:
-            live = [n for n in self.members if n not in self.down]  # shares all gone to down teachers
+            live = [n for n in self.members if n not in out]  # shares all gone to members left out
         if not live:
             return []
         shares = [self.members[n].share for n in live]
@@ -135,12 +194,17 @@ class TeacherPool:
         pending = list(range(len(requests)))
         wanted: list[str | None] = list(names)
         last_error: dict[int, Completion] = {}
+        if not requests:
+            return []
+        out = self.health.start_call()  # resting members; those that fail in this call join them
+        if not self._assign(1, out):
+            out = set()  # every teacher is resting: try them all rather than none
         while pending:
             moved = [i for i in pending if wanted[i] is None or wanted[i] not in self.members
-                     or wanted[i] in self.down]
-            for i, name in zip(moved, self.assign(len(moved)), strict=False):
+                     or wanted[i] in out]
+            for i, name in zip(moved, self._assign(len(moved), out), strict=False):
                 wanted[i] = name
-            if moved and not self.assign(1):  # every teacher is down: the last errors stand
+            if moved and not self._assign(1, out):  # every teacher failed in this call: the last errors stand
                 for i in pending:
                     results[i] = last_error.get(i) or Completion("", 0, 0, "error", error="every teacher is down")
                 break
@@ -153,11 +217,13 @@ class TeacherPool:
                 prov = self.members[name].provenance()
                 stamped = [replace(c, teacher=prov) for c in completions]
                 if all(c.finish_reason == "error" for c in stamped):
-                    self.down.setdefault(name, stamped[0].error or "error")
+                    self.health.failed(name, stamped[0].error or "error")
+                    out.add(name)
                     for i, c in zip(positions, stamped, strict=True):
                         last_error[i] = c
                     pending += positions  # their share goes to the others
                     continue
+                self.health.served(name)
                 for i, c in zip(positions, stamped, strict=True):
                     results[i] = c
             pending.sort()
@@ -178,7 +244,8 @@ class TeacherPool:
         wanted = list(names) if names is not None else self.assign(len(requests))
         if len(wanted) != len(requests):
             raise ValueError(f"{len(wanted)} teacher names for {len(requests)} requests")
-        moved = [i for i, n in enumerate(wanted) if n is None or n not in self.members or n in self.down]
+        resting = self._resting()
+        moved = [i for i, n in enumerate(wanted) if n is None or n not in self.members or n in resting]
         for i, name in zip(moved, self.assign(len(moved)), strict=False):
             wanted[i] = name
         out: list[dict[str, float] | None] = [None] * len(requests)

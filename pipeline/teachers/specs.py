@@ -15,8 +15,11 @@ A teachers file (YAML or TOML) lists each teacher under `teachers:` (or as a top
         model: gemma-3-270m
         share: 1
 
-On the command line, models are comma-separated, each optionally `=share`, and all use the
-teacher section's backend, base_url and options. A mistake is one SiftError naming file, line and field.
+An entry without `backend` takes the teacher section's backend; an entry on the stage's backend also takes
+its base_url and api_key_env where it names none, and its options under its
+own `options` (the entry's own values win). On the command line, models are comma-separated, each
+optionally `=share`, and all use the teacher section's backend, base_url and options. A mistake
+is one SiftError naming file, line and field.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SiftError
+from pipeline.settings import API_KEY_ENV
 
 FILE_SUFFIXES = (".yaml", ".yml", ".toml")
 KEYS = ("name", "model", "backend", "share", "base_url", "api_key_env", "options")
@@ -43,7 +47,7 @@ class TeacherSpec:
     backend: str = "transformers"  # transformers | vllm | openai
     share: float = 1.0  # relative share of the requests; 0 sends it none
     base_url: str | None = None  # for the openai backend
-    api_key_env: str = "OPENAI_API_KEY"  # environment variable with the key (never logged)
+    api_key_env: str = API_KEY_ENV  # environment variable with the key (never logged)
     options: dict[str, Any] = field(default_factory=dict)  # the backend's own options, already converted
 
     def to_dict(self) -> dict[str, Any]:
@@ -59,15 +63,17 @@ def default_name(model: str) -> str:
 
 
 def parse_teachers(text: str, *, backend: str = "transformers", base_url: str | None = None,
-                   api_key_env: str = "OPENAI_API_KEY", teacher_options: str | None = None) -> list[TeacherSpec]:
+                   api_key_env: str = API_KEY_ENV, teacher_options: str | None = None) -> list[TeacherSpec]:
     """A teachers file, or comma-separated models each optionally `=share` (using the stage's backend)."""
     text = text.strip()
     if not text:
         raise SiftError("empty: give a teachers file or comma-separated models", field=POOL_FIELD)
-    if text.endswith(FILE_SUFFIXES) or (Path(text).is_file() and "," not in text):
-        return read_teachers_file(Path(text))
     from pipeline.teachers.options import parse_teacher_options
 
+    if text.endswith(FILE_SUFFIXES) or (Path(text).is_file() and "," not in text):
+        stage = StageTeacher(backend=backend, base_url=base_url, api_key_env=api_key_env,
+                             options=parse_teacher_options(teacher_options, backend))
+        return read_teachers_file(Path(text), stage=stage)
     options = parse_teacher_options(teacher_options, backend)
     specs = []
     for item in (p.strip() for p in text.split(",")):
@@ -80,8 +86,20 @@ def parse_teachers(text: str, *, backend: str = "transformers", base_url: str | 
     return _checked(specs, path=None, lines=None)
 
 
-def read_teachers_file(path: Path) -> list[TeacherSpec]:
-    """Teacher specs from a YAML or TOML file (see the module docstring for the shape)."""
+@dataclass(frozen=True)
+class StageTeacher:
+    """The stage's own teacher settings, which a teachers-file entry inherits (see the module docstring)."""
+
+    backend: str = "transformers"
+    base_url: str | None = None
+    api_key_env: str = API_KEY_ENV
+    options: dict[str, Any] = field(default_factory=dict)  # teacher.options, converted for `backend`
+
+
+def read_teachers_file(path: Path, *, stage: StageTeacher | None = None) -> list[TeacherSpec]:
+    """Teacher specs from a YAML or TOML file (see the module docstring for the shape); `stage`:
+    the settings an entry inherits (default: the transformers backend and nothing else)."""
+    stage = stage or StageTeacher()
     from pipeline.io.files import MAX_SETTINGS_BYTES, read_bounded  # one reader for every file's errors
 
     data = read_bounded(path, MAX_SETTINGS_BYTES)
@@ -104,16 +122,18 @@ def read_teachers_file(path: Path) -> list[TeacherSpec]:
         model = item.get("model")
         if not isinstance(model, str) or not model.strip():
             raise SiftError("missing or not a string", path=path, line=line, field=f"{where}.model")
-        backend = item.get("backend", "transformers")
+        backend = item.get("backend", stage.backend)
         if backend not in BACKENDS:
             raise SiftError(f"unknown backend {backend!r} (choose one of {', '.join(BACKENDS)})", path=path,
                             line=line, field=f"{where}.backend")
         for key in ("name", "base_url", "api_key_env"):
             if key in item and not isinstance(item[key], str):
                 raise SiftError("not a string", path=path, line=line, field=f"{where}.{key}")
-        if backend == "openai" and not item.get("base_url"):
-            raise SiftError("the openai backend needs base_url (e.g. http://localhost:8000/v1)", path=path,
-                            line=line, field=f"{where}.base_url")
+        inherits = backend == stage.backend  # the stage's server, key and options fit its own backend only
+        base_url = item.get("base_url") or (stage.base_url if inherits else None)
+        if backend == "openai" and not base_url:
+            raise SiftError("the openai backend needs base_url (e.g. http://localhost:8000/v1), here or as the "
+                            "stage's --base-url", path=path, line=line, field=f"{where}.base_url")
         raw_options = item.get("options") or {}
         if isinstance(raw_options, str):
             from pipeline.teachers.options import parse_teacher_options
@@ -126,10 +146,13 @@ def read_teachers_file(path: Path) -> list[TeacherSpec]:
             options = check_teacher_options(raw_options, backend, field=f"{where}.options", path=path, line=line)
         else:
             raise SiftError("expected a mapping (or key=value text)", path=path, line=line, field=f"{where}.options")
+        if inherits:
+            options = {**stage.options, **options}
         specs.append(TeacherSpec(
             name=item.get("name") or default_name(model), model=model.strip(), backend=backend,
-            share=_share(item.get("share", 1.0), field=f"{where}.share", path=path, line=line),
-            base_url=item.get("base_url"), api_key_env=item.get("api_key_env", "OPENAI_API_KEY"), options=options))
+            share=_share(item.get("share", 1.0), field=f"{where}.share", path=path, line=line), base_url=base_url,
+            api_key_env=item.get("api_key_env") or (stage.api_key_env if inherits else API_KEY_ENV),
+            options=options))
     return _checked(specs, path=path, lines=lines)
 
 

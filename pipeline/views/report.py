@@ -18,9 +18,10 @@ from typing import Any
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import check_output_suffix, iter_jsonl, read_json, read_records, write_text
-from pipeline.io.runs import MANIFEST, locked, record_stage, run_dir
+from pipeline.io.runs import MANIFEST, locked, record_stage, run_dir, scrub
 from pipeline.views import plots
 from pipeline.views.federated import federate_section
+from pipeline.views.refined import refine_section
 from pipeline.views.scores import scores_section
 from pipeline.views.stats import (
     contamination,
@@ -432,7 +433,7 @@ def manifest_section(d: Path) -> str:
     path = d / MANIFEST
     if not path.is_file():
         return _missing("No manifest.json yet.")
-    m = read_json(path)
+    m = scrub(read_json(path))  # a manifest written before URLs were scrubbed shows none either
     out = []
     stages = m.get("stages") or {}
     if stages:
@@ -498,7 +499,7 @@ def teachers_section(d: Path) -> str:
                            "seconds", "errors"], rows, {1, 2, 3, 5, 6, 7, 8}))
         down = doc.get("teachers_down") or {}
         out += [f"<p>teacher <code>{_e(n)}</code> failed every request it was sent; its share went to the "
-                f"others: {_e(why)}</p>" for n, why in down.items()]
+                f"others: {_e(scrub(why))}</p>" for n, why in down.items()]
     loop = d / "loop.json"
     loop_doc = read_json(loop) if loop.is_file() else None
     rounds = [r for r in (loop_doc.get("rounds") or []) if isinstance(r, dict) and r.get("teachers")] \
@@ -539,6 +540,7 @@ def build_page(run: str, d: Path, *, against: str | None = None) -> str:
         ("verbs", "Root verbs and direct objects", verbs_section(data)),
         ("training", "Training curves", training_section(d)),
         ("scores", "Scores: IFD, judge, length, reward; highest and lowest examples", scores_section(d)),
+        ("refine", "Refinement: the teacher's rewrites and the student's choice", refine_section(d)),
         ("eval", "Evaluation: base and student", eval_section(d)),
         ("loop", "Student-in-the-loop rounds (LLM2LLM)", loop_section(d)),
         ("federate", "Federated LoRA: NLL per round", federate_section(d)),

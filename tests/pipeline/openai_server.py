@@ -10,8 +10,13 @@ attempt number: `faults` is a dict of key -> list of faults for successive attem
 function (key, attempt) -> fault or None. Faults: "429" (with Retry-After `retry_after`), "500",
 "503", "408", "400", "401", "drop" (close without a response), "reset" (TCP RST), "slow" (answer
 after `slow_seconds`, uncounted), "truncated" (200 with half the JSON), "short_body" (promises more
-bytes than it sends), "schema" (200 without choices), "no_usage" (a success without usage).
+bytes than it sends), "schema" (200 without choices), "no_usage" (a success without usage),
+"endless" (a 200 whose body never ends, sent as fast as the client reads), "drip" (a 200 whose body
+never ends, one byte every 20 ms, so no socket wait ever times out). Both stop when the client hangs up.
 Only clean successes are counted in `successes`, so a retried request shows up exactly once.
+`stop()` and `restart()` take the server down (connections refused) and up again on the same port.
+`rendezvous=k`: the first k requests are held until all k are in flight (a barrier), so a test of
+concurrency sees k at once however loaded the machine is.
 `reply(body) -> (text, finish_reason)` replaces the echo, for stage tests that need real-looking answers.
 `logprobs(body) -> {token: probability} or None`: a request for one token with log-probabilities
 (chat `logprobs: true, top_logprobs: k`; completions `logprobs: k`) gets the k most likely of these
@@ -51,7 +56,7 @@ class FakeOpenAI:
 
     def __init__(self, faults: FaultSchedule | None = None, *, delay: float = 0.0,
                  slow_seconds: float = 1.0, retry_after: str | None = "0", reply: Reply | None = None,
-                 logprobs: Logprobs | None = None, reject_logprobs: bool = False) -> None:
+                 logprobs: Logprobs | None = None, reject_logprobs: bool = False, rendezvous: int = 0) -> None:
         self.faults = faults or {}
         self.reply = reply
         self.logprobs, self.reject_logprobs = logprobs, reject_logprobs
@@ -64,9 +69,14 @@ class FakeOpenAI:
         self.auth_headers: list[str | None] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        # the first `rendezvous` requests wait for each other before any is answered (60 s at most)
+        self._barrier = threading.Barrier(rendezvous, timeout=60) if rendezvous > 1 else None
+        self._arrivals = 0
+        self.rendezvous_broken = False  # the barrier timed out: fewer than `rendezvous` were ever in flight
         self._httpd = _Server(("127.0.0.1", 0), _handler_for(self))
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
+        self._up = False
 
     @property
     def url(self) -> str:
@@ -74,13 +84,31 @@ class FakeOpenAI:
         return f"http://{host}:{port}/v1"
 
     def __enter__(self) -> FakeOpenAI:
-        self._thread.start()
+        self._start()
         return self
 
+    def _start(self) -> None:
+        self._thread.start()
+        self._up = True
+
     def __exit__(self, *exc: object) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
+        self.stop()
+
+    def stop(self) -> None:
+        """Go down: stop serving and close the listening socket, so connections are refused."""
+        if self._up:
+            self._up = False
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._thread.join(timeout=5)
+
+    def restart(self) -> None:
+        """Come back up on the same address after `stop`."""
+        if not self._up:
+            self._httpd = _Server(self._httpd.server_address[:2], _handler_for(self))
+            self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                            daemon=True)
+            self._start()
 
     def fault_for(self, key: str, attempt: int) -> str | None:
         if callable(self.faults):
@@ -157,11 +185,25 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 server.max_in_flight = max(server.max_in_flight, server.in_flight)
             self._counted = True
             try:
+                self._meet()
                 self._serve()
             except OSError:  # the client gave up (timeout) before the answer: what a real server sees
                 self.close_connection = True
             finally:
                 self._leave()
+
+        def _meet(self) -> None:
+            """Hold one of the first `rendezvous` requests until all of them are in flight."""
+            if server._barrier is None:
+                return
+            with server.lock:
+                server._arrivals += 1
+                first = server._arrivals <= server._barrier.parties
+            if first:
+                try:
+                    server._barrier.wait()
+                except threading.BrokenBarrierError:
+                    server.rendezvous_broken = True
 
         def _leave(self) -> None:
             """Out of flight, once: before the answer is written, since the client may send its next
@@ -220,6 +262,18 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(data)
                 self.close_connection = True
                 return None
+            if fault in ("endless", "drip"):
+                self._leave()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()  # no Content-Length: the body ends when the connection does
+                self.close_connection = True
+                piece = b" " * (1 if fault == "drip" else 65536)
+                while True:  # until the client hangs up (BrokenPipe / ConnectionReset: an OSError)
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                    if fault == "drip":
+                        time.sleep(0.02)
             if fault == "schema":
                 return self._send(200, {"object": "text_completion", "result": reply_text(key)})
             if fault not in (None, "no_usage"):

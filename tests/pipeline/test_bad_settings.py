@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,16 +24,24 @@ def _files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if not p.name.endswith(".lock")}
 
 
+def _no_model(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a model was built before the settings were checked")
+
+
 def _fails(argv: list[str], root: Path, capsys: pytest.CaptureFixture[str], *expected: str) -> str:
+    """The command fails with one line naming what is expected, writes nothing, and builds no model
+    (every torch module is built through nn.Module.__init__, which trips here): checked first."""
+    import torch
+
     before = _files(root)
-    started = time.monotonic()
-    assert main(argv) == 2
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.Module, "__init__", _no_model)
+        assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("sift: error: ") and err.count("\n") == 1 and "internal error" not in err, err
     for s in expected:
         assert s in err, f"{s!r} not in {err!r}"
     assert _files(root) == before  # nothing written
-    assert time.monotonic() - started < 20  # checked first, not after loading a model or training
     return err
 
 
@@ -58,12 +65,16 @@ INSTRUCTION = {"id": "i1", "instruction": "Name three primary colors.", "input":
     (["instances", "--run", "r", "--teacher.model", " "], "teacher.model"),
     (["filter", "--run", "r", "--filter.workers", "0"], "filter.workers"),
     (["filter", "--run", "r", "--filter.top_k", "-1"], "filter.top_k"),
-    (["loop", "--run", "r", "--top-p", "0"], "top_p"),
-    (["loop", "--run", "r", "--top-p", "1.5"], "top_p"),
-    (["loop", "--run", "r", "--temperature", "-1"], "temperature"),
-    (["loop", "--run", "r", "--augment-max-tokens", "0"], "augment_max_tokens"),
-    (["loop", "--run", "r", "--max-new-tokens", "0"], "max_new_tokens"),
-    (["loop", "--run", "r", "--rouge-threshold", "2"], "rouge_threshold"),
+    (["loop", "--run", "r", "--loop.top_p", "0"], "loop.top_p"),
+    (["loop", "--run", "r", "--loop.top_p", "1.5"], "loop.top_p"),
+    (["loop", "--run", "r", "--loop.temperature", "-1"], "loop.temperature"),
+    (["loop", "--run", "r", "--loop.augment_max_tokens", "0"], "loop.augment_max_tokens"),
+    (["loop", "--run", "r", "--loop.max_new_tokens", "0"], "loop.max_new_tokens"),
+    (["loop", "--run", "r", "--filter.threshold", "2"], "filter.threshold"),
+    (["loop", "--run", "r", "--loop.fail_below", "1.5"], "loop.fail_below"),
+    (["train", "--run", "r", "--train.warmup_ratio", "1"], "train.warmup_ratio"),
+    (["train", "--run", "r", "--lora.r", "0"], "lora.r"),
+    (["train", "--run", "r", "--distill.top_k", "-1"], "distill.top_k"),
 ])
 def test_out_of_range_sampling_is_refused_first(in_tmp: Path, capsys, argv: list[str], field: str) -> None:
     _run_with(in_tmp, "instructions.jsonl", [INSTRUCTION])

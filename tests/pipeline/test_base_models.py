@@ -68,7 +68,7 @@ def test_a_base_gguf_converts_without_a_chat_template(tiny_gguf, cache: Path) ->
     stamp = (folder / MARKER).stat().st_mtime_ns
     assert resolve_model(str(path)) == ref and (folder / MARKER).stat().st_mtime_ns == stamp  # converted once
 
-    model, tok = models.load_model(ref, dtype="float32"), models.load_tokenizer(ref)
+    model, tok = models.load_model(ref, dtype="float32", device="cpu"), models.load_tokenizer(ref)
     assert type(model).__name__ == "Gemma3ForCausalLM" and type(tok).__name__ == "GemmaTokenizer"
     assert not tok.chat_template and tok.pad_token_id != tok.eos_token_id
     gguf_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -102,7 +102,7 @@ def test_model_info_names_architecture_tokenizer_and_no_template(converted: Path
     assert "architecture:  Gemma3ForCausalLM (gemma3_text)" in out
     assert "tokenizer:     GemmaTokenizer, vocab size" in out
     assert "chat template: no" in out and "pad token:     '<pad>' (id 0)" in out
-    n = sum(p.numel() for p in models.load_model(str(converted), dtype="float32").parameters())
+    n = sum(p.numel() for p in models.load_model(str(converted), dtype="float32", device="cpu").parameters())
     assert f"parameters:    {n:,}" in out
 
 
@@ -246,7 +246,7 @@ def test_real_gemma_3_base_fetches_converts_and_models_text() -> None:
         raise
     assert json.loads((folder / MARKER).read_text())["gguf_sha256"] == GEMMA3.sha256
     assert models.resolve_model(str(models.alias_gguf(GEMMA3.alias))).path_or_id == str(folder)  # same folder
-    model, tok = models.load_model(GEMMA3.alias, dtype="float32"), models.load_tokenizer(GEMMA3.alias)
+    model, tok = models.load_model(GEMMA3.alias, dtype="float32", device="cpu"), models.load_tokenizer(GEMMA3.alias)
     assert model.config.model_type == "gemma3_text" and len(tok) == 262144 and not tok.chat_template
     def nll(text: str) -> float:  # mean next-token loss, float32
         ids = torch.tensor([tok(text)["input_ids"]])

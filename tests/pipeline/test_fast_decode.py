@@ -15,6 +15,7 @@ from pipeline.teachers import fast_kernel
 from pipeline.teachers.base import Sampling
 from pipeline.teachers.fast_decode import FastDecoder, Job, supports
 from pipeline.teachers.fast_sampler import apply_penalties, sample_rows
+from tests.pipeline.kill_harness import REPO
 from tests.pipeline.test_teacher_hf import PROMPTS, SENTENCES, make_tiny
 
 KERNELS = fast_kernel.load()  # None where no C compiler is found: the torch paths still run
@@ -485,7 +486,7 @@ def test_embedded_model_greedy_float32_matches_generate() -> None:
     from pipeline.io.models import EMBEDDED_ALIAS, load_model, load_tokenizer, resolve_model
 
     ref = resolve_model(EMBEDDED_ALIAS)
-    model, tok = load_model(ref, dtype="float32"), load_tokenizer(ref)
+    model, tok = load_model(ref, dtype="float32", device="cpu"), load_tokenizer(ref)
     texts = ["Write a haiku about autumn.", "List three prime numbers.", "Why is the sky blue?",
              "Give two tips for learning Python.", "Explain what a noun is.", "Name a famous painter."]
     prompts = [tok(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
@@ -548,7 +549,8 @@ def test_embedded_model_bfloat16_picks_only_float32_near_ties() -> None:
     from pipeline.io.models import EMBEDDED_ALIAS, load_model, load_tokenizer, resolve_model
 
     ref = resolve_model(EMBEDDED_ALIAS)
-    model, model32, tok = load_model(ref, dtype="bfloat16"), load_model(ref, dtype="float32"), load_tokenizer(ref)
+    model, model32 = load_model(ref, dtype="bfloat16", device="cpu"), load_model(ref, dtype="float32", device="cpu")
+    tok = load_tokenizer(ref)
     texts = ["Write a haiku about autumn.", "List three prime numbers.", "Why is the sky blue?",
              "Give two tips for learning Python.", "Explain what a noun is.", "Name a famous painter.",
              "Describe a rainy day in one sentence.", "What is the boiling point of water?"]
@@ -626,3 +628,92 @@ def test_gemma3_270m_bfloat16_picks_only_float32_near_ties() -> None:
 # Gemma's logits reach ~40 and pass through 18 layers: as BF16_GAP for SmolLM2, a few tenths of movement
 # is bf16 rounding; a wrong window or norm moves picks by whole units (the tiny model's mutations above).
 GEMMA_BF16_GAP = 1.0
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+INTERRUPTED_RUN = """
+import os, signal, sys, threading
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from pipeline.teachers.base import Sampling
+from pipeline.teachers.fast_decode import FastDecoder, Job
+
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype="float32").eval()
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+dec = FastDecoder(model, eos_ids=[], max_rows=4, lanes=2)
+jobs = [Job(tok("a prompt")["input_ids"], Sampling(temperature=0, max_tokens=100 + i), 0) for i in range(40)]
+lock, caught, steps, in_step = threading.Lock(), threading.Event(), [0], [0]
+real_step = dec._step
+
+def step(*args):  # the 5th decode step of either lane sends Ctrl-C from inside the step, and lingers there
+    with lock:
+        steps[0] += 1
+        in_step[0] += 1
+        fifth = steps[0] == 5
+    try:
+        if fifth:
+            os.kill(os.getpid(), signal.SIGINT)
+            caught.wait(2.0)  # without the fix, run() raises while this lane is still here
+        return real_step(*args)
+    finally:
+        with lock:
+            in_step[0] -= 1
+
+dec._step = step
+try:
+    dec.run(jobs)
+    print("finished")
+except KeyboardInterrupt:
+    with lock:
+        print("lanes inside a step when run() raised:", in_step[0])
+    caught.set()
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_stops_the_lanes_before_run_returns(tmp_path) -> None:
+    """SIGINT while two lanes decode (sent from inside a lane's step, which then lingers there):
+    run() raises KeyboardInterrupt only once both lanes have left their loops, so the process exits
+    130 instead of aborting ("terminate called without an active exception") with a lane still
+    inside a torch op."""
+    import subprocess
+    import sys
+
+    folder = make_tiny(tmp_path / "tiny")
+    done = subprocess.run([sys.executable, "-c", INTERRUPTED_RUN, str(folder)], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert "terminate called" not in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 130 and "lanes inside a step when run() raised: 0" in done.stdout, (
+        done.returncode, done.stdout, done.stderr[-2000:])
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_sift_generate_exits_130_with_one_message(tmp_path) -> None:
+    """`sift generate` on the embedded model, two lanes, interrupted in its second round (the first
+    round's answers are in the teacher cache): exit 130, the one "interrupted" line, no abort."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.pipeline.kill_harness import _env, sift_ok
+
+    runs = tmp_path / "runs"
+    sift_ok(["seeds", "seeds/default.jsonl", "--run", "r"], runs=runs)
+    cache = runs / "r" / "cache" / "teacher.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "generate", "--run", "r", "--generate.n", "500",
+                             "--generate.batch_size", "8", "--teacher.options", "lanes=2"], cwd=REPO, env=_env(runs),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while proc.poll() is None and not (cache.exists() and cache.stat().st_size):
+            time.sleep(0.01)
+        time.sleep(0.5)  # into the second round's decoding (not a bound: any moment inside it will do)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    assert "terminate called" not in err, err[-2000:]
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert err.count("sift: interrupted; run the same command again to resume") == 1

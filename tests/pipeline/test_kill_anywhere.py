@@ -72,9 +72,9 @@ def stage_args(stage: str, *, url: str = "", tiny: Path | None = None) -> list[s
         "instances": ["instances", "--run", RUN, "--instances.batch_size", "8", *teacher],
         "filter": ["filter", "--run", RUN],
         "export": ["export", "--run", RUN],
-        "train": ["train", "--run", RUN, "--student", str(tiny), "--max-steps", str(TRAIN_STEPS), "--save-steps", "1",
-                  "--logging-steps", "1", "--eval-steps", "3", "--batch-size", "2", "--grad-accum", "1",
-                  "--max-length", "64", "--resume"],
+        "train": ["train", "--run", RUN, "--student.model", str(tiny), "--train.max_steps", str(TRAIN_STEPS),
+                  "--train.save_steps", "1", "--train.logging_steps", "1", "--train.eval_steps", "3",
+                  "--train.batch_size", "2", "--train.grad_accum", "1", "--train.max_length", "64", "--train.resume"],
     }[stage]
 
 

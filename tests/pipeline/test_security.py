@@ -15,6 +15,7 @@ from pipeline.cli import main
 from pipeline.errors import SiftError
 from pipeline.settings import GenerateSettings, TeacherSettings
 from pipeline.stages.generate import generate
+from pipeline.teachers.base import Request
 from tests.conftest import REPO
 from tests.pipeline.openai_server import FakeOpenAI
 
@@ -78,6 +79,53 @@ def test_secret_looking_settings_are_redacted_in_the_manifest(in_tmp: Path) -> N
     record_stage(run, "x", {"api_key": KEY, "nested": {"hf_token": KEY, "password": KEY}, "api_key_env": KEY_ENV})
     text = (run / "manifest.json").read_text()
     assert KEY not in text and KEY_ENV in text
+
+
+def test_credentials_in_a_base_url_are_never_written_or_shown(tmp_path: Path) -> None:
+    """User-info and ?api_key= in a base URL (--base-url, a teachers file, a bad URL, a server error
+    quoting one) reach no file of the run (manifest settings and `command`, report, ledgers, stats) and
+    no output; the rest of the URL is kept."""
+    from pipeline.redact import redact_urls
+    from tests.pipeline.kill_harness import scripted_reply, sift, sift_ok
+
+    runs = tmp_path / "runs"
+    outputs = []
+    with FakeOpenAI(reply=scripted_reply) as server, FakeOpenAI(lambda key, attempt: "400") as echo:
+        host = server.url.split("//", 1)[1]
+        teachers = tmp_path / "teachers.yaml"
+        teachers.write_text(f"teachers:\n  - name: a\n    model: m\n    backend: openai\n"
+                            f"    base_url: http://user:SECRET2@{host}\n")
+        outputs.append(sift_ok(["seeds", "seeds/default.jsonl", "--run", "r"], runs=runs))
+        outputs.append(sift_ok(["seeds", "seeds/default.jsonl", "--run", "r2"], runs=runs))
+        single = ["--teacher.backend", "openai", "--teacher.model", "m", "--teacher.base_url",
+                  server.url + "?api_key=SECRET1"]
+        for args in (["--run", "r", *single], ["--run", "r2", "--teacher.pool", str(teachers)]):
+            code, out, err = sift(["generate", *args, "--generate.n", "3", "--generate.batch_size", "2"], runs=runs)
+            assert code == 0, err
+            outputs += [out, err]
+        commands = {run: json.loads((runs / run / "manifest.json").read_text())["command"] for run in ("r", "r2")}
+        for run in ("r", "r2"):
+            outputs.append(sift_ok(["report", "--run", run], runs=runs))
+        code, out, err = sift(["generate", "--run", "r", "--teacher.backend", "openai", "--teacher.model", "m",
+                               "--teacher.base_url", "ftp://u:SECRET3@example.org/v1"], runs=runs)
+        assert code == 2 and "ftp://***@example.org/v1" in err
+        outputs += [out, err]
+        # a server error that quotes a URL with credentials (the fake echoes the prompt) is redacted too
+        from pipeline.teachers.openai_compat import OpenAITeacher
+
+        bad = OpenAITeacher("m", base_url=echo.url, max_retries=0).generate(
+            [Request(prompt="see http://u:SECRET4@example.org/?token=SECRET5")])
+        assert bad[0].finish_reason == "error" and "http://***@example.org/?token=***" in bad[0].error
+        outputs.append(bad[0].error + repr(OpenAITeacher("m", base_url=server.url + "?key=SECRET6")))
+    for path in _every_file(runs):
+        assert b"SECRET" not in path.read_bytes(), f"a URL's credentials leaked into {path}"
+    assert not any("SECRET" in text for text in outputs)
+    manifest = json.loads((runs / "r" / "manifest.json").read_text())
+    assert manifest["stages"]["generate"]["settings"]["teacher"]["base_url"] == server.url + "?api_key=***"
+    assert f"--teacher.base_url {server.url}?api_key=*** " in commands["r"] and "SECRET" not in str(commands)
+    manifest2 = json.loads((runs / "r2" / "manifest.json").read_text())
+    assert manifest2["stages"]["generate"]["settings"]["teachers"][0]["base_url"] == f"http://***@{host}"
+    assert redact_urls("http://h/v1?api-version=1&apikey=a&sig=b") == "http://h/v1?api-version=1&apikey=***&sig=***"
 
 
 # ---------------------------------------------------------------- model output is data, never code

@@ -81,7 +81,7 @@ def test_an_unknown_flag_suggests_the_nested_one(capsys) -> None:
 
 @pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e999"])
 def test_non_finite_floats_are_refused_on_the_command_line(capsys, value: str) -> None:
-    _fails(capsys, ["loop", "--print-config", "--loop.temperature", value], "loop.temperature", "finite")
+    _fails(capsys, ["loop", "--print-config", f"--loop.temperature={value}"], "loop.temperature", "finite")
 
 
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "1e999"])
@@ -148,7 +148,8 @@ def test_every_config_in_the_repository_feeds_every_command(path: Path, capsys) 
     check_config(yaml.safe_load(path.read_text()), path)
     for name in COMMANDS:
         if any(True for _ in sections_of(load_command(name))):
-            argv = [*name.split(), "--config", str(path), "--print-config"]
+            argv = [*name.split(), *(["hello"] if name == "sample" else []), "--config", str(path),
+                    "--print-config"]
             if name in {"filter", "score"}:
                 argv.insert(1, "--run")
                 argv.insert(2, "demo")

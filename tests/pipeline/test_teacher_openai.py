@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -133,44 +134,95 @@ def test_key_is_read_at_call_time_and_absent_key_sends_no_header(monkeypatch: py
     assert server.auth_headers == [None, "Bearer later-key"]
 
 
-def test_retry_after_is_honoured_and_capped() -> None:
+class SleepLog:
+    """Stands in for the `time` module inside openai_compat: every sleep happens, and is noted."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        time.sleep(seconds)
+
+
+def test_retry_after_is_honoured_and_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.teachers import openai_compat
+
+    log = SleepLog()
+    monkeypatch.setattr(openai_compat, "time", log)
     with FakeOpenAI({"p0": ["429"]}, retry_after="0.4") as server:
-        start = time.monotonic()
         out = teacher(server, backoff_base=0.0, backoff_max=5.0).generate(prompts(1))
-        assert time.monotonic() - start >= 0.4 and out[0].finish_reason == "stop"
+    assert out[0].finish_reason == "stop" and log.waits == [0.4]  # the server's wait, not the backoff's 0
+    log.waits.clear()
     with FakeOpenAI({"p0": ["429", "503"]}, retry_after="20") as server:
-        start = time.monotonic()
         out = teacher(server, backoff_max=0.1).generate(prompts(1))
-        assert time.monotonic() - start < 2 and out[0].finish_reason == "stop"
+    assert out[0].finish_reason == "stop" and log.waits == [0.1, 0.1]  # 20 s asked, backoff_max waited
+    log.waits.clear()
     when = formatdate(time.time() + 0.6, usegmt=True)  # whole seconds: waits between 0 and 1.6 s
     with FakeOpenAI({"p0": ["429"]}, retry_after=when) as server:
         out = teacher(server, backoff_max=2.0).generate(prompts(1))
         assert out[0].finish_reason == "stop" and server.attempts["p0"] == 2
+    assert len(log.waits) == 1 and 0 <= log.waits[0] <= 2.0
 
 
 def test_concurrency_bound_is_respected() -> None:
-    with FakeOpenAI(delay=0.05) as server:
-        out = teacher(server, concurrency=3).generate(prompts(24))
+    """The first 3 requests meet at a barrier in the server before any is answered, so 3 are in
+    flight at once whatever the load (a client sending fewer at a time never gets past it); the
+    client's bound keeps it at 3. The socket timeout is long so that a slow start is not a retry."""
+    with FakeOpenAI(rendezvous=3) as server:
+        out = teacher(server, concurrency=3, timeout=60.0).generate(prompts(24))
     assert len(out) == 24 and all(c.finish_reason == "stop" for c in out)
-    assert server.max_in_flight == 3  # reached, never exceeded
+    assert server.max_in_flight == 3  # reached at the barrier, never exceeded
+    assert not server.rendezvous_broken
 
 
 def test_total_timeout_bounds_the_whole_call() -> None:
+    """Every attempt fails; with 10,000 retries allowed, only the deadline can end the call."""
     with FakeOpenAI(lambda key, attempt: "500", retry_after=None) as server:
         t = teacher(server, max_retries=10_000, backoff_base=0.05, concurrency=2, total_timeout=0.5)
-        start = time.monotonic()
         out = t.generate(prompts(6))
-        elapsed = time.monotonic() - start
-    assert elapsed < 2.0  # generous: other jobs share the 2 cores
     assert all(c.finish_reason == "error" and "total_timeout" in c.error for c in out)
+    assert t.stats["attempts"] < 6 * 10_001
 
 
 def test_slow_server_within_total_timeout_gets_cut_at_the_deadline() -> None:
+    """A reply 3 s late with a 10 s socket timeout: the wait is cut to the 0.4 s left of the call."""
     with FakeOpenAI(lambda key, attempt: "slow", slow_seconds=3.0) as server:
-        start = time.monotonic()
         out = teacher(server, timeout=10.0, total_timeout=0.4).generate(prompts(2))
-        assert time.monotonic() - start < 1.5
     assert [c.finish_reason for c in out] == ["error", "error"]
+    for c in out:
+        waited = re.search(r"within ([0-9.]+)s", c.error)
+        assert waited and float(waited.group(1)) <= 0.4, c.error
+
+
+def test_an_endless_reply_is_cut_at_max_reply_bytes_and_retried() -> None:
+    """A 200 whose body never ends (it used to fill memory until MemoryError) is read up to
+    max_reply_bytes, then the attempt is retried; endless at every attempt, it is an error row."""
+    with FakeOpenAI({"p0": ["endless"], "p1": ["endless"] * 3}) as server:
+        t = teacher(server, timeout=60.0, max_reply_bytes=50_000, max_retries=2)
+        out = t.generate(prompts(3))
+    assert out[0].text == reply_text("p0") and server.attempts["p0"] == 2
+    assert out[1].finish_reason == "error" and server.attempts["p1"] == 3
+    assert "longer than max_reply_bytes=50000" in out[1].error and "3 attempt(s)" in out[1].error
+    assert out[2].text == reply_text("p2") and t.stats["errors"] == 1
+
+
+def test_a_reply_that_trickles_forever_is_cut_at_attempt_timeout() -> None:
+    """One byte every 20 ms never lets the 60 s socket timeout fire; attempt_timeout ends the attempt."""
+    with FakeOpenAI({"p0": ["drip"], "p1": ["drip"] * 2}) as server:
+        t = teacher(server, timeout=60.0, attempt_timeout=0.5, max_retries=1)
+        out = t.generate(prompts(3))
+    assert out[0].text == reply_text("p0") and server.attempts["p0"] == 2
+    assert out[1].finish_reason == "error" and server.attempts["p1"] == 2
+    assert "no complete reply within 0.5s (attempt_timeout)" in out[1].error
+    assert out[2].text == reply_text("p2")
+    with pytest.raises(SiftError, match="attempt_timeout"):
+        teacher(server, attempt_timeout=0)
+    with pytest.raises(SiftError, match="max_reply_bytes"):
+        teacher(server, max_reply_bytes=0)
 
 
 def test_connection_refused_is_retried_then_reported() -> None:

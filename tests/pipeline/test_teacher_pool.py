@@ -18,7 +18,8 @@ from pipeline.stages.filter import filter_records
 from pipeline.stages.generate import generate
 from pipeline.stages.instances import instances
 from pipeline.stages.seeds import seeds
-from pipeline.teachers.pool import apportion
+from pipeline.teachers.base import Request
+from pipeline.teachers.pool import apportion, cool_down, open_pool
 from pipeline.teachers.specs import parse_teachers
 from pipeline.views.inspect import group_by, inspect_artifact
 from pipeline.views.report import teachers_section
@@ -163,6 +164,51 @@ def test_a_teacher_that_fails_every_request_is_reported_and_its_share_goes_to_th
             generate(run="r2", teacher=pool(spec), generate=GenerateSettings(n=5, batch_size=4))
 
 
+def test_a_teacher_that_goes_down_is_tried_again_with_backoff_and_comes_back(tmp_path: Path) -> None:
+    """Server `flaky` goes down (connections refused) after one call and comes back later: the pool
+    sends its share to `steady` while it is down, tries it again after 1, then 2, then 4 calls
+    (backoff counted in calls, not seconds), and gives it its share again once it serves."""
+    with FakeOpenAI() as steady, FakeOpenAI() as flaky:
+        spec = teachers_yaml(tmp_path / "teachers.yaml", [("steady", steady.url, 1), ("flaky", flaky.url, 1)])
+        pool = open_pool(None, parse_teachers(str(spec)), batch_size=4)
+        tried = []
+
+        def call(k: int) -> None:
+            out = pool.generate([Request(prompt=f"call {k} request {i}") for i in range(4)])
+            assert [c.finish_reason for c in out] == ["stop"] * 4  # steady serves what flaky cannot
+            tried.append(pool.last_usage.get("flaky", {}).get("requests", 0))
+
+        call(1)
+        flaky.stop()
+        for k in range(2, 8):
+            call(k)
+        assert "connection problem" in pool.down["flaky"]
+        flaky.restart()
+        for k in range(8, 14):
+            call(k)
+        # up; down: tried, rests 1; tried, rests 2; tried, rests 4; (up again) tried and serves; its share
+        assert tried == [2, 2, 0, 2, 0, 0, 2, 0, 0, 0, 0, 2, 2]
+        assert pool.down == {} and pool.recovered == {"flaky": 1}
+        assert flaky.successes and all(c["model"] == "flaky-model" for c in flaky.bodies)
+    assert [cool_down(k) for k in range(1, 8)] == [1, 2, 4, 8, 16, 16, 16]
+
+
+def test_every_teacher_resting_means_all_are_tried(tmp_path: Path) -> None:
+    """With both servers down, each call still asks both (there is no one else to ask)."""
+    with FakeOpenAI() as a, FakeOpenAI() as b:
+        spec = teachers_yaml(tmp_path / "teachers.yaml", [("a", a.url, 1), ("b", b.url, 1)])
+        pool = open_pool(None, parse_teachers(str(spec)), batch_size=2)
+        a.stop()
+        b.stop()
+        for _ in range(3):
+            out = pool.generate([Request(prompt="x"), Request(prompt="y")])
+            assert all(c.finish_reason == "error" for c in out)
+            assert pool.last_usage["a"]["requests"] >= 1 and pool.last_usage["b"]["requests"] >= 1
+        a.restart()
+        out = pool.generate([Request(prompt="x"), Request(prompt="y")])
+        assert [c.finish_reason for c in out] == ["stop", "stop"] and list(pool.down) == ["b"]
+
+
 # ---------------------------------------------------------------- specs
 
 
@@ -182,6 +228,36 @@ def test_teachers_files_and_inline_lists(tmp_path: Path) -> None:
                             teacher_options="engine=hf")
     assert [(s.name, s.share, s.options) for s in inline] == [("smollm2-135m-instruct", 3.0, {"engine": "hf"}),
                                                               ("gemma-3-270m", 1.0, {"engine": "hf"})]
+
+
+def test_a_teachers_file_entry_takes_the_stages_backend_server_and_options(runs: Path, tmp_path: Path) -> None:
+    """An entry without `backend` is on the stage's --backend; on that backend it also takes the stage's
+    --base-url, --api-key-env and --teacher-options where it gives none (its own values win)."""
+    p = tmp_path / "teachers.yaml"
+    p.write_text("teachers:\n  - name: a\n    model: m\n"
+                 "  - name: b\n    model: m\n    base_url: http://b/v1\n    api_key_env: B_KEY\n"
+                 "    options: {timeout: 9}\n"
+                 "  - name: c\n    model: smollm2-135m-instruct\n    backend: transformers\n")
+    a, b, c = parse_teachers(str(p), backend="openai", base_url="http://stage/v1", api_key_env="STAGE_KEY",
+                             teacher_options="timeout=5,max_retries=1")
+    assert (a.backend, a.base_url, a.api_key_env, a.options) == (
+        "openai", "http://stage/v1", "STAGE_KEY", {"timeout": 5.0, "max_retries": 1})
+    assert (b.backend, b.base_url, b.api_key_env, b.options) == (
+        "openai", "http://b/v1", "B_KEY", {"timeout": 9.0, "max_retries": 1})
+    assert (c.backend, c.base_url, c.api_key_env, c.options) == ("transformers", None, "OPENAI_API_KEY", {})
+    with pytest.raises(SiftError, match="needs base_url") as e:  # openai without a URL anywhere
+        parse_teachers(str(p), backend="openai")
+    assert e.value.field == "teachers[0].base_url" and e.value.line == 2
+    # the stage runs with it: `sift generate --teacher.backend openai --teacher.base_url URL --teacher.pool FILE`
+    seeds("seeds/default.jsonl", run="r")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("teachers:\n  - name: one\n    model: one-model\n  - name: two\n    model: two-model\n")
+    assert [s.backend for s in parse_teachers(str(plain))] == ["transformers", "transformers"]  # no stage given
+    with FakeOpenAI(reply=scripted_reply) as server:
+        generate(run="r", teacher=TeacherSettings(backend="openai", base_url=server.url, pool=str(plain)),
+                 generate=GenerateSettings(n=5, batch_size=4))
+        assert {b["model"] for b in server.bodies} == {"one-model", "two-model"}
+    assert len(read_jsonl(runs / "r" / "instructions.jsonl")) == 5
 
 
 @pytest.mark.parametrize(("text", "line", "field", "message"), [

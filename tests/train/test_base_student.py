@@ -18,8 +18,8 @@ from pipeline.io.models import resolve_model
 from pipeline.settings import StudentSettings
 from pipeline.stages.sample import load_student, sample
 from tests.pipeline.tiny_gguf import make_tiny_gemma_gguf
+from tests.train.conftest import fine_tune
 from train.format import alpaca_chat_template, prompt_ids, to_messages
-from train.lora import train
 
 QA = [("Name a color.", "Red is a color."), ("Give three tips for staying healthy.", "Eat, sleep, walk."),
       ("Translate hello to Spanish.", "Hola.")]
@@ -40,10 +40,10 @@ def test_a_base_student_trains_on_the_alpaca_template_and_sample_uses_it(
     records = [{"id": f"t{i}", "messages": to_messages(q, "", a)} for i, (q, a) in enumerate(QA)]
     write_jsonl(d / "train.jsonl", records)
     write_jsonl(d / "valid.jsonl", records[:1])
-    train(run="base", student=str(base_student), max_steps=2, batch_size=2, grad_accum=1, eval_steps=1,
-          save_steps=2, precision="fp32", logging_steps=1)
+    fine_tune("base", base_student, max_steps=2, batch_size=2, grad_accum=1, eval_steps=1, save_steps=2,
+              precision="fp32", logging_steps=1)
     out = capsys.readouterr().out
-    assert f"train: {base_student} has no chat template (a base model): using --template alpaca" in out
+    assert f"train: {base_student} has no chat template (a base model): using --train.template alpaca" in out
     config = json.loads((d / "student" / "train_config.json").read_text())
     assert config["template"] == "alpaca" and config["pad_token"] == "<pad>" and config["eos_token"] == "<eos>"
 
@@ -64,4 +64,4 @@ def test_asking_for_chat_on_a_base_student_is_a_clear_error(base_student: Path, 
     write_jsonl(tmp_path / "runs" / "chat" / "train.jsonl",
                 [{"id": "t0", "messages": to_messages(QA[0][0], "", QA[0][1])}])
     with pytest.raises(SiftError, match="template.*no chat template; use alpaca"):
-        train(run="chat", student=str(base_student), template="chat", max_steps=1)
+        fine_tune("chat", base_student, template="chat", max_steps=1)

@@ -1,4 +1,4 @@
-"""sift train --distill: the loss against hand computation, the top-k cache, the tokenizer check,
+"""sift train --distill.enabled: the loss against hand computation, the top-k cache, the tokenizer check,
 and tiny-model runs (loss falls, zero KL against itself, the cache reused on resume)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import write_jsonl
-from tests.train.conftest import make_model, make_tokenizer
+from tests.train.conftest import fine_tune, make_model, make_tokenizer
 from train.distill import (
     IGNORE,
     build_topk,
@@ -25,7 +25,6 @@ from train.distill import (
     tokenizer_differences,
 )
 from train.format import to_messages, tokenize_records
-from train.lora import train
 from train.packing import Collator, pack_rows
 
 QA = [("what is the capital of france", "the capital of france is paris"),
@@ -206,24 +205,32 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_any_weights_load(run
     other = make_tokenizer(specials=["<|im_end|>", "<|im_start|>", "<|endoftext|>", "[UNK]"])
     teacher = _save_folder(tmp_path / "weightless-teacher", other)  # loading its weights would fail differently
     with pytest.raises(SiftError) as e:
-        train(run="mismatch", student=str(tiny_model_dir), distill=True, teacher=str(teacher), **FAST)
+        fine_tune("mismatch", tiny_model_dir, distill={"enabled": True, "teacher": str(teacher)}, **FAST)
     msg = str(e.value)
-    assert e.value.field == "teacher"
+    assert e.value.field == "distill.teacher"
     assert str(teacher) in msg and str(tiny_model_dir) in msg and "do not share a tokenizer" in msg
     assert "EOS differs" in msg
     assert not (runs / "mismatch" / "student" / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize(("options", "field"), [({}, "teacher"), ({"teacher": "x", "distill_alpha": 1.5},
-                                                                   "distill_alpha"),
-                                                ({"teacher": "x", "distill_temperature": 0.0}, "distill_temperature"),
-                                                ({"teacher": "x", "distill_top_k": -1}, "distill_top_k")])
-def test_bad_distill_settings_are_one_clear_error(runs: Path, tiny_model_dir: Path, options: dict,
-                                                  field: str) -> None:
+def test_distillation_without_a_teacher_is_one_clear_error(runs: Path, tiny_model_dir: Path) -> None:
     _write_split(runs, "bad")
     with pytest.raises(SiftError) as e:
-        train(run="bad", student=str(tiny_model_dir), distill=True, **options, **FAST)
-    assert e.value.field == field
+        fine_tune("bad", tiny_model_dir, distill={"enabled": True}, **FAST)
+    assert e.value.field == "distill.teacher"
+    assert not (runs / "bad" / "student").exists()
+
+
+@pytest.mark.parametrize(("flag", "value"), [("alpha", "1.5"), ("temperature", "0"), ("top_k", "-1")])
+def test_bad_distill_settings_are_one_clear_error(runs: Path, capsys: pytest.CaptureFixture, flag: str,
+                                                  value: str) -> None:
+    from pipeline.cli import main
+
+    _write_split(runs, "bad")
+    assert main(["train", "--run", "bad", "--distill.enabled", "--distill.teacher", "x",
+                 f"--distill.{flag}", value]) == 2
+    assert f"field 'distill.{flag}'" in capsys.readouterr().err
+    assert not (runs / "bad" / "student").exists()
 
 
 # ---------------------------------------------------------------- runs
@@ -254,10 +261,11 @@ def test_distillation_run_lowers_its_loss_and_records_its_settings(runs: Path, t
                                                                    taught_teacher: Path) -> None:
     d = _write_split(runs, "distil")
     # rows of 32 tokens, two micro-batches a step: kl and ce are weighted by tokens as the loss is
-    train(run="distil", student=str(tiny_model_dir), distill=True, teacher=str(taught_teacher), epochs=10,
-          distill_temperature=2.0, distill_alpha=0.8, **{**FAST, "max_length": 32, "batch_size": 1, "grad_accum": 2})
+    fine_tune("distil", tiny_model_dir, distill={"enabled": True, "teacher": str(taught_teacher),
+                                                 "temperature": 2.0, "alpha": 0.8},
+              epochs=10, **{**FAST, "max_length": 32, "batch_size": 1, "grad_accum": 2})
     config = json.loads((d / "student" / "train_config.json").read_text())
-    assert config["accumulation_steps"] == 2 and config["data"]["packed_rows"] >= 3
+    assert config["resolved"]["accumulation_steps"] == 2 and config["data"]["packed_rows"] >= 3
     entries = [e for e in _metrics(d) if e["kind"] == "train"]
     assert len(entries) >= 10 and all({"kl", "ce", "mean_token_accuracy"} <= set(e) for e in entries)
     for e in entries:
@@ -266,7 +274,7 @@ def test_distillation_run_lowers_its_loss_and_records_its_settings(runs: Path, t
     # measured 7.68 -> 6.67 and 2.14 -> 1.87: a tiny student with a frozen lm_head moves slowly
     assert entries[-1]["loss"] < 0.9 * entries[0]["loss"]
     assert entries[-1]["kl"] < 0.93 * entries[0]["kl"]  # the student moves towards the teacher
-    assert config["distill"] == {"teacher": str(taught_teacher), "teacher_resolved": "tiny-teacher",
+    assert config["distill"] == {"enabled": True, "teacher": str(taught_teacher), "teacher_resolved": "tiny-teacher",
                                  "temperature": 2.0, "alpha": 0.8, "top_k": 0, "cache": None, "cache_reused": None}
     assert (d / "student" / "adapter_model.safetensors").is_file()
 
@@ -275,7 +283,7 @@ def test_a_teacher_equal_to_the_student_starts_at_zero_kl(runs: Path, tiny_model
     """LoRA starts as the identity, so before the first update student and teacher agree exactly:
     the teacher got the same packed ids and positions as the student."""
     d = _write_split(runs, "self")
-    train(run="self", student=str(tiny_model_dir), distill=True, teacher=str(tiny_model_dir), max_steps=2, **FAST)
+    fine_tune("self", tiny_model_dir, distill={"enabled": True, "teacher": str(tiny_model_dir)}, max_steps=2, **FAST)
     first = next(e for e in _metrics(d) if e["kind"] == "train")
     assert first["step"] == 1 and first["kl"] == pytest.approx(0.0, abs=1e-6)
     assert first["ce"] > 1.0
@@ -284,13 +292,14 @@ def test_a_teacher_equal_to_the_student_starts_at_zero_kl(runs: Path, tiny_model
 def test_the_topk_cache_is_built_once_and_reused_on_resume(runs: Path, tiny_model_dir: Path, taught_teacher: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
     d = _write_split(runs, "cached")
-    common = {"student": str(tiny_model_dir), "distill": True, "teacher": str(taught_teacher), **FAST}
-    train(run="cached", distill_top_k=5, max_steps=2, **common)
+    teacher = {"enabled": True, "teacher": str(taught_teacher)}
+    common = {"student": tiny_model_dir, **FAST}
+    fine_tune("cached", distill={**teacher, "top_k": 5}, max_steps=2, **common)
     assert "cached in" in capsys.readouterr().out
     caches = list((d / "student" / "teacher_topk").glob("topk-*.safetensors"))
     assert len(caches) == 1
     stamp = caches[0].stat().st_mtime_ns
-    train(run="cached", distill_top_k=5, max_steps=4, resume=True, **common)
+    fine_tune("cached", distill={**teacher, "top_k": 5}, max_steps=4, resume=True, **common)
     assert "reusing the teacher top-5 cache" in capsys.readouterr().out
     assert caches[0].stat().st_mtime_ns == stamp and list(caches[0].parent.iterdir()) == caches
     steps = [e for e in _metrics(d) if e["kind"] == "train"]
@@ -299,11 +308,11 @@ def test_the_topk_cache_is_built_once_and_reused_on_resume(runs: Path, tiny_mode
     config = json.loads((d / "student" / "train_config.json").read_text())
     assert config["distill"]["cache_reused"] is True and config["distill"]["top_k"] == 5
     # another temperature is another cache
-    train(run="cached", distill_top_k=5, max_steps=1, distill_temperature=1.0, **common)
+    fine_tune("cached", distill={**teacher, "top_k": 5, "temperature": 1.0}, max_steps=1, **common)
     assert "cached in" in capsys.readouterr().out
     # with k = the vocabulary, the cached run's first step is the on-the-fly run's first step
     for run, k in (("full", len(make_tokenizer())), ("live", 0)):
         _write_split(runs, run)
-        train(run=run, distill_top_k=k, max_steps=1, **common)
+        fine_tune(run, distill={**teacher, "top_k": k}, max_steps=1, **common)
     a, b = (next(e for e in _metrics(runs / r) if e["kind"] == "train") for r in ("full", "live"))
     assert a["kl"] == pytest.approx(b["kl"], rel=1e-4) and a["loss"] == pytest.approx(b["loss"], rel=1e-4)

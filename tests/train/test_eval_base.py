@@ -14,8 +14,8 @@ from pipeline.errors import SiftError
 from pipeline.io.artifacts import write_jsonl
 from pipeline.settings import EvalSettings, StudentSettings
 from pipeline.stages.eval import evaluate, student_base_of
+from tests.train.conftest import fine_tune
 from train.format import to_messages
-from train.lora import train
 
 QA = [("what is the capital of france", "the capital of france is paris"), ("name a primary color", "red")]
 
@@ -24,7 +24,7 @@ def test_eval_defaults_to_the_students_own_base(runs: Path, tiny_model_dir: Path
     rows = [{"id": f"t{i}", "messages": to_messages(q, "", a)} for i, (q, a) in enumerate(QA)]
     write_jsonl(runs / "e" / "train.jsonl", rows)
     write_jsonl(runs / "e" / "valid.jsonl", rows)
-    train(run="e", student=str(tiny_model_dir), max_steps=1, batch_size=2, grad_accum=1, precision="fp32")
+    fine_tune("e", tiny_model_dir, max_steps=1, batch_size=2, grad_accum=1, precision="fp32")
     evaluate(run="e", student=StudentSettings(device="cpu", dtype="float32"),
              eval=EvalSettings(limit=2, max_new_tokens=4))
     result = json.loads((runs / "e" / "eval.json").read_text())

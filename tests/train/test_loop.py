@@ -13,7 +13,16 @@ import pytest
 from filters.rules import parse_rules
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import read_json, read_jsonl, write_json, write_jsonl
-from pipeline.stages import llm2llm
+from pipeline.llm2llm import augment as llm2llm
+from pipeline.settings import (
+    DistillSettings,
+    ExportSettings,
+    FilterSettings,
+    LoopSettings,
+    StudentSettings,
+    TeacherSettings,
+    TrainSettings,
+)
 from pipeline.stages.loop import filter_new, loop, original_records, pool_instructions
 from pipeline.teachers.prompts import load
 from tests.pipeline.openai_server import FakeOpenAI
@@ -152,10 +161,16 @@ def make_run(runs: Path, n: int = 12) -> Path:
     return run
 
 
-def loop_options(tiny: Path, url: str, **extra: object) -> dict:
-    return {"run": "r", "student": str(tiny), "teacher": "fake", "backend": "openai", "base_url": url,
-            "max_steps": 2, "max_new_tokens": 8, "batch_size": 4, "per_failure": 2, "max_failures": 3,
-            "eval_limit": 6, "teacher_batch_size": 2, **extra}
+def loop_options(tiny: Path, url: str, *, train: dict | None = None, distill: dict | None = None,
+                 filter: dict | None = None, **extra: object) -> dict:
+    """loop()'s sections for a small loop on the tiny student and the loopback teacher: `extra` are
+    loop.* fields; train, distill and filter fields go in their own dicts."""
+    return {"run": "r", "teacher": TeacherSettings(model="fake", backend="openai", base_url=url),
+            "student": StudentSettings(model=str(tiny)),
+            "train": TrainSettings(**{"epochs": 2, "max_steps": 2, "batch_size": 4, **(train or {})}),
+            "distill": DistillSettings(**(distill or {})), "filter": FilterSettings(**(filter or {})),
+            "loop": LoopSettings(**{"max_new_tokens": 8, "per_failure": 2, "max_failures": 3, "eval_limit": 6,
+                                    "teacher_batch_size": 2, **extra})}
 
 
 def test_two_rounds_write_loop_json_and_lineage_on_every_added_record(
@@ -211,15 +226,26 @@ def test_a_rerun_does_nothing_more_rounds_extend_and_changed_settings_are_refuse
         loop(**loop_options(tiny_model_dir, server.url, rounds=2))
         assert (run / "loop" / "round-1" / "added.jsonl").read_bytes() == first
         assert len(read_json(run / "loop.json")["rounds"]) == 2
-        with pytest.raises(SiftError, match="changed: threshold"):
-            loop(**loop_options(tiny_model_dir, server.url, rounds=2, threshold=0.3))
+        with pytest.raises(SiftError, match=r"changed: loop.fail_below\)"):
+            loop(**loop_options(tiny_model_dir, server.url, rounds=2, fail_below=0.3))
+        with pytest.raises(SiftError, match=r"changed: filter.threshold, train.lr\)"):
+            loop(**loop_options(tiny_model_dir, server.url, rounds=2, train={"lr": 1e-3}, filter={"threshold": 0.5}))
+        # where the models run and how the teacher is reached may change
+        options = loop_options(tiny_model_dir, server.url, rounds=2)
+        loop(**{**options, "student": StudentSettings(model=str(tiny_model_dir), device="cpu"),
+                "teacher": TeacherSettings(model="fake", backend="openai", base_url=server.url,
+                                           options="timeout=30")})
         # a loop begun before a setting existed ran with its default, and carries on
         settings = read_json(run / "loop" / "settings.json")
         write_json(run / "loop" / "settings.json", {k: v for k, v in settings.items() if not k.startswith("distill")})
         loop(**loop_options(tiny_model_dir, server.url, rounds=2))
-        with pytest.raises(SiftError, match="changed: distill, distill_teacher"):
-            loop(**loop_options(tiny_model_dir, server.url, rounds=2, distill=True,
-                                distill_teacher=str(tiny_model_dir)))
+        with pytest.raises(SiftError, match=r"changed: distill.enabled, distill.teacher\)"):
+            loop(**loop_options(tiny_model_dir, server.url, rounds=2,
+                                distill={"enabled": True, "teacher": str(tiny_model_dir)}))
+        # a loop started before settings had sections is not compared field by field with the wrong names
+        write_json(run / "loop" / "settings.json", {"student": str(tiny_model_dir), "threshold": 0.5})
+        with pytest.raises(SiftError, match="started by an earlier sift"):
+            loop(**loop_options(tiny_model_dir, server.url, rounds=2))
 
 
 def test_a_round_that_adds_nothing_is_finished_and_the_loop_extends_past_it(runs: Path, tiny_model_dir: Path) -> None:
@@ -244,17 +270,17 @@ def test_judge_metric_scores_with_the_teachers_verdict(runs: Path, tiny_model_di
 
 
 def test_distill_rounds_learn_from_the_teachers_distribution(runs: Path, tiny_model_dir: Path) -> None:
-    """--distill: each round's student trains with the KL to --distill-teacher (here the student's own
-    base, which shares its tokenizer), from a top-k cache per round."""
+    """distill.enabled: each round's student trains with the KL to distill.teacher (here the student's
+    own base, which shares its tokenizer), from a top-k cache per round."""
     run = make_run(runs)
     with FakeOpenAI(reply=teacher_reply) as server:
-        loop(**loop_options(tiny_model_dir, server.url, rounds=2, distill=True,
-                            distill_teacher=str(tiny_model_dir), distill_top_k=8))
+        loop(**loop_options(tiny_model_dir, server.url, rounds=2,
+                            distill={"enabled": True, "teacher": str(tiny_model_dir), "top_k": 8}))
     for r in (1, 2):
         config = read_json(run / "loop" / f"round-{r}" / "student" / "train_config.json")
         assert config["distill"]["teacher"] == str(tiny_model_dir) and config["distill"]["top_k"] == 8
         assert list((run / "loop" / f"round-{r}" / "student" / "teacher_topk").iterdir())  # this round's cache
-    assert read_json(run / "loop" / "settings.json")["distill_teacher"] == str(tiny_model_dir)
+    assert read_json(run / "loop" / "settings.json")["distill.teacher"] == str(tiny_model_dir)
 
 
 def test_distill_without_local_teacher_weights_or_tokenizer_is_refused_first(runs: Path, tmp_path: Path,
@@ -264,30 +290,48 @@ def test_distill_without_local_teacher_weights_or_tokenizer_is_refused_first(run
 
     run = make_run(runs)
     with pytest.raises(SiftError) as e:  # an openai teacher's weights are not here
-        loop(**loop_options(tiny_model_dir, "http://127.0.0.1:9/v1", rounds=1, distill=True))
-    assert e.value.field == "distill_teacher"
+        loop(**loop_options(tiny_model_dir, "http://127.0.0.1:9/v1", rounds=1, distill={"enabled": True}))
+    assert e.value.field == "distill.teacher"
     other = _save_folder(tmp_path / "other", make_tokenizer(specials=["<|im_end|>", "<|im_start|>", "<|endoftext|>",
                                                                        "[UNK]"]))
     with pytest.raises(SiftError, match="do not share a tokenizer") as e:
-        loop(**loop_options(tiny_model_dir, "http://127.0.0.1:9/v1", rounds=1, distill=True,
-                            distill_teacher=str(other)))
-    assert e.value.field == "distill_teacher"
-    with pytest.raises(SiftError) as e:
-        loop(**loop_options(tiny_model_dir, "http://127.0.0.1:9/v1", rounds=1, distill=True,
-                            distill_teacher=str(tiny_model_dir), distill_alpha=2.0))
-    assert e.value.field == "distill_alpha"
+        loop(**loop_options(tiny_model_dir, "http://127.0.0.1:9/v1", rounds=1,
+                            distill={"enabled": True, "teacher": str(other)}))
+    assert e.value.field == "distill.teacher"
     assert not (run / "loop").exists()
 
 
-@pytest.mark.parametrize(("option", "value", "field"), [
-    ("rounds", 0, "rounds"), ("metric", "bleu", "metric"), ("per_failure", 0, "per_failure"),
-    ("rules", "nonsense", "rules"), ("valid_fraction", 1.0, "valid_fraction"), ("max_failures", -1, "max_failures"),
+@pytest.mark.parametrize(("argv", "field"), [
+    (["--loop.rounds", "0"], "loop.rounds"), (["--loop.metric", "bleu"], "loop.metric"),
+    (["--loop.per_failure", "0"], "loop.per_failure"), (["--filter.rules", "nonsense"], "filter.rules"),
+    (["--export.valid_fraction", "1.0"], "export.valid_fraction"), (["--loop.max_failures", "-1"], "loop.max_failures"),
+    (["--distill.alpha", "2"], "distill.alpha"), (["--train.lr", "0"], "train.lr"),
+    (["--loop.policy", "learned"], "loop.policy"),
 ])
-def test_bad_options_fail_before_anything_loads(runs: Path, option: str, value: object, field: str) -> None:
+def test_bad_options_fail_before_anything_loads(runs: Path, capsys: pytest.CaptureFixture, argv: list[str],
+                                                field: str) -> None:
+    from pipeline.cli import main
+
     make_run(runs)
-    with pytest.raises(SiftError) as e:
-        loop(run="r", **{option: value})
-    assert e.value.field == field
+    try:
+        code = main(["loop", "--run", "r", *argv])
+    except SystemExit as e:  # argparse refuses a value outside a flag's choices itself
+        code = e.code
+    assert code == 2 and field in capsys.readouterr().err
+    assert not (runs / "r" / "loop").exists()
+
+
+def test_bad_sections_built_in_code_are_refused_too() -> None:
+    from pipeline.settings import SettingsError
+
+    with pytest.raises(SettingsError) as e:
+        LoopSettings(metric="bleu")  # type: ignore[arg-type]
+    assert e.value.field == "metric"
+    with pytest.raises(SettingsError, match="use one of fixed, learned"):
+        LoopSettings(policy="greedy")  # type: ignore[arg-type]
+    with pytest.raises(SettingsError) as e:
+        ExportSettings(valid_fraction=1.0)
+    assert e.value.field == "valid_fraction"
 
 
 def test_a_missing_filtered_file_names_the_stage_to_run(runs: Path) -> None:
@@ -309,11 +353,11 @@ def test_pool_holds_every_instruction_once(runs: Path) -> None:
 def _loop_command(tiny: Path, url: str) -> list[str]:
     import sys
 
-    options = loop_options(tiny, url, rounds=2)
-    argv = [sys.executable, "-m", "pipeline.cli", "loop"]
-    for key, value in options.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    return argv
+    return [sys.executable, "-m", "pipeline.cli", "loop", "--run", "r", "--student.model", str(tiny),
+            "--teacher.model", "fake", "--teacher.backend", "openai", "--teacher.base_url", url,
+            "--train.epochs", "2", "--train.max_steps", "2", "--train.batch_size", "4", "--loop.rounds", "2",
+            "--loop.max_new_tokens", "8", "--loop.per_failure", "2", "--loop.max_failures", "3",
+            "--loop.eval_limit", "6", "--loop.teacher_batch_size", "2"]
 
 
 def _comparable(loop_json: dict) -> list[dict]:

@@ -1,5 +1,5 @@
 """`sift loop` with several teachers: failures spread by share, lineage naming the teacher, and the
-learned policy (Thompson sampling, pipeline/stages/teacher_policy.py) moving share towards the
+learned policy (Thompson sampling, pipeline/llm2llm/policy.py) moving share towards the
 teacher whose additions help, on a tiny student with one loopback server serving two teachers."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import read_json, read_jsonl
-from pipeline.stages import teacher_policy
+from pipeline.llm2llm import policy as teacher_policy
+from pipeline.settings import LoopSettings, StudentSettings, TeacherSettings, TrainSettings
 from pipeline.stages.loop import loop
 from tests.pipeline.openai_server import FakeOpenAI
 from tests.train.test_loop import WORDS, make_run, teacher_reply
@@ -67,16 +68,18 @@ def teachers_file(tmp_path: Path, url: str, shares: tuple[float, float] = (1, 1)
 
 
 def options(tiny: Path, teachers: str, **extra: object) -> dict:
-    return {"run": "r", "student": str(tiny), "teachers": teachers, "train_on_seeds": False,
-            "max_steps": 1, "max_new_tokens": 4, "batch_size": 4, "per_failure": 2, "max_failures": 6,
-            "eval_limit": 8, "teacher_batch_size": 4, **extra}
+    """loop()'s sections: a pool of teachers, the tiny student; `extra` are loop.* fields."""
+    return {"run": "r", "teacher": TeacherSettings(pool=teachers), "student": StudentSettings(model=str(tiny)),
+            "train": TrainSettings(max_steps=1, batch_size=4),
+            "loop": LoopSettings(**{"train_on_seeds": False, "max_new_tokens": 4, "per_failure": 2, "max_failures": 6,
+                                    "eval_limit": 8, "teacher_batch_size": 4, **extra})}
 
 
 def test_learned_policy_moves_share_to_the_teacher_whose_additions_help(runs: Path, tiny_model_dir: Path,
                                                                           tmp_path: Path, student: None) -> None:
     run = make_run(runs)
     with FakeOpenAI(reply=copier_and_noise) as server:
-        loop(**options(tiny_model_dir, teachers_file(tmp_path, server.url), rounds=3, teacher_policy="learned"))
+        loop(**options(tiny_model_dir, teachers_file(tmp_path, server.url), rounds=3, policy="learned"))
     rounds = read_json(run / "loop.json")["rounds"]
     shares = [r["teachers"]["shares"] for r in rounds]
     assert shares[0] == {"copier": 1.0, "noise": 1.0}  # round 1: the given shares
@@ -107,11 +110,11 @@ def test_fixed_policy_keeps_the_shares_records_the_evidence_and_resumes(runs: Pa
         loop(**options(tiny_model_dir, spec, rounds=1))
         assert len(server.bodies) == asked  # a finished round is not redone
         loop(**options(tiny_model_dir, spec, rounds=2))
-        with pytest.raises(SiftError, match="changed: teacher_policy"):
-            loop(**options(tiny_model_dir, spec, rounds=2, teacher_policy="learned"))
+        with pytest.raises(SiftError, match=r"changed: loop.policy\)"):
+            loop(**options(tiny_model_dir, spec, rounds=2, policy="learned"))
         edited = Path(spec).read_text().replace("share: 2", "share: 3")
         Path(spec).write_text(edited)
-        with pytest.raises(SiftError, match="changed: teachers"):
+        with pytest.raises(SiftError, match=r"changed: teachers\)"):
             loop(**options(tiny_model_dir, spec, rounds=2))
     rounds = read_json(run / "loop.json")["rounds"]
     assert [r["teachers"]["shares"] for r in rounds] == [{"copier": 1.0, "noise": 2.0}] * 2
@@ -122,10 +125,8 @@ def test_fixed_policy_keeps_the_shares_records_the_evidence_and_resumes(runs: Pa
 def test_learned_policy_needs_several_teachers(runs: Path) -> None:
     make_run(runs)
     with pytest.raises(SiftError, match="needs several teachers") as e:
-        loop(run="r", teacher_policy="learned")
-    assert e.value.field == "teacher_policy"
-    with pytest.raises(SiftError, match="use one of fixed, learned"):
-        loop(run="r", teacher_policy="greedy")
+        loop(run="r", loop=LoopSettings(policy="learned"))
+    assert e.value.field == "loop.policy"
 
 
 # ---------------------------------------------------------------- the policy alone

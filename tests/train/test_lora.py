@@ -14,11 +14,12 @@ import torch
 
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import write_jsonl
-from pipeline.settings import StudentSettings
+from pipeline.settings import DistillSettings, StudentSettings, TrainSettings
 from pipeline.stages.merge import merge
 from pipeline.stages.sample import generate_ids, load_student, sample
+from pipeline.stages.train import train
+from tests.train.conftest import fine_tune
 from train.format import to_messages
-from train.lora import train
 
 QA = [("what is the capital of france", "the capital of france is paris"),
       ("name a primary color", "red is a primary color"),
@@ -47,8 +48,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SIFT_RUNS_DIR", str(runs))
         d = _write_split(runs, "overfit", QA, QA[:1])
-        train(run="overfit", student=str(tiny_model_dir), epochs=30, batch_size=4, grad_accum=1, eval_steps=10,
-              save_steps=10, **FAST)
+        fine_tune("overfit", tiny_model_dir, epochs=30, batch_size=4, grad_accum=1, eval_steps=10, save_steps=10,
+                  **FAST)
         yield d, tiny_model_dir, mp
 
 
@@ -104,11 +105,13 @@ def test_saved_adapter_is_real_and_reloads_to_the_same_logits(trained) -> None:
 def test_tokenizer_and_config_are_saved(trained) -> None:
     from transformers import AutoTokenizer
 
-    d, _, _ = trained
+    d, tiny_model_dir, _ = trained
     tok = AutoTokenizer.from_pretrained(d / "student")
     assert tok.chat_template and tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
     config = json.loads((d / "student" / "train_config.json").read_text())
-    assert (config["lora_r"], config["lora_alpha"], config["target_modules"]) == (16, 32, "all-linear")
+    assert (config["lora"]["r"], config["lora"]["alpha"], config["lora"]["target_modules"]) == (16, 32, "all-linear")
+    assert config["student"]["model"] == str(tiny_model_dir) and config["train"]["epochs"] == 30
+    assert config["resolved"]["device"] == "cpu" and config["resolved"]["precision"] == "fp32"
     assert config["template"] == "chat" and config["pad_token_id"] != config["eos_token_id"]
     assert config["data"]["train"]["examples"] == 4 and config["data"]["packed_rows"] == 1
     manifest = json.loads((d / "manifest.json").read_text())
@@ -132,14 +135,14 @@ def test_merge_matches_the_adapter_model(trained) -> None:
 def test_resume_restores_the_global_step_and_overlong_are_counted(runs: Path, tiny_model_dir: Path) -> None:
     long = ("summarize the text below", "a short story about a cat and a dog " * 8)
     d = _write_split(runs, "res", [*QA, long], QA[:2])
-    common = {"student": str(tiny_model_dir), "epochs": 50, "batch_size": 1, "grad_accum": 1, "save_steps": 2,
+    common = {"student": tiny_model_dir, "epochs": 50, "batch_size": 1, "grad_accum": 1, "save_steps": 2,
               "eval_steps": 100, "max_length": 40, "packing": False, **FAST}
-    train(run="res", max_steps=4, resume=True, **common)  # nothing to resume yet: starts from the beginning
+    fine_tune("res", max_steps=4, resume=True, **common)  # nothing to resume yet: starts from the beginning
     assert sorted(p.name for p in (d / "student" / "checkpoints").glob("checkpoint-*")) == \
         ["checkpoint-2", "checkpoint-4"]
     config = json.loads((d / "student" / "train_config.json").read_text())
     assert config["data"]["train"]["dropped_overlong"] == 1 and config["data"]["train"]["examples"] == 4
-    train(run="res", max_steps=6, resume=True, **common)
+    fine_tune("res", max_steps=6, resume=True, **common)
     steps = [e["step"] for e in _metrics(d) if e["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]  # the resumed run logged 5 and 6 only: it started at step 4
     state = json.loads((d / "student" / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
@@ -151,11 +154,10 @@ def test_gradient_checkpointing_still_trains_the_adapter(runs: Path, tiny_model_
     from safetensors.torch import load_file
 
     d = _write_split(runs, "gc", QA, [])
-    train(run="gc", student=str(tiny_model_dir), max_steps=2, batch_size=2, grad_accum=1,
-          gradient_checkpointing=True, **FAST)
+    fine_tune("gc", tiny_model_dir, max_steps=2, batch_size=2, grad_accum=1, gradient_checkpointing=True, **FAST)
     weights = load_file(d / "student" / "adapter_model.safetensors")
     assert all(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
-    assert json.loads((d / "student" / "train_config.json").read_text())["gradient_checkpointing"] is True
+    assert json.loads((d / "student" / "train_config.json").read_text())["train"]["gradient_checkpointing"] is True
 
 
 def test_bad_training_data_gives_a_clear_error(runs: Path, tiny_model_dir: Path) -> None:
@@ -163,17 +165,56 @@ def test_bad_training_data_gives_a_clear_error(runs: Path, tiny_model_dir: Path)
     d.mkdir(parents=True)
     (d / "train.jsonl").write_text("")
     with pytest.raises(SiftError, match="train.jsonl: is empty"):
-        train(run="bad", student=str(tiny_model_dir))
+        fine_tune("bad", tiny_model_dir)
     (d / "train.jsonl").write_text(json.dumps({"id": "a", "messages": to_messages("q", "", "a")}) + "\n"
                                    + json.dumps({"id": "b", "text": "no messages"}) + "\n")
     with pytest.raises(SiftError, match="train.jsonl:2: field 'messages': missing"):
-        train(run="bad", student=str(tiny_model_dir))
+        fine_tune("bad", tiny_model_dir)
     (d / "train.jsonl").write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "q"}]}) + "\n")
     with pytest.raises(SiftError, match="train.jsonl:1: field 'messages': the last message must be"):
-        train(run="bad", student=str(tiny_model_dir))
+        fine_tune("bad", tiny_model_dir)
     _write_split(runs, "bad", QA, [])
     with pytest.raises(SiftError, match="no example fits in max_length 8"):
-        train(run="bad", student=str(tiny_model_dir), max_length=8)
+        fine_tune("bad", tiny_model_dir, max_length=8)
+
+
+class Loaded(Exception):
+    """Stops a training run at its first model load (the spy has seen the device)."""
+
+
+def test_the_student_device_reaches_the_model_load(runs: Path, tiny_model_dir: Path, monkeypatch) -> None:
+    """student.device is where the student loads (it was always the CPU, the trainer moving it later)."""
+    seen = []
+
+    def spy(spec, *, dtype="auto", device):
+        seen.append(device)
+        raise Loaded
+
+    monkeypatch.setattr("pipeline.io.models.load_model", spy)
+    _write_split(runs, "dev", QA, [])
+    with pytest.raises(Loaded):  # no GPU here: the load is stopped before anything moves
+        train(run="dev", student=StudentSettings(model=str(tiny_model_dir), device="mps"),
+              train=TrainSettings(max_steps=1, precision="fp32"))
+    assert seen == ["mps"]
+
+
+def test_auto_trains_student_and_distillation_teacher_on_the_cpu_here(runs: Path, tiny_model_dir: Path,
+                                                                      monkeypatch) -> None:
+    from pipeline.io import models
+
+    real, seen = models.load_model, []
+
+    def spy(spec, *, dtype="auto", device):
+        seen.append(device)
+        return real(spec, dtype=dtype, device=device)
+
+    monkeypatch.setattr(models, "load_model", spy)
+    d = _write_split(runs, "auto", QA, [])
+    train(run="auto", student=StudentSettings(model=str(tiny_model_dir)),
+          train=TrainSettings(max_steps=1, batch_size=2, grad_accum=1, **FAST),
+          distill=DistillSettings(enabled=True, teacher=str(tiny_model_dir)))
+    assert seen == ["cpu", "cpu"]  # the student, then the teacher beside it
+    assert json.loads((d / "student" / "train_config.json").read_text())["resolved"]["device"] == "cpu"
 
 
 @pytest.mark.slow
@@ -190,8 +231,8 @@ def test_embedded_student_trains_and_its_adapter_loads(runs: Path) -> None:
     pairs = [(s["instruction"] + ("\n\n" + i["input"] if i["input"] else ""), i["output"])
              for s in seeds for i in s["instances"]][:20]
     d = _write_split(runs, "smol", pairs[:16], pairs[16:])
-    train(run="smol", epochs=1, lr=1e-3, batch_size=2, grad_accum=1, max_steps=4, max_length=256,
-          eval_steps=100, save_steps=100)
+    fine_tune("smol", epochs=1, lr=1e-3, batch_size=2, grad_accum=1, max_steps=4, max_length=256, eval_steps=100,
+              save_steps=100)
     summary = _metrics(d)[-1]
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     config = json.loads((d / "student" / "train_config.json").read_text())
@@ -218,9 +259,9 @@ def test_metrics_after_a_resume_equal_an_uninterrupted_run(tmp_path: Path, tiny_
 
     runs = tmp_path / "runs"
     qa = [*QA, *((q + " please", a) for q, a in QA)]
-    args = ["--student", str(tiny_model_dir), "--max-steps", "12", "--save-steps", "3", "--logging-steps", "5",
-            "--batch-size", "2", "--grad-accum", "1", "--max-length", "24", "--precision", "fp32", "--lr", "1e-2",
-            "--resume"]
+    args = ["--student.model", str(tiny_model_dir), "--train.max_steps", "12", "--train.save_steps", "3",
+            "--train.logging_steps", "5", "--train.batch_size", "2", "--train.grad_accum", "1", "--train.max_length",
+            "24", "--train.precision", "fp32", "--train.lr", "1e-2", "--train.resume"]
     for run in ("clean", "kt"):
         _write_split(runs, run, qa, QA[:1])
     code, _, err = sift(["train", "--run", "clean", *args], runs=runs)
@@ -265,8 +306,7 @@ def test_a_full_disk_is_cannot_write_and_a_partial_checkpoint_is_never_resumed(
     import peft.peft_model
 
     d = _write_split(runs, "full", QA, QA[:1])
-    common = {"student": str(tiny_model_dir), "max_steps": 4, "batch_size": 2, "grad_accum": 1, "resume": True,
-              "save_steps": 2, **FAST}
+    common = {"max_steps": 4, "batch_size": 2, "grad_accum": 1, "resume": True, "save_steps": 2, **FAST}
     real = peft.peft_model.safe_save_file
     full = "/checkpoint-4/" if where == "checkpoint" else "/.save-"  # checkpoint-2 is written whole
 
@@ -278,7 +318,7 @@ def test_a_full_disk_is_cannot_write_and_a_partial_checkpoint_is_never_resumed(
     monkeypatch.setattr(peft.peft_model, "safe_save_file", save)
     target = d / "student" / ("checkpoints" if where == "checkpoint" else "")
     with pytest.raises(SiftError, match="cannot write: No space left on device") as e:
-        train(run="full", **common)
+        fine_tune("full", tiny_model_dir, **common)
     assert Path(e.value.path) == target
     checkpoints = d / "student" / "checkpoints"
     if where == "checkpoint":  # the torn checkpoint-4 is gone, checkpoint-2 is whole
@@ -288,7 +328,7 @@ def test_a_full_disk_is_cannot_write_and_a_partial_checkpoint_is_never_resumed(
     assert not (d / "student" / "adapter_model.safetensors").exists()
     assert not list((d / "student").glob(".save-*"))
     monkeypatch.setattr(peft.peft_model, "safe_save_file", real)
-    train(run="full", **common)
+    fine_tune("full", tiny_model_dir, **common)
     assert _metrics(d)[-1]["kind"] == "summary" and _metrics(d)[-1]["step"] == 4
     assert (d / "student" / "adapter_model.safetensors").stat().st_size > 16
 
@@ -301,13 +341,13 @@ def test_a_checkpoint_missing_a_file_is_skipped_on_resume(runs: Path, tiny_model
     from train.lora import last_checkpoint
 
     d = _write_split(runs, "part", QA, [])
-    common = {"student": str(tiny_model_dir), "batch_size": 2, "grad_accum": 1, "save_steps": 2, **FAST}
-    train(run="part", max_steps=4, **common)
+    common = {"batch_size": 2, "grad_accum": 1, "save_steps": 2, **FAST}
+    fine_tune("part", tiny_model_dir, max_steps=4, **common)
     checkpoints = d / "student" / "checkpoints"
     assert last_checkpoint(checkpoints, remove_partial=False) == str(checkpoints / "checkpoint-4")
     (checkpoints / "checkpoint-4" / missing).unlink()
     assert last_checkpoint(checkpoints, remove_partial=False) == str(checkpoints / "checkpoint-2")
-    train(run="part", max_steps=4, resume=True, **common)
+    fine_tune("part", tiny_model_dir, max_steps=4, resume=True, **common)
     steps = [e["step"] for e in _metrics(d) if e["kind"] == "train"]
     assert steps == [1, 2, 3, 4]  # steps 3 and 4 were trained again, from checkpoint-2
     assert checkpoint_files(checkpoints / "checkpoint-4") >= {missing, "trainer_state.json", "optimizer.pt"}

@@ -13,8 +13,8 @@ from pipeline.cli import main
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import write_jsonl
 from pipeline.stages.merge import MARKER, merge
+from tests.train.conftest import fine_tune
 from train.format import to_messages
-from train.lora import train
 
 QA = [("what is the capital of france", "the capital of france is paris"), ("name a primary color", "red")]
 
@@ -26,7 +26,7 @@ def student(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
         mp.setenv("SIFT_RUNS_DIR", str(runs))
         write_jsonl(runs / "m" / "train.jsonl",
                     [{"id": f"t{i}", "messages": to_messages(q, "", a)} for i, (q, a) in enumerate(QA)])
-        train(run="m", student=str(tiny_model_dir), max_steps=1, batch_size=2, grad_accum=1, precision="fp32")
+        fine_tune("m", tiny_model_dir, max_steps=1, batch_size=2, grad_accum=1, precision="fp32")
         yield runs
 
 

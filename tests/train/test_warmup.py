@@ -1,14 +1,13 @@
-"""`sift train --warmup-ratio` reaches transformers as a share of the steps, not as a step count.
+"""`sift train --train.warmup_ratio` reaches transformers as a share of the steps, not as a step count.
 
     .venv/bin/python -m pytest -q tests/train/test_warmup.py
 
-train/lora.py passes the ratio as `warmup_steps`, which transformers reads as a ratio when below 1
+pipeline/stages/train.py passes the ratio as `warmup_steps`, which transformers reads as a ratio when below 1
 from version 5 on (in 4.x it meant 0.03 steps, i.e. no warmup). So the project must require 5.x.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import tomllib
@@ -25,9 +24,14 @@ def test_pyproject_requires_a_transformers_that_reads_warmup_steps_below_1_as_a_
     assert spec.contains(Version("5.2.0")) and spec.contains(Version("5.25.0"))
 
 
-def test_lora_passes_the_ratio_as_warmup_steps() -> None:
-    source = (REPO / "train" / "lora.py").read_text()
-    assert re.search(r"\bwarmup_steps=warmup_ratio\b", source) and "warmup_ratio=warmup_ratio" not in source
+def test_the_trainer_gets_the_ratio_as_warmup_steps(tmp_path: Path) -> None:
+    from pipeline.settings import TrainSettings
+    from pipeline.stages.train import Data, sft_args
+    from train.format import TokenStats
+
+    data = Data([], [], TokenStats(), TokenStats(), rows=[], per_device=8, accum=4)
+    args = sft_args(tmp_path, TrainSettings(warmup_ratio=0.1), data, precision="fp32", cuda=False)
+    assert args.warmup_steps == 0.1 and args.get_warmup_steps(1000) == 100
 
 
 def test_the_installed_trainer_turns_the_ratio_into_a_share_of_steps(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""How `sift loop --teacher-policy learned` sets each teacher's share of a round: Thompson sampling.
+"""How `sift loop --loop.policy learned` sets each teacher's share of a round: Thompson sampling.
 
     ev = evidence(served, before, after, targeted, added, valid_loss_delta=-0.02)   # round r-1's teachers
     shares = thompson_shares(posterior([ev, ...], names), seed=0, round_index=3)
