@@ -190,16 +190,15 @@ def test_an_unreachable_index_names_the_package(cache: Path, monkeypatch: pytest
 # ---------------------------------------------------------------- a base model as teacher
 
 
-def test_a_base_teacher_uses_generate_and_renders_chat_prompts_as_plain_text(
-        converted: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("engine", ["fast", "hf"])
+def test_a_base_teacher_renders_chat_prompts_as_plain_text(converted: Path, capsys: pytest.CaptureFixture,
+                                                           engine: str) -> None:
     from pipeline.teachers.hf import TransformersTeacher
     from pipeline.teachers.prompts import plain_chat_template
 
-    teacher = TransformersTeacher(str(converted), dtype="float32", batch_size=4)
-    assert teacher.engine == "hf"
-    err = capsys.readouterr().err
-    assert f"teacher {teacher.name}: engine hf: the fast engine is for the Llama family on CPU, " \
-           "this is gemma3_text" in err
+    teacher = TransformersTeacher(str(converted), dtype="float32", batch_size=4, engine=engine)
+    assert teacher.engine == engine  # Gemma 3 runs on the fast engine too
+    assert f"teacher {teacher.name}: engine {engine}\n" in capsys.readouterr().err
     greedy = Sampling(temperature=0, max_tokens=6)
     plain = Request(prompt=TEXTS[1], sampling=greedy)
     chat = Request(messages=({"role": "user", "content": "Name a color."},), sampling=greedy)
@@ -214,6 +213,24 @@ def test_a_base_teacher_uses_generate_and_renders_chat_prompts_as_plain_text(
     rendered = teacher.tokenizer.apply_chat_template(list(chat.messages), chat_template=plain_chat_template(),
                                                      tokenize=False)
     assert teacher.tokenizer.decode(teacher.prompt_ids(chat)) == rendered
+
+
+def test_an_architecture_the_fast_engine_does_not_reproduce_uses_generate_and_says_why(
+        converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An attention softcap (which transformers' Gemma 3 does not apply) is outside what the fast engine
+    reproduces: the teacher falls back to `generate` and says why on stderr."""
+    import shutil
+
+    from pipeline.teachers.hf import TransformersTeacher
+
+    folder = tmp_path / "capped"
+    shutil.copytree(converted, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "attn_logit_softcapping": 50.0}))
+    teacher = TransformersTeacher(str(folder), dtype="float32", batch_size=4)
+    assert teacher.engine == "hf"
+    assert f"teacher {teacher.name}: engine hf: the fast engine is for the Llama family and Gemma 3 on CPU, " \
+           "this is gemma3_text on cpu" in capsys.readouterr().err
 
 
 @pytest.mark.slow
