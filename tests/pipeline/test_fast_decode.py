@@ -671,8 +671,14 @@ except KeyboardInterrupt:
 """
 
 
-@pytest.mark.xfail(strict=False, reason="passes alone (and the end-to-end Ctrl-C test below passes), but failed inside "
-                   "the full CI run of this session for a reason not yet found: an open question, not a known outcome")
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default. A suite started in the background (nohup,
+    `cmd &` in a script) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_lanes_before_run_returns(tmp_path) -> None:
     """SIGINT while two lanes decode (sent from inside a lane's step, which then lingers there):
     run() raises KeyboardInterrupt only once both lanes have left their loops, so the process exits
@@ -683,7 +689,7 @@ def test_ctrl_c_stops_the_lanes_before_run_returns(tmp_path) -> None:
 
     folder = make_tiny(tmp_path / "tiny")
     done = subprocess.run([sys.executable, "-c", INTERRUPTED_RUN, str(folder)], capture_output=True, text=True,
-                          timeout=600, cwd=REPO)
+                          timeout=600, cwd=REPO, preexec_fn=_default_sigint)
     assert "terminate called" not in done.stderr, done.stderr[-2000:]
     assert done.returncode == 130 and "lanes inside a step when run() raised: 0" in done.stdout, (
         done.returncode, done.stdout, done.stderr[-2000:])
@@ -708,7 +714,7 @@ def test_ctrl_c_during_sift_generate_exits_130_with_one_message(tmp_path) -> Non
                              "--generate.batch_size", "8", "--generate.max_tokens", "96",
                              "--teacher.options", "lanes=2"],
                             cwd=REPO, env=_env(runs),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     try:
         while proc.poll() is None and not (cache.exists() and cache.stat().st_size):
             time.sleep(0.01)
