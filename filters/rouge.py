@@ -211,11 +211,17 @@ class _ByLength(NamedTuple):
         return _ByLength(*(np.insert(old, at, add) for old, add in zip(self, new, strict=True)))
 
 
+_SEPARATOR = "\x00"  # joins a block's texts: outside [a-z0-9], and unchanged by lower()
+_TOKEN_OR_SEPARATOR = re.compile(r"[a-z0-9]+|\x00")
+_SPLIT = "\ud800"  # what the separator encodes to: a surrogate, which no token's character is
+
+
 class _Vocab:
     """Maps each distinct token to one character (codes skip the surrogate block)."""
 
     def __init__(self) -> None:
-        self._chars: dict[str, str] = {}
+        self._chars: dict[str, str] = {_SEPARATOR: _SPLIT}  # no token is the separator
+        self._size = 0
 
     def encode(self, tokens: Sequence[str]) -> str:
         chars = self._chars
@@ -224,8 +230,24 @@ class _Vocab:
                 chars[token] = self._new_char()
         return "".join([chars[token] for token in tokens])
 
+    def encode_texts(self, texts: Sequence[str]) -> list[str]:
+        """`encode(tokenize(text))` for each text, the same codes, with the per-token work in C: the
+        texts are joined by a separator, lower-cased and split into tokens in one go (lower() maps
+        each character on its own; its one context rule, the final sigma, never yields [a-z0-9]),
+        new tokens get codes in order of first appearance, as text by text."""
+        joined = _SEPARATOR.join(texts)
+        if joined.count(_SEPARATOR) != len(texts) - 1:  # a text holds the separator: text by text
+            return [self.encode(tokenize(text)) for text in texts]
+        tokens = _TOKEN_OR_SEPARATOR.findall(joined.lower())
+        chars = self._chars
+        for token in dict.fromkeys(tokens):
+            if token not in chars:
+                chars[token] = self._new_char()
+        return "".join(map(chars.__getitem__, tokens)).split(_SPLIT) if texts else []
+
     def _new_char(self) -> str:
-        code = len(self._chars)
+        code = self._size
+        self._size += 1
         if code >= 0xD800:
             code += 0x800
         if code > 0x10FFFF:
@@ -782,8 +804,12 @@ class RougeIndex:
             self._lsh.insert(n, self._minhash(tokens))
 
     def _run_block(self, block: Sequence[tuple[str, str]], *, commit: bool) -> list[Match]:
-        tokens = [tokenize(text, use_stemmer=self.use_stemmer) for _, text in block]
-        chars = [self._vocab.encode(t) for t in tokens]
+        if self.use_stemmer or self._lsh is not None:
+            tokens = [tokenize(text, use_stemmer=self.use_stemmer) for _, text in block]
+            chars = [self._vocab.encode(t) for t in tokens]
+        else:  # the tokens themselves are not kept
+            chars = self._vocab.encode_texts([text for _, text in block])
+            tokens = [()] * len(block)
         if self._lsh is not None:
             raws = self._minhash_block(block, chars, tokens, commit)
         else:

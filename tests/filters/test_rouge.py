@@ -13,7 +13,7 @@ from rapidfuzz.distance import Indel
 from rouge_score import rouge_scorer
 from rouge_score import tokenize as rouge_tokenize
 
-from filters.rouge import LONG_TEXT, RougeIndex, _masks, rouge_l, score_from_lcs, tokenize
+from filters.rouge import LONG_TEXT, RougeIndex, _masks, _Vocab, rouge_l, score_from_lcs, tokenize
 from tests.filters.reference import SEEDS, load_seed_instructions, near_duplicate, reference_dedup
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
@@ -240,6 +240,21 @@ unicode_texts = st.text(max_size=40)  # any code point: case mappings, digits of
 @given(text=st.one_of(unicode_texts, texts))
 def test_tokenize_is_rouge_scores_tokenizer(text: str) -> None:
     assert tokenize(text) == rouge_tokenize.tokenize(text, None)
+
+
+# characters whose lower case is, or contains, ASCII (Kelvin sign, dotted capital I), the final sigma,
+# and the separator that joins a block's texts
+tricky_texts = st.text(alphabet=st.sampled_from(list("aB1 \u212a\u0130\u03a3\u03c3\x00.")), max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(blocks=st.lists(st.lists(st.one_of(unicode_texts, texts, tricky_texts), max_size=6), max_size=4))
+def test_a_block_is_encoded_as_text_by_text(blocks: list[list[str]]) -> None:
+    """The block encoder gives each text the characters, and each new token the code, that encoding
+    the texts one by one gives."""
+    whole, one_by_one = _Vocab(), _Vocab()
+    for block in blocks:
+        assert whole.encode_texts(block) == [one_by_one.encode(tokenize(text)) for text in block]
 
 
 token_lists = st.lists(st.sampled_from("abcdefghij"), max_size=24)
