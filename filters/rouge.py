@@ -181,7 +181,7 @@ def _masks(chars: Sequence[str]) -> np.ndarray:
         return out
     codes = np.frombuffer("".join(chars).encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64)
     owner = np.repeat(np.arange(len(chars)), lens)
-    order = np.lexsort((codes, owner))  # each text's copies of one token side by side
+    order = np.argsort((owner << FEATURE_BITS) | codes, kind="stable")  # each text's copies of a token side by side
     owner, codes = owner[order], codes[order]
     first = np.r_[True, (owner[1:] != owner[:-1]) | (codes[1:] != codes[:-1])]
     at = np.arange(len(codes))
@@ -260,10 +260,11 @@ class _Vocab:
 FEATURE_BITS = 21  # a feature is a (token code, occurrence) pair: code + (occurrence << 21); codes < 0x110000
 KNOWN = 1 << 62  # order keys of the features ranked at the last refresh come after every feature key (< 2**62
 # unless a text has 2**41 tokens)
-DENSE_CELLS = 4096  # a feature's (query rows x pool list) rectangle this large is tested by broadcasting
+DENSE_CELLS = 1024  # a feature's (query rows x pool list) rectangle this large is tested by broadcasting
 DENSE_CHUNK = 1 << 17  # cells per broadcast (fits in L2)
 REFRESH_GROWTH = 4  # the rarity order is recomputed, and the lists rebuilt, each time the pool grows 4 times
 REFRESH_MIN = 256  # ... and not before it has REFRESH_GROWTH times this many texts
+PARALLEL_ROWS = 64  # query rows from which the search is split across threads
 
 
 def _grown(a: np.ndarray, size: int) -> np.ndarray:
@@ -298,7 +299,7 @@ def _features(chars: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
     codes = np.frombuffer("".join(chars).encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64)
     owner = np.repeat(np.arange(len(chars)), lens)
-    order = np.lexsort((codes, owner))
+    order = np.argsort((owner << FEATURE_BITS) | codes, kind="stable")  # by text, then token (codes < 2**21)
     owner, codes = owner[order], codes[order]
     first = np.r_[True, (owner[1:] != owner[:-1]) | (codes[1:] != codes[:-1])]
     at = np.arange(total)
@@ -353,6 +354,7 @@ class _PrefixIndex:
         self._live = 0
         self._plen = np.zeros(0, dtype=np.int64)  # by token count: prefix length
         self._fl = np.zeros(0, dtype=np.int64)  # by token count: min(64, floor((1 - cutoff) n))
+        self._need_s = np.zeros(0, dtype=np.int64)  # by n + m: need(n, m)
         self._scratch = [_scratch()]  # one per thread
         self._pool: ThreadPoolExecutor | None = None
 
@@ -367,6 +369,7 @@ class _PrefixIndex:
             plen[n] = n - int(_need(self.cutoff, n, _partner_lengths(self.cutoff, n)[0])) + 1
         self._plen = plen
         self._fl = np.minimum(np.floor((1.0 - self.cutoff) * np.arange(size) + 1e-9), 64).astype(np.int64)
+        self._need_s = _need(self.cutoff, np.arange(2 * size + 1), 0)  # by n + m: need(n, m)
 
     def _ids_of(self, keys: np.ndarray) -> np.ndarray:
         """Feature ids of `keys`, -1 for features no pool text has had."""
@@ -507,11 +510,36 @@ class _PrefixIndex:
         """(query row, pool position) of every pair, a query of `rows` against the pool, that may reach
         the cutoff, once each: a superset of them, cut by the same bounds as `RougeIndex._candidates`.
         p_masks, p64, p_lens: the pool's 256-bit masks, their 64-bit folds, token counts. workers:
-        threads for the broadcast tests (numpy releases the GIL inside them)."""
+        threads, each taking every workers-th query row through the whole search (numpy releases the
+        GIL inside its array operations; the index is only read here)."""
         empty = np.empty(0, dtype=np.int64)
         if not len(rows) or not self._live:
             return empty, empty
         self._tables(int(lens.max()))
+        parts = [rows[w::workers] for w in range(workers)] if len(rows) >= PARALLEL_ROWS else [rows]
+        args = (chars, q_masks, lens, p_masks, p64, p_lens)
+        if len(parts) > 1:
+            pool = self._threads(len(parts))
+            found = list(pool.map(lambda part, scratch: self._search(part, scratch, *args), parts, self._scratch))
+        else:
+            found = [self._search(rows, self._scratch[0], *args)]
+        q = np.concatenate([f[0] for f in found])
+        p = np.concatenate([f[1] for f in found])
+        return q, p
+
+    def _search(
+        self,
+        rows: np.ndarray,
+        scratch: tuple[np.ndarray, ...],
+        chars: Sequence[str],
+        q_masks: np.ndarray,
+        lens: np.ndarray,
+        p_masks: np.ndarray,
+        p64: np.ndarray,
+        p_lens: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`candidates` for some query rows, in one thread (scratch: its buffers)."""
+        empty = np.empty(0, dtype=np.int64)
         owner, keys = _features([chars[r] for r in rows.tolist()])
         o, ids, at = self._prefix(owner, keys, self._ids_of(keys), lens[rows])
         listed = ids >= 0
@@ -541,40 +569,19 @@ class _PrefixIndex:
             ok = np.flatnonzero(count <= qterm[q[rep]])
             hit_inc.append(rep[ok])
             hit_pos.append(self._pos[cell[ok]])
-        groups = [(int(first[g]), int(first[g] + counts[g])) for g in np.flatnonzero(dense).tolist()]
-        cells = [(z - a) * int(self._fill[ids[a]]) for a, z in groups]
-        share = -(-sum(cells) // workers) if groups else 0
-        parts: list[list[tuple[int, int]]] = [[]]
-        done = 0
-        for group, size in zip(groups, cells, strict=True):  # `workers` runs of about equal cells
-            if done >= share * len(parts):
-                parts.append([])
-            parts[-1].append(group)
-            done += size
-
-        def run(part: list[tuple[int, int]], scratch: tuple[np.ndarray, ...]) -> tuple[list, list]:
-            found_inc: list[np.ndarray] = []
-            found_pos: list[np.ndarray] = []
-            for a, z in part:
-                self._rectangle(q64[q[a:z]], qterm[q[a:z]], int(ids[a]), a, scratch, found_inc, found_pos)
-            return found_inc, found_pos
-
-        if len(parts) > 1:
-            pool = self._threads(len(parts))
-            results = list(pool.map(run, parts, self._scratch[: len(parts)]))
-        else:
-            results = [run(parts[0], self._scratch[0])]
-        for found_inc, found_pos in results:
-            hit_inc += found_inc
-            hit_pos += found_pos
+        for g in np.flatnonzero(dense).tolist():
+            a, z = int(first[g]), int(first[g] + counts[g])
+            self._rectangle(q64[q[a:z]], qterm[q[a:z]], int(ids[a]), a, scratch, hit_inc, hit_pos)
         if not hit_inc:
             return empty, empty
         inc, p = np.concatenate(hit_inc), np.concatenate(hit_pos).astype(np.int64)
         q, at = q[inc], at[inc]
         n, m = lens[q], p_lens[p]
-        need = _need(self.cutoff, n, m)
+        need = self._need_s[n + m]  # need(n, m) depends on n + m only
         allowed = n + m - 2 * need
-        keep = (need <= np.minimum(n, m)) & (at <= n - need) & (np.bitwise_count(q64[q] ^ p64[p]) <= allowed)
+        keep = (need <= np.minimum(n, m)) & (at <= n - need)
+        q, p, allowed = q[keep], p[keep], allowed[keep]
+        keep = np.bitwise_count(q64[q] ^ p64[p]) <= allowed
         q, p, allowed = q[keep], p[keep], allowed[keep]
         xor = sum(np.bitwise_count(q_masks[q, w] ^ p_masks[p, w]).astype(np.int64) for w in range(MASK_WORDS))
         keep = xor <= allowed
