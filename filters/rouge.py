@@ -728,7 +728,7 @@ class RougeIndex:
         top_k: int = 10,
         workers: int = -1,
         *,
-        block_size: int = 1024,
+        block_size: int = 2048,
         max_cells: int = 1 << 21,
         prefilter: str | None = None,
         minhash_threshold: float = 0.5,
