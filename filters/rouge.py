@@ -716,7 +716,7 @@ class RougeIndex:
     top_k: how many most-similar pool entries to report, with the mean over the whole pool
         (Self-Instruct keeps 10): an LCS for every pair. 0 turns that off and leaves the pure dedup,
         pruned exactly by token counts and feature masks, about 15 times faster (see the module).
-    workers: threads for rapidfuzz and the dedup pass's broadcast tests (-1: all cores). block_size:
+    workers: threads for rapidfuzz and the dedup pass's search (-1: all cores). block_size:
         candidates per batch. max_cells: the largest score matrix held at once. prefilter: None (exact)
         or "minhash" (inexact, see module).
     """
