@@ -8,7 +8,7 @@ Stages (STAGES below): `sift filter` on a data file with the default rules (self
 heuristics, rouge, the instance and task rules) and with `--filter.rules rouge` alone; then, on a
 synthetic run directory holding what a run holds after `sift filter` (seeds.jsonl, filtered.jsonl
 with the `filter` field the stage writes, filtered.rejected.jsonl, funnel.json, filter.stats.json),
-in this order: `sift score --score.scorers length --score.keep "length>=6"` (writes scored.jsonl),
+in this order: `sift score --score.scorers length --score.keep "length>=10"` (writes scored.jsonl),
 `sift export` (reads scored.jsonl), `sift inspect runs/<run>/filtered.jsonl`, `sift report`, and
 `view-index`: the SQLite index `sift view` builds of filtered.jsonl
 (pipeline.views.viewer.index.build_index), in a fresh process like the others.
@@ -71,7 +71,7 @@ STAGES = (
     Stage("filter-rouge", ("filter", "{data}", "-o", "{out}/kept.jsonl", "--filter.rules", "rouge"), compare_old=True),
     Stage("filter-default", ("filter", "{data}", "-o", "{out}/kept.jsonl"), compare_old=True),
     # the run stages, in pipeline order on one synthetic run (score writes the scored.jsonl export reads)
-    Stage("score-length", ("score", "--run", RUN, "--score.scorers", "length", "--score.keep", "length>=6")),
+    Stage("score-length", ("score", "--run", RUN, "--score.scorers", "length", "--score.keep", "length>=10")),
     Stage("export", ("export", "--run", RUN)),
     Stage("inspect", ("inspect", "{rundir}/filtered.jsonl")),
     Stage("report", ("report", "--run", RUN)),
