@@ -386,17 +386,23 @@ def json_line(record: dict) -> str:
 
 
 class JsonListWriter:
-    """Writes the same bytes as `write_json(path, list(records), indent=None)`, a record at a time."""
+    """Writes the same bytes as `write_json(path, list(records), indent=indent)`, a record at a time."""
 
-    def __init__(self, out: AtomicFile) -> None:
-        self.out, self.count = out, 0
+    def __init__(self, out: AtomicFile, *, indent: int | None = None) -> None:
+        self.out, self.count, self.indent = out, 0, indent
 
     def add(self, record: Any) -> None:
-        self.out.write(("[" if not self.count else ", ") + json.dumps(record, ensure_ascii=False))
+        text = json.dumps(record, ensure_ascii=False, indent=self.indent)
+        if self.indent is None:
+            self.out.write(("[" if not self.count else ", ") + text)
+        else:  # one level deeper: JSON text holds a raw newline only between tokens, never inside a string
+            pad = " " * self.indent
+            self.out.write(("[\n" if not self.count else ",\n") + pad + text.replace("\n", "\n" + pad))
         self.count += 1
 
     def close(self) -> None:
-        self.out.write(("]" if self.count else "[]") + "\n")
+        end = "]" if self.indent is None else "\n]"
+        self.out.write((end if self.count else "[]") + "\n")
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
