@@ -25,13 +25,16 @@ from pipeline.io.files import read_head
 from pipeline.teachers.tally import record_teacher
 from pipeline.views.scores import inspect_rows, print_percentiles
 from pipeline.views.stats import (
+    PAIRWISE_CAP,
     contamination,
     example_text,
     field_stats,
     length_table,
     near_duplicate_buckets,
+    pairwise_sample,
     reasons,
     record_examples,
+    sample_note,
 )
 from pipeline.views.verbs import parse_verbs, top_verb_objects
 
@@ -72,13 +75,16 @@ def matches(record: dict, *, grep: re.Pattern | None, where: tuple[str, str, boo
 
 
 def summarize(
-    records: list[dict], *, against: list[str] | None = None, threshold: float = 0.7, ngram: int = 13
+    records: list[dict], *, against: list[str] | None = None, threshold: float = 0.7, ngram: int = 13,
+    cap: int = PAIRWISE_CAP,
 ) -> dict:
-    """Everything `inspect` prints about a list of records, as plain data."""
+    """Everything `inspect` prints about a list of records, as plain data. The near-duplicate buckets
+    compare at most `cap` distinct instructions (a seeded sample above it: `compared` says how many)."""
     examples = [ex for r in records for ex in record_examples(r)]
     instructions = list(dict.fromkeys(ex["instruction"] for ex in examples if ex.get("instruction")))
     pairs, parser = parse_verbs(instructions)
-    buckets = near_duplicate_buckets(instructions, threshold) if len(instructions) > 1 else []
+    compared = pairwise_sample(instructions, cap)
+    buckets = near_duplicate_buckets(compared, threshold) if len(compared) > 1 else []
     out = {
         "records": len(records),
         "examples": len(examples),
@@ -94,7 +100,8 @@ def summarize(
             "threshold": threshold,
             "buckets": len(buckets),
             "texts_in_buckets": sum(len(b) for b in buckets),
-            "largest": [[instructions[i] for i in b] for b in buckets[:SHOWN_BUCKETS]],
+            "largest": [[compared[i] for i in b] for b in buckets[:SHOWN_BUCKETS]],
+            "compared": len(compared),
         },
     }
     if against is not None:
@@ -188,6 +195,8 @@ def _print_summary(path: Path, s: dict, console: Any) -> None:
             t.add_row(verb, str(n), ", ".join(f"{o} ({c})" for o, c in objs))
         console.print(t)
     nd = s["near_duplicates"]
+    if nd["compared"] < s["instructions"]:
+        console.print(sample_note(nd["compared"], s["instructions"]))
     console.print(
         f"near-duplicate buckets (ROUGE-L > {nd['threshold']}): {nd['buckets']} buckets holding "
         f"{nd['texts_in_buckets']} instructions"

@@ -24,12 +24,15 @@ from pipeline.views.federated import federate_section
 from pipeline.views.refined import refine_section
 from pipeline.views.scores import scores_section
 from pipeline.views.stats import (
+    PAIRWISE_CAP,
     contamination,
     example_text,
     length_table,
     nearest_similarity,
+    pairwise_sample,
     reasons,
     record_examples,
+    sample_note,
     words,
 )
 from pipeline.views.verbs import parse_verbs, top_verb_objects
@@ -191,7 +194,9 @@ def _distinct_instructions(records: list[dict]) -> list[str]:
                               if ex.get("instruction")))
 
 
-def similarity_section(data: dict[str, list[dict] | None]) -> str:
+def similarity_section(data: dict[str, list[dict] | None], *, cap: int = PAIRWISE_CAP) -> str:
+    """ROUGE-L to the nearest seed (every distinct instruction) and to the nearest pool instruction
+    (at generation, or among the kept ones: at most `cap` of them, a seeded sample above it)."""
     kept = _kept(data)
     if kept is None:
         return _missing("No generated instructions yet (run generate).")
@@ -219,12 +224,13 @@ def similarity_section(data: dict[str, list[dict] | None]) -> str:
             "pool similarity is instructions.jsonl's max_similarity, recorded when each was accepted"
         )
     elif len(instructions) > 1:
-        series["to the nearest other kept instruction"] = nearest_similarity(
-            instructions, instructions, exclude_self=True
-        )
+        compared = pairwise_sample(instructions, cap)
+        series["to the nearest other kept instruction"] = nearest_similarity(compared, compared, exclude_self=True)
         notes.append(
             "instructions.jsonl has no max_similarity; pool similarity computed among kept instructions"
         )
+        if len(compared) < len(instructions):
+            notes.append(sample_note(len(compared), len(instructions)))
     if not series:
         return _missing("Not enough instructions to compare.")
     rows = [[k, len(v), f"{sum(v) / len(v):.3f}", f"{sum(x > 0.7 for x in v)}"] for k, v in series.items()]
@@ -530,13 +536,13 @@ def teachers_section(d: Path) -> str:
 # ---------------------------------------------------------------- page
 
 
-def build_page(run: str, d: Path, *, against: str | None = None) -> str:
-    """The whole HTML page for run directory `d`."""
+def build_page(run: str, d: Path, *, against: str | None = None, cap: int = PAIRWISE_CAP) -> str:
+    """The whole HTML page for run directory `d` (`cap`: see similarity_section)."""
     data = {name: _records(d / name) for _, name in STAGE_FILES}
     sections = [
         ("funnel", "Funnel: records per stage and rejection reason", funnel_section(d, data)),
         ("lengths", "Lengths of instructions, inputs and outputs", lengths_section(data)),
-        ("similarity", "ROUGE-L to the nearest seed and pool instruction", similarity_section(data)),
+        ("similarity", "ROUGE-L to the nearest seed and pool instruction", similarity_section(data, cap=cap)),
         ("verbs", "Root verbs and direct objects", verbs_section(data)),
         ("training", "Training curves", training_section(d)),
         ("scores", "Scores: IFD, judge, length, reward; highest and lowest examples", scores_section(d)),

@@ -13,6 +13,7 @@ numbers describe data, they decide nothing, so float ties at a threshold do not 
 from __future__ import annotations
 
 import math
+import random
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -20,6 +21,11 @@ from typing import Any
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 CHUNK = 512  # query rows per cdist call, so memory stays rows x pool
+# Distinct instructions compared all against all (near-duplicate buckets, nearest other instruction):
+# the work grows with the square of the count, so 20,000 (4e8 pairs, well under a minute on two cores)
+# is the most compared exactly; above it a seeded random sample of this many stands for the whole, and
+# the output says so. Per-record figures (counts, lengths, verbs) always cover every record.
+PAIRWISE_CAP = 20_000
 
 
 def rouge_tokens(text: str) -> list[str]:
@@ -122,6 +128,19 @@ def reasons(records: Sequence[dict]) -> Counter[str]:
 
 
 # ---------------------------------------------------------------- ROUGE-L in bulk
+
+
+def pairwise_sample(texts: Sequence[str], cap: int = PAIRWISE_CAP, seed: int = 0) -> list[str]:
+    """`texts` when there are at most `cap`, else a seeded random sample of `cap` of them, in their order:
+    what an all-against-all comparison runs on (see PAIRWISE_CAP)."""
+    if len(texts) <= cap:
+        return list(texts)
+    return [texts[i] for i in sorted(random.Random(seed).sample(range(len(texts)), cap))]
+
+
+def sample_note(compared: int, total: int) -> str:
+    """What a page or summary says when the pairwise figures come from `pairwise_sample`."""
+    return f"near-duplicate figures on a seeded sample of {compared:,} of {total:,} instructions"
 
 
 def _encode(token_lists: Sequence[list[str]], vocab: dict[str, str]) -> list[str]:

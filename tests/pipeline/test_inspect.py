@@ -199,3 +199,36 @@ def test_inspect_bad_input_is_one_clear_error(tmp_path: Path) -> None:
         inspect_artifact(str(tmp_path / "nope.jsonl"))
     with pytest.raises(SiftError, match="regular expression"):
         inspect_artifact(str(REFERENCE_SEEDS), grep="(")
+
+
+def test_near_duplicates_above_the_cap_come_from_a_seeded_sample_and_say_so() -> None:
+    """Up to `cap` distinct instructions every pair is compared (what inspect always did); above it a
+    seeded sample of `cap` is, the summary says so, and the per-record figures still count every record."""
+    import io
+
+    from rich.console import Console
+
+    from pipeline.views.inspect import _print_summary
+
+    rows = [{"id": str(i), "instruction": f"Write a story number {i % 12} about cats {i}.", "output": "x y"}
+            for i in range(40)]
+    instructions = list(dict.fromkeys(r["instruction"] for r in rows))
+
+    def printed(s: dict) -> str:
+        buf = io.StringIO()
+        _print_summary(Path("x.jsonl"), s, Console(file=buf, width=200))
+        return buf.getvalue()
+
+    full = summarize(rows)
+    assert full == summarize(rows, cap=40)
+    assert full["near_duplicates"]["compared"] == 40
+    assert full["near_duplicates"]["buckets"] == len(near_duplicate_buckets(instructions, 0.7)) >= 1
+    assert "seeded sample" not in printed(full)
+
+    small = summarize(rows, cap=10)
+    assert small["near_duplicates"]["compared"] == 10 and small == summarize(rows, cap=10)  # seeded: the same
+    assert small["near_duplicates"]["texts_in_buckets"] <= 10
+    assert small["records"] == 40 and small["instructions"] == 40 and small["lengths"]["output"]["n"] == 40
+    assert {k: v for k, v in small.items() if k != "near_duplicates"} == \
+        {k: v for k, v in full.items() if k != "near_duplicates"}
+    assert "near-duplicate figures on a seeded sample of 10 of 40 instructions" in printed(small)

@@ -421,3 +421,27 @@ def test_real_run_report_renders(tmp_path: Path) -> None:
     out.write_text(build("demo", demo))
     _check_in_browser(out, tmp_path / "report.png")
     shutil.copy(tmp_path / "report.png", demo / "report.png")
+
+
+def test_nearest_kept_instruction_above_the_cap_is_a_sample_the_page_names(run: Path) -> None:
+    """Without instructions.jsonl's max_similarity the report compares kept instructions with each other:
+    all of them up to `cap` (as before), a seeded sample of `cap` above it, said on the page; the
+    similarity to the seeds still covers every instruction."""
+    import re
+
+    from pipeline.views.report import similarity_section
+
+    (run / "instructions.jsonl").unlink()
+    data = {name: [json.loads(x) for x in (run / name).read_text().splitlines()]
+            for name in ("seeds.jsonl", "filtered.jsonl")}
+    n = len({r["instruction"] for r in data["filtered.jsonl"]})
+
+    def counts(page: str) -> dict[str, int]:
+        return {k: int(v) for k, v in re.findall(r"<td>(to the nearest [^<]*)</td><td class=num>(\d+)</td>", page)}
+
+    full = similarity_section(data)
+    assert full == similarity_section(data, cap=n) and "seeded sample" not in full
+    assert counts(full) == {"to the nearest seed": n, "to the nearest other kept instruction": n}
+    small = similarity_section(data, cap=7)
+    assert f"near-duplicate figures on a seeded sample of 7 of {n} instructions" in small
+    assert counts(small) == {"to the nearest seed": n, "to the nearest other kept instruction": 7}
