@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,18 +47,40 @@ def values(records: Sequence[dict], name: str) -> list[tuple[float, dict]]:
     return out
 
 
-def percentile_table(records: Sequence[dict]) -> list[dict]:
+def percentile_table(records: Iterable[dict]) -> list[dict]:
     """Per score: n, missing, mean and the PERCENTILES (for `sift inspect`)."""
-    rows = []
-    for name in score_names(records):
-        vals = sorted(v for v, _ in values(records, name))
-        if not vals:
-            continue
-        row: dict[str, Any] = {"score": name, "n": len(vals), "missing": len(records) - len(vals),
-                               "mean": sum(vals) / len(vals)}
-        row.update({f"p{q}": percentile(vals, q) for q in PERCENTILES})
-        rows.append(row)
-    return rows
+    tally = ScoreTally()
+    for r in records:
+        tally.add(r)
+    return tally.table()
+
+
+class ScoreTally:
+    """`percentile_table` a record at a time: each score's finite values, and the count of records."""
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.values: dict[str, list[float]] = {}  # every numeric score, in first-seen order
+
+    def add(self, r: dict) -> None:
+        self.records += 1
+        for k, v in (r.get("scores") or {}).items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                vals = self.values.setdefault(k, [])
+                if math.isfinite(v):
+                    vals.append(float(v))
+
+    def table(self) -> list[dict]:
+        rows = []
+        for name, unsorted in self.values.items():
+            vals = sorted(unsorted)
+            if not vals:
+                continue
+            row: dict[str, Any] = {"score": name, "n": len(vals), "missing": self.records - len(vals),
+                                   "mean": sum(vals) / len(vals)}
+            row.update({f"p{q}": percentile(vals, q) for q in PERCENTILES})
+            rows.append(row)
+        return rows
 
 
 def score_histograms(series: dict[str, Sequence[float]], pairs: dict[str, Sequence[tuple[float, int]]]) -> str:
@@ -126,10 +148,14 @@ def scores_section(d: Path) -> str:
     return "\n".join(out)
 
 
-def inspect_rows(records: Sequence[dict]) -> list[dict]:
+def ledger_record(r: dict) -> dict:
+    """A ledger row's `record` (which carries the scores), or the record itself."""
+    return r["record"] if "scores" not in r and isinstance(r.get("record"), dict) else r
+
+
+def inspect_rows(records: Iterable[dict]) -> list[dict]:
     """`percentile_table` of records or of ledger rows (whose `record` carries the scores)."""
-    return percentile_table([r["record"] if "scores" not in r and isinstance(r.get("record"), dict) else r
-                             for r in records])
+    return percentile_table(ledger_record(r) for r in records)
 
 
 def print_percentiles(rows: Sequence[dict], console: Any) -> None:
