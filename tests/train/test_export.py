@@ -156,3 +156,24 @@ def test_streamed_export_writes_what_the_list_path_wrote(runs: Path) -> None:
         ("i5", "contaminated"), ("i9", "contaminated"), ("i40", "contaminated")]
     for name in ("train.jsonl", "valid.jsonl", "alpaca.json", "export.rejected.jsonl", "README.md"):
         assert (path.parent / name).read_bytes() == (runs / "ref" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("change", ["drop", "add"])
+def test_a_source_changed_between_the_two_passes_is_refused(runs: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             change: str) -> None:
+    """export reads its source twice; a file that gives other records the second time (written by
+    hand under the lock) is an error, and nothing is written."""
+    import pipeline.stages.export as stage
+
+    path = _filtered(runs, _rows(10))
+    first = stage.plan_training
+
+    def then_change(*args: object, **kwargs: object) -> stage.TrainingPlan:
+        plan = first(*args, **kwargs)
+        _filtered(runs, _rows(9) if change == "drop" else _rows(11))
+        return plan
+
+    monkeypatch.setattr(stage, "plan_training", then_change)
+    with pytest.raises(SiftError, match="changed while it was being exported"):
+        export(run="r")
+    assert sorted(p.name for p in path.parent.iterdir() if not p.name.startswith(".")) == ["filtered.jsonl"]
