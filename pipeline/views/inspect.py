@@ -9,6 +9,8 @@
 
 Reads JSONL, a JSON list (alpaca.json) or one JSON document (funnel.json, manifest.json,
 eval.json). `--where` and `--grep` narrow the records first; the summary describes what is left.
+The file is read a record at a time (again for --sample) and no list of records is kept; above
+PAIRWISE_CAP distinct instructions the near-duplicate buckets come from a seeded sample, and say so.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@
 
 Only reads the run's artifacts (each stage writes its own counts; report never recomputes them) and
 embeds every figure as a PNG data URI, so the page opens offline and can be mailed as one file. A
-section whose stage has not run says so.
+section whose stage has not run says so. Each artifact is read a record at a time, as often as a
+section needs it, so a run of a million records fits in memory; the similarity among kept
+instructions compares at most PAIRWISE_CAP of them (a seeded sample above it, said on the page).
 """
 
 from __future__ import annotations
