@@ -203,7 +203,7 @@ def sample_note(compared: int, total: int) -> str:
     return f"near-duplicate figures on a seeded sample of {compared:,} of {total:,} instructions"
 
 
-def _encode(token_lists: Sequence[list[str]], vocab: dict[str, str]) -> list[str]:
+def _encode(token_lists: Iterable[list[str]], vocab: dict[str, str]) -> list[str]:
     """One character per distinct token, so rapidfuzz compares token sequences."""
     return ["".join(vocab.setdefault(t, chr(0x100 + len(vocab))) for t in toks) for toks in token_lists]
 
@@ -217,8 +217,8 @@ def similarity_matrix_rows(
     from rapidfuzz.distance import Indel
 
     vocab: dict[str, str] = {}
-    q = _encode([rouge_tokens(t) for t in queries], vocab)
-    p = _encode([rouge_tokens(t) for t in pool], vocab)
+    q = _encode((rouge_tokens(t) for t in queries), vocab)  # a text's tokens at a time: a million lists of
+    p = _encode((rouge_tokens(t) for t in pool), vocab)  # token strings at once were most of report's memory
     empty_p = np.array([not s for s in p])
     for start in range(0, len(q), CHUNK):
         block = process.cdist(
