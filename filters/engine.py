@@ -15,13 +15,17 @@ dropped record is not looked at again). Which rules apply where:
   that decision. A task enters the pool under its task key, so `nearest_id` names a task_id (or a
   record id). Details carry score, nearest_id, nearest_text, most_similar, mean_top_k, mean_all, for
   kept records too;
-- `conflicting_outputs` must see a whole task before deciding, so it holds the stream back until its
-  input ends (memory grows with the input); every other rule streams.
+- `conflicting_outputs` must see a whole task before deciding. Given `task_sizes` (the number of
+  records of each task key in the input: `count_tasks`), it holds back only from the first record of
+  a task not yet complete, so with each task's records together (as `sift filter` flattens them) it
+  holds one task at a time; without it, it holds the whole stream until its input ends. With
+  `task_sizes`, the task rules and `rouge` also forget a task once its last record has passed, so
+  memory stays with the open tasks (plus the ROUGE-L pool); every other rule streams.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -52,34 +56,84 @@ def _per_record(stream: Stage, check: Callable[[Record], str | None]) -> Stage:
         yield item
 
 
-def _per_task(stream: Stage, rule: str, options: Mapping[str, Any]) -> Stage:
+def count_tasks(records: Iterable[Record]) -> Counter[Hashable]:
+    """The number of records of each task key (`task_key`), for `apply_rules(task_sizes=...)`."""
+    return Counter(task_key(r) for r in records)
+
+
+class _Ends:
+    """Which tasks have had their last record, from `task_sizes` (None: no task ever ends early)."""
+
+    def __init__(self, sizes: Mapping[Hashable, int] | None) -> None:
+        self.sizes, self.seen = sizes, Counter[Hashable]()
+
+    def passed(self, key: Hashable) -> bool:
+        """Count one record of `key`; True when it was the task's last."""
+        if self.sizes is None:
+            return False
+        self.seen[key] += 1
+        if self.seen[key] < self.sizes.get(key, 1):
+            return False
+        del self.seen[key]
+        return True
+
+
+def _per_task(stream: Stage, rule: str, options: Mapping[str, Any], sizes: Mapping[Hashable, int] | None) -> Stage:
     """duplicate_instance / too_many_instances, streamed: each record is judged with its task's
     instances kept so far, by the same pure function that judges a whole task."""
     judge = instances.duplicate_instance if rule == "duplicate_instance" else instances.too_many_instances
     kept: dict[Hashable, list[tuple[str, str]]] = defaultdict(list)
+    ends = _Ends(sizes)
     for item in stream:
         record = item[0]
+        key = task_key(record)
         if item[1] is None and "output" in record:
-            so_far = kept[task_key(record)]
+            so_far = kept[key]
             inst = _instance(record)
             item[1] = judge([*so_far, inst], **options)[-1]
             if item[1] is None:
                 so_far.append(inst)
+        if ends.passed(key):
+            kept.pop(key, None)
         yield item
 
 
-def _conflicts(stream: Stage) -> Stage:
-    """conflicting_outputs: hold everything back, then drop every alive record of a conflicting task."""
-    held = list(stream)
+def _conflicts(stream: Stage, sizes: Mapping[Hashable, int] | None) -> Stage:
+    """conflicting_outputs: hold records back until their task is complete (every record, without
+    `sizes`), then drop every alive record of a conflicting task, in input order."""
+    held: deque[Item] = deque()
     tasks: dict[Hashable, list[tuple[str, str]]] = defaultdict(list)
-    for record, reason, _ in held:
-        if reason is None and "output" in record:
-            tasks[task_key(record)].append(_instance(record))
-    bad = {key for key, insts in tasks.items() if instances.conflicting_outputs(insts)}
-    for item in held:
-        if item[1] is None and "output" in item[0] and task_key(item[0]) in bad:
+    open_held: Counter[Hashable] = Counter()  # held records per task
+    bad: set[Hashable] = set()
+    complete: set[Hashable] = set()
+    ends = _Ends(sizes)
+
+    def release(item: Item) -> Item:
+        key = task_key(item[0])
+        if item[1] is None and "output" in item[0] and key in bad:
             item[1] = "conflicting_outputs"
-        yield item
+        open_held[key] -= 1
+        if not open_held[key]:
+            del open_held[key]
+            complete.discard(key)
+            bad.discard(key)
+        return item
+
+    for item in stream:
+        record, key = item[0], task_key(item[0])
+        held.append(item)
+        open_held[key] += 1
+        if item[1] is None and "output" in record:
+            tasks[key].append(_instance(record))
+        if ends.passed(key):
+            complete.add(key)
+            if instances.conflicting_outputs(tasks.pop(key, [])):
+                bad.add(key)
+        while held and task_key(held[0][0]) in complete:
+            yield release(held.popleft())
+    bad.update(key for key, insts in tasks.items() if instances.conflicting_outputs(insts))
+    while held:
+        yield release(held.popleft())
 
 
 def _match_details(match: Match) -> dict[str, Any]:
@@ -93,10 +147,11 @@ def _match_details(match: Match) -> dict[str, Any]:
     }
 
 
-def _rouge(stream: Stage, index: RougeIndex) -> Stage:
+def _rouge(stream: Stage, index: RougeIndex, sizes: Mapping[Hashable, int] | None) -> Stage:
     """Sequential ROUGE-L dedup, a block at a time: every alive record without a task_id, and the
     first alive record of each task (its later records follow that decision)."""
     decided: dict[Hashable, tuple[str | None, Match]] = {}  # by task_id
+    ends = _Ends(sizes)
     while True:
         held: list[Item] = []
         queries: list[tuple[Hashable, str]] = []  # (pool id, instruction)
@@ -121,10 +176,12 @@ def _rouge(stream: Stage, index: RougeIndex) -> Stage:
             else:
                 decided[task] = decision
         for position, item in enumerate(held):
+            task = item[0].get("task_id")
             if item[1] is None:
-                task = item[0].get("task_id")
                 reason, match = answers[position] if task is None else decided[task]
                 item[1], item[2] = reason, _match_details(match)
+            if task is not None and ends.passed(task_key(item[0])):
+                decided.pop(task, None)
             yield item
 
 
@@ -135,6 +192,7 @@ def apply_rules(
     options: Mapping[str, Mapping[str, Any]] | None = None,
     rouge_index: RougeIndex | None = None,
     contamination_index: NgramIndex | None = None,
+    task_sizes: Mapping[Hashable, int] | None = None,
 ) -> Iterator[tuple[Record, str | None, dict[str, Any]]]:
     """Apply `rules` in order; yields (record, reason or None, details) in input order.
 
@@ -142,6 +200,9 @@ def apply_rules(
         0.7, "top_k": 10}} (the "rouge" ones build the RougeIndex when `rouge_index` is not given).
     rouge_index: a pool to check against, e.g. preloaded with seeds; it grows with accepted tasks.
     contamination_index: required by the `contaminated` rule.
+    task_sizes: the number of records of each task key in `records` (`count_tasks`); lets the task
+        rules decide and forget a task at its last record instead of at the end of the input (the
+        results are the same).
     Bad arguments raise ValueError here, before any record is read; the records are read lazily.
     """
     options = options or {}
@@ -162,12 +223,12 @@ def apply_rules(
             stream = _per_record(stream, lambda r, fn=fn, opts=opts: fn(r["instruction"], *_instance(r), **opts)
                                  if "output" in r else None)
         elif rule == "conflicting_outputs":
-            stream = _conflicts(stream)
+            stream = _conflicts(stream, task_sizes)
         elif rule in ("duplicate_instance", "too_many_instances"):
-            stream = _per_task(stream, rule, opts)
+            stream = _per_task(stream, rule, opts, task_sizes)
         elif rule == "rouge":
             index = rouge_index if rouge_index is not None else RougeIndex(**opts)
-            stream = _rouge(stream, index)
+            stream = _rouge(stream, index, task_sizes)
         elif rule == "contaminated":
             if contamination_index is None:
                 raise ValueError("the contaminated rule needs a contamination_index")

@@ -182,6 +182,12 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     Returns (position, object) pairs: the line number for JSONL, the 1-based list index for a
     JSON list, so errors can point at the record either way.
     """
+    return list(iter_records(path))
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """`read_records` a record at a time: JSONL is read a line at a time (a JSON list, one document,
+    is read whole); the shape checks run when the first record is asked for."""
     path = Path(path)
     data = read_head(path, HEAD_BYTES)
     if data.startswith(b"\xef\xbb\xbf"):  # before the shape checks, which would misread it
@@ -189,7 +195,8 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     head = data.lstrip()[:1]
     if not head:
         if len(data) == HEAD_BYTES:  # 64 KiB of white space, and more: read it as JSONL, which says what is wrong
-            return list(iter_jsonl(path))
+            yield from iter_jsonl(path)
+            return
         raise SiftError("is empty: no records", path=path)
     if path.suffix == ".json" and head != b"[":
         if head == b"{" and data.strip().count(b"\n") > 0:
@@ -209,8 +216,9 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
         for i, item in enumerate(obj, start=1):
             if not isinstance(item, dict):
                 raise SiftError(f"item {i}: expected a JSON object, got {type(item).__name__}", path=path)
-        return list(enumerate(obj, start=1))
-    return list(iter_jsonl(path))
+        yield from enumerate(obj, start=1)
+        return
+    yield from iter_jsonl(path)
 
 
 def read_json(path: str | Path, *, limit: int = MAX_DOCUMENT_BYTES) -> Any:
@@ -297,36 +305,104 @@ def _umask() -> int:
     return mask
 
 
+class AtomicFile:
+    """A file written under a temporary name beside `path` and renamed into place by `commit`.
+
+    Until `commit` returns, `path` holds the previous file (or nothing), never a partial one; `abort`
+    removes the temporary file. `atomic_write` is one of these; a stage that writes several large
+    artifacts from one stream (kept and rejected records) opens one for each and commits them in
+    the order it wants them to appear.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        _kill_point("before", self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        except OSError as e:
+            raise SiftError(f"cannot write: {e.strerror or e}", path=self.path) from None
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; an artifact gets a normal file's mode
+            self.file: IO[str] = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
+        except BaseException:
+            os.close(fd)
+            self._unlink()
+            raise
+
+    def _unlink(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+    def write(self, text: str) -> None:
+        try:
+            self.file.write(text)
+        except OSError as e:
+            raise SiftError(f"cannot write: {e.strerror or e}", path=self.path) from None
+
+    def commit(self) -> None:
+        """fsync, then rename over `path`."""
+        try:
+            with self.file as f:
+                f.flush()
+                os.fsync(f.fileno())
+            _kill_point("mid", self.path)
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self._unlink()
+            raise SiftError(f"cannot write: {e.strerror or e}", path=self.path) from None
+        except BaseException:
+            self._unlink()
+            raise
+        _fsync_dir(self.path.parent)
+        _kill_point("after", self.path)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        self._unlink()
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[str]], None]) -> None:
     """Write `path` through `write(file)` into a temporary file beside it, fsync, then rename.
 
     A crash at any moment leaves the previous file (or none) in place, never a partial one.
     """
-    path = Path(path)
-    _kill_point("before", path)
+    pending = AtomicFile(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise SiftError(f"cannot write: {e.strerror or e}", path=path) from None
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; an artifact gets a normal file's mode
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        _kill_point("mid", path)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise SiftError(f"cannot write: {e.strerror or e}", path=path) from None
+        try:
+            write(pending.file)
+        except OSError as e:
+            raise SiftError(f"cannot write: {e.strerror or e}", path=pending.path) from None
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        pending.abort()
         raise
-    _fsync_dir(path.parent)
-    _kill_point("after", path)
+    pending.commit()
+
+
+def json_line(record: dict) -> str:
+    """One JSON Lines line, as write_jsonl writes it."""
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+class JsonListWriter:
+    """Writes the same bytes as `write_json(path, list(records), indent=indent)`, a record at a time."""
+
+    def __init__(self, out: AtomicFile, *, indent: int | None = None) -> None:
+        self.out, self.count, self.indent = out, 0, indent
+
+    def add(self, record: Any) -> None:
+        text = json.dumps(record, ensure_ascii=False, indent=self.indent)
+        if self.indent is None:
+            self.out.write(("[" if not self.count else ", ") + text)
+        else:  # one level deeper: JSON text holds a raw newline only between tokens, never inside a string
+            pad = " " * self.indent
+            self.out.write(("[\n" if not self.count else ",\n") + pad + text.replace("\n", "\n" + pad))
+        self.count += 1
+
+    def close(self) -> None:
+        end = "]" if self.indent is None else "\n]"
+        self.out.write((end if self.count else "[]") + "\n")
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:

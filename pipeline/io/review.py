@@ -152,27 +152,35 @@ def apply_review(records: list[dict[str, Any]], decisions: dict[str, dict[str, A
     counts["unmatched"] = sum(1 for i in decisions if i not in ids)
     for rec in records:
         d = decisions.get(rec["id"])
-        if d is None:
-            kept.append(rec)
-            continue
-        if source is not None and d.get("artifact") == source[0] and d.get("sha256") != source[1]:
-            counts["stale"] += 1
-        if d["decision"] == "reject":
-            counts["rejected"] += 1
-            flat = {k: v for k, v in rec.items() if k != "metadata"} | rec.get("metadata", {})
-            rejected.append({"id": rec["id"], "reason": REASON, "note": d.get("note", ""), "score": None,
-                             "reviewed_at": d.get("time"), "record": flat})
-        elif d["decision"] == "edit":
-            counts["edited"] += 1
-            new = copy.deepcopy(rec)
-            metadata = new.setdefault("metadata", {})
-            provenance = metadata.get("provenance") if isinstance(metadata.get("provenance"), dict) else {}
-            metadata["provenance"] = {**provenance, "review": {"original_output": rec["output"],
-                                                               "note": d.get("note", ""),
-                                                               "edited_at": d.get("time")}}
-            new["output"] = d["output"]
-            kept.append(new)
-        else:
-            counts["accepted"] += 1
-            kept.append(rec)
+        kind, row = review_record(rec, d)
+        if d is not None:
+            counts[kind] += 1
+            counts["stale"] += is_stale(d, source)
+        (rejected if kind == "rejected" else kept).append(row)
     return Applied(kept, rejected, counts)
+
+
+def is_stale(decision: dict[str, Any], source: tuple[str, str] | None) -> bool:
+    """Made on another version of the records' file (`source`: its name and SHA-256)."""
+    return source is not None and decision.get("artifact") == source[0] and decision.get("sha256") != source[1]
+
+
+def review_record(rec: dict[str, Any], d: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """One record under its standing decision `d` (None: never reviewed), as `apply_review` says:
+    ("kept", rec), ("accepted", rec), ("edited", a copy with the new output) or ("rejected", ledger row)."""
+    if d is None:
+        return "kept", rec
+    if d["decision"] == "reject":
+        flat = {k: v for k, v in rec.items() if k != "metadata"} | rec.get("metadata", {})
+        return "rejected", {"id": rec["id"], "reason": REASON, "note": d.get("note", ""), "score": None,
+                            "reviewed_at": d.get("time"), "record": flat}
+    if d["decision"] == "edit":
+        new = copy.deepcopy(rec)
+        metadata = new.setdefault("metadata", {})
+        provenance = metadata.get("provenance") if isinstance(metadata.get("provenance"), dict) else {}
+        metadata["provenance"] = {**provenance, "review": {"original_output": rec["output"],
+                                                           "note": d.get("note", ""),
+                                                           "edited_at": d.get("time")}}
+        new["output"] = d["output"]
+        return "edited", new
+    return "accepted", rec

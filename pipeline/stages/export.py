@@ -21,18 +21,31 @@ when others are added or removed. All three load with `datasets.load_dataset("js
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import SiftError
-from pipeline.io.artifacts import all_or_none, file_sha256, iter_jsonl, require, write_json, write_jsonl, write_text
-from pipeline.io.review import REVIEW_FILE, Applied, apply_review, latest, read_review
+from pipeline.io.artifacts import (
+    AtomicFile,
+    JsonListWriter,
+    all_or_none,
+    file_sha256,
+    iter_jsonl,
+    json_line,
+    require,
+    write_json,
+    write_jsonl,
+    write_text,
+)
+from pipeline.io.review import REVIEW_FILE, is_stale, latest, read_review, review_record
 from pipeline.io.runs import locked, record_stage, run_dir
 from pipeline.io.stage_stats import stage_stats
 from pipeline.settings import ExportSettings, to_dict
 from pipeline.views.card import card_text, read_inputs
 from train.format import to_messages
-from train.general_set import GENERAL_PATH, build_eval_index, load_general, overlapping_tasks
+from train.general_set import GENERAL_PATH, EvalIndex, build_eval_index, load_general, overlapping_tasks
 
 # carried if present
 METADATA_FIELDS = ("provenance", "source", "task_id", "seed_id", "is_classification", "loop", "scores")
@@ -56,19 +69,25 @@ def split_ids(ids: list[str], valid_fraction: float, seed: int) -> set[str]:
 
 
 def read_filtered(path) -> list[dict]:
-    records, seen = [], {}
+    return list(iter_filtered(path))
+
+
+def iter_filtered(path, *, check_ids: bool = True) -> Iterator[dict]:
+    """The export records of `path` ({id, instruction, input, output, metadata}) a line at a time, each
+    checked; `check_ids` refuses a repeated id (it keeps every id seen, with its line)."""
+    seen: dict[str, int] = {}
     for line, obj in iter_jsonl(path):
         rec = {k: require(obj, k, str, path=path, line=line) for k in ("id", "instruction", "input", "output")}
         for k in ("instruction", "output"):
             if not rec[k].strip():
                 raise SiftError("is empty", path=path, line=line, field=k)
-        if rec["id"] in seen:
-            raise SiftError(f"duplicate id {rec['id']!r} (first on line {seen[rec['id']]})", path=path,
-                            line=line, field="id")
-        seen[rec["id"]] = line
+        if check_ids:
+            if rec["id"] in seen:
+                raise SiftError(f"duplicate id {rec['id']!r} (first on line {seen[rec['id']]})", path=path,
+                                line=line, field="id")
+            seen[rec["id"]] = line
         rec["metadata"] = {k: obj[k] for k in METADATA_FIELDS if k in obj}
-        records.append(rec)
-    return records
+        yield rec
 
 
 def chat_record(r: dict) -> dict:
@@ -85,14 +104,19 @@ def decontaminate(records: list[dict], tasks: list[dict], *, eval_set: str = "ge
     index = build_eval_index(tasks)
     kept, rejected = [], []
     for r in records:
-        ids, shared = overlapping_tasks((r["instruction"], r["input"], r["output"]), index)
-        if not ids:
-            kept.append(r)
-            continue
-        rec = {k: v for k, v in r.items() if k != "metadata"} | r.get("metadata", {})
-        rejected.append({"id": r["id"], "reason": "contaminated", "score": shared,
-                         "eval_set": eval_set, "eval_ids": ids, "record": rec})
+        row = contamination_row(r, index, eval_set=eval_set)
+        (kept if row is None else rejected).append(r if row is None else row)
     return kept, rejected
+
+
+def contamination_row(r: dict, index: EvalIndex, *, eval_set: str = "general") -> dict | None:
+    """`decontaminate`'s ledger row for one record, or None when it shares no 13-gram with a task."""
+    ids, shared = overlapping_tasks((r["instruction"], r["input"], r["output"]), index)
+    if not ids:
+        return None
+    rec = {k: v for k, v in r.items() if k != "metadata"} | r.get("metadata", {})
+    return {"id": r["id"], "reason": "contaminated", "score": shared, "eval_set": eval_set, "eval_ids": ids,
+            "record": rec}
 
 
 def write_splits(directory: Path, train: list[dict], valid: list[dict], rejected: list[dict] | None = None) -> None:
@@ -128,50 +152,135 @@ def export_source(directory: Path) -> Path:
 
 
 @dataclass
-class TrainingSet:
-    """What a run trains on: the source file, its records as read, those kept (reviewed edits
-    applied), the rejected ledger (human_review, then contaminated) and what the review did."""
+class TrainingPlan:
+    """What the first pass over a run's source learns, in memory the size of its ids: what `sift export`
+    and `sift federate` train on is `training_rows` of this, a second pass that needs nothing else.
+
+    kept_ids are the ids left after the review and the decontamination, in file order; contaminated
+    the ids of those the decontamination drops; counts the review's (as `apply_review` counts them)."""
 
     source: Path
-    read: list[dict]
-    kept: list[dict]
-    reviewed: Applied
-    contaminated: list[dict]
-    decisions: int
+    decisions: dict[str, dict]
+    eval_index: EvalIndex | None
+    read: int = 0
+    kept_ids: list[str] = field(default_factory=list)
+    contaminated: set[str] = field(default_factory=set)
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("accepted", "rejected", "edited", "stale", "unmatched"), 0))
+    with_input: int = 0
 
-    @property
-    def rejected(self) -> list[dict]:
-        return self.reviewed.rejected + self.contaminated
 
-
-def training_set(directory: Path, *, decontaminate_general: bool = True) -> TrainingSet:
-    """The source (`export_source`: the score stage's selection when there is one), with the review in
-    review.jsonl applied (pipeline/io/review.py: rejected records leave, edits replace outputs), then
-    records sharing a 13-gram with the general eval set dropped unless `decontaminate_general` is off.
-    A broken review ledger, or nothing left to train on, is an error before anything is written."""
+def plan_training(directory: Path, *, decontaminate_general: bool = True) -> TrainingPlan:
+    """The first pass: the source (`export_source`: the score stage's selection when there is one), every
+    record checked, the review in review.jsonl applied (pipeline/io/review.py: rejected records leave,
+    edits replace outputs), then records sharing a 13-gram with the general eval set dropped unless
+    `decontaminate_general` is off. A broken review ledger or record, or nothing left to train on, is
+    an error before anything is written."""
     source = export_source(directory)
-    read = read_filtered(source)
     decisions = latest(read_review(directory / REVIEW_FILE))
-    reviewed = apply_review(read, decisions, source=(source.name, file_sha256(source)))
-    tasks = load_general(GENERAL_PATH) if decontaminate_general else []
-    records, contaminated = decontaminate(reviewed.kept, tasks)
-    if not records:
-        if not contaminated:
-            raise SiftError(f"all {len(read)} records were rejected in review ({REVIEW_FILE}); nothing is left to "
+    where = (source.name, file_sha256(source)) if decisions else None
+    index = build_eval_index(load_general(GENERAL_PATH)) if decontaminate_general else None
+    plan = TrainingPlan(source, decisions, index)
+    matched: set[str] = set()
+    first: dict | None = None
+    for rec in iter_filtered(source):
+        plan.read += 1
+        d = decisions.get(rec["id"])
+        kind, row = review_record(rec, d)
+        if d is not None:
+            matched.add(rec["id"])
+            plan.counts[kind] += 1
+            plan.counts["stale"] += is_stale(d, where)
+        if kind == "rejected":
+            continue
+        if index is not None and (dropped := contamination_row(row, index)) is not None:
+            plan.contaminated.add(rec["id"])
+            first = first or dropped
+            continue
+        plan.kept_ids.append(rec["id"])
+        plan.with_input += bool(row["input"])
+    plan.counts["unmatched"] = len(decisions) - len(matched)
+    if not plan.kept_ids:
+        if first is None:
+            raise SiftError(f"all {plan.read} records were rejected in review ({REVIEW_FILE}); nothing is left to "
                             "train on", path=directory / REVIEW_FILE)
-        first = contaminated[0]
-        raise SiftError(f"all {len(reviewed.kept)} records share a 13-gram with the general eval set (the first, "
-                        f"{first['id']!r}, with {', '.join(first['eval_ids'])}); nothing is left to train on",
-                        path=source)
-    return TrainingSet(source, read, records, reviewed, contaminated, len(decisions))
+        raise SiftError(f"all {plan.read - plan.counts['rejected']} records share a 13-gram with the general eval set "
+                        f"(the first, {first['id']!r}, with {', '.join(first['eval_ids'])}); nothing is left to "
+                        "train on", path=source)
+    return plan
+
+
+def training_rows(plan: TrainingPlan) -> Iterator[tuple[str, dict]]:
+    """The second pass, a record at a time in file order: ("kept", record with reviewed edits applied),
+    ("human_review", ledger row) or ("contaminated", ledger row). A source that no longer gives what the
+    first pass saw (changed in between) is an error."""
+    kept = 0
+    for rec in iter_filtered(plan.source, check_ids=False):
+        kind, row = review_record(rec, plan.decisions.get(rec["id"]))
+        if kind == "rejected":
+            yield "human_review", row
+        elif rec["id"] in plan.contaminated and plan.eval_index is not None:
+            dropped = contamination_row(row, plan.eval_index)
+            if dropped is None:
+                raise SiftError("changed while it was being exported; run again", path=plan.source)
+            yield "contaminated", dropped
+        else:
+            if kept >= len(plan.kept_ids) or plan.kept_ids[kept] != rec["id"]:
+                raise SiftError("changed while it was being exported; run again", path=plan.source)
+            kept += 1
+            yield "kept", row
+    if kept != len(plan.kept_ids):
+        raise SiftError("changed while it was being exported; run again", path=plan.source)
 
 
 def training_records(directory: Path, *, decontaminate_general: bool = True
-                     ) -> tuple[Path, list[dict], list[dict], list[dict]]:
-    """What a run trains on, for `sift export` and `sift federate` alike: (the source file, its
-    records, those kept, the `contaminated` ledger); see `training_set`, which this unpacks."""
-    t = training_set(directory, decontaminate_general=decontaminate_general)
-    return t.source, t.read, t.kept, t.contaminated
+                     ) -> tuple[Path, list[dict], list[dict]]:
+    """What a run trains on, for `sift federate` as for `sift export`: (the source file, the records
+    kept, the `contaminated` ledger), in lists; see `plan_training` and `training_rows`."""
+    plan = plan_training(directory, decontaminate_general=decontaminate_general)
+    kept: list[dict] = []
+    contaminated: list[dict] = []
+    for kind, row in training_rows(plan):
+        if kind != "human_review":
+            (kept if kind == "kept" else contaminated).append(row)
+    return plan.source, kept, contaminated
+
+
+def write_export(directory: Path, rows: Iterable[tuple[str, dict]], valid_ids: set[str]) -> None:
+    """`write_splits`' four files (the same bytes) from `training_rows`, a record at a time, into
+    temporary files renamed at the end in write_splits' order. The ledger lists the human_review rows
+    before the contaminated ones, so those are spooled to an unnamed temporary file until the end."""
+    files: list[AtomicFile] = []
+    try:
+        for name in ("export.rejected.jsonl", "train.jsonl", "valid.jsonl", "alpaca.json"):
+            files.append(AtomicFile(directory / name))
+        rejected, train, valid, alpaca_file = files
+        alpaca = JsonListWriter(alpaca_file, indent=2)
+        try:
+            with tempfile.TemporaryFile("w+", encoding="utf-8", dir=directory) as spool:
+                for kind, row in rows:
+                    if kind == "human_review":
+                        rejected.write(json_line(row))
+                    elif kind == "contaminated":
+                        spool.write(json_line(row))
+                    elif row["id"] in valid_ids:
+                        valid.write(json_line(chat_record(row)))
+                    else:
+                        train.write(json_line(chat_record(row)))
+                        alpaca.add({"instruction": row["instruction"], "input": row["input"],
+                                    "output": row["output"]})
+                spool.seek(0)
+                for chunk in iter(lambda: spool.read(1 << 20), ""):
+                    rejected.write(chunk)
+        except OSError as e:
+            raise SiftError(f"cannot write a temporary file: {e.strerror or e}", path=directory) from None
+        alpaca.close()
+        for f in files:
+            f.commit()
+    except BaseException:
+        for f in files:
+            f.abort()
+        raise
 
 
 def export(*, run: str = "demo", export: ExportSettings = ExportSettings()) -> None:
@@ -189,31 +298,27 @@ def export(*, run: str = "demo", export: ExportSettings = ExportSettings()) -> N
     directory = run_dir(run)
     export_source(directory)  # a stale scored.jsonl is an error before the lock is taken
     with locked(directory):
-        t = training_set(directory, decontaminate_general=export.decontaminate_general)
-        records, rejected = t.kept, t.contaminated
-        valid_ids = split_ids([r["id"] for r in records], export.valid_fraction, export.seed)
-        train = [r for r in records if r["id"] not in valid_ids]
-        valid = [r for r in records if r["id"] in valid_ids]
-        by_reason = {k: v for k, v in (("human_review", len(t.reviewed.rejected)), ("contaminated", len(rejected)))
-                     if v}
-        stats = stage_stats("export", "examples", read=len(t.read), kept=len(records), rejected_by_reason=by_reason,
-                            extras={"train": len(train), "valid": len(valid),
-                                    "with_input": sum(bool(r["input"]) for r in records),
-                                    "review": {"decisions": t.decisions, **t.reviewed.counts}})
+        plan = plan_training(directory, decontaminate_general=export.decontaminate_general)
+        valid_ids = split_ids(plan.kept_ids, export.valid_fraction, export.seed)
+        kept, valid = len(plan.kept_ids), len(valid_ids)
+        contaminated, c = len(plan.contaminated), plan.counts
+        by_reason = {k: v for k, v in (("human_review", c["rejected"]), ("contaminated", contaminated)) if v}
+        stats = stage_stats("export", "examples", read=plan.read, kept=kept, rejected_by_reason=by_reason,
+                            extras={"train": kept - valid, "valid": valid, "with_input": plan.with_input,
+                                    "review": {"decisions": len(plan.decisions), **c}})
         outputs = ("train.jsonl", "valid.jsonl", "alpaca.json", "export.rejected.jsonl", "README.md")
         with all_or_none(*(directory / n for n in outputs)):
-            write_splits(directory, train, valid, t.rejected)
+            write_export(directory, training_rows(plan), valid_ids)
             write_text(directory / "README.md", card_text(run, read_inputs(directory), stats))
         record_stage(directory, "export", {"run": run} | to_dict(export=export), stats=stats)
-    print(f"exported {len(train)} train and {len(valid)} validation records to {directory}/"
+    print(f"exported {kept - valid} train and {valid} validation records to {directory}/"
           " (train.jsonl, valid.jsonl, alpaca.json)")
-    if rejected:
-        print(f"dropped {len(rejected)} record{'s' * (len(rejected) != 1)} that overlap the general eval set"
+    if contaminated:
+        print(f"dropped {contaminated} record{'s' * (contaminated != 1)} that overlap the general eval set"
               f" (reason contaminated): {directory / 'export.rejected.jsonl'}")
-    if t.decisions:
-        c = t.reviewed.counts
+    if plan.decisions:
         print(f"review ({REVIEW_FILE}): {c['rejected']} rejected (reason human_review), {c['edited']} edited, "
-              f"{c['accepted']} accepted" + (f"; {c['stale']} decided on an earlier {t.source.name}, applied by id"
+              f"{c['accepted']} accepted" + (f"; {c['stale']} decided on an earlier {plan.source.name}, applied by id"
                                              if c["stale"] else "")
-              + (f"; {c['unmatched']} name no record of {t.source.name}" if c["unmatched"] else ""))
+              + (f"; {c['unmatched']} name no record of {plan.source.name}" if c["unmatched"] else ""))
     print(f"dataset card: {directory / 'README.md'} (datasets.load_dataset on the folder gives train and validation)")

@@ -79,7 +79,7 @@ def split_clients(directory: Path, clients: int, split_by: str, valid_fraction: 
     contaminated ones; returns the clients and {"source", "contaminated"}."""
     from pipeline.stages.export import split_ids, training_records, write_splits
 
-    source, _, records, rejected = training_records(directory)
+    source, records, rejected = training_records(directory)
     write_jsonl(directory / ADAPTERS / "clients" / "export.rejected.jsonl", rejected)
     out = []
     for k, ids in enumerate(split_groups(source, clients, split_by, seed, only={r["id"] for r in records})):

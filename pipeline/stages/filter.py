@@ -10,41 +10,51 @@ The funnel counts records in and out per rule, in order.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import time
 from collections import Counter
+from collections.abc import Hashable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from filters.contamination import build_ngram_index
-from filters.engine import apply_rules, funnel
+from filters.engine import apply_rules, funnel, task_key
 from filters.rouge import PREFILTERS, RougeIndex
 from filters.rules import parse_rules
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import (
     RECORD_SUFFIXES,
+    AtomicFile,
+    JsonListWriter,
     all_or_none,
     check_output_suffix,
     content_id,
+    iter_records,
+    json_line,
     read_records,
     require,
     write_json,
-    write_jsonl,
 )
 from pipeline.io.runs import locked, record_stage, run_dir
 from pipeline.io.stage_stats import stage_stats
 from pipeline.settings import FilterSettings, to_dict
-from pipeline.teachers.tally import per_teacher, record_teacher
+from pipeline.teachers.tally import TeacherTally, record_teacher
 
 
-def flatten_tasks(rows: list[tuple[int, dict]], path: Path) -> list[dict]:
+def flatten_tasks(rows: Iterable[tuple[int, dict]], path: Path) -> list[dict]:
     """Turn records into one record per example: {id, task_id, instruction, input, output, ...}.
 
     A record with an `instances` list (Self-Instruct tasks: the instances stage, seed files) gives
     one record per instance, sharing the task's id as `task_id`; a record with `output` (Alpaca
     data) is one example; a record with neither is an instruction alone.
     """
-    out: list[dict] = []
+    return list(iter_flat(rows, path))
+
+
+def iter_flat(rows: Iterable[tuple[int, dict]], path: Path) -> Iterator[dict]:
+    """`flatten_tasks` a record at a time (only the ids seen so far are kept, to refuse a repeat)."""
     seen: dict[str, int] = {}
     for line, rec in rows:
         instruction = require(rec, "instruction", str, path=path, line=line)
@@ -63,15 +73,14 @@ def flatten_tasks(rows: list[tuple[int, dict]], path: Path) -> list[dict]:
                     raise SiftError("expected an object", path=path, line=line, field=f"instances[{i}]")
                 inp = require(inst, "input", str, path=path, line=line, optional=True, default="")
                 outp = require(inst, "output", str, path=path, line=line, optional=True, default="")
-                out.append({"id": content_id([task_id, inp, outp], prefix="ex_"), "task_id": task_id, **base,
-                            "instruction": instruction, "input": inp, "output": outp, "line": line})
+                yield {"id": content_id([task_id, inp, outp], prefix="ex_"), "task_id": task_id, **base,
+                       "instruction": instruction, "input": inp, "output": outp, "line": line}
             continue
         for field in ("input", "output"):
             require(rec, field, str, path=path, line=line, optional=True)
         rid = str(given_id) if given_id is not None else content_id(
             [instruction, rec.get("input", ""), rec.get("output", ""), line], prefix="rec_")
-        out.append({**rec, "id": rid, "line": line})
-    return out
+        yield {**rec, "id": rid, "line": line}
 
 
 def preload_pool(index: RougeIndex, seeds: Path) -> int:
@@ -95,10 +104,13 @@ def eval_texts(path: Path) -> list[str]:
     return [t for t in texts if t]
 
 
-def run_filter(records: list[dict], rules: list[str], *, settings: FilterSettings, seeds: Path | None,
-               decontaminate: Path | None) -> tuple[list[dict], list[dict], list[dict], dict]:
-    """Apply the rules (parsed from settings.rules by the caller); returns kept records, the rejected
-    ledger, the funnel and stats."""
+def filter_stream(records: Iterable[dict], rules: list[str], *, settings: FilterSettings, seeds: Path | None,
+                  decontaminate: Path | None, counts: FilterCounts,
+                  task_sizes: Mapping[Hashable, int] | None = None) -> Iterator[tuple[bool, dict]]:
+    """Apply the rules (parsed from settings.rules by the caller) a record at a time: yields (True, kept
+    record) or (False, rejected ledger entry) in input order, and counts every reason into
+    `counts.reasons` (None for kept). `task_sizes` (filters.engine.count_tasks of the records) lets the task rules
+    hold back one task at a time instead of the whole input."""
     if decontaminate is not None and "contaminated" not in rules:
         rules = [*rules, "contaminated"]
     try:
@@ -107,29 +119,50 @@ def run_filter(records: list[dict], rules: list[str], *, settings: FilterSetting
     except ValueError as e:
         field = "filter.prefilter" if "prefilter" in str(e) else "filter.threshold"
         raise SiftError(str(e), field=field) from None
-    pool = preload_pool(index, seeds) if seeds is not None else 0
+    counts.pool = preload_pool(index, seeds) if seeds is not None else 0
     contamination = build_ngram_index(eval_texts(decontaminate)) if decontaminate is not None else None
-    kept, rejected = [], []
-    reasons: Counter[str | None] = Counter()
-    for record, reason, details in apply_rules(records, rules, rouge_index=index,
-                                               contamination_index=contamination):
-        reasons[reason] += 1
+    for record, reason, details in apply_rules(records, rules, rouge_index=index, contamination_index=contamination,
+                                               task_sizes=task_sizes):
+        counts.reasons[reason] += 1
         rec = {k: v for k, v in record.items() if k != "line"}
         if reason is None:
             if details:
                 rec["filter"] = {"max_similarity": details.get("score"), "nearest_id": details.get("nearest_id"),
                                  "mean_top_k": details.get("mean_top_k")}
-            kept.append(rec)
+            yield True, rec
             continue
         entry: dict[str, Any] = {"id": record["id"], "line": record["line"], "reason": reason,
                                  "score": details.get("score")}
         if reason == "rouge_duplicate":
             entry.update(nearest_id=details.get("nearest_id"), nearest_text=details.get("nearest_text"))
         entry["record"] = rec
-        rejected.append(entry)
-    stats = {"input": len(records), "kept": len(kept), "rejected": len(rejected),
-             "by_reason": {r: c for r, c in reasons.items() if r is not None}, "pool_preloaded": pool}
-    return kept, rejected, funnel(rules, reasons), stats
+        yield False, entry
+
+
+@dataclass
+class FilterCounts:
+    """What `filter_stream` counts as it goes: records per reason (None: kept), seeds in the pool."""
+
+    reasons: Counter[str | None] = dataclasses.field(default_factory=Counter)
+    pool: int = 0
+
+    def stats(self) -> dict:
+        total, kept = sum(self.reasons.values()), self.reasons.get(None, 0)
+        return {"input": total, "kept": kept, "rejected": total - kept,
+                "by_reason": {r: c for r, c in self.reasons.items() if r is not None}, "pool_preloaded": self.pool}
+
+
+def run_filter(records: list[dict], rules: list[str], *, settings: FilterSettings, seeds: Path | None,
+               decontaminate: Path | None) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """`filter_stream` into lists: kept records, the rejected ledger, the funnel and stats."""
+    counts = FilterCounts()
+    kept, rejected = [], []
+    for is_kept, row in filter_stream(records, rules, settings=settings, seeds=seeds, decontaminate=decontaminate,
+                                      counts=counts):
+        (kept if is_kept else rejected).append(row)
+    if decontaminate is not None and "contaminated" not in rules:
+        rules = [*rules, "contaminated"]
+    return kept, rejected, funnel(rules, counts.reasons), counts.stats()
 
 
 def check_seeds(seeds: str | None) -> Path | None:
@@ -219,18 +252,48 @@ def filter_records(input: str | None = None, /, *, output: str | None = None, ru
 
 
 def _filter_files(source: Path, targets: tuple[Path, Path, Path], rules: list[str], **options: Any) -> dict:
-    records = flatten_tasks(read_records(source), source)
-    kept, rejected, rows, stats = run_filter(records, rules, **options)
+    """Two passes over `source`: the first checks every record and counts each task's records (so a bad
+    record fails before any work, and the task rules hold one task at a time), the second filters,
+    writing kept and rejected records as they are decided into temporary files renamed at the end."""
+    sizes: Counter[Hashable] = Counter()
+    teachers: set[str] = set()
+    for record in iter_flat(iter_records(source), source):
+        sizes[task_key(record)] += 1
+        if len(teachers) < 2 and (teacher := record_teacher(record)) is not None:
+            teachers.add(teacher)
     kept_path, rejected_path, funnel_path = targets
-    funnel_doc: dict[str, Any] = {"input": len(records), "kept": len(kept), "rules": rows}
-    if len({record_teacher(r) for r in records} - {None}) > 1:  # several teachers (teacher.pool): each one's funnel
-        funnel_doc["by_teacher"] = per_teacher(kept, rejected)
+    counts = FilterCounts()
+    tally = TeacherTally()
     with all_or_none(*targets):
-        write_jsonl(rejected_path, rejected)
-        write_json(funnel_path, funnel_doc)
-        if kept_path.suffix.lower() == ".json":
-            write_json(kept_path, [{k: v for k, v in r.items() if k not in ("filter",)} for r in kept],
-                       indent=None)
-        else:
-            write_jsonl(kept_path, kept)  # last: the make target is only fresh when all three are written
+        files = [AtomicFile(rejected_path)]
+        try:
+            files.append(AtomicFile(kept_path))
+            rejected_out, kept_out = files
+            as_list = JsonListWriter(kept_out) if kept_path.suffix.lower() == ".json" else None
+            stream = filter_stream(iter_flat(iter_records(source), source), rules, counts=counts,
+                                   task_sizes=sizes, **options)
+            for is_kept, row in stream:
+                tally.add(row, kept=is_kept)
+                if not is_kept:
+                    rejected_out.write(json_line(row))
+                elif as_list is not None:
+                    as_list.add({k: v for k, v in row.items() if k not in ("filter",)})
+                else:
+                    kept_out.write(json_line(row))
+            if as_list is not None:
+                as_list.close()
+            if options.get("decontaminate") is not None and "contaminated" not in rules:
+                rules = [*rules, "contaminated"]
+            stats = counts.stats()
+            funnel_doc: dict[str, Any] = {"input": stats["input"], "kept": stats["kept"],
+                                          "rules": funnel(rules, counts.reasons)}
+            if len(teachers) > 1:  # several teachers (teacher.pool): each one's funnel
+                funnel_doc["by_teacher"] = tally.table()
+            rejected_out.commit()
+            write_json(funnel_path, funnel_doc)
+            kept_out.commit()  # last: the make target is only fresh when all three are written
+        except BaseException:
+            for f in files:
+                f.abort()
+            raise
     return stats

@@ -18,8 +18,13 @@ with an error) is never cached: that run drops the record as `no_judge`, and the
 
 from __future__ import annotations
 
+import itertools
+import json
+import math
+import tempfile
 import time
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +32,16 @@ from filters.selection import parse_keep, score_of, select
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import (
     RECORD_SUFFIXES,
+    AtomicFile,
     Journal,
+    JsonListWriter,
     all_or_none,
     check_output_suffix,
     content_id,
-    read_records,
+    iter_records,
+    json_line,
     require,
     write_json,
-    write_jsonl,
-    write_records,
 )
 from pipeline.io.progress import StageProgress
 from pipeline.io.runs import locked, record_stage, run_dir
@@ -66,8 +72,13 @@ def parse_scorers(spec: str) -> list[str]:
 def read_scorable(path: Path) -> list[dict]:
     """Records with a string instruction and output (input optional), each with an id (given or
     from its content); a bad record is a SiftError naming file, line and field."""
-    records, seen = [], {}
-    for line, rec in read_records(path):
+    return list(iter_scorable(path))
+
+
+def iter_scorable(path: Path) -> Iterator[dict]:
+    """`read_scorable` a record at a time (only the ids seen so far are kept, to refuse a repeat)."""
+    seen: dict[str, int] = {}
+    for line, rec in iter_records(path):
         require(rec, "instruction", str, path=path, line=line)
         require(rec, "output", str, path=path, line=line)
         require(rec, "input", str, path=path, line=line, optional=True)
@@ -77,8 +88,7 @@ def read_scorable(path: Path) -> list[dict]:
         if rid in seen:
             raise SiftError(f"duplicate id {rid!r} (first on line {seen[rid]})", path=path, line=line, field="id")
         seen[rid] = line
-        records.append({**rec, "id": rid})
-    return records
+        yield {**rec, "id": rid}
 
 
 # ---------------------------------------------------------------- scorers, built lazily
@@ -207,20 +217,36 @@ def failed(result: object) -> bool:
     return isinstance(result, dict) and bool(result.get("error"))
 
 
+class ScoreCache:
+    """The scores journal and what it holds, plus the counts of one run (computed, cached, errors)."""
+
+    def __init__(self, cache_path: Path) -> None:
+        self.journal = Journal(cache_path)
+        self.results = {e["key"]: e["result"] for e in self.journal.read()
+                        if isinstance(e.get("key"), str) and not failed(e["result"])}
+        self.counts = {"computed": 0, "cached": 0, "errors": 0}
+
+
 def score_all(records: list[dict], names: list[str], scorers: Scorers, cache_path: Path) -> dict[str, int]:
     """Put `scores` and `score_details` on every record, computing only what the cache lacks.
     Failed results (see `failed`) count under "errors" and are kept out of the cache, so a rerun
     retries them; a cache written before that rule has its failed entries ignored."""
-    journal = Journal(cache_path)
-    cache = {e["key"]: e["result"] for e in journal.read() if isinstance(e.get("key"), str) and not failed(e["result"])}
-    counts = {"computed": 0, "cached": 0, "errors": 0}
+    cache = ScoreCache(cache_path)
+    score_window(records, names, scorers, cache)
+    return cache.counts
+
+
+def score_window(records: list[dict], names: list[str], scorers: Scorers, cache: ScoreCache) -> None:
+    """`score_all` on some of the records, with one cache for all of them (the stage streams its
+    records through this a window at a time)."""
+    journal, counts = cache.journal, cache.counts
     for rec in records:
         rec["scores"], rec["score_details"] = {}, {}
     for name in names:
         ident = scorers.identity(name)
         keys = [content_id({"scorer": name, **ident, "instruction": r["instruction"], "input": r.get("input") or "",
                             "output": r["output"]}, prefix="sc_") for r in records]
-        todo = [i for i, k in enumerate(keys) if k not in cache]
+        todo = [i for i, k in enumerate(keys) if k not in cache.results]
         counts["cached"] += len(records) - len(todo)
         if todo:
             with StageProgress(f"score {name}", len(records), initial=len(records) - len(todo)) as bar:
@@ -230,18 +256,17 @@ def score_all(records: list[dict], names: list[str], scorers: Scorers, cache_pat
                     results = fn([records[i] for i in chunk])
                     entries = [{"key": keys[i], "result": r} for i, r in zip(chunk, results, strict=True)]
                     journal.append([e for e in entries if not failed(e["result"])])
-                    cache.update((e["key"], e["result"]) for e in entries)  # this run still uses them
+                    cache.results.update((e["key"], e["result"]) for e in entries)  # this run still uses them
                     counts["errors"] += sum(failed(e["result"]) for e in entries)
                     counts["computed"] += len(chunk) - sum(failed(e["result"]) for e in entries)
         for rec, key in zip(records, keys, strict=True):
-            result = cache[key]
+            result = cache.results[key]
             for field in SCORE_FIELDS[name]:
                 source = "value" if field == name else field.removeprefix(f"{name}_")
                 rec["scores"][field] = result.get(source)
             details = {k: v for k, v in result.items() if k != "value" and f"{name}_{k}" not in SCORE_FIELDS[name]}
             if details:
                 rec["score_details"][name] = details
-    return counts
 
 
 def score_records(records: list[dict], names: list[str], keep: str | None, scorers: Scorers, cache_path: Path
@@ -268,6 +293,98 @@ def score_records(records: list[dict], names: list[str], keep: str | None, score
     if "judge" in names:  # which judge rated how many records, and how
         stats["judge_by_teacher"] = judge_tally(records)
     return kept, rejected, rows, stats
+
+
+WINDOW = 4096  # records scored, then spooled, at a time by the stage: its memory does not grow with the input
+
+
+class ScoreColumns(Sequence):
+    """The scores the keep rules look at, one float array per score (NaN: none), read by `select` as
+    records: a million records cost 8 bytes a score each instead of a dict each."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.columns = {name: array("d") for name in names}
+        self.n = 0
+
+    def add(self, record: dict) -> None:
+        for name, column in self.columns.items():
+            value = score_of(record, name)
+            column.append(math.nan if value is None else value)
+        self.n += 1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:  # type: ignore[override]
+        return {"scores": {name: column[i] for name, column in self.columns.items()}}
+
+
+def _add_tally(total: dict[str, dict[str, int]], more: dict[str, dict[str, int]]) -> None:
+    for name, row in more.items():
+        mine = total.setdefault(name, {"logprobs": 0, "sampled": 0, "unrated": 0})
+        for k, v in row.items():
+            mine[k] += v
+
+
+def score_file(source: Path, targets: tuple[Path, Path, Path], names: list[str], keep: str | None,
+               scorers: Scorers, cache_path: Path) -> dict:
+    """`score_records` from a file to (kept, rejected, funnel) files, in bounded memory: every record is
+    checked first; then scored WINDOW records at a time and spooled to an unnamed temporary file, with
+    only the scores the keep rules need kept in memory; then the spool is split into kept and rejected
+    files (temporary names until all is done). The bytes are score_records' written by write_jsonl."""
+    known = [f for n in names for f in SCORE_FIELDS[n]]
+    rules = parse_keep(keep, known)
+    total = sum(1 for _ in iter_scorable(source))  # a bad record fails here, before any scoring
+    cache = ScoreCache(cache_path)
+    columns = ScoreColumns(dict.fromkeys(r.score for r in rules))
+    judges: dict[str, dict[str, int]] = {}
+    kept_path, rejected_path, funnel_path = targets
+    kept_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile("w+", encoding="utf-8", dir=kept_path.parent) as spool:
+        records = iter_scorable(source)
+        while window := list(itertools.islice(records, WINDOW)):
+            score_window(window, names, scorers, cache)
+            for rec in window:
+                columns.add(rec)
+                spool.write(json_line(rec))
+            if "judge" in names:
+                _add_tally(judges, judge_tally(window))
+        reasons, rows = select(columns, rules)
+        spool.seek(0)
+        by_rule = {r.reason: r.score for r in rules} | {f"no_{r.score}": r.score for r in rules}
+        by_reason: dict[str, int] = {}
+        with all_or_none(*targets):
+            files = [AtomicFile(rejected_path)]
+            try:
+                files.append(AtomicFile(kept_path))
+                rejected_out, kept_out = files
+                as_list = JsonListWriter(kept_out) if kept_path.suffix.lower() == ".json" else None
+                for line, reason in zip(spool, reasons, strict=True):
+                    if reason is None:
+                        if as_list is not None:
+                            as_list.add(json.loads(line))
+                        else:
+                            kept_out.write(line)
+                        continue
+                    rec, score = json.loads(line), by_rule.get(reason, "")
+                    rejected_out.write(json_line({"id": rec["id"], "reason": reason, "score": score_of(rec, score),
+                                                  "score_name": score, "record": rec}))
+                    by_reason[reason] = by_reason.get(reason, 0) + 1
+                if as_list is not None:
+                    as_list.close()
+                kept = total - sum(by_reason.values())
+                rejected_out.commit()
+                write_json(funnel_path, {"input": total, "kept": kept, "rules": rows})
+                kept_out.commit()
+            except BaseException:
+                for f in files:
+                    f.abort()
+                raise
+    stats = {"input": total, "kept": kept, "rejected": total - kept, "by_reason": by_reason,
+             "scorers": names, "keep": [r.text for r in rules], **cache.counts}
+    if "judge" in names:
+        stats["judge_by_teacher"] = dict(sorted(judges.items()))
+    return stats
 
 
 # ---------------------------------------------------------------- the command
@@ -321,15 +438,10 @@ def score(input: str | None = None, /, *, output: str | None = None, run: str = 
         if not source.exists():
             raise SiftError("not found; run `sift filter` (or `make filter`) first", path=source)
         with locked(directory):
-            records = read_scorable(source)
-            kept, rejected, rows, stats = score_records(records, names, keep, built, directory / CACHE_FILE)
-            funnel_path = directory / "scored.funnel.json"  # score's own: funnel.json is the filter's
-            funnel = {"input": len(records), "kept": len(kept), "rules": rows}
             target = directory / "scored.jsonl"
-            with all_or_none(target, directory / "scored.rejected.jsonl", funnel_path):
-                write_jsonl(directory / "scored.rejected.jsonl", rejected)
-                write_json(funnel_path, funnel)
-                write_jsonl(target, kept)
+            stats = score_file(source, (target, directory / "scored.rejected.jsonl",
+                                        directory / "scored.funnel.json"),  # score's own: funnel.json is the filter's
+                               names, keep, built, directory / CACHE_FILE)
             stats["wall_seconds"] = round(time.time() - started, 2)
             doc = stage_stats("score", "examples", read=stats["input"], kept=stats["kept"],
                               rejected_by_reason=stats["by_reason"], extras=stats)
@@ -341,12 +453,8 @@ def score(input: str | None = None, /, *, output: str | None = None, run: str = 
         out = check_output_suffix(output, RECORD_SUFFIXES)
         stem = out.with_suffix("")
         target = out
-        records = read_scorable(Path(input))
-        kept, rejected, rows, stats = score_records(records, names, keep, built, Path(f"{stem}.cache.jsonl"))
-        with all_or_none(out, Path(f"{stem}.rejected.jsonl"), Path(f"{stem}.funnel.json")):
-            write_jsonl(Path(f"{stem}.rejected.jsonl"), rejected)
-            write_json(Path(f"{stem}.funnel.json"), {"input": len(records), "kept": len(kept), "rules": rows})
-            write_records(out, kept)  # a JSON list for .json, JSON Lines for .jsonl
+        stats = score_file(Path(input), (out, Path(f"{stem}.rejected.jsonl"), Path(f"{stem}.funnel.json")),
+                           names, keep, built, Path(f"{stem}.cache.jsonl"))
         stats["wall_seconds"] = round(time.time() - started, 2)
     reasons = ", ".join(f"{r} {c}" for r, c in sorted(stats["by_reason"].items(), key=lambda x: -x[1])) or "none"
     print(f"score: {stats['input']} in, {stats['kept']} kept, {stats['rejected']} rejected ({reasons}); "

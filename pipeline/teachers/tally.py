@@ -35,17 +35,38 @@ def per_teacher(accepted: Iterable[dict], rejected: Iterable[dict], *, stage: st
                 usage: dict[str, dict] | None = None) -> dict[str, dict]:
     """{teacher: {kept, rejected, rejected_by_reason, and the usage figures}}, teachers in name order (the
     counts named as in every stage's stats, docs/artifacts.md)."""
-    kept: Counter[str] = Counter(str(record_teacher(r, stage)) for r in accepted)
-    dropped: dict[str, Counter[str]] = {}
+    tally = TeacherTally(stage)
+    for r in accepted:
+        tally.add(r, kept=True)
     for r in rejected:
-        dropped.setdefault(str(record_teacher(r, stage)), Counter())[str(r.get("reason", "?"))] += 1
-    names = sorted(set(kept) | set(dropped) | set(usage or {}))
-    out = {}
-    for name in names:
-        reasons = dropped.get(name, Counter())
-        out[name] = {"kept": kept.get(name, 0), "rejected": sum(reasons.values()),
-                     "rejected_by_reason": dict(sorted(reasons.items())), **(usage or {}).get(name, {})}
-    return out
+        tally.add(r, kept=False)
+    return tally.table(usage)
+
+
+class TeacherTally:
+    """`per_teacher` a record at a time, for a stage that streams its records."""
+
+    def __init__(self, stage: str | None = None) -> None:
+        self.stage = stage
+        self.kept: Counter[str] = Counter()
+        self.dropped: dict[str, Counter[str]] = {}
+
+    def add(self, record: dict, *, kept: bool) -> None:
+        """Count a kept record, or a rejected ledger row (its `reason`, its record under `record`)."""
+        name = str(record_teacher(record, self.stage))
+        if kept:
+            self.kept[name] += 1
+        else:
+            self.dropped.setdefault(name, Counter())[str(record.get("reason", "?"))] += 1
+
+    def table(self, usage: dict[str, dict] | None = None) -> dict[str, dict]:
+        names = sorted(set(self.kept) | set(self.dropped) | set(usage or {}))
+        out = {}
+        for name in names:
+            reasons = self.dropped.get(name, Counter())
+            out[name] = {"kept": self.kept.get(name, 0), "rejected": sum(reasons.values()),
+                         "rejected_by_reason": dict(sorted(reasons.items())), **(usage or {}).get(name, {})}
+        return out
 
 
 def add_usage(total: dict[str, dict], more: dict[str, dict] | None) -> dict[str, dict]:

@@ -9,6 +9,8 @@
 
 Reads JSONL, a JSON list (alpaca.json) or one JSON document (funnel.json, manifest.json,
 eval.json). `--where` and `--grep` narrow the records first; the summary describes what is left.
+The file is read a record at a time (again for --sample) and no list of records is kept; above
+PAIRWISE_CAP distinct instructions the near-duplicate buckets come from a seeded sample, and say so.
 """
 
 from __future__ import annotations
@@ -16,22 +18,26 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SiftError
-from pipeline.io.artifacts import read_json, read_records
+from pipeline.io.artifacts import iter_records, read_json, read_records
 from pipeline.io.files import read_head
 from pipeline.teachers.tally import record_teacher
-from pipeline.views.scores import inspect_rows, print_percentiles
+from pipeline.views.scores import ScoreTally, ledger_record, print_percentiles
 from pipeline.views.stats import (
-    contamination,
+    PAIRWISE_CAP,
+    ContaminationTally,
+    FieldTally,
+    LengthTally,
     example_text,
-    field_stats,
-    length_table,
     near_duplicate_buckets,
-    reasons,
+    pairwise_sample,
     record_examples,
+    sample_note,
 )
 from pipeline.views.verbs import parse_verbs, top_verb_objects
 
@@ -72,21 +78,41 @@ def matches(record: dict, *, grep: re.Pattern | None, where: tuple[str, str, boo
 
 
 def summarize(
-    records: list[dict], *, against: list[str] | None = None, threshold: float = 0.7, ngram: int = 13
+    records: Iterable[dict], *, against: list[str] | None = None, threshold: float = 0.7, ngram: int = 13,
+    cap: int = PAIRWISE_CAP,
 ) -> dict:
-    """Everything `inspect` prints about a list of records, as plain data."""
-    examples = [ex for r in records for ex in record_examples(r)]
-    instructions = list(dict.fromkeys(ex["instruction"] for ex in examples if ex.get("instruction")))
+    """Everything `inspect` prints about records, as plain data, in one pass that keeps no record: the
+    per-record figures are tallies, and only the distinct instructions are held. The near-duplicate
+    buckets compare at most `cap` of them (a seeded sample above it: `compared` says how many)."""
+    fields, lengths, scores = FieldTally(), LengthTally(), ScoreTally()
+    found = ContaminationTally(against, n=ngram) if against is not None else None
+    count, examples, seen_reasons = 0, 0, Counter[str]()
+    distinct: dict[str, None] = {}
+    for r in records:
+        count += 1
+        fields.add(r)
+        scores.add(ledger_record(r))
+        if r.get("reason") is not None:
+            seen_reasons[str(r["reason"])] += 1
+        for ex in record_examples(r):
+            examples += 1
+            lengths.add(ex)
+            if ex.get("instruction"):
+                distinct.setdefault(ex["instruction"])  # type: ignore[arg-type]
+        if found is not None:
+            found.add(r)
+    instructions = list(distinct)
     pairs, parser = parse_verbs(instructions)
-    buckets = near_duplicate_buckets(instructions, threshold) if len(instructions) > 1 else []
+    compared = pairwise_sample(instructions, cap)
+    buckets = near_duplicate_buckets(compared, threshold) if len(compared) > 1 else []
     out = {
-        "records": len(records),
-        "examples": len(examples),
+        "records": count,
+        "examples": examples,
         "instructions": len(instructions),
-        "fields": field_stats(records),
-        "lengths": length_table(examples),
-        "scores": inspect_rows(records),
-        "reasons": reasons(records),
+        "fields": fields.rows(),
+        "lengths": lengths.table(),
+        "scores": scores.table(),
+        "reasons": seen_reasons,
         "verbs": top_verb_objects(pairs, verbs=10, objects=4),
         "parser": parser,
         "with_verb": sum(v is not None for v, _ in pairs),
@@ -94,15 +120,16 @@ def summarize(
             "threshold": threshold,
             "buckets": len(buckets),
             "texts_in_buckets": sum(len(b) for b in buckets),
-            "largest": [[instructions[i] for i in b] for b in buckets[:SHOWN_BUCKETS]],
+            "largest": [[compared[i] for i in b] for b in buckets[:SHOWN_BUCKETS]],
+            "compared": len(compared),
         },
     }
-    if against is not None:
-        out["contamination"] = contamination(records, against, n=ngram)
+    if found is not None:
+        out["contamination"] = found.result()
     return out
 
 
-def group_by(records: list[dict], by: str) -> dict[str, dict]:
+def group_by(records: Iterable[dict], by: str) -> dict[str, dict]:
     """{value: {records, rejected_by_reason}} for `--by`: `teacher` (who wrote the instruction),
     `classify.teacher` or `instances.teacher` (who answered that stage), or any dotted field."""
     groups: dict[str, dict] = {}
@@ -188,6 +215,8 @@ def _print_summary(path: Path, s: dict, console: Any) -> None:
             t.add_row(verb, str(n), ", ".join(f"{o} ({c})" for o, c in objs))
         console.print(t)
     nd = s["near_duplicates"]
+    if nd["compared"] < s["instructions"]:
+        console.print(sample_note(nd["compared"], s["instructions"]))
     console.print(
         f"near-duplicate buckets (ROUGE-L > {nd['threshold']}): {nd['buckets']} buckets holding "
         f"{nd['texts_in_buckets']} instructions"
@@ -227,7 +256,7 @@ def _print_directory(path: Path, console: Any) -> None:
         n = ""
         if p.suffix == ".jsonl" or (p.suffix == ".json" and _first_byte(p) == b"["):
             try:
-                n = str(len(read_records(p)))
+                n = str(sum(1 for _ in iter_records(p)))
             except SiftError:
                 n = "empty" if p.is_file() and not _first_byte(p) else "unreadable"
         t.add_row(p.name, n, f"{p.stat().st_size:,}")
@@ -273,7 +302,6 @@ def inspect_artifact(
     if p.suffix == ".json" and _first_byte(p) == b"{":
         console.print_json(json.dumps(read_json(p), ensure_ascii=False))
         return
-    records = [r for _, r in read_records(p)]
     pattern = None
     if grep is not None:
         try:
@@ -281,23 +309,39 @@ def inspect_artifact(
         except re.error as e:
             raise SiftError(f"invalid regular expression: {e}", field="grep") from None
     condition = parse_where(where) if where is not None else None
-    if pattern is not None or condition is not None:
-        records = [r for r in records if matches(r, grep=pattern, where=condition)]
+    narrowed = pattern is not None or condition is not None
+
+    def records() -> Iterator[dict]:
+        """The records that match, read afresh from the file each time (no list of them is kept)."""
+        for _, r in iter_records(p):
+            if not narrowed or matches(r, grep=pattern, where=condition):
+                yield r
+
+    count = None
+    if narrowed:
+        count = sum(1 for _ in records())
         console.print(
-            f"{len(records)} records match"
+            f"{count} records match"
             + (f" --grep {grep!r}" if grep else "")
             + (f" --where {where!r}" if where else "")
         )
-        if not records:
+        if not count:
             return
     if by:
-        _print_groups(by, group_by(records, by), console)
+        _print_groups(by, group_by(records(), by), console)
         return
     against_texts = eval_texts(Path(against)) if against else None
-    _print_summary(p, summarize(records, against=against_texts, threshold=threshold, ngram=ngram), console)
-    shown = sample or (SHOWN_ROWS if pattern is not None or condition is not None else 0)
+    summary = summarize(records(), against=against_texts, threshold=threshold, ngram=ngram)
+    _print_summary(p, summary, console)
+    shown = sample or (SHOWN_ROWS if narrowed else 0)
     if shown:
-        rows = random.Random(seed).sample(records, min(shown, len(records)))
-        for r in rows:
+        n = summary["records"]
+        # random.sample picks positions from the population's length alone: these are the records
+        # `random.Random(seed).sample(records, k)` gives, fetched in a second pass
+        picked = random.Random(seed).sample(range(n), min(shown, n))
+        wanted = set(picked)
+        rows = {i: r for i, r in enumerate(records()) if i in wanted}
+        for i in picked:
+            r = rows[i]
             console.rule(str(r.get("id", "")))
             console.print_json(json.dumps(r, ensure_ascii=False))

@@ -4,7 +4,9 @@
 
 Only reads the run's artifacts (each stage writes its own counts; report never recomputes them) and
 embeds every figure as a PNG data URI, so the page opens offline and can be mailed as one file. A
-section whose stage has not run says so.
+section whose stage has not run says so. Each artifact is read a record at a time, as often as a
+section needs it, so a run of a million records fits in memory; the similarity among kept
+instructions compares at most PAIRWISE_CAP of them (a seeded sample above it, said on the page).
 """
 
 from __future__ import annotations
@@ -13,24 +15,27 @@ import html
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SiftError
-from pipeline.io.artifacts import check_output_suffix, iter_jsonl, read_json, read_records, write_text
+from pipeline.io.artifacts import check_output_suffix, iter_jsonl, iter_records, read_json, read_records, write_text
 from pipeline.io.runs import MANIFEST, locked, record_stage, run_dir, scrub
 from pipeline.views import plots
 from pipeline.views.federated import federate_section
 from pipeline.views.refined import refine_section
 from pipeline.views.scores import scores_section
 from pipeline.views.stats import (
+    PAIRWISE_CAP,
+    LengthTally,
     contamination,
     example_text,
-    length_table,
     nearest_similarity,
+    pairwise_sample,
     reasons,
     record_examples,
-    words,
+    sample_note,
 )
 from pipeline.views.verbs import parse_verbs, top_verb_objects
 
@@ -77,6 +82,40 @@ def _records(path: Path) -> list[dict] | None:
     return [r for _, r in iter_jsonl(path, allow_empty=True)]
 
 
+class Artifact:
+    """A JSONL artifact's records, read afresh at each iteration and never held: what the sections
+    iterate over (a run's files hold up to millions of records). `len` counts them once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._count: int | None = None
+
+    @classmethod
+    def open(cls, path: Path) -> Artifact | None:
+        """The artifact at `path`, None when it does not exist."""
+        return cls(path) if path.is_file() else None
+
+    def __iter__(self) -> Iterator[dict]:
+        rows = iter_records(self.path) if self.path.suffix == ".json" else iter_jsonl(self.path, allow_empty=True)
+        count = 0
+        for _, r in rows:
+            count += 1
+            yield r
+        self._count = count
+
+    def __len__(self) -> int:
+        if self._count is None:
+            self._count = sum(1 for _ in self)
+        return self._count
+
+    def __bool__(self) -> bool:
+        """Whether it holds a record: read up to the first one, not counted."""
+        return self._count > 0 if self._count is not None else next(iter(self), None) is not None
+
+
+Records = Sequence[dict] | Artifact  # a list (tests, small files) or an artifact read as needed
+
+
 def _table(header: list[str], rows: list[list[Any]], numeric: set[int] | None = None) -> str:
     numeric = numeric or set()
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
@@ -106,7 +145,7 @@ def _fmt(x: Any) -> str:
 # ---------------------------------------------------------------- sections
 
 
-def stage_counts(data: dict[str, list[dict] | None]) -> list[tuple[str, int]]:
+def stage_counts(data: dict[str, Records | None]) -> list[tuple[str, int]]:
     """(label with its unit, count) per artifact present, in funnel order. Where tasks turn into
     examples (instances.jsonl, one task per line with its instances) both counts are given, so the
     next stage's examples follow a count of the same unit."""
@@ -121,14 +160,14 @@ def stage_counts(data: dict[str, list[dict] | None]) -> list[tuple[str, int]]:
     return out
 
 
-def funnel_section(d: Path, data: dict[str, list[dict] | None]) -> str:
+def funnel_section(d: Path, data: dict[str, Records | None]) -> str:
     stages = stage_counts(data)
     if not stages:
         return _missing("No stage has run yet: no seeds.jsonl, instructions.jsonl or later artifacts.")
     by_reason: Counter[str] = Counter()
     for p in sorted(d.glob("*.rejected.jsonl")):
         stage = p.name.removesuffix(".rejected.jsonl")
-        for reason, n in reasons(_records(p) or []).items():
+        for reason, n in reasons(Artifact(p)).items():
             by_reason[f"{stage}: {reason}"] += n
     out = [
         _img(plots.funnel_chart(stages, by_reason.most_common()), "records per stage and rejection reason")
@@ -153,7 +192,7 @@ def funnel_section(d: Path, data: dict[str, list[dict] | None]) -> str:
     return "\n".join(out)
 
 
-def _kept(data: dict[str, list[dict] | None]) -> tuple[str, list[dict]] | None:
+def _kept(data: dict[str, Records | None]) -> tuple[str, Records] | None:
     """The most processed records there are, and the artifact they come from."""
     for name in ("filtered.jsonl", "instances.jsonl", "classified.jsonl", "instructions.jsonl"):
         if data.get(name):
@@ -161,21 +200,22 @@ def _kept(data: dict[str, list[dict] | None]) -> tuple[str, list[dict]] | None:
     return None
 
 
-def lengths_section(data: dict[str, list[dict] | None]) -> str:
+def lengths_section(data: dict[str, Records | None]) -> str:
     kept = _kept(data)
     if kept is None:
         return _missing("No generated records yet (run generate).")
     name, records = kept
-    examples = [ex for r in records for ex in record_examples(r)]
-    series = {
-        f: [words(ex[f]) for ex in examples if ex.get(f) is not None]
-        for f in ("instruction", "input", "output")
-    }
-    series = {k: v for k, v in series.items() if v}
-    table = length_table(examples)
+    tally = LengthTally()
+    examples = 0
+    for r in records:
+        for ex in record_examples(r):
+            examples += 1
+            tally.add(ex)
+    series = {f: lengths for f, lengths in tally.lengths.items() if lengths}
+    table = tally.table()
     cols = ["n", "empty", "p5", "p25", "p50", "p75", "p95", "max"]
     return (
-        f"<p>From <code>{_e(name)}</code> ({len(examples)} examples), in words.</p>"
+        f"<p>From <code>{_e(name)}</code> ({examples} examples), in words.</p>"
         + _img(plots.length_histograms(series), "length histograms")
         + _table(
             ["field", *cols],
@@ -185,13 +225,15 @@ def lengths_section(data: dict[str, list[dict] | None]) -> str:
     )
 
 
-def _distinct_instructions(records: list[dict]) -> list[str]:
+def _distinct_instructions(records: Records) -> list[str]:
     """Each instruction once, in first-seen order (a task's examples share one)."""
     return list(dict.fromkeys(ex["instruction"] for r in records for ex in record_examples(r)
                               if ex.get("instruction")))
 
 
-def similarity_section(data: dict[str, list[dict] | None]) -> str:
+def similarity_section(data: dict[str, Records | None], *, cap: int = PAIRWISE_CAP) -> str:
+    """ROUGE-L to the nearest seed (every distinct instruction) and to the nearest pool instruction
+    (at generation, or among the kept ones: at most `cap` of them, a seeded sample above it)."""
     kept = _kept(data)
     if kept is None:
         return _missing("No generated instructions yet (run generate).")
@@ -219,12 +261,13 @@ def similarity_section(data: dict[str, list[dict] | None]) -> str:
             "pool similarity is instructions.jsonl's max_similarity, recorded when each was accepted"
         )
     elif len(instructions) > 1:
-        series["to the nearest other kept instruction"] = nearest_similarity(
-            instructions, instructions, exclude_self=True
-        )
+        compared = pairwise_sample(instructions, cap)
+        series["to the nearest other kept instruction"] = nearest_similarity(compared, compared, exclude_self=True)
         notes.append(
             "instructions.jsonl has no max_similarity; pool similarity computed among kept instructions"
         )
+        if len(compared) < len(instructions):
+            notes.append(sample_note(len(compared), len(instructions)))
     if not series:
         return _missing("Not enough instructions to compare.")
     rows = [[k, len(v), f"{sum(v) / len(v):.3f}", f"{sum(x > 0.7 for x in v)}"] for k, v in series.items()]
@@ -238,7 +281,7 @@ def similarity_section(data: dict[str, list[dict] | None]) -> str:
     )
 
 
-def verbs_section(data: dict[str, list[dict] | None]) -> str:
+def verbs_section(data: dict[str, Records | None]) -> str:
     kept = _kept(data)
     if kept is None:
         return _missing("No generated instructions yet (run generate).")
@@ -399,7 +442,7 @@ def loop_section(d: Path) -> str:
     return "\n".join(out)
 
 
-def contamination_section(d: Path, data: dict[str, list[dict] | None], against: str | None) -> str:
+def contamination_section(d: Path, data: dict[str, Records | None], against: str | None) -> str:
     kept = _kept(data)
     if against is None and (d / "eval.json").is_file():
         from train.eval_sets import read_sets
@@ -530,13 +573,13 @@ def teachers_section(d: Path) -> str:
 # ---------------------------------------------------------------- page
 
 
-def build_page(run: str, d: Path, *, against: str | None = None) -> str:
-    """The whole HTML page for run directory `d`."""
-    data = {name: _records(d / name) for _, name in STAGE_FILES}
+def build_page(run: str, d: Path, *, against: str | None = None, cap: int = PAIRWISE_CAP) -> str:
+    """The whole HTML page for run directory `d` (`cap`: see similarity_section)."""
+    data: dict[str, Records | None] = {name: Artifact.open(d / name) for _, name in STAGE_FILES}
     sections = [
         ("funnel", "Funnel: records per stage and rejection reason", funnel_section(d, data)),
         ("lengths", "Lengths of instructions, inputs and outputs", lengths_section(data)),
-        ("similarity", "ROUGE-L to the nearest seed and pool instruction", similarity_section(data)),
+        ("similarity", "ROUGE-L to the nearest seed and pool instruction", similarity_section(data, cap=cap)),
         ("verbs", "Root verbs and direct objects", verbs_section(data)),
         ("training", "Training curves", training_section(d)),
         ("scores", "Scores: IFD, judge, length, reward; highest and lowest examples", scores_section(d)),

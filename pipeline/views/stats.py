@@ -13,13 +13,20 @@ numbers describe data, they decide nothing, so float ties at a threshold do not 
 from __future__ import annotations
 
 import math
+import random
 import re
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 CHUNK = 512  # query rows per cdist call, so memory stays rows x pool
+# Distinct instructions compared all against all (near-duplicate buckets, nearest other instruction):
+# the work grows with the square of the count, so 20,000 (4e8 pairs, well under a minute on two cores)
+# is the most compared exactly; above it a seeded random sample of this many stands for the whole, and
+# the output says so. Per-record figures (counts, lengths, verbs) always cover every record.
+PAIRWISE_CAP = 20_000
 
 
 def rouge_tokens(text: str) -> list[str]:
@@ -63,31 +70,69 @@ def percentile(values: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def field_stats(records: Sequence[dict]) -> list[dict]:
+def field_stats(records: Iterable[dict]) -> list[dict]:
     """Per top-level field: how many records have it, its JSON types, and a short value summary."""
-    out = []
-    keys: dict[str, None] = {}
+    tally = FieldTally()
     for r in records:
-        keys.update(dict.fromkeys(r))
-    for key in keys:
-        values = [r[key] for r in records if key in r]
-        types = Counter(_json_type(v) for v in values)
-        note = ""
-        strings = [v for v in values if isinstance(v, str)]
-        numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
-        bools = [v for v in values if isinstance(v, bool)]
-        if bools:
-            note = f"true {sum(bools)}, false {len(bools) - sum(bools)}"
-        elif strings:
-            empty = sum(not s.strip() for s in strings)
-            median = percentile([len(s) for s in strings], 50)
-            note = f"{len(set(strings))} distinct, {empty} empty, median {median:.0f} chars"
-        elif numbers:
-            note = f"min {min(numbers):.4g}, median {percentile(numbers, 50):.4g}, max {max(numbers):.4g}"
-        elif values and all(isinstance(v, list) for v in values):
-            note = f"median length {percentile([len(v) for v in values], 50):.0f}"
-        out.append({"field": key, "present": len(values), "types": dict(types), "note": note})
-    return out
+        tally.add(r)
+    return tally.rows()
+
+
+class _Field:
+    """What field_stats needs of one field's values, in arrays rather than the values themselves."""
+
+    def __init__(self) -> None:
+        self.present, self.types = 0, Counter[str]()
+        self.trues, self.bools, self.empty, self.lists = 0, 0, 0, 0
+        self.hashes, self.chars, self.list_lengths = array("q"), array("q"), array("q")
+        self.numbers: list[float] = []
+
+
+class FieldTally:
+    """`field_stats` a record at a time: per field, counts and arrays of hashes and lengths. Distinct
+    strings are counted by their 64-bit hashes, so memory is 8 bytes a value whatever its length (two
+    different strings would have to share a hash to be miscounted: about 1 in 10^7 at a million)."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, _Field] = {}
+
+    def add(self, record: dict) -> None:
+        for key, v in record.items():
+            f = self.fields.get(key)
+            if f is None:
+                f = self.fields[key] = _Field()
+            f.present += 1
+            f.types[_json_type(v)] += 1
+            if isinstance(v, bool):
+                f.bools += 1
+                f.trues += v
+            elif isinstance(v, str):
+                f.hashes.append(hash(v))
+                f.chars.append(len(v))
+                f.empty += not v.strip()
+            elif isinstance(v, int | float):
+                f.numbers.append(v)
+            elif isinstance(v, list):
+                f.lists += 1
+                f.list_lengths.append(len(v))
+
+    def rows(self) -> list[dict]:
+        import numpy as np
+
+        out = []
+        for key, f in self.fields.items():
+            note = ""
+            if f.bools:
+                note = f"true {f.trues}, false {f.bools - f.trues}"
+            elif f.hashes:
+                distinct = len(np.unique(np.frombuffer(f.hashes, dtype=np.int64)))
+                note = f"{distinct} distinct, {f.empty} empty, median {percentile(f.chars, 50):.0f} chars"
+            elif f.numbers:
+                note = f"min {min(f.numbers):.4g}, median {percentile(f.numbers, 50):.4g}, max {max(f.numbers):.4g}"
+            elif f.present and f.lists == f.present:
+                note = f"median length {percentile(f.list_lengths, 50):.0f}"
+            out.append({"field": key, "present": f.present, "types": dict(f.types), "note": note})
+        return out
 
 
 def _json_type(v: Any) -> str:
@@ -97,23 +142,44 @@ def _json_type(v: Any) -> str:
     return names.get(type(v), "?")
 
 
+LENGTH_FIELDS = ("instruction", "input", "output")
+LENGTH_QS = (5, 25, 50, 75, 95)
+
+
 def length_table(
-    examples: Sequence[dict],
-    fields: Iterable[str] = ("instruction", "input", "output"),
-    qs: Sequence[int] = (5, 25, 50, 75, 95),
+    examples: Iterable[dict],
+    fields: Iterable[str] = LENGTH_FIELDS,
+    qs: Sequence[int] = LENGTH_QS,
 ) -> dict[str, dict]:
     """Word-length percentiles per text field over the examples that have it (empty inputs count 0)."""
-    out = {}
-    for f in fields:
-        lengths = [words(e[f]) for e in examples if e.get(f) is not None]
-        if lengths:
-            out[f] = {
-                "n": len(lengths),
-                "empty": sum(n == 0 for n in lengths),
-                "max": max(lengths),
-                **{f"p{q}": percentile(lengths, q) for q in qs},
-            }
-    return out
+    tally = LengthTally(fields)
+    for e in examples:
+        tally.add(e)
+    return tally.table(qs)
+
+
+class LengthTally:
+    """`length_table` an example at a time: one array of word counts per field."""
+
+    def __init__(self, fields: Iterable[str] = LENGTH_FIELDS) -> None:
+        self.lengths = {f: array("q") for f in fields}
+
+    def add(self, example: dict) -> None:
+        for f, lengths in self.lengths.items():
+            if example.get(f) is not None:
+                lengths.append(words(example[f]))
+
+    def table(self, qs: Sequence[int] = LENGTH_QS) -> dict[str, dict]:
+        out = {}
+        for f, lengths in self.lengths.items():
+            if lengths:
+                out[f] = {
+                    "n": len(lengths),
+                    "empty": lengths.count(0),
+                    "max": max(lengths),
+                    **{f"p{q}": percentile(lengths, q) for q in qs},
+                }
+        return out
 
 
 def reasons(records: Sequence[dict]) -> Counter[str]:
@@ -124,7 +190,20 @@ def reasons(records: Sequence[dict]) -> Counter[str]:
 # ---------------------------------------------------------------- ROUGE-L in bulk
 
 
-def _encode(token_lists: Sequence[list[str]], vocab: dict[str, str]) -> list[str]:
+def pairwise_sample(texts: Sequence[str], cap: int = PAIRWISE_CAP, seed: int = 0) -> list[str]:
+    """`texts` when there are at most `cap`, else a seeded random sample of `cap` of them, in their order:
+    what an all-against-all comparison runs on (see PAIRWISE_CAP)."""
+    if len(texts) <= cap:
+        return list(texts)
+    return [texts[i] for i in sorted(random.Random(seed).sample(range(len(texts)), cap))]
+
+
+def sample_note(compared: int, total: int) -> str:
+    """What a page or summary says when the pairwise figures come from `pairwise_sample`."""
+    return f"near-duplicate figures on a seeded sample of {compared:,} of {total:,} instructions"
+
+
+def _encode(token_lists: Iterable[list[str]], vocab: dict[str, str]) -> list[str]:
     """One character per distinct token, so rapidfuzz compares token sequences."""
     return ["".join(vocab.setdefault(t, chr(0x100 + len(vocab))) for t in toks) for toks in token_lists]
 
@@ -138,8 +217,8 @@ def similarity_matrix_rows(
     from rapidfuzz.distance import Indel
 
     vocab: dict[str, str] = {}
-    q = _encode([rouge_tokens(t) for t in queries], vocab)
-    p = _encode([rouge_tokens(t) for t in pool], vocab)
+    q = _encode((rouge_tokens(t) for t in queries), vocab)  # a text's tokens at a time: a million lists of
+    p = _encode((rouge_tokens(t) for t in pool), vocab)  # token strings at once were most of report's memory
     empty_p = np.array([not s for s in p])
     for start in range(0, len(q), CHUNK):
         block = process.cdist(
@@ -207,16 +286,28 @@ def example_text(ex: dict) -> str:
     return "\n".join(t for t in (ex.get("instruction"), ex.get("input"), ex.get("output")) if t)
 
 
-def contamination(records: Sequence[dict], eval_texts: Sequence[str], *, n: int = 13) -> dict:
+def contamination(records: Iterable[dict], eval_texts: Sequence[str], *, n: int = 13) -> dict:
     """Records sharing at least one word n-gram (13 by default, as GPT-3's decontamination) with the
     evaluation texts: how many, which, and one shared n-gram each."""
-    index = set().union(*(ngrams(t, n) for t in eval_texts)) if eval_texts else set()
-    hits = []
+    tally = ContaminationTally(eval_texts, n=n)
     for r in records:
+        tally.add(r)
+    return tally.result()
+
+
+class ContaminationTally:
+    """`contamination` a record at a time: only the records that share an n-gram are kept."""
+
+    def __init__(self, eval_texts: Sequence[str], *, n: int = 13) -> None:
+        self.n, self.records, self.hits = n, 0, []
+        self.index = set().union(*(ngrams(t, n) for t in eval_texts)) if eval_texts else set()
+
+    def add(self, r: dict) -> None:
+        self.records += 1
         text = "\n".join(example_text(ex) for ex in record_examples(r))
-        shared = ngrams(text, n) & index
+        shared = ngrams(text, self.n) & self.index
         if shared:
-            hits.append(
+            self.hits.append(
                 {
                     "id": r.get("id"),
                     "shared": len(shared),
@@ -224,11 +315,13 @@ def contamination(records: Sequence[dict], eval_texts: Sequence[str], *, n: int 
                     "instruction": (record_examples(r)[0].get("instruction") or "")[:120],
                 }
             )
-    return {
-        "n": n,
-        "records": len(records),
-        "contaminated": len(hits),
-        "rate": len(hits) / len(records) if records else 0.0,
-        "eval_ngrams": len(index),
-        "hits": sorted(hits, key=lambda h: -h["shared"]),
-    }
+
+    def result(self) -> dict:
+        return {
+            "n": self.n,
+            "records": self.records,
+            "contaminated": len(self.hits),
+            "rate": len(self.hits) / self.records if self.records else 0.0,
+            "eval_ngrams": len(self.index),
+            "hits": sorted(self.hits, key=lambda h: -h["shared"]),
+        }

@@ -144,3 +144,57 @@ def test_rouge_stage_across_blocks_and_repeated_ids() -> None:
     assert out[2][1] is None and out[3][1] == "rouge_duplicate"
     assert out[-2][1] == "rouge_duplicate" and out[-2][2]["nearest_id"] == "0"  # no task_id: checked again
     assert out[-1][1] == "rouge_duplicate" and out[-1][2]["nearest_id"] == "1"
+
+
+# ---------------------------------------------------------------- task_sizes: the same results, one task held
+
+
+def _tasks(n: int, seed: int) -> list[dict]:
+    """Tasks of 1 to 4 examples with repeated inputs, some with conflicting outputs, some duplicates."""
+    rng = random.Random(seed)
+    words = "tides moon sea river cloud rain snow wind storm sun star planet rock sand tree leaf".split()
+    out = []
+    for t in range(n):
+        instruction = "Explain " + " ".join(rng.choice(words) for _ in range(8))
+        for j in range(rng.randint(1, 4)):
+            inp = rng.choice(["", "a", "b"])
+            out.append(rec(f"t{t}e{j}", instruction, inp, rng.choice([f"answer {t}", f"answer {t} {j}", inp]),
+                           task_id=f"t{t}"))
+    return out
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_task_sizes_change_no_result(shuffle: bool) -> None:
+    """With task_sizes (one task held at a time) every rule decides as without it (the whole input
+    held), with each task's records together or scattered through the input."""
+    records = _tasks(150, 4)
+    if shuffle:
+        random.Random(5).shuffle(records)
+    rules = parse_rules("self-instruct")
+    sizes = Counter(r["task_id"] for r in records)
+    plain = [(r["id"], reason, d) for r, reason, d in apply_rules(records, rules, options={"rouge": {"top_k": 0}})]
+    sized = [(r["id"], reason, d) for r, reason, d in
+             apply_rules(records, rules, options={"rouge": {"top_k": 0}}, task_sizes=sizes)]
+    assert sized == plain
+    assert Counter(reason for _, reason, _ in plain)["conflicting_outputs"] > 0
+
+
+def test_conflicting_outputs_holds_one_task_with_task_sizes() -> None:
+    """conflicting_outputs yields a task's records once its last record has been read, not at the end
+    of the input: the records are pulled lazily, and never more than one task ahead."""
+    records = _tasks(40, 6)
+    sizes = Counter(r["task_id"] for r in records)
+    pulled = 0
+
+    def source():
+        nonlocal pulled
+        for r in records:
+            pulled += 1
+            yield r
+
+    for n, (record, _, _) in enumerate(apply_rules(source(), ["conflicting_outputs"], task_sizes=sizes), start=1):
+        assert pulled - n < sizes[record["task_id"]] + 4  # at most the rest of this task and the next one
+    assert pulled == len(records)
+    pulled = 0
+    first = next(apply_rules(source(), ["conflicting_outputs"]))  # without sizes: the whole input first
+    assert first[0] is records[0] and pulled == len(records)

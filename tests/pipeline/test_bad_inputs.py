@@ -353,7 +353,8 @@ def test_full_disk_filter_leaves_no_partial_artifact(tmp_path: Path, tiny_tmpfs:
 
 
 def test_full_disk_export_leaves_no_partial_artifact(tmp_path: Path, tiny_tmpfs: Path) -> None:
-    """The disk fills on the third of export's three files: the first two must go too."""
+    """The disk fills on the dataset card, the last file export writes, after the four data files (written
+    side by side, a record at a time) are renamed into place: those must go too."""
     rows = [{"id": f"r{i}", "instruction": f"Describe item {i}.", "input": "", "output": "word " * 30}
             for i in range(60)]
     text = "".join(json.dumps(r) + "\n" for r in rows)
@@ -362,15 +363,16 @@ def test_full_disk_export_leaves_no_partial_artifact(tmp_path: Path, tiny_tmpfs:
         (base / "r" / "filtered.jsonl").write_text(text)
     ref = _sift(["export", "--run", "r"], cwd=tmp_path, env={"SIFT_RUNS_DIR": str(tmp_path / "ref")})
     assert ref.returncode == 0, ref.stderr
-    size = {n: (tmp_path / "ref" / "r" / n).stat().st_size for n in ("train.jsonl", "valid.jsonl", "alpaca.json")}
+    names = ("train.jsonl", "valid.jsonl", "alpaca.json", "export.rejected.jsonl")
+    size = {n: (tmp_path / "ref" / "r" / n).stat().st_size for n in (*names, "README.md")}
     page = 4096
-    pages = sum(-(-size[n] // page) for n in ("train.jsonl", "valid.jsonl")) + 1  # room for those, not alpaca
-    assert size["alpaca.json"] > 2 * page, "alpaca.json must not fit in the one spare page"
+    pages = sum(-(-size[n] // page) for n in names) + 1  # room for the data files and the run marker, not the card
+    assert size["README.md"] > 0
     st = os.statvfs(tiny_tmpfs)
     (tiny_tmpfs / "filler").write_bytes(b"x" * (st.f_bavail * st.f_frsize - pages * page))
     before = _files(tiny_tmpfs)
     proc = _sift(["export", "--run", "r"], cwd=tmp_path, env={"SIFT_RUNS_DIR": str(tiny_tmpfs)})
-    _assert_refused(proc, "alpaca.json", "cannot write", "No space left on device")
+    _assert_refused(proc, "README.md", "cannot write", "No space left on device")
     _check_clean(before, tiny_tmpfs)
 
 

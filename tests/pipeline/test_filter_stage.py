@@ -150,3 +150,40 @@ def test_a_missing_seeds_file_is_an_error_in_both_modes(in_tmp: Path, capsys, mo
     assert sorted(p.name for p in run.iterdir()) == ["instances.jsonl"] and not list(in_tmp.glob("k*"))
     assert main([*args, "--seeds", str(in_tmp)]) == 2  # a folder is no seed file either
     assert "field 'seeds': is not a regular file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_streamed_outputs_equal_the_list_path(in_tmp: Path, suffix: str) -> None:
+    """The stage streams kept and rejected records into their files; the bytes are those of the former
+    path, which held both lists and wrote them with write_jsonl / write_json (by_teacher included)."""
+    from filters.rules import parse_rules
+    from pipeline.io.artifacts import write_json, write_jsonl
+    from pipeline.settings import FilterSettings
+    from pipeline.stages.filter import flatten_tasks, run_filter
+    from pipeline.teachers.tally import per_teacher
+
+    rng = random.Random(8)
+    tasks = []
+    for i, text in enumerate(_instructions(120, 8)):
+        insts = [{"input": rng.choice(["", "x", "y"]), "output": rng.choice([f"o{i}", f"o{i}{j}", "", "x"])}
+                 for j in range(rng.randint(1, 3))]
+        tasks.append({"id": f"task{i}", "instruction": text, "instances": insts,
+                      "provenance": {"teacher": {"name": f"t{i % 2}"}}})
+    src = in_tmp / "tasks.jsonl"
+    src.write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    assert main(["filter", str(src), "-o", f"kept{suffix}"]) == 0
+
+    records = flatten_tasks(list(enumerate(tasks, start=1)), src)
+    kept, rejected, rows, _ = run_filter(records, parse_rules("self-instruct"), settings=FilterSettings(),
+                                         seeds=None, decontaminate=None)
+    write_jsonl(in_tmp / "ref.rejected.jsonl", rejected)
+    write_json(in_tmp / "ref.funnel.json", {"input": len(records), "kept": len(kept), "rules": rows,
+                                            "by_teacher": per_teacher(kept, rejected)})
+    if suffix == ".json":
+        write_json(in_tmp / "ref.json", [{k: v for k, v in r.items() if k != "filter"} for r in kept], indent=None)
+    else:
+        write_jsonl(in_tmp / "ref.jsonl", kept)
+    assert {r["reason"] for r in rejected} >= {"conflicting_outputs", "rouge_duplicate", "empty_output"}
+    for got, ref in ((f"kept{suffix}", f"ref{suffix}"), ("kept.rejected.jsonl", "ref.rejected.jsonl"),
+                     ("kept.funnel.json", "ref.funnel.json")):
+        assert (in_tmp / got).read_bytes() == (in_tmp / ref).read_bytes(), got

@@ -199,3 +199,91 @@ def test_inspect_bad_input_is_one_clear_error(tmp_path: Path) -> None:
         inspect_artifact(str(tmp_path / "nope.jsonl"))
     with pytest.raises(SiftError, match="regular expression"):
         inspect_artifact(str(REFERENCE_SEEDS), grep="(")
+
+
+def test_near_duplicates_above_the_cap_come_from_a_seeded_sample_and_say_so() -> None:
+    """Up to `cap` distinct instructions every pair is compared (what inspect always did); above it a
+    seeded sample of `cap` is, the summary says so, and the per-record figures still count every record."""
+    import io
+
+    from rich.console import Console
+
+    from pipeline.views.inspect import _print_summary
+
+    rows = [{"id": str(i), "instruction": f"Write a story number {i % 12} about cats {i}.", "output": "x y"}
+            for i in range(40)]
+    instructions = list(dict.fromkeys(r["instruction"] for r in rows))
+
+    def printed(s: dict) -> str:
+        buf = io.StringIO()
+        _print_summary(Path("x.jsonl"), s, Console(file=buf, width=200))
+        return buf.getvalue()
+
+    full = summarize(rows)
+    assert full == summarize(rows, cap=40)
+    assert full["near_duplicates"]["compared"] == 40
+    assert full["near_duplicates"]["buckets"] == len(near_duplicate_buckets(instructions, 0.7)) >= 1
+    assert "seeded sample" not in printed(full)
+
+    small = summarize(rows, cap=10)
+    assert small["near_duplicates"]["compared"] == 10 and small == summarize(rows, cap=10)  # seeded: the same
+    assert small["near_duplicates"]["texts_in_buckets"] <= 10
+    assert small["records"] == 40 and small["instructions"] == 40 and small["lengths"]["output"]["n"] == 40
+    assert {k: v for k, v in small.items() if k != "near_duplicates"} == \
+        {k: v for k, v in full.items() if k != "near_duplicates"}
+    assert "near-duplicate figures on a seeded sample of 10 of 40 instructions" in printed(small)
+
+
+def _former_field_stats(records: list[dict]) -> list[dict]:
+    """field_stats as it was when it held every value in lists (the reference for the tallies)."""
+    from collections import Counter
+
+    from pipeline.views.stats import _json_type
+
+    out = []
+    keys: dict[str, None] = {}
+    for r in records:
+        keys.update(dict.fromkeys(r))
+    for key in keys:
+        values = [r[key] for r in records if key in r]
+        strings = [v for v in values if isinstance(v, str)]
+        numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        bools = [v for v in values if isinstance(v, bool)]
+        note = ""
+        if bools:
+            note = f"true {sum(bools)}, false {len(bools) - sum(bools)}"
+        elif strings:
+            note = (f"{len(set(strings))} distinct, {sum(not s.strip() for s in strings)} empty, "
+                    f"median {percentile([len(s) for s in strings], 50):.0f} chars")
+        elif numbers:
+            note = f"min {min(numbers):.4g}, median {percentile(numbers, 50):.4g}, max {max(numbers):.4g}"
+        elif values and all(isinstance(v, list) for v in values):
+            note = f"median length {percentile([len(v) for v in values], 50):.0f}"
+        out.append({"field": key, "present": len(values), "types": dict(Counter(_json_type(v) for v in values)),
+                    "note": note})
+    return out
+
+
+def test_streamed_inspect_keeps_no_records_and_prints_what_the_lists_gave(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """inspect tallies fields, lengths and scores a record at a time and reads the file again for
+    --sample; the figures are the former lists', and the sampled records are those
+    random.Random(seed).sample(records, k) picked."""
+    import random
+    import re
+
+    from pipeline.views.stats import field_stats
+
+    rng = random.Random(3)
+    rows = [{"id": f"r{i}", "instruction": f"Explain topic {i % 9} to a child.", "input": rng.choice(["", " ", "x"]),
+             "ok": rng.random() < 0.5, "n": rng.choice([1, 2.5, 7]), "tags": ["a"] * rng.randint(0, 3),
+             **({"mixed": rng.choice([1, "s", None, True])} if i % 4 == 0 else {}),
+             **({"scores": {"length": i, "ifd": rng.choice([0.5, float("nan")])}} if i % 3 == 0 else {})}
+            for i in range(80)]
+    assert field_stats(rows) == _former_field_stats(rows)
+    path = _jsonl(tmp_path / "x.jsonl", rows)
+    monkeypatch.setenv("COLUMNS", "300")
+    inspect_artifact(str(path), sample=3, seed=5)
+    out = capsys.readouterr().out
+    assert re.findall(r'"id": "(r\d+)"', out) == [r["id"] for r in random.Random(5).sample(rows, 3)]
+    assert "80 records, 80 examples, 9 distinct instructions" in out

@@ -421,3 +421,58 @@ def test_real_run_report_renders(tmp_path: Path) -> None:
     out.write_text(build("demo", demo))
     _check_in_browser(out, tmp_path / "report.png")
     shutil.copy(tmp_path / "report.png", demo / "report.png")
+
+
+def test_nearest_kept_instruction_above_the_cap_is_a_sample_the_page_names(run: Path) -> None:
+    """Without instructions.jsonl's max_similarity the report compares kept instructions with each other:
+    all of them up to `cap` (as before), a seeded sample of `cap` above it, said on the page; the
+    similarity to the seeds still covers every instruction."""
+    import re
+
+    from pipeline.views.report import similarity_section
+
+    (run / "instructions.jsonl").unlink()
+    data = {name: [json.loads(x) for x in (run / name).read_text().splitlines()]
+            for name in ("seeds.jsonl", "filtered.jsonl")}
+    n = len({r["instruction"] for r in data["filtered.jsonl"]})
+
+    def counts(page: str) -> dict[str, int]:
+        return {k: int(v) for k, v in re.findall(r"<td>(to the nearest [^<]*)</td><td class=num>(\d+)</td>", page)}
+
+    full = similarity_section(data)
+    assert full == similarity_section(data, cap=n) and "seeded sample" not in full
+    assert counts(full) == {"to the nearest seed": n, "to the nearest other kept instruction": n}
+    small = similarity_section(data, cap=7)
+    assert f"near-duplicate figures on a seeded sample of 7 of {n} instructions" in small
+    assert counts(small) == {"to the nearest seed": n, "to the nearest other kept instruction": 7}
+
+
+def test_report_reads_runs_a_record_at_a_time_and_ranks_scores_as_a_stable_sort(tmp_path: Path) -> None:
+    """The report's sections iterate artifacts afresh (no list of a run's records is held); the scores
+    section keeps numbers in a first pass and fetches the shown records in a second. Its highest and
+    lowest examples are a stable sort's, ties included, as when it sorted every record."""
+    import re
+
+    from pipeline.views.report import Artifact, stage_counts
+    from pipeline.views.scores import _example_rows, scored_records, scores_section, values
+
+    d = tmp_path / "r"
+    kept = [{"id": f"k{i}", "instruction": f"task {i}", "input": "", "output": f"answer {i}",
+             "scores": {"length": i % 3, "ifd": float("nan") if i == 0 else i / 10}} for i in range(14)]
+    rejected = [{"id": f"x{i}", "reason": "low_length", "record": {"id": f"x{i}", "instruction": f"dropped {i}",
+                                                                   "output": "o", "scores": {"length": 1}}}
+                for i in range(4)]
+    _jsonl(d / "scored.jsonl", kept)
+    _jsonl(d / "scored.rejected.jsonl", rejected)
+    section = scores_section(d)
+    records = scored_records(d)
+    assert records is not None and len(records) == 18
+    for name in ("length", "ifd"):
+        ranked = sorted(values(records, name), key=lambda x: x[0], reverse=True)
+        assert f"<h3>{name}: the 5 highest</h3>{_example_rows(ranked[:5])}" in section
+        assert f"<h3>{name}: the 5 lowest</h3>{_example_rows(ranked[::-1][:5])}" in section
+    assert re.search(r"<p>18 scored records", section)
+    _jsonl(d / "instances.jsonl", [{"instruction": "a", "instances": [{"output": "x"}, {"output": "y"}]}])
+    counts = dict(stage_counts({"instances.jsonl": Artifact(d / "instances.jsonl")}))
+    assert counts == {"instances (tasks)": 1, "instances (examples)": 2}
+    assert Artifact.open(tmp_path / "absent.jsonl") is None

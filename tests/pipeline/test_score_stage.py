@@ -267,3 +267,37 @@ def test_judge_errors_are_not_cached_and_a_rerun_retries_them(tmp_path: Path, mo
     kept = read_jsonl(d / "scored.jsonl")
     assert [r["scores"]["judge"] for r in kept] == [4] * 5
     assert all("error" not in e["result"] for e in Journal(d / "cache" / "scores.jsonl").read())
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_streamed_windows_write_what_the_list_path_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         suffix: str) -> None:
+    """The command scores WINDOW records at a time and never holds them all; its files are the bytes
+    score_records' lists gave through write_jsonl / write_json, a top= rule included (it ranks across
+    every window)."""
+    import pipeline.stages.score as stage
+
+    windows: list[int] = []
+    window = stage.score_window
+    monkeypatch.setattr(stage, "WINDOW", 7)
+    monkeypatch.setattr(stage, "score_window", lambda recs, *a: (windows.append(len(recs)), window(recs, *a))[1])
+    data = [{**r, "id": f"r{i}"} if i % 2 else r for i, r in enumerate(dataset(60))]
+    write_jsonl(tmp_path / "data.jsonl", data)
+    keep = "length>=2,top=0.5:length"
+    score(str(tmp_path / "data.jsonl"), output=str(tmp_path / f"out{suffix}"),
+          score=ScoreSettings(scorers="length", keep=keep))
+    assert max(windows) == 7 and sum(windows) == 60
+
+    settings = dict(student=StudentSettings(), teacher=TeacherSettings(), score=ScoreSettings(scorers="length"))
+    kept, rejected, rows, _ = stage.score_records(stage.read_scorable(tmp_path / "data.jsonl"), ["length"], keep,
+                                                  stage.Scorers(**settings), tmp_path / "ref.cache.jsonl")
+    assert rejected and kept
+    write_jsonl(tmp_path / "ref.rejected.jsonl", rejected)
+    write_json(tmp_path / "ref.funnel.json", {"input": 60, "kept": len(kept), "rules": rows})
+    if suffix == ".json":
+        write_json(tmp_path / "ref.json", kept, indent=None)
+    else:
+        write_jsonl(tmp_path / "ref.jsonl", kept)
+    for got, ref in ((f"out{suffix}", f"ref{suffix}"), ("out.rejected.jsonl", "ref.rejected.jsonl"),
+                     ("out.funnel.json", "ref.funnel.json")):
+        assert (tmp_path / got).read_bytes() == (tmp_path / ref).read_bytes(), got

@@ -94,3 +94,86 @@ def test_the_manifest_records_the_export_section(runs: Path) -> None:
     export(run="r", export=ExportSettings(seed=3))
     settings = json.loads((runs / "r" / "manifest.json").read_text())["stages"]["export"]["settings"]
     assert settings == {"run": "r", "export": {"valid_fraction": 0.1, "seed": 3, "decontaminate_general": True}}
+
+
+def _former_export(directory: Path, run: str, settings: ExportSettings, out: Path) -> None:
+    """What `sift export` wrote before it streamed: every record in lists (read_filtered, apply_review,
+    decontaminate), then write_splits and the card, into `out`."""
+    from pipeline.io.artifacts import file_sha256, write_text
+    from pipeline.io.review import REVIEW_FILE, apply_review, latest, read_review
+    from pipeline.io.stage_stats import stage_stats
+    from pipeline.stages.export import decontaminate, read_filtered, write_splits
+    from pipeline.views.card import card_text, read_inputs
+    from train.general_set import GENERAL_PATH, load_general
+
+    source = directory / "filtered.jsonl"
+    read = read_filtered(source)
+    decisions = latest(read_review(directory / REVIEW_FILE))
+    reviewed = apply_review(read, decisions, source=(source.name, file_sha256(source)))
+    records, contaminated = decontaminate(reviewed.kept, load_general(GENERAL_PATH))
+    valid_ids = split_ids([r["id"] for r in records], settings.valid_fraction, settings.seed)
+    train = [r for r in records if r["id"] not in valid_ids]
+    valid = [r for r in records if r["id"] in valid_ids]
+    by_reason = {k: v for k, v in (("human_review", len(reviewed.rejected)), ("contaminated", len(contaminated)))
+                 if v}
+    stats = stage_stats("export", "examples", read=len(read), kept=len(records), rejected_by_reason=by_reason,
+                        extras={"train": len(train), "valid": len(valid),
+                                "with_input": sum(bool(r["input"]) for r in records),
+                                "review": {"decisions": len(decisions), **reviewed.counts}})
+    write_splits(out, train, valid, reviewed.rejected + contaminated)
+    write_text(out / "README.md", card_text(run, read_inputs(directory), stats))
+
+
+def test_streamed_export_writes_what_the_list_path_wrote(runs: Path) -> None:
+    """export reads its source twice (ids, review counts and the split first; then a record at a time
+    into the files) and holds no list of records; its files are the former path's bytes, with human
+    review rejections, edits (one that brings in a general-set text), stale and unmatched decisions,
+    undo, and contaminated records interleaved with rejected ones."""
+    from pipeline.io.review import append_decisions, decision_line
+    from train.general_set import load_general
+
+    leak = next(t for t in load_general() if len(t["output"].split()) >= 13)
+    rows = _rows(60)
+    for k in (5, 17, 40):
+        rows[k]["output"] = f"{leak['output']} ({k})"  # contaminated
+    rows[23]["metadata_ignored"] = "x"
+    path = _filtered(runs, rows)
+
+    def line(rid: str, decision: str, **kw: object) -> dict:
+        return decision_line(rid, decision, artifact="filtered.jsonl", sha256=str(kw.pop("sha", "s")), **kw)
+
+    append_decisions(path.parent, [line("i3", "reject", note="wrong"), line("i8", "edit", output="better answer"),
+                                   line("i9", "edit", output=leak["output"]), line("i17", "reject"),
+                                   line("i30", "accept"), line("i31", "reject"), line("i31", "undo"),
+                                   line("i44", "reject", sha="x"), line("gone", "reject")])
+    settings = ExportSettings(valid_fraction=0.2, seed=4)
+    export(run="r", export=settings)
+    (runs / "ref").mkdir()
+    _former_export(path.parent, "r", settings, runs / "ref")
+    rejected = [json.loads(x) for x in (runs / "ref" / "export.rejected.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["reason"]) for r in rejected] == [
+        ("i3", "human_review"), ("i17", "human_review"), ("i44", "human_review"),
+        ("i5", "contaminated"), ("i9", "contaminated"), ("i40", "contaminated")]
+    for name in ("train.jsonl", "valid.jsonl", "alpaca.json", "export.rejected.jsonl", "README.md"):
+        assert (path.parent / name).read_bytes() == (runs / "ref" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("change", ["drop", "add"])
+def test_a_source_changed_between_the_two_passes_is_refused(runs: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             change: str) -> None:
+    """export reads its source twice; a file that gives other records the second time (written by
+    hand under the lock) is an error, and nothing is written."""
+    import pipeline.stages.export as stage
+
+    path = _filtered(runs, _rows(10))
+    first = stage.plan_training
+
+    def then_change(*args: object, **kwargs: object) -> stage.TrainingPlan:
+        plan = first(*args, **kwargs)
+        _filtered(runs, _rows(9) if change == "drop" else _rows(11))
+        return plan
+
+    monkeypatch.setattr(stage, "plan_training", then_change)
+    with pytest.raises(SiftError, match="changed while it was being exported"):
+        export(run="r")
+    assert sorted(p.name for p in path.parent.iterdir() if not p.name.startswith(".")) == ["filtered.jsonl"]
