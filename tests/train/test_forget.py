@@ -197,3 +197,19 @@ def test_a_self_distill_rewrite_killed_midway_resumes_without_redoing_a_batch(tm
     assert entries[1:1 + len(done_before)] == done_before  # what was journaled before the kill was kept, not redone
     assert (runs / "r" / "forget" / "self_distill.jsonl").read_bytes() == \
         (ref_runs / "r" / "forget" / "self_distill.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--forget.replay", "0.2", "--forget.replay_file", str(GENERAL_PATH)],
+     "field 'forget.replay_file': is the general eval set"),
+    (["--forget.replay", "1.0"], "field 'forget.replay'"),
+    (["--forget.replay_file", "x.jsonl"], "field 'forget.replay_file'"),
+])
+def test_bad_remedies_on_the_command_line_fail_before_any_work(tmp_path: Path, tiny_model_dir: Path, flags: list,
+                                                               message: str) -> None:
+    from tests.pipeline.kill_harness import sift
+
+    d = _run(tmp_path / "runs", 4)
+    code, _, err = sift(["train", "--run", "r", "--student.model", str(tiny_model_dir), *flags], runs=tmp_path / "runs")
+    assert code == 2 and message in err, err[-2000:]
+    assert not (d / "student").exists() and not (d / "forget").exists()
