@@ -328,13 +328,20 @@ def replay(folder: Path, n_task: int, valid: list[Pair], base: Base, *, forget: 
     need = replay_count(n_task, forget.replay)
     index = eval_index(valid, forget)
     generated = not forget.replay_file
+    banned: list[dict] = []  # file prompts overlapping an eval set
     if generated:
         limit = 4 * need + 32
         attempts = [{"id": f"gen-{i:06d}", "seed": seed * 1_000_003 + i} for i in range(limit)]
         source: dict = {"generated": True, "sampling": PROMPT_SAMPLING, "prompt_tokens": PROMPT_TOKENS}
     else:
-        attempts = [{**p, "id": f"{i:06d}:{p['id']}"}  # unique, in file order
-                    for i, p in enumerate(file_prompts(Path(forget.replay_file)))]  # type: ignore[arg-type]
+        prompts = [{**p, "id": f"{i:06d}:{p['id']}"}  # unique, in file order
+                   for i, p in enumerate(file_prompts(Path(forget.replay_file)))]  # type: ignore[arg-type]
+        attempts, banned = [], []
+        for p in prompts:  # a prompt from an eval set is never even answered
+            ids, shared = overlapping_tasks((p["text"],), index)
+            (banned if ids else attempts).append(
+                {"id": p["id"], "reason": "contaminated", "score": shared, "eval_ids": ids,
+                 "record": {"id": p["id"], "prompt": p["text"]}} if ids else p)
         source = {"file": str(forget.replay_file), "sha256": file_sha256(Path(forget.replay_file))}  # type: ignore[arg-type]
     fingerprint = {"model": model_key(base.spec), "source": source, "template": template_kind,
                    "max_new_tokens": forget.max_new_tokens, "dtype": base.student.dtype,
@@ -348,6 +355,7 @@ def replay(folder: Path, n_task: int, valid: list[Pair], base: Base, *, forget: 
         if len(clean) >= need or tried >= len(attempts):
             break
         tried = min(len(attempts), tried + 2 * (need - len(clean)) + 8)
+    dropped = banned + dropped
     if not clean:
         raise SiftError(f"no replay example is left after {tried} attempts ({len(dropped)} overlap an eval set or "
                         f"repeat, {len(failed)} did not stop); give other prompts (forget.replay_file) or a larger "

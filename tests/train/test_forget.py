@@ -213,3 +213,26 @@ def test_bad_remedies_on_the_command_line_fail_before_any_work(tmp_path: Path, t
     code, _, err = sift(["train", "--run", "r", "--student.model", str(tiny_model_dir), *flags], runs=tmp_path / "runs")
     assert code == 2 and message in err, err[-2000:]
     assert not (d / "student").exists() and not (d / "forget").exists()
+
+
+def test_replay_from_a_file_never_draws_an_eval_task(runs: Path, tmp_path: Path, stopping_model_dir: Path) -> None:
+    """A replay file holding general tasks and valid examples among other prompts: those are dropped
+    as contaminated before the base answers, and none of them reaches the training data."""
+    d = _run(runs, 4)
+    long_valid = to_messages("give three tips for staying healthy what is the capital of france", "", "paris")
+    write_jsonl(d / "valid.jsonl", [{"id": "v0", "messages": long_valid}])  # 13-gram checks need 8 words or more
+    general = load_general()[:8]
+    others = [{"id": f"o{i}", "instruction": f"name a primary color {i}", "input": ""} for i in range(8)]
+    valid_copy = [{"id": "vv", "messages": long_valid}]
+    write_jsonl(tmp_path / "mixed.jsonl", [*general, *others, *valid_copy])
+    fine_tune("r", stopping_model_dir, forget={"replay": 0.5, "replay_file": str(tmp_path / "mixed.jsonl"),
+                                               "max_new_tokens": 16}, **FAST)
+    replay = read_jsonl(d / "forget" / "replay.jsonl")
+    banned = {t["instruction"] for t in general} | {long_valid[0]["content"]}
+    assert replay and not {r["messages"][0]["content"] for r in replay} & banned
+    assert {r["messages"][0]["content"] for r in replay} <= {o["instruction"] for o in others}
+    rejected = {r["id"].split(":", 1)[1]: r for r in read_jsonl(d / "forget" / "replay.rejected.jsonl")}
+    assert all(rejected[t["id"]]["reason"] == "contaminated" for t in general)
+    assert rejected["vv"]["eval_ids"] == ["valid:v0"]
+    journal = (d / "forget" / "replay.journal").read_text()
+    assert not any(t["instruction"] in journal for t in general)  # never even answered
