@@ -1,8 +1,8 @@
 """Do the remedies for forgetting help? Students trained on the same data and the same token budget,
 vanilla, self-distilled (SDFT) and with replay 0.2, against the base on `valid` and `general`.
 
-    .venv/bin/python bench/forgetting.py --quick     # 320 narrow records, 32K tokens per arm, 64 new tokens
-    .venv/bin/python bench/forgetting.py             # 640 narrow records, 96K tokens per arm, 128 new tokens
+    .venv/bin/python bench/forgetting.py --quick     # 320 narrow records, 12K tokens per arm, 64 new tokens
+    .venv/bin/python bench/forgetting.py             # 640 narrow records, 48K tokens per arm, 128 new tokens
     .venv/bin/python bench/forgetting.py --run demo  # a run's filtered.jsonl instead of the narrow set
 
 1. data: a narrow task set where forgetting is expected: only classification tasks (sentiment,
@@ -147,13 +147,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", default="forgetting", help="runs/<name>/forgetting/ holds the bench's files")
     ap.add_argument("--run", default=None, help="train on this run's filtered.jsonl instead of the narrow set")
-    ap.add_argument("--quick", action="store_true", help="320 records, 32K training tokens per arm, 64 new tokens")
+    ap.add_argument("--quick", action="store_true", help="320 records, 12K training tokens per arm, 64 new tokens")
     ap.add_argument("--records", type=int, default=None, help="narrow records (default 640, quick 320)")
-    ap.add_argument("--tokens", type=int, default=None, help="training tokens per arm (default 96000, quick 32000)")
+    ap.add_argument("--tokens", type=int, default=None, help="training tokens per arm (default 48000, quick 12000)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="greedy answer budget (default 128, quick 64)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    budget = args.tokens or (32_000 if args.quick else 96_000)
+    budget = args.tokens or (12_000 if args.quick else 48_000)
     max_new = args.max_new_tokens or (64 if args.quick else 128)
     t_start = time.perf_counter()
 
