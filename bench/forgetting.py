@@ -151,8 +151,13 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=None, help="narrow records (default 640, quick 320)")
     ap.add_argument("--tokens", type=int, default=None, help="training tokens per arm (default 48000, quick 12000)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="greedy answer budget (default 128, quick 64)")
+    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run (each is cached: "
+                    "run some in another process, then all for the table)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if unknown := [a for a in arms if a not in ARMS]:
+        sys.exit(f"unknown arm {unknown[0]!r}; arms: {', '.join(ARMS)}")
     budget = args.tokens or (12_000 if args.quick else 48_000)
     max_new = args.max_new_tokens or (64 if args.quick else 128)
     t_start = time.perf_counter()
@@ -174,7 +179,8 @@ def main() -> None:
     base = {name: eval_model(work / f"eval-base-{name}.json", None, rows, max_new, keys[name])
             for name, rows in sets.items()}
     table, columns = [], {}
-    for arm, forget in ARMS.items():
+    for arm in arms:
+        forget = ARMS[arm]
         forget = ForgetSettings(**{**forget.__dict__, "max_new_tokens": FORGET_TOKENS}) if forget.active else forget
         folder = work / arm
         t0 = time.perf_counter()
@@ -197,7 +203,7 @@ def main() -> None:
             for metric in ("nll", "rouge_l"):
                 row[f"{name}_{metric}"] = mean(col, metric)
                 row[f"{name}_{metric}_vs_base"] = interval(base[name], col, metric)
-                row[f"{name}_{metric}_vs_vanilla"] = (None if row["arm"] == "vanilla"
+                row[f"{name}_{metric}_vs_vanilla"] = (None if row["arm"] == "vanilla" or "vanilla" not in columns
                                                       else interval(columns["vanilla"][name], col, metric))
     result = {"data": label, "train": len(train_recs), "valid": len(valid_recs), "contaminated": len(dropped),
               "budget_tokens": budget, "max_new_tokens": max_new, "general_tasks": len(tasks),
