@@ -37,6 +37,7 @@ CLASSIFY_OPTS  ?=
 INSTANCES_OPTS ?=
 FILTER_OPTS    ?=
 SCORE_OPTS     ?=
+REFINE_OPTS    ?=
 EXPORT_OPTS    ?=
 TRAIN_OPTS     ?=
 EVAL_OPTS      ?=
@@ -71,6 +72,7 @@ args_classify  = classify $(COMMON) $(TEACHER_ARGS) $(CLASSIFY_OPTS)
 args_instances = instances $(COMMON) $(TEACHER_ARGS) $(INSTANCES_OPTS)
 args_filter    = filter $(COMMON) $(FILTER_OPTS)
 args_score     = score $(COMMON) $(STUDENT_ARGS) $(TEACHER_ARGS) $(SCORE_OPTS)
+args_refine    = refine $(COMMON) $(STUDENT_ARGS) $(TEACHER_ARGS) $(REFINE_OPTS)
 args_export    = export $(COMMON) $(call opt,--export.seed,$(SEED)) $(EXPORT_OPTS)
 # --train.resume: make's way back after a crash is to continue from the last complete checkpoint
 args_train     = train $(COMMON) $(STUDENT_ARGS) $(call opt,--train.epochs,$(EPOCHS)) \
@@ -84,7 +86,7 @@ args_federate  = federate $(COMMON) $(STUDENT_ARGS) $(call opt,--federate.client
 	$(call opt,--federate.rounds,$(ROUNDS)) $(call opt,--federate.local_steps,$(LOCAL_STEPS)) \
 	$(call opt,--train.seed,$(SEED)) $(FEDERATE_OPTS)
 
-.PHONY: all setup test test-fast lint bench clean $(STAGES) loop federate view help FORCE
+.PHONY: all setup test test-fast lint bench clean $(STAGES) refine loop federate view help FORCE
 
 all: $(STAGES)
 	@echo ""
@@ -143,9 +145,14 @@ score: $(R)/scored.jsonl
 $(R)/scored.jsonl: $(R)/filtered.jsonl $(STAMPS)/score.yaml
 	$(SIFT) $(args_score)
 
+# Reflection-Tuning, chosen by the student (docs/refine.md): not in `make all` until it is shown to help
+refine: $(R)/refined.jsonl
+$(R)/refined.jsonl: $(R)/scored.jsonl $(STAMPS)/refine.yaml | $(MODEL)
+	$(SIFT) $(args_refine)
+
 export: $(R)/train.jsonl
 # a human review (sift view) changes what export keeps: make export reruns when review.jsonl changes
-$(R)/train.jsonl: $(R)/scored.jsonl $(STAMPS)/export.yaml $(wildcard $(R)/review.jsonl)
+$(R)/train.jsonl: $(R)/scored.jsonl $(wildcard $(R)/refined.jsonl) $(STAMPS)/export.yaml $(wildcard $(R)/review.jsonl)
 	$(SIFT) $(args_export)
 
 train: $(R)/student/adapter_model.safetensors

@@ -1,8 +1,9 @@
-"""Generation throughput of the embedded teacher: naive loop vs plain batched generate vs ours.
+"""Generation throughput of a transformers teacher: naive loop vs plain batched generate vs ours.
 
     .venv/bin/python bench/generate.py            # 256 prompts, 128 new tokens, 2 interleaved rounds
     .venv/bin/python bench/generate.py --quick    # 128 prompts, 64 new tokens, 1 round, generate at
                                                   # batch 64 only (under 3 minutes on an idle 2-core machine)
+    .venv/bin/python bench/generate.py --quick --teacher gemma-3-270m   # Gemma 3 (sift model fetch gemma-3-270m)
 
 Plain batched `model.generate` runs at each of `--batch-sizes` and its best rate is the baseline;
 our TransformersTeacher (fast engine: continuous batching, `--rows` sequences at once, one decoding
@@ -16,6 +17,13 @@ then "9."), the same sampling (temperature 0.7, top_p 0.5, no stop strings, so t
 and the same dtype. Output tokens are the generated tokens before the first EOS. The naive loop
 (one prompt at a time) runs on a subset and its rate is extrapolated: it is per-prompt work,
 so the rate does not depend on how many prompts there are. Needs `sift model fetch` first.
+
+`--split` instead times one decode step of one lane (one thread, `--rows` rows at position 200)
+in parts, as CPU milliseconds (thread time, best of 5, so neighbours on a shared machine count
+less): the body (embedding and layers), the output layer (final norm and vocabulary projection)
+in the model's dtype and in float32, the fast engine's sampler, and `generate`'s sampling
+(float32 copy, temperature, top-p over the sorted vocabulary, softmax, multinomial) on the same
+logits.
 """
 
 from __future__ import annotations
@@ -67,8 +75,62 @@ def hf_generate(model, tok, prompts: list[str], max_new: int, eos_ids: set[int])
     return kept_tokens(out[:, enc["input_ids"].shape[1]:].tolist(), eos_ids)
 
 
+def _cpu_ms(f, repeats: int = 5) -> float:
+    """Best thread CPU time of `f` in ms, after one warm-up call."""
+    f()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.thread_time()
+        f()
+        best = min(best, time.thread_time() - t)
+    return best * 1e3
+
+
+def step_split(teacher, rows: int, position: int = 200) -> None:
+    """Print the per-step cost of the fast engine's parts for `rows` rows (see --split)."""
+    import torch
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    from pipeline.teachers.fast_decode import FastDecoder, _Lane
+    from pipeline.teachers.fast_sampler import sample_rows
+
+    torch.set_num_threads(1)  # one lane's view: one intra-op thread
+    dec = FastDecoder(teacher.model, eos_ids=teacher.eos_ids, max_rows=rows, lanes=1)
+    lane = _Lane(rows)
+    dec._ensure_capacity(lane, position + 1)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 1000, (rows,), generator=g)
+    positions = torch.full((rows,), position)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopPLogitsWarper(0.5)])
+    history = torch.zeros(rows, 1, dtype=torch.long)
+    with torch.inference_mode():
+        hidden = dec._hidden(lane, tokens, positions)
+        logits = dec._logits(hidden)
+        head32 = dec.lm_head.float()
+        normed32 = dec._rms(hidden, dec.norm).float()
+        args = (torch.full((rows,), 0.7), torch.full((rows,), 0.5, dtype=torch.float64),
+                torch.zeros(rows, dtype=torch.long), torch.rand(rows, generator=g, dtype=torch.float64))
+
+        def hf_sampling() -> None:
+            probs = warpers(history, logits.float()).softmax(-1)
+            torch.multinomial(probs, 1)
+
+        parts = {"body": _cpu_ms(lambda: dec._hidden(lane, tokens, positions)),
+                 f"lm head ({teacher.dtype})": _cpu_ms(lambda: dec._logits(hidden)),
+                 "lm head (float32)": _cpu_ms(lambda: torch.nn.functional.linear(normed32, head32)),
+                 "sampler (fast engine)": _cpu_ms(lambda: sample_rows(logits, *args, candidates=dec.candidates,
+                                                                      kernels=dec.kernels)),
+                 "sampling as generate does": _cpu_ms(hf_sampling)}
+    print(f"one decode step, {rows} rows at position {position}, 1 thread, vocabulary {logits.shape[1]}, "
+          f"CPU ms (per token in brackets), load_avg={os.getloadavg()[0]:.1f}:")
+    for name, ms in parts.items():
+        print(f"  {name:28s} {ms:8.1f} ms  ({ms / rows:.2f} ms/token)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", default=EMBEDDED_ALIAS,
+                    help=f"model alias, folder or .gguf (default {EMBEDDED_ALIAS}; gemma-3-270m after its fetch)")
     ap.add_argument("--quick", action="store_true", help="128 prompts, 64 new tokens, one round, generate at batch 64")
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--tokens", type=int, default=None)
@@ -80,6 +142,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 1 quick, 2 full)")
     ap.add_argument("--naive", type=int, default=None, help="prompts in the one-at-a-time subset (0: skip)")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--split", action="store_true",
+                    help="time the parts of one decode step (body, output layer, sampling) and exit")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's choice, one per core); the fast engine runs one "
                          "decoding thread per torch thread")
@@ -99,8 +163,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     prompts = build_prompts(n)
-    teacher = TransformersTeacher(EMBEDDED_ALIAS, batch_size=max(sizes), dtype=args.dtype, engine="fast",
+    teacher = TransformersTeacher(args.teacher, batch_size=max(sizes), dtype=args.dtype, engine="fast",
                                   max_rows=args.rows, lanes=args.lanes)
+    if args.split:
+        step_split(teacher, min(args.rows, 64))
+        return
     model, tok = teacher.model, teacher.tokenizer
     eos = set(teacher.eos_ids)
     print(f"model={teacher.name} dtype={teacher.dtype} threads={torch.get_num_threads()} prompts={n} "

@@ -7,8 +7,9 @@ Records are dicts with "id", "instruction", optional "input" and "output", optio
 kept record, else the reason of the first rule that dropped it (rules run in the given order, and a
 dropped record is not looked at again). Which rules apply where:
 - instruction rules look at every record's instruction;
-- instance and task rules only at records that carry an "output" (an instruction on its own has no
-  instance to check); a task is the records sharing "task_id" (default: each record is its own task);
+- instance, record and task rules only at records that carry an "output" (an instruction on its own
+  has no instance to check); record rules see the instruction too; a task is the records sharing
+  "task_id" (default: each record is its own task);
 - `rouge` checks the first record of each task that is still alive against the pool (seeds, then
   every task accepted before), sequentially as Self-Instruct does; the task's other records follow
   that decision. A task enters the pool under its task key, so `nearest_id` names a task_id (or a
@@ -27,7 +28,7 @@ from typing import Any
 from filters import instances
 from filters.contamination import NgramIndex, contaminated
 from filters.rouge import Match, RougeIndex
-from filters.rules import INSTANCE_RULES, INSTRUCTION_RULES, REASONS, RULES
+from filters.rules import INSTANCE_RULES, INSTRUCTION_RULES, REASONS, RECORD_RULES, RULES
 
 Record = Mapping[str, Any]
 Item = list[Any]  # [record, reason or None, details]; reason and details are filled in by the stages
@@ -156,6 +157,10 @@ def apply_rules(
         elif rule in INSTANCE_RULES:
             fn = INSTANCE_RULES[rule]
             stream = _per_record(stream, lambda r, fn=fn: fn(*_instance(r)) if "output" in r else None)
+        elif rule in RECORD_RULES:
+            fn = RECORD_RULES[rule]
+            stream = _per_record(stream, lambda r, fn=fn, opts=opts: fn(r["instruction"], *_instance(r), **opts)
+                                 if "output" in r else None)
         elif rule == "conflicting_outputs":
             stream = _conflicts(stream)
         elif rule in ("duplicate_instance", "too_many_instances"):

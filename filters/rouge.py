@@ -24,28 +24,36 @@ Pruning (top_k=0), exact. L <= the multiset intersection of the two token lists,
 (token, occurrence) features, and that is <= (|a| + |b| - popcount(mask_a XOR mask_b)) / 2 for any
 hashing of features into mask bits (a bit set on one side only is set by a feature the other side
 lacks). So a pair whose L could reach need(|a|, |b|) = ceil(cutoff (|a|+|b|) / 2) must have |b| in a
-range fixed by |a| (L <= the shorter length) and popcount(mask_a XOR mask_b) <= |a| + |b| - 2 need.
-Each text keeps a 256-bit mask (and its 64-bit fold); the pool is kept sorted by token count, and a
-candidate is tested against the slice of feasible lengths with one XOR and one popcount per pair on
-the 64-bit masks (numpy, 8 candidates x 8,192 pool texts per call), the survivors on the 256-bit
-masks, and only the pairs still left get an LCS (rapidfuzz `cpdist`). On bench/synthetic.py's
-instructions about 1 pair in 1,000 survives the first test and 1 in 20,000 the second. Texts of more
-than LONG_TEXT tokens fill a 64-bit mask, so their pairs go to rapidfuzz's `cdist` with a cutoff.
+range fixed by |a| (L <= the shorter length), must share at least need features, and must have
+popcount(mask_a XOR mask_b) <= |a| + |b| - 2 need. Candidate pairs come from prefix filtering
+(`_PrefixIndex`): with all features in one order, rarest first, two texts sharing need features
+share one among the first |a| - need + 1 features of a and the first |b| - need + 1 of b. Every pool
+text is listed under its first few features (enough for its shortest possible partner), with its
+64-bit mask; a block's candidates probe the lists of their own first few features, one broadcast
+XOR and popcount per (feature, candidates x list) rectangle, and the survivors are cut to the exact
+length, position, 64-bit and 256-bit bounds; only the pairs still left get an LCS (rapidfuzz
+`cpdist`). Candidates of one block are compared with each other by the former search, kept
+behind SEARCH = "scan": the pool sorted by token count, each candidate tested against the slice of
+feasible lengths on the 64-bit masks (numpy, 8 candidates x 8,192 texts per call), the survivors on
+the 256-bit masks. Texts of more than LONG_TEXT tokens fill a 64-bit mask, so in that scan their
+pairs go to rapidfuzz's `cdist` with a cutoff.
 
 Cost model (N = final pool size, M = candidates, T = tokens per text):
 - tokenising and encoding: O((N + M) * T) Python work, once per text (`findall` on the lower-cased
   text, the same tokens as rouge_score's tokenizer); the masks and the length-sorted view of the pool
   are built with numpy once per block.
-- dedup only (top_k=0): up to M * N mask tests (N**2 / 2 for a stream deduplicated against itself),
-  minus the pairs whose lengths alone rule them out (|b|/|a| outside [t/(2-t), (2-t)/t]: about 5% on
-  bench/synthetic.py's narrow lengths, a third on the reference seeds' spread), at about 1 ns per pair
-  on one core, plus an LCS for the few pairs that pass the masks: still quadratic, but about 30 times
-  less work per pair than an LCS on every pair. bench/dedup.py measures it.
+- dedup only (top_k=0): one mask test (1 to 3 ns) per candidate and pool text that lists one of the
+  candidate's first features: a fixed share of the pool, so still quadratic, but on
+  bench/synthetic.py's small vocabulary about a tenth of the former search's M * N tests (minus the
+  pairs whose lengths rule them out); plus B**2 / 2 tests within each block of B candidates and an
+  LCS for the few pairs that pass the masks. The lists cost O(N * T) to build, again at each
+  REFRESH_GROWTH-fold growth of the pool. bench/dedup.py and bench/scale.py measure it.
 - top_k > 0: an LCS for every pair (rapidfuzz `cdist`, bit-parallel, SIMD across 8 to 32 queries,
   `workers` threads), without cutoff or length bound, plus numpy work on every cell (row sums for
   `mean_all`, a top-k selection that scores only the candidates exactly): about 15 times the dedup
   cost. `top_k=1` gives every candidate's exact nearest neighbour and score.
-- memory: the pool (ids, texts, one short string per text, 56 bytes of masks and view per text) plus
+- memory: the pool (ids, texts, one short string per text, 40 bytes of masks per text, about 17 bytes
+  per token for the lists and the feature ids that rebuild them) plus
   bounded scratch (SCAN_ROWS x SCAN_COLUMNS cells, or max_cells for top_k > 0), whatever N is: an
   N x N matrix is never built.
 - prefilter="minhash" (inexact, off by default): compares a candidate only with the pool texts that a
@@ -58,8 +66,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -77,6 +87,8 @@ MASK_WORDS = 4  # each text's (token, occurrence) features hashed into 256 bits,
 LONG_TEXT = 64  # token count above which a 64-bit mask filters too little: rapidfuzz takes those pairs
 SCAN_ROWS, SCAN_COLUMNS = 8, 8192  # query-pool mask pairs compared per numpy call (fit in L2)
 PREFILTERS = (None, "minhash")
+SEARCH = "prefix"  # how the dedup pass finds its candidate pairs; "scan" (every length-feasible pair's masks) is
+# the former way, kept for bench/scale.py's side-by-side timing
 
 
 class _MemoStemmer:
@@ -221,6 +233,374 @@ class _Vocab:
         return chr(code)
 
 
+# -- candidate pairs by prefix filtering (top_k=0, exact) ------------------------------------------
+
+FEATURE_BITS = 21  # a feature is a (token code, occurrence) pair: code + (occurrence << 21); codes < 0x110000
+KNOWN = 1 << 62  # order keys of the features ranked at the last refresh come after every feature key (< 2**62
+# unless a text has 2**41 tokens)
+DENSE_CELLS = 4096  # a feature's (query rows x pool list) rectangle this large is tested by broadcasting
+DENSE_CHUNK = 1 << 17  # cells per broadcast (fits in L2)
+REFRESH_GROWTH = 4  # the rarity order is recomputed, and the lists rebuilt, each time the pool grows 4 times
+REFRESH_MIN = 256  # ... and not before it has REFRESH_GROWTH times this many texts
+
+
+def _grown(a: np.ndarray, size: int) -> np.ndarray:
+    """`a` with room for at least `size` items (capacity doubles), contents kept."""
+    if len(a) >= size:
+        return a
+    out = np.zeros(max(size, 2 * len(a)), dtype=a.dtype)
+    out[: len(a)] = a
+    return out
+
+
+def _distinct(sorted_values: np.ndarray) -> np.ndarray:
+    """Positions of the first of each run of equal values (np.unique is many times slower here)."""
+    if not len(sorted_values):
+        return np.empty(0, dtype=np.int64)
+    return np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+
+
+def _fold(masks: np.ndarray) -> np.ndarray:
+    """The 64-bit fold (OR of the words) of 256-bit masks."""
+    return np.bitwise_or.reduce(masks, axis=1) if len(masks) else np.empty(0, dtype=np.uint64)
+
+
+def _features(chars: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(owner, key) of every token of the encoded texts, grouped by owner: the k-th copy (k = 0, 1, ...)
+    of the token coded c is the feature c + (k << FEATURE_BITS). A text's features are then a set,
+    and two texts holding a token a and b times share min(a, b) features for it: the size of the
+    multiset intersection, which bounds the LCS."""
+    lens = np.fromiter(map(len, chars), dtype=np.int64, count=len(chars))
+    total = int(lens.sum())
+    if not total:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    codes = np.frombuffer("".join(chars).encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64)
+    owner = np.repeat(np.arange(len(chars)), lens)
+    order = np.lexsort((codes, owner))
+    owner, codes = owner[order], codes[order]
+    first = np.r_[True, (owner[1:] != owner[:-1]) | (codes[1:] != codes[:-1])]
+    at = np.arange(total)
+    copy = at - np.maximum.accumulate(np.where(first, at, 0))
+    return owner, codes + (copy << FEATURE_BITS)
+
+
+def _scratch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.empty(DENSE_CHUNK, np.uint64), np.empty(DENSE_CHUNK, np.uint8), np.empty(DENSE_CHUNK, bool)
+
+
+class _PrefixIndex:
+    """Pool texts listed under their rarest features: the candidate pairs of the dedup pass.
+
+    Prefix filtering (AllPairs, PPJoin), for the multiset bound L <= |A & B| of `_features`: order
+    all features once (rarest first), and let need = need(n, m) <= L. Then the first common feature
+    of a pair in that order lies among the first n - need + 1 features of the n-token text and among
+    the first m - need + 1 of the other (each has at most n - need, resp. m - need, features outside
+    the intersection). need(n, m) is at least need(n, lo(n)), lo(n) the shortest partner length, so
+    listing every pool text under its first `plen(m) = m - need(m, lo(m)) + 1` features and probing
+    the lists of a query's first plen(n) features finds every pair that may reach the cutoff; a hit
+    whose query feature lies beyond n - need(n, m) is dropped, as is every pair that fails the mask
+    bound of `RougeIndex._candidates` (the lists carry each text's 64-bit mask, so most of that test
+    runs as one broadcast XOR and popcount per (feature, query rows x list) rectangle).
+
+    The order is fixed between refreshes: the rarity (pool document frequency) of every feature seen
+    at the last refresh; features first seen since then count as rarer than all of those (they are),
+    ordered by key, for queries and pool texts alike. Each REFRESH_GROWTH-fold growth of the pool
+    re-ranks and rebuilds; between refreshes lists grow in place (a full list moves to the end of the
+    slab with twice the room). Memory: a few prefix entries (13 bytes) and one feature id (4 bytes)
+    per pool token, plus slack.
+    """
+
+    def __init__(self, cutoff: float) -> None:
+        self.cutoff = cutoff
+        self._keys = np.empty(0, dtype=np.int64)  # feature keys seen in the pool, sorted
+        self._key_ids = np.empty(0, dtype=np.int64)  # the id of each
+        self._n_ids = 0
+        self._fkey = np.empty(0, dtype=np.int64)  # per id: its key
+        self._order = np.empty(0, dtype=np.int64)  # per id: its order key (rarest first)
+        self._start = np.empty(0, dtype=np.int64)  # per id: its list in the slab
+        self._fill = np.empty(0, dtype=np.int64)
+        self._cap = np.empty(0, dtype=np.int64)
+        self._pool_ids = np.empty(0, dtype=np.int32)  # every pool token's feature id, by pool position
+        self._offsets = np.zeros(1, dtype=np.int64)
+        self._size = 0  # pool positions indexed
+        self._refresh_at = 0
+        self._mask = np.empty(0, dtype=np.uint64)  # the slab of lists: 64-bit mask, column term, position
+        self._cterm = np.empty(0, dtype=np.uint8)
+        self._pos = np.empty(0, dtype=np.int32)
+        self._used = 0
+        self._live = 0
+        self._plen = np.zeros(0, dtype=np.int64)  # by token count: prefix length
+        self._fl = np.zeros(0, dtype=np.int64)  # by token count: min(64, floor((1 - cutoff) n))
+        self._scratch = [_scratch()]  # one per thread
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- tables and the feature dictionary
+
+    def _tables(self, nmax: int) -> None:
+        if nmax < len(self._plen):
+            return
+        size = max(nmax + 1, 2 * len(self._plen), 64)
+        plen = np.zeros(size, dtype=np.int64)
+        for n in range(1, size):
+            plen[n] = n - int(_need(self.cutoff, n, _partner_lengths(self.cutoff, n)[0])) + 1
+        self._plen = plen
+        self._fl = np.minimum(np.floor((1.0 - self.cutoff) * np.arange(size) + 1e-9), 64).astype(np.int64)
+
+    def _ids_of(self, keys: np.ndarray) -> np.ndarray:
+        """Feature ids of `keys`, -1 for features no pool text has had."""
+        if not len(self._keys):
+            return np.full(len(keys), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
+        return np.where(self._keys[at] == keys, self._key_ids[at], -1)
+
+    def _register(self, keys: np.ndarray) -> np.ndarray:
+        ids = self._ids_of(keys)
+        new = np.sort(keys[ids < 0])
+        if not len(new):
+            return ids
+        new = new[_distinct(new)]
+        first, n = self._n_ids, self._n_ids + len(new)
+        for name in ("_fkey", "_order", "_start", "_fill", "_cap"):
+            setattr(self, name, _grown(getattr(self, name), n))
+        new_ids = np.arange(first, n)
+        self._fkey[first:n] = new
+        self._order[first:n] = new  # rarer than every ranked feature: see the class docstring
+        self._start[first:n] = self._fill[first:n] = self._cap[first:n] = 0
+        at = np.searchsorted(self._keys, new)
+        self._keys = np.insert(self._keys, at, new)
+        self._key_ids = np.insert(self._key_ids, at, new_ids)
+        self._n_ids = n
+        return self._ids_of(keys)
+
+    def _prefix(
+        self, owner: np.ndarray, keys: np.ndarray, ids: np.ndarray, lens: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(owner, id, position in the order) of each text's first plen(n) features."""
+        order_keys = np.where(ids >= 0, self._order[ids], keys)
+        o = np.lexsort((order_keys, owner))
+        owner, ids = owner[o], ids[o]
+        starts = np.cumsum(lens) - lens
+        pos = np.arange(len(owner)) - starts[owner]
+        keep = pos < self._plen[lens[owner]]
+        return owner[keep], ids[keep], pos[keep]
+
+    # -- the pool side
+
+    def add(self, chars: Sequence[str], start: int, masks: np.ndarray, lens: np.ndarray) -> None:
+        """List pool positions start, start + 1, ... (texts `chars`); masks and lens cover the whole pool."""
+        assert start == self._size
+        count = len(chars)
+        new_lens = lens[start : start + count]
+        self._tables(int(new_lens.max()) if count else 0)
+        owner, keys = _features(chars)
+        ids = self._register(keys)
+        end = int(self._offsets[start]) + len(ids)
+        self._pool_ids = _grown(self._pool_ids, end)
+        self._pool_ids[self._offsets[start] : end] = ids
+        self._offsets = _grown(self._offsets, start + count + 1)
+        self._offsets[start + 1 : start + count + 1] = self._offsets[start] + np.cumsum(new_lens)
+        self._size = start + count
+        if self._size >= self._refresh_at or self._used > 4 * self._live + (1 << 20):
+            self._refresh(masks, lens)
+            return
+        owner, ids, _ = self._prefix(owner, keys, ids, new_lens)
+        at = start + owner
+        self._append(ids, _fold(masks[at]), (64 - self._fl[lens[at]]).astype(np.uint8), at.astype(np.int32))
+
+    def _refresh(self, masks: np.ndarray, lens: np.ndarray) -> None:
+        """Rank every feature by its pool frequency and rebuild all lists in that order."""
+        n, f = self._size, self._n_ids
+        self._refresh_at = REFRESH_GROWTH * max(n, REFRESH_MIN)
+        ids = self._pool_ids[: self._offsets[n]].astype(np.int64)
+        df = np.bincount(ids, minlength=f)
+        by_rarity = np.lexsort((self._fkey[:f], df))
+        rank = np.empty(f, dtype=np.int64)
+        rank[by_rarity] = np.arange(f)
+        self._order[:f] = KNOWN + rank
+        owner = np.repeat(np.arange(n), np.diff(self._offsets[: n + 1]))
+        key = np.sort(owner * max(f, 1) + rank[ids])  # by text, then rarest first
+        owner, ids = key // max(f, 1), by_rarity[key % max(f, 1)]
+        keep = np.arange(len(key)) - self._offsets[owner] < self._plen[lens[owner]]
+        owner, ids = owner[keep], ids[keep]
+        o = np.argsort(ids, kind="stable")  # one list per feature, positions ascending
+        owner, ids = owner[o], ids[o]
+        counts = np.bincount(ids, minlength=f)
+        cap = counts + counts // 2 + 4
+        start = np.cumsum(cap) - cap
+        self._start[:f], self._fill[:f], self._cap[:f] = start, counts, cap
+        self._used, self._live = int(cap.sum()), len(ids)
+        self._mask = np.zeros(self._used, dtype=np.uint64)
+        self._cterm = np.zeros(self._used, dtype=np.uint8)
+        self._pos = np.zeros(self._used, dtype=np.int32)
+        at = start[ids] + np.arange(len(ids)) - (np.cumsum(counts) - counts)[ids]
+        self._mask[at] = _fold(masks[owner])
+        self._cterm[at] = 64 - self._fl[lens[owner]]
+        self._pos[at] = owner
+
+    def _append(self, ids: np.ndarray, mask: np.ndarray, cterm: np.ndarray, pos: np.ndarray) -> None:
+        if not len(ids):
+            return
+        o = np.argsort(ids, kind="stable")
+        ids, mask, cterm, pos = ids[o], mask[o], cterm[o], pos[o]
+        first = _distinct(ids)
+        counts = np.diff(np.r_[first, len(ids)])
+        uids = ids[first]
+        need = self._fill[uids] + counts
+        full = need > self._cap[uids]
+        if full.any():
+            self._relocate(uids[full], need[full])
+        at = self._start[ids] + self._fill[ids] + np.arange(len(ids)) - np.repeat(first, counts)
+        self._mask[at], self._cterm[at], self._pos[at] = mask, cterm, pos
+        self._fill[uids] = need
+        self._live += len(ids)
+
+    def _relocate(self, ids: np.ndarray, need: np.ndarray) -> None:
+        """Move the lists of `ids` to the end of the slab, with room for twice `need` entries."""
+        cap = 2 * need + 4
+        start = self._used + np.cumsum(cap) - cap
+        self._used += int(cap.sum())
+        self._mask, self._cterm, self._pos = (_grown(a, self._used) for a in (self._mask, self._cterm, self._pos))
+        fill = self._fill[ids]
+        total = int(fill.sum())
+        if total:
+            base = np.arange(total) - np.repeat(np.cumsum(fill) - fill, fill)
+            src, dst = np.repeat(self._start[ids], fill) + base, np.repeat(start, fill) + base
+            for a in (self._mask, self._cterm, self._pos):
+                a[dst] = a[src]
+        self._start[ids], self._cap[ids] = start, cap
+
+    # -- the query side
+
+    def candidates(
+        self,
+        chars: Sequence[str],
+        q_masks: np.ndarray,
+        lens: np.ndarray,
+        rows: np.ndarray,
+        p_masks: np.ndarray,
+        p64: np.ndarray,
+        p_lens: np.ndarray,
+        workers: int = 1,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(query row, pool position) of every pair, a query of `rows` against the pool, that may reach
+        the cutoff, once each: a superset of them, cut by the same bounds as `RougeIndex._candidates`.
+        p_masks, p64, p_lens: the pool's 256-bit masks, their 64-bit folds, token counts. workers:
+        threads for the broadcast tests (numpy releases the GIL inside them)."""
+        empty = np.empty(0, dtype=np.int64)
+        if not len(rows) or not self._live:
+            return empty, empty
+        self._tables(int(lens.max()))
+        owner, keys = _features([chars[r] for r in rows.tolist()])
+        o, ids, at = self._prefix(owner, keys, self._ids_of(keys), lens[rows])
+        listed = ids >= 0
+        listed[listed] = self._fill[ids[listed]] > 0
+        o, ids, at = o[listed], ids[listed], at[listed]
+        if not len(ids):
+            return empty, empty
+        q = rows[o]
+        q64 = _fold(q_masks)
+        qterm = (self._fl[lens] + 65).astype(np.uint8)  # popcount + (64 - fl(m)) <= fl(n) + 1 + 64
+        s = np.argsort(ids, kind="stable")  # incidences (query row, feature) grouped by feature
+        q, ids, at = q[s], ids[s], at[s]
+        first = _distinct(ids)
+        counts = np.diff(np.r_[first, len(ids)])
+        fills = self._fill[ids[first]]
+        dense = counts * fills >= DENSE_CELLS
+        hit_inc, hit_pos = [], []
+        small = ~np.repeat(dense, counts)
+        if small.any():
+            inc = np.flatnonzero(small)
+            fill = self._fill[ids[inc]]
+            total = int(fill.sum())
+            rep = np.repeat(inc, fill)
+            cell = np.repeat(self._start[ids[inc]] - (np.cumsum(fill) - fill), fill) + np.arange(total)
+            count = np.bitwise_count(q64[q[rep]] ^ self._mask[cell])
+            count += self._cterm[cell]
+            ok = np.flatnonzero(count <= qterm[q[rep]])
+            hit_inc.append(rep[ok])
+            hit_pos.append(self._pos[cell[ok]])
+        groups = [(int(first[g]), int(first[g] + counts[g])) for g in np.flatnonzero(dense).tolist()]
+        cells = [(z - a) * int(self._fill[ids[a]]) for a, z in groups]
+        share = -(-sum(cells) // workers) if groups else 0
+        parts: list[list[tuple[int, int]]] = [[]]
+        done = 0
+        for group, size in zip(groups, cells, strict=True):  # `workers` runs of about equal cells
+            if done >= share * len(parts):
+                parts.append([])
+            parts[-1].append(group)
+            done += size
+
+        def run(part: list[tuple[int, int]], scratch: tuple[np.ndarray, ...]) -> tuple[list, list]:
+            found_inc: list[np.ndarray] = []
+            found_pos: list[np.ndarray] = []
+            for a, z in part:
+                self._rectangle(q64[q[a:z]], qterm[q[a:z]], int(ids[a]), a, scratch, found_inc, found_pos)
+            return found_inc, found_pos
+
+        if len(parts) > 1:
+            pool = self._threads(len(parts))
+            results = list(pool.map(run, parts, self._scratch[: len(parts)]))
+        else:
+            results = [run(parts[0], self._scratch[0])]
+        for found_inc, found_pos in results:
+            hit_inc += found_inc
+            hit_pos += found_pos
+        if not hit_inc:
+            return empty, empty
+        inc, p = np.concatenate(hit_inc), np.concatenate(hit_pos).astype(np.int64)
+        q, at = q[inc], at[inc]
+        n, m = lens[q], p_lens[p]
+        need = _need(self.cutoff, n, m)
+        allowed = n + m - 2 * need
+        keep = (need <= np.minimum(n, m)) & (at <= n - need) & (np.bitwise_count(q64[q] ^ p64[p]) <= allowed)
+        q, p, allowed = q[keep], p[keep], allowed[keep]
+        xor = sum(np.bitwise_count(q_masks[q, w] ^ p_masks[p, w]).astype(np.int64) for w in range(MASK_WORDS))
+        keep = xor <= allowed
+        pair = np.sort(q[keep] * len(p_lens) + p[keep])
+        pair = pair[_distinct(pair)]
+        return pair // len(p_lens), pair % len(p_lens)
+
+    def _threads(self, count: int) -> ThreadPoolExecutor:
+        while len(self._scratch) < count:
+            self._scratch.append(_scratch())
+        if self._pool is None or self._pool._max_workers < count:
+            self._pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="rouge-prefix")
+        return self._pool
+
+    def _rectangle(
+        self,
+        q64: np.ndarray,
+        qterm: np.ndarray,
+        feature: int,
+        offset: int,
+        scratch: tuple[np.ndarray, ...],
+        hit_inc: list,
+        hit_pos: list,
+    ) -> None:
+        """Broadcast test of query rows (masks q64) against one feature's whole list, in chunks that
+        reuse the same scratch (fresh large arrays would cost a page fault per 4 KB)."""
+        a, z = int(self._start[feature]), int(self._start[feature] + self._fill[feature])
+        rows = len(q64)
+        width = max(1, DENSE_CHUNK // rows)
+        xor_buf, count_buf, ok_buf = scratch
+        q64, qterm = q64[:, None], qterm[:, None]
+        for c0 in range(a, z, width):
+            c1 = min(z, c0 + width)
+            cells = rows * (c1 - c0)
+            xor = xor_buf[:cells].reshape(rows, c1 - c0)
+            count = count_buf[:cells].reshape(rows, c1 - c0)
+            ok = ok_buf[:cells].reshape(rows, c1 - c0)
+            np.bitwise_xor(q64, self._mask[None, c0:c1], out=xor)
+            np.bitwise_count(xor, out=count)
+            np.add(count, self._cterm[None, c0:c1], out=count)
+            np.less_equal(count, qterm, out=ok)
+            hit = np.flatnonzero(ok)
+            if len(hit):
+                r, c = np.divmod(hit, c1 - c0)
+                hit_inc.append(offset + r)
+                hit_pos.append(self._pos[c0 + c])
+
+
 def rouge_l(a: str, b: str, *, use_stemmer: bool = False) -> float:
     """ROUGE-L F1 of `a` (target) and `b` (prediction), bit-identical to
     `RougeScorer(["rougeL"], use_stemmer=use_stemmer).score(a, b)["rougeL"].fmeasure`."""
@@ -307,8 +687,9 @@ class RougeIndex:
     top_k: how many most-similar pool entries to report, with the mean over the whole pool
         (Self-Instruct keeps 10): an LCS for every pair. 0 turns that off and leaves the pure dedup,
         pruned exactly by token counts and feature masks, about 15 times faster (see the module).
-    workers: rapidfuzz threads (-1: all cores). block_size: candidates per batch. max_cells: the
-        largest score matrix held at once. prefilter: None (exact) or "minhash" (inexact, see module).
+    workers: threads for rapidfuzz and the dedup pass's broadcast tests (-1: all cores). block_size:
+        candidates per batch. max_cells: the largest score matrix held at once. prefilter: None (exact)
+        or "minhash" (inexact, see module).
     """
 
     def __init__(
@@ -346,8 +727,10 @@ class RougeIndex:
         self._pruned = top_k == 0 and prefilter is None  # the dedup pass, pruned by lengths and masks
         self._masked_upto = 0  # pool positions below this are in the masks and the length view
         self._masks = np.zeros((1024, MASK_WORDS), dtype=np.uint64)  # per pool position
+        self._masks64 = np.zeros(1024, dtype=np.uint64)  # their 64-bit folds
         self._scan_buffers = tuple(np.empty(SCAN_ROWS * SCAN_COLUMNS, dtype=t) for t in (np.uint64, np.uint8, bool))
         self._by_length = _ByLength.build(*(np.empty(0, dtype=t) for t in (np.int64, np.uint64, np.int64)))
+        self._prefix = _PrefixIndex(self._cutoff) if SEARCH == "prefix" else None
         self._lsh = None
         if prefilter == "minhash":
             from datasketch import MinHashLSH
@@ -437,8 +820,8 @@ class RougeIndex:
             yield a, self._chars[a:b], self._lens[a:b]
 
     def _flush(self) -> None:
-        """Mask and sort in the pool texts added since the last query (one by one or a block at a
-        time): the view by length is rebuilt once per block, not per text."""
+        """Mask and list (or sort in) the pool texts added since the last query (one by one or a block at
+        a time): the lists or the view by length are updated once per block, not per text."""
         n, start = len(self._ids), self._masked_upto
         if n == start:
             return
@@ -448,11 +831,16 @@ class RougeIndex:
             grown[:start] = self._masks[:start]
             self._masks = grown
         self._masks[start:n] = masks
+        self._masks64 = _grown(self._masks64, n)
+        self._masks64[start:n] = _fold(masks)
+        self._masked_upto = n
+        if self._prefix is not None:
+            self._prefix.add(self._chars[start:n], start, self._masks, self._lens)
+            return
         positions = np.arange(start, n)
         some = self._lens[start:n] > 0  # no tokens: F1 is 0 against everything
         new = _ByLength(self._lens[start:n][some], np.bitwise_or.reduce(masks[some], axis=1), positions[some])
         self._by_length = self._by_length.merged(new)
-        self._masked_upto = n
 
     def _candidates(
         self,
@@ -564,7 +952,11 @@ class RougeIndex:
         rows = np.flatnonzero(lens > 0)  # no tokens: F1 is 0 against everything
         self._flush()
         masks = _masks(chars)
-        q, b = self._candidates(chars, masks, lens, rows, self._by_length, self._chars, self._masks, self._lens)
+        if self._prefix is not None:
+            threads = self.workers if self.workers > 0 else os.cpu_count() or 1
+            q, b = self._prefix.candidates(chars, masks, lens, rows, self._masks, self._masks64, self._lens, threads)
+        else:
+            q, b = self._candidates(chars, masks, lens, rows, self._by_length, self._chars, self._masks, self._lens)
         q, b, scores = self._verify(chars, lens, q, self._chars, self._lens, b)
         if len(q):
             order = np.lexsort((b, -scores, q))  # per row: best score, then earliest in the pool

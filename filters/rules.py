@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from filters import heuristics, instances
+from filters import heuristics, instances, restates
 
 # One text in, None or a reason out (the instruction).
 INSTRUCTION_RULES: dict[str, Callable[..., str | None]] = heuristics.RULES
@@ -19,17 +19,22 @@ INSTANCE_RULES: dict[str, Callable[..., str | None]] = {
     "empty_output": instances.empty_output,
     "trailing_colon": instances.trailing_colon,
 }
+# (instruction, input, output) in, None or a reason out; only for records that carry an output.
+RECORD_RULES: dict[str, Callable[..., str | None]] = {
+    "restates_instruction": restates.restates_instruction,
+}
 # Need the other instances of the same task.
 TASK_RULES = ("conflicting_outputs", "duplicate_instance", "too_many_instances")
 # Need state beyond one task: the ROUGE-L pool, an evaluation-set index.
 POOL_RULES = ("rouge", "contaminated")
 
-RULES = (*INSTRUCTION_RULES, "rouge", *INSTANCE_RULES, *TASK_RULES, "contaminated")
+RULES = (*INSTRUCTION_RULES, "rouge", *INSTANCE_RULES, *RECORD_RULES, *TASK_RULES, "contaminated")
 REASONS = {rule: ("rouge_duplicate" if rule == "rouge" else rule) for rule in RULES}
 
-# In the references' order: instruction checks, the ROUGE-L pool, then (Self-Instruct only) instances.
+# In the references' order: instruction checks, the ROUGE-L pool, then (Self-Instruct only) instances;
+# sift adds restates_instruction to self-instruct (measured in filters/restates.py).
 PRESETS: dict[str, list[str]] = {
-    "self-instruct": [*heuristics.PRESETS["self-instruct"], "rouge", *INSTANCE_RULES, *TASK_RULES],
+    "self-instruct": [*heuristics.PRESETS["self-instruct"], "rouge", *INSTANCE_RULES, *RECORD_RULES, *TASK_RULES],
     "alpaca": [*heuristics.PRESETS["alpaca"], "rouge"],
 }
 

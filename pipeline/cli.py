@@ -43,6 +43,7 @@ COMMANDS: dict[str, str] = {
     "instances": "pipeline.stages.instances:instances",
     "filter": "pipeline.stages.filter:filter_records",
     "score": "pipeline.stages.score:score",
+    "refine": "pipeline.stages.refine:refine",
     "export": "pipeline.stages.export:export",
     "train": "pipeline.stages.train:train",
     "merge": "pipeline.stages.merge:merge",

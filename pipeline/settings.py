@@ -551,6 +551,51 @@ class FederateSettings:
                    f"expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
 
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """`sift refine`: the teacher critiques and rewrites each record, the student keeps what suits it
+    (Reflection-Tuning, Li et al. 2023; Selective Reflection-Tuning, Li et al. 2024).
+
+    Args:
+        target: What the teacher rewrites: response, instruction (a new instruction with its answer),
+            or both (the instruction first, then the response of the version kept).
+        select: Which version a record keeps: student (the paper's rule: the instruction with the higher
+            IFD, the response with the lower r-IFD), teacher (every rewrite that passes the filters),
+            judge (the higher judge rating), student+judge (the student's rule, unless the judge rates
+            the rewrite lower), or original (no rewrite: a control with the same scores).
+        rounds: Refine again, up to this many times, the records whose rewrite was kept in the round before.
+        judge: Also rate both versions with the teacher as judge (1-5; judge and student+judge always do).
+        judge_prompt: Your own rating prompt file (placeholders {instruction}, {input}, {output}).
+        prompt_response: Your own response template (placeholders {instruction}, {input}, {output}).
+        prompt_instruction: Your own instruction template (placeholders {instruction}, {input}, {output}).
+        batch_size: Records per batch (teacher requests, student forward passes, one journal entry).
+        max_tokens: New tokens per teacher reply (critique and rewrite).
+        temperature: Teacher sampling temperature (the reference's: 0, greedy).
+        seed: Seed of the teacher's sampling.
+    """
+
+    target: Literal["response", "instruction", "both"] = "both"
+    select: Literal["student", "teacher", "judge", "student+judge", "original"] = "student"
+    rounds: int = 1
+    judge: bool = False
+    judge_prompt: str | None = None
+    prompt_response: str | None = None
+    prompt_instruction: str | None = None
+    batch_size: int = 8
+    max_tokens: int = 512
+    temperature: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _finite(self)
+        _positive(self, "rounds", "batch_size", "max_tokens")
+        _not_negative(self, "temperature")
+        for name in ("target", "select"):  # the command line checks these choices; code callers too
+            choices = typing.get_args(typing.get_type_hints(type(self))[name])
+            _check(getattr(self, name) in choices, name,
+                   f"expected one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
 def is_section(hint: Any) -> bool:
     """Whether a parameter's type is a settings section (a dataclass the CLI expands into flags)."""
     return isinstance(hint, type) and is_dataclass(hint)

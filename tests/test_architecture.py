@@ -179,15 +179,8 @@ def private_imports() -> list[str]:
             if name.startswith("_") and not name.endswith("__") and (source := _module_of(base)) and source != m]
 
 
-# found when this check was written, each in a module another change of the settings conversion rewrites:
-# remove an entry as it goes; nothing may be added
-KNOWN_PRIVATE = {"pipeline.cli_docs imports _params from pipeline.cli",
-                 "pipeline.stages.loop imports _load_side from train.evaluate",
-                 "pipeline.teachers.specs imports _read_bytes from pipeline.io.artifacts"}
-
-
 def test_no_private_name_is_imported_across_modules() -> None:
-    bad = [b for b in private_imports() if b not in KNOWN_PRIVATE]
+    bad = private_imports()
     assert not bad, "\n".join(bad)
 
 

@@ -5,7 +5,7 @@ they are measured against (PEFT model, `model.generate`), which loop also uses.
     .venv/bin/python bench/eval.py --quick      # side by side with the plain path (greedy_answers)
 
 - `load_side`: the base as it is; the student as its base with the LoRA weights merged in (peft's
-  merge_and_unload on a fresh float32 copy, then cast), so it is a plain Llama for the engine and
+  merge_and_unload on a fresh float32 copy, then cast), so it is a plain model for the engine and
   every forward costs what the base's does; either on `student.device`;
 - `fast_answers`: greedy answers through pipeline/teachers/fast_decode.py (continuous batching, C
   kernels); models the engine does not support, and GPUs, use `model.generate` (`greedy_answers`);
@@ -55,7 +55,7 @@ def load_side(spec: str, tokenizer: Any, adapter: Path | None, *, student: Stude
 
 
 def fast_supported(model: Any) -> bool:
-    """Whether the fast engine runs this model (a plain Llama on the CPU)."""
+    """Whether the fast engine runs this model (a plain Llama or a Gemma 3 text model on the CPU)."""
     from pipeline.teachers.fast_decode import supports
 
     return supports(model) and model.device.type == "cpu"

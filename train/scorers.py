@@ -15,6 +15,16 @@ plus the scorer's own details. No generation anywhere: one forward pass per batc
   only by the instruction (and input) text, over the same answer token ids. Below 1: the
   instruction helps predict the answer; 1 or more: the answer does not depend on the instruction.
   An answer with no tokens has no loss: its IFD is None (reason "empty_answer").
+- `rifd` (reversed IFD; Li et al., 2024, "Selective Reflection-Tuning", ACL Findings, Sec. 3): the
+  mean loss of the instruction (and input) tokens given the answer, divided by their mean loss
+  alone. The paper conditions the instruction on the answer through a short bridging prompt, as its
+  released code does (Reflection_Tuning, selection_code/data_analysis.py): REVERSE_PROMPT, with the
+  answer in it, is the user turn and the instruction is the assistant's reply; the "alone" side is
+  the same template with an empty user message, as for IFD. Low r-IFD: the instruction can be
+  recovered from the answer, so the answer fits it. The paper writes both ratios with perplexities
+  (its code computes the perplexity and the loss ratios); sift uses the mean-loss ratio for both, as
+  Cherry LLM defines IFD, and keeps both losses, so the perplexity ratio exp(given - alone) can be
+  recomputed. An empty answer or instruction gives None (reason "empty_answer", "empty_instruction").
 - `length`: words in the answer (whitespace split); characters and tokens are in the details.
 - `reward`: any sequence-classification reward model folder (e.g. an OpenAssistant DeBERTa reward
   model): its logit for (prompt, answer); with two or more labels, the last label's log-odds.
@@ -29,6 +39,9 @@ from train.format import render_prompt, setup_tokenizer, to_messages
 
 MAX_ANSWER_TOKENS = 512  # answer tokens scored at most (Cherry LLM cuts whole texts at 512)
 MAX_PROMPT_TOKENS = 512  # prompt tokens kept (the last ones) before the answer
+# r-IFD's bridge from an answer to its instruction: the wording of the Selective Reflection-Tuning code
+REVERSE_PROMPT = ("Below is the response to an instruction, please guess the corresponding instruction for the "
+                  "given response.\n{output}\nGenerate the instruction for the above response.")
 Progress = Callable[[int], None]  # called with the number of records just finished
 
 
@@ -97,20 +110,14 @@ def answer_losses(model: Any, pairs: Sequence[tuple[list[int], list[int]]], *, p
     return out
 
 
-def ifd_scores(model: Any, tokenizer: Any, records: Sequence[dict], *, batch_size: int,
-               max_answer_tokens: int = MAX_ANSWER_TOKENS, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
-               progress: Progress | None = None) -> list[dict]:
-    """IFD of each record: {"value": loss_given_prompt / loss_alone, "loss_given_prompt",
-    "loss_alone", "answer_tokens"}; value None with a "reason" when the answer has no tokens.
-    `tokenizer` must already have the prompt format (`prepare_tokenizer`)."""
-    seqs = [ifd_sequences(tokenizer, r, max_answer_tokens=max_answer_tokens, max_prompt_tokens=max_prompt_tokens)
-            for r in records]
-    results: list[dict | None] = [None] * len(records)
-    for i, (_, _, answer) in enumerate(seqs):
-        if not answer:
-            results[i] = {"value": None, "reason": "empty_answer", "answer_tokens": 0}
-    todo = sorted((i for i, r in enumerate(results) if r is None), key=lambda i: len(seqs[i][0]) + len(seqs[i][2]))
-    # the loss alone depends only on the answer: once per distinct answer ("Positive", "No", ...)
+def loss_ratios(model: Any, tokenizer: Any, seqs: Sequence[tuple[list[int], list[int], list[int]]], *,
+                batch_size: int, progress: Progress | None = None) -> list[tuple[float, float] | None]:
+    """(mean loss of each target given its prompt, its mean loss after the empty prompt) for
+    (prompt ids, empty-prompt ids, target ids) triples, None where the target has no tokens. Batched
+    by length; the "alone" loss depends only on the target, so it is computed once per distinct
+    target ("Positive", "No", ...). Shared by IFD and r-IFD."""
+    results: list[tuple[float, float] | None] = [None] * len(seqs)
+    todo = sorted((i for i, s in enumerate(seqs) if s[2]), key=lambda i: len(seqs[i][0]) + len(seqs[i][2]))
     alone: dict[tuple[int, ...], float] = {}
     for lo in range(0, len(todo), batch_size):
         batch = todo[lo:lo + batch_size]
@@ -120,12 +127,73 @@ def ifd_scores(model: Any, tokenizer: Any, records: Sequence[dict], *, batch_siz
                                pad_id=tokenizer.eos_token_id)  # any real id: right padding is never attended to
         alone.update(zip(fresh, losses[len(batch):], strict=True))
         for k, i in enumerate(batch):
-            given, base = losses[k], alone[tuple(seqs[i][2])]
-            results[i] = {"value": given / base if base > 0 else None, "loss_given_prompt": given,
-                          "loss_alone": base, "answer_tokens": len(seqs[i][2])}
+            results[i] = (losses[k], alone[tuple(seqs[i][2])])
         if progress is not None:
             progress(len(batch))
-    return [r for r in results if r is not None]
+    return results
+
+
+def ifd_scores(model: Any, tokenizer: Any, records: Sequence[dict], *, batch_size: int,
+               max_answer_tokens: int = MAX_ANSWER_TOKENS, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+               progress: Progress | None = None) -> list[dict]:
+    """IFD of each record: {"value": loss_given_prompt / loss_alone, "loss_given_prompt",
+    "loss_alone", "answer_tokens"}; value None with a "reason" when the answer has no tokens.
+    `tokenizer` must already have the prompt format (`prepare_tokenizer`)."""
+    seqs = [ifd_sequences(tokenizer, r, max_answer_tokens=max_answer_tokens, max_prompt_tokens=max_prompt_tokens)
+            for r in records]
+    out = []
+    for (_, _, answer), pair in zip(seqs, loss_ratios(model, tokenizer, seqs, batch_size=batch_size,
+                                                      progress=progress), strict=True):
+        if pair is None:
+            out.append({"value": None, "reason": "empty_answer", "answer_tokens": 0})
+            continue
+        given, base = pair
+        out.append({"value": given / base if base > 0 else None, "loss_given_prompt": given,
+                    "loss_alone": base, "answer_tokens": len(answer)})
+    return out
+
+
+def rifd_sequences(tokenizer: Any, record: dict, *, max_answer_tokens: int = MAX_ANSWER_TOKENS,
+                   max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> tuple[list[int], list[int], list[int]]:
+    """(bridging prompt ids with the answer in it, empty-instruction prompt ids, instruction ids) of one
+    record: r-IFD's sequences. The instruction (with its input, as the student sees them) is tokenized
+    on its own and cut to `max_answer_tokens`; the answer inside the prompt is cut to
+    `max_answer_tokens` tokens first, and the prompt keeps its last `max_prompt_tokens` tokens."""
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    answer = record.get("output") or ""
+    answer_ids = ids(answer)
+    if len(answer_ids) > max_answer_tokens:  # a long answer is cut, so the bridge around it stays whole
+        answer = tokenizer.decode(answer_ids[:max_answer_tokens])
+    prompt = ids(render_prompt(tokenizer, [{"role": "user", "content": REVERSE_PROMPT.format(output=answer)}]))
+    empty = ids(render_prompt(tokenizer, [{"role": "user", "content": ""}]))
+    target = user_text(record)
+    instruction = ids(target)[:max_answer_tokens] if target.strip() else []
+    return prompt[-max_prompt_tokens:], empty[-max_prompt_tokens:], instruction
+
+
+def rifd_scores(model: Any, tokenizer: Any, records: Sequence[dict], *, batch_size: int,
+                max_answer_tokens: int = MAX_ANSWER_TOKENS, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+                progress: Progress | None = None) -> list[dict]:
+    """Reversed IFD of each record: {"value": loss_given_answer / loss_alone, "loss_given_answer",
+    "loss_alone", "instruction_tokens"}; value None with a "reason" when the answer or the
+    instruction is empty. `tokenizer` must already have the prompt format (`prepare_tokenizer`)."""
+    seqs = [rifd_sequences(tokenizer, r, max_answer_tokens=max_answer_tokens, max_prompt_tokens=max_prompt_tokens)
+            for r in records]
+    blank = [not (r.get("output") or "").strip() for r in records]
+    pairs = loss_ratios(model, tokenizer, [([], [], []) if b else s for s, b in zip(seqs, blank, strict=True)],
+                        batch_size=batch_size, progress=progress)
+    out = []
+    for (_, _, target), pair, empty_answer in zip(seqs, pairs, blank, strict=True):
+        if pair is None:
+            out.append({"value": None, "reason": "empty_answer" if empty_answer else "empty_instruction",
+                        "instruction_tokens": 0 if empty_answer else len(target)})
+            continue
+        given, base = pair
+        out.append({"value": given / base if base > 0 else None, "loss_given_answer": given,
+                    "loss_alone": base, "instruction_tokens": len(target)})
+    return out
 
 
 # ---------------------------------------------------------------- reward model

@@ -39,12 +39,6 @@ from train.format import setup_tokenizer
 SAMPLES_KEPT = 20  # answers stored in eval.json for reading
 
 
-def _load_side(spec: str, tokenizer: Any, dtype: str, adapter: Path | None) -> Any:
-    """What train/evaluate.py's loader did (the PEFT model, not merged, device auto), until its last
-    caller uses train.eval_passes.load_side(..., merge=False) instead."""
-    return load_side(spec, tokenizer, adapter, student=StudentSettings(dtype=dtype), merge=False)  # type: ignore[arg-type]
-
-
 # ---------------------------------------------------------------- metrics (pure)
 
 

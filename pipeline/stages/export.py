@@ -2,8 +2,9 @@
 
     sift export --run demo --export.valid-fraction 0.1       # or: make export
 
-Reads runs/<run>/scored.jsonl (`sift score`; filtered.jsonl when the run has none), applies the human
-review in runs/<run>/review.jsonl (`sift view`; pipeline/io/review.py) and writes, atomically:
+Reads runs/<run>/refined.jsonl (`sift refine`), else scored.jsonl (`sift score`), else filtered.jsonl,
+applies the human review in runs/<run>/review.jsonl (`sift view`; pipeline/io/review.py) and writes,
+atomically:
 - train.jsonl / valid.jsonl: {"id", "messages": [user, assistant], "metadata"} a line;
 - alpaca.json: the train split as Alpaca's list of {instruction, input, output};
 - export.rejected.jsonl: records dropped as `contaminated`: they share a word 13-gram (or a whole
@@ -108,9 +109,16 @@ def write_splits(directory: Path, train: list[dict], valid: list[dict], rejected
 
 
 def export_source(directory: Path) -> Path:
-    """scored.jsonl (the scored and selected records of `sift score`) when the run has it, else
-    filtered.jsonl; a scored.jsonl older than filtered.jsonl is stale, and an error."""
-    scored, filtered = directory / "scored.jsonl", directory / "filtered.jsonl"
+    """refined.jsonl (`sift refine`) when the run has it, else scored.jsonl (the scored and selected
+    records of `sift score`), else filtered.jsonl; a file older than the one it was made from is
+    stale, and an error."""
+    refined, scored, filtered = (directory / n for n in ("refined.jsonl", "scored.jsonl", "filtered.jsonl"))
+    if refined.is_file():
+        newest = max((p for p in (scored, filtered) if p.is_file()), key=lambda p: p.stat().st_mtime_ns, default=None)
+        if newest is not None and newest.stat().st_mtime_ns > refined.stat().st_mtime_ns:
+            raise SiftError(f"older than {newest.name}: rerun `sift refine` (make refine), or delete it to export "
+                            f"the records unrefined", path=refined)
+        return refined
     if not scored.is_file():
         return filtered
     if filtered.is_file() and filtered.stat().st_mtime_ns > scored.stat().st_mtime_ns:
@@ -167,7 +175,7 @@ def training_records(directory: Path, *, decontaminate_general: bool = True
 
 
 def export(*, run: str = "demo", export: ExportSettings = ExportSettings()) -> None:
-    """Write train.jsonl, valid.jsonl (chat messages) and alpaca.json from scored.jsonl (else filtered.jsonl).
+    """Write train.jsonl, valid.jsonl (chat messages) and alpaca.json from refined, scored or filtered.jsonl.
 
     Records that share a word 13-gram with sift's general held-out set go to export.rejected.jsonl
     (reason `contaminated`, with the ids of the tasks they overlap) instead, and so do records

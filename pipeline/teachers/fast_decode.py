@@ -1,9 +1,19 @@
-"""A fast decode loop for Llama-family models on CPU: the default engine of the transformers teacher.
+"""A fast decode loop for Llama-family and Gemma 3 models on CPU: the default engine of the transformers teacher.
 
-    .venv/bin/python bench/generate.py --quick      # side by side with plain batched `model.generate`
+    .venv/bin/python bench/generate.py --quick                          # beside plain batched `model.generate`
+    .venv/bin/python bench/generate.py --quick --teacher gemma-3-270m   # the same for Gemma 3 270M
 
-Same model weights and the same arithmetic as the Hugging Face Llama forward (RMSNorm, RoPE, SiLU
-MLP, op for op), without `generate`'s per-step overhead:
+Same model weights and the same arithmetic as the Hugging Face forward, op for op: for Llama
+RMSNorm, RoPE, SiLU MLP; for Gemma 3's text model (`Gemma3ForCausalLM`) also its differences:
+- sliding-window and global layers, in the per-layer pattern of `config.layer_types`: a sliding
+  layer attends to its last `sliding_window` positions (itself included), in prefill and decode;
+- one rotary table per layer type (local and global theta, static scaling such as "linear");
+- qk-norm (q_norm/k_norm on each head before RoPE) and the query scale `query_pre_attn_scalar`;
+- Gemma's RMSNorm, x * (1 + w) in float32 then rounded, before and after attention and the MLP;
+- embeddings scaled by sqrt(hidden) rounded to the weights' dtype; GELU-tanh MLP;
+- the tied 262K-row output layer, with `final_logit_softcapping` where the config sets it.
+  (`attn_logit_softcapping` is refused by `supports`: transformers' Gemma 3 never applies it.)
+Without `generate`'s per-step overhead:
 - lanes: one decoding thread per torch thread (at most MAX_LANES), each with one intra-op thread,
   its own rows and cache; job i goes to lane i % lanes. OpenMP's two-thread ops meet at a barrier
   after every one of the ~1,000 ops of a step, and on a busy machine a descheduled partner stalls
@@ -11,14 +21,18 @@ MLP, op for op), without `generate`'s per-step overhead:
   thread and 112 for two lanes); lanes never wait for each other, and torch releases the GIL in ops;
 - continuous batching: up to `max_rows` sequences decode together; a finished row's slot goes to
   the next waiting prompt, so the batch stays full until the queue drains;
-- a pre-allocated KV cache (slot x kv-head x position), grown by doubling, rows kept contiguous;
+- a pre-allocated KV cache (slot x kv-head x position), grown by doubling, rows kept contiguous
+  (sliding layers keep every position too; they read only their window);
 - prefill of admitted prompts in one right-padded causal pass, logits only for each last token;
-- decode attention in bfloat16 by the C kernel of `fast_kernel.py` (scaled_dot_product_attention
-  spent half of a step on per-block set-up); float32 keeps SDPA, which is what `generate` runs;
+- decode attention in bfloat16 by the C kernel of `fast_kernel.py` (head_dim 64, 128 or 256, with
+  the window of a sliding layer; scaled_dot_product_attention spent half of a step on per-block
+  set-up); float32 keeps SDPA, which is what `generate` runs;
 - the sampler in `fast_sampler.py`: top-k candidates (found in C) before top-p, one uniform per row.
-Greedy float32 outputs are token-identical to plain `generate` (tested on the embedded model);
-a row's random draws come only from its own seed (`random.Random(seed)`), never from its neighbours.
-Only Llama-shaped models are supported (`supports(model)`); others use `generate`.
+  On Gemma's 262K vocabulary the output layer is about half of a decode step (docs/measurements.md).
+Greedy float32 outputs are token-identical to plain `generate` (tested on the embedded model, and
+on Gemma 3 but for float32 ties); a row's random draws come only from its own seed
+(`random.Random(seed)`), never from its neighbours. Other architectures (`supports(model)` False)
+use `generate`.
 """
 
 from __future__ import annotations
@@ -96,17 +110,57 @@ def _wait_all(ended: list[threading.Event]) -> None:
                 continue
 
 
-def supports(model: Any) -> bool:
-    """True for the architectures this loop reproduces exactly (plain Llama: no biases, default RoPE)."""
-    c = model.config
+def _llama(c: Any) -> bool:
+    """Plain Llama: no biases, default RoPE, SiLU, no tensor-parallel slicing."""
     rope = (getattr(c, "rope_parameters", None) or {}).get("rope_type", "default")
     return (c.model_type == "llama" and rope == "default" and c.hidden_act == "silu"
             and not getattr(c, "attention_bias", False) and not getattr(c, "mlp_bias", False)
             and getattr(c, "pretraining_tp", 1) == 1)
 
 
+GEMMA_LAYERS = ("sliding_attention", "full_attention")
+STATIC_ROPE = ("default", "linear")  # inverse frequencies fixed at load (dynamic types change them per call)
+
+
+def _gemma3(c: Any) -> bool:
+    """Gemma 3's text model as transformers runs it: causal, GELU-tanh, no biases, static RoPE per layer
+    type. An attention softcap is refused: transformers' Gemma 3 attention never applies it, so what it
+    should mean is unclear; `generate` stays the reference there."""
+    ropes = getattr(c, "rope_parameters", None) or {}
+    return (c.model_type == "gemma3_text" and c.hidden_activation == "gelu_pytorch_tanh"
+            and not c.attention_bias and not getattr(c, "use_bidirectional_attention", False)
+            and c.attn_logit_softcapping is None and set(c.layer_types) <= set(GEMMA_LAYERS)
+            and ("sliding_attention" not in c.layer_types or bool(c.sliding_window))
+            and all((ropes.get(t) or {}).get("rope_type", "default") in STATIC_ROPE for t in set(c.layer_types)))
+
+
+def supports(model: Any) -> bool:
+    """True for the architectures this loop reproduces op for op: plain Llama (no biases, default RoPE)
+    and Gemma 3's text model (sliding-window and global layers, qk-norm, GELU-tanh)."""
+    c = model.config
+    return _llama(c) or _gemma3(c)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder layer's weights, as the arithmetic below uses them (shared with the model, not copied,
+    but for the fused projections and Gemma's norm weights, kept as 1 + w in float32)."""
+
+    norm_in: Any  # before attention
+    qkv: Any  # q | k | v projections, one matmul
+    o: Any
+    norm_mlp: Any  # before the MLP (Llama's post_attention_layernorm, Gemma's pre_feedforward_layernorm)
+    gate_up: Any  # gate | up, one matmul
+    down: Any
+    rope: int  # which rotary table: index into FastDecoder.ropes
+    window: int | None = None  # a sliding-window layer attends to its last `window` positions, itself included
+    qk_norm: Any = None  # Gemma: q_norm rows for the query heads then k_norm rows for the key heads
+    norm_attn_out: Any = None  # Gemma: post_attention_layernorm, on the attention output
+    norm_mlp_out: Any = None  # Gemma: post_feedforward_layernorm, on the MLP output
+
+
 class FastDecoder:
-    """Continuous-batching decoder over a loaded Hugging Face Llama model (weights shared, not copied)."""
+    """Continuous-batching decoder over a loaded Hugging Face Llama or Gemma 3 model (weights shared)."""
 
     def __init__(self, model: Any, *, eos_ids: Sequence[int], decode: Decode | None = None,
                  max_rows: int = MAX_ROWS, candidates: int = CANDIDATES, lanes: int | None = None,
@@ -114,51 +168,113 @@ class FastDecoder:
         import torch
 
         if not supports(model):
-            raise ValueError(f"fast decoding supports plain Llama models, not {model.config.model_type}")
+            raise ValueError(f"fast decoding supports plain Llama and Gemma 3 text models, "
+                             f"not this {model.config.model_type}")
         c, m = model.config, model.model
+        self.torch = torch
+        self.gemma = c.model_type == "gemma3_text"
         self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        self.eps, self.scale = c.rms_norm_eps, self.head_dim ** -0.5
-        cat = torch.cat  # fused projections: one matmul for q|k|v and one for gate|up (fewer, larger ops)
-        self.layers = [(lay.input_layernorm.weight,
-                        cat([lay.self_attn.q_proj.weight, lay.self_attn.k_proj.weight, lay.self_attn.v_proj.weight]),
-                        lay.self_attn.o_proj.weight, lay.post_attention_layernorm.weight,
-                        cat([lay.mlp.gate_proj.weight, lay.mlp.up_proj.weight]), lay.mlp.down_proj.weight)
-                       for lay in m.layers]
+        self.eps = c.rms_norm_eps
+        self.scale = (c.query_pre_attn_scalar if self.gemma else self.head_dim) ** -0.5
         self.inner = c.intermediate_size
-        self.embed, self.norm, self.lm_head = m.embed_tokens.weight, m.norm.weight, model.lm_head.weight
-        self.inv_freq, self.dtype, self.device = m.rotary_emb.inv_freq, self.embed.dtype, self.embed.device
+        self.embed, self.lm_head = m.embed_tokens.weight, model.lm_head.weight
+        self.dtype, self.device = self.embed.dtype, self.embed.device
+        # Gemma scales embeddings by sqrt(hidden) rounded to the weights' dtype, as its embedding module does
+        self.embed_scale = m.embed_tokens.embed_scale.to(self.dtype) if self.gemma else None
+        self.softcap = getattr(c, "final_logit_softcapping", None) if self.gemma else None
+        self.act = (lambda x: torch.nn.functional.gelu(x, approximate="tanh")) if self.gemma \
+            else torch.nn.functional.silu
+        self.norm = self._norm_weight(m.norm.weight)
+        if self.gemma:  # one rotary table per layer type (local and global theta), as Gemma3RotaryEmbedding
+            kinds = sorted(set(c.layer_types))
+            self.ropes = [(getattr(m.rotary_emb, f"{t}_inv_freq"), getattr(m.rotary_emb, f"{t}_attention_scaling"))
+                          for t in kinds]
+            types = [kinds.index(t) for t in c.layer_types]
+            windows = [c.sliding_window if t == "sliding_attention" else None for t in c.layer_types]
+        else:
+            self.ropes = [(m.rotary_emb.inv_freq, 1.0)]
+            types, windows = [0] * len(m.layers), [None] * len(m.layers)
+        self.layers = [self._layer(lay, t, w) for lay, t, w in zip(m.layers, types, windows, strict=True)]
         self.eos_ids, self.decode = set(eos_ids), decode
         self.max_rows, self.candidates, self.lanes = max_rows, candidates, lanes
-        self.torch = torch
         self.kernels = fast_kernel.load() if kernel and self.device.type == "cpu" else None  # C, or torch only
         # the C decode attention for bfloat16 caches (keys stored dim-major), else scaled_dot_product_attention
         self.kernel = self.kernels if self.kernels is not None and self.dtype == torch.bfloat16 \
             and fast_kernel.usable(self.heads // self.kv_heads, self.head_dim) else None
 
-    # ------------------------------------------------------------ model arithmetic (as in HF Llama)
+    def _norm_weight(self, w: Any) -> Any:
+        """A norm weight as `_rms` applies it: Llama's as it is, Gemma's as 1 + w in float32 (its RMSNorm
+        computes (1.0 + weight.float()) on every call; the same values, computed once)."""
+        return 1.0 + w.float() if self.gemma else w
+
+    def _layer(self, lay: Any, rope: int, window: int | None) -> _Layer:
+        cat, a, mlp = self.torch.cat, lay.self_attn, lay.mlp  # fused projections: fewer, larger matmuls
+        qkv, gate_up = cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), cat([mlp.gate_proj.weight,
+                                                                                       mlp.up_proj.weight])
+        if not self.gemma:
+            return _Layer(lay.input_layernorm.weight, qkv, a.o_proj.weight, lay.post_attention_layernorm.weight,
+                          gate_up, mlp.down_proj.weight, rope)
+        qk_norm = cat([self._norm_weight(a.q_norm.weight).expand(self.heads, -1),
+                       self._norm_weight(a.k_norm.weight).expand(self.kv_heads, -1)])
+        return _Layer(self._norm_weight(lay.input_layernorm.weight), qkv, a.o_proj.weight,
+                      self._norm_weight(lay.pre_feedforward_layernorm.weight), gate_up, mlp.down_proj.weight, rope,
+                      window=window, qk_norm=qk_norm,
+                      norm_attn_out=self._norm_weight(lay.post_attention_layernorm.weight),
+                      norm_mlp_out=self._norm_weight(lay.post_feedforward_layernorm.weight))
+
+    # ------------------------------------------------------------ model arithmetic (as in HF Llama and Gemma 3)
 
     def _rms(self, x: Any, w: Any) -> Any:
+        """RMSNorm over the last dim. Llama rounds to the input's dtype before the weight; Gemma multiplies
+        by 1 + w in float32 and rounds after."""
         h = x.to(self.torch.float32)
         h = h * self.torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return w * h.to(x.dtype)
+        return (h * w).to(x.dtype) if self.gemma else w * h.to(x.dtype)
 
-    def _rope(self, positions: Any) -> tuple[Any, Any]:
+    def _embed(self, tokens: Any) -> Any:
+        x = self.torch.nn.functional.embedding(tokens, self.embed)
+        return x * self.embed_scale if self.embed_scale is not None else x
+
+    def _rope(self, positions: Any, table: int = 0) -> tuple[Any, Any]:
         """cos and sign-folded sin, so that rotating is x*cos + roll(x)*sin: bitwise the same as
         HF's x*cos + rotate_half(x)*sin, since (-a)*b == -(a*b) exactly."""
-        freqs = positions[..., None].float() * self.inv_freq.to(dtype=self.torch.float)
+        inv_freq, scaling = self.ropes[table]
+        freqs = positions[..., None].float() * inv_freq.to(dtype=self.torch.float)
         emb = self.torch.cat((freqs, freqs), dim=-1)
-        sin = emb.sin().to(self.dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if scaling != 1.0:
+            cos, sin = cos * scaling, sin * scaling
+        sin = sin.to(self.dtype)
         half = sin.shape[-1] // 2
-        return emb.cos().to(self.dtype), self.torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return cos.to(self.dtype), self.torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
     def _rotate(self, x: Any, cos: Any, sin: Any) -> Any:
         return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
-    def _mlp(self, x: Any, layer: tuple) -> Any:
+    def _qk(self, qkv: Any, layer: _Layer, cos: Any, sin: Any) -> Any:
+        """Queries | keys of a projection (heads on the second-to-last dim), normed (Gemma) and rotated."""
+        qk = qkv[..., :self.heads + self.kv_heads, :]
+        if layer.qk_norm is not None:
+            qk = self._rms(qk, layer.qk_norm)
+        return self._rotate(qk.contiguous() if qk.dim() == 4 else qk, cos, sin)
+
+    def _attended(self, x: Any, a: Any, layer: _Layer) -> Any:
+        """The residual stream after attention output `a`, then after the MLP."""
         F = self.torch.nn.functional
-        gate, up = F.linear(self._rms(x, layer[3]), layer[4]).split(self.inner, dim=-1)
-        return x + F.linear(F.silu(gate) * up, layer[5])
+        o = F.linear(a, layer.o)
+        x = x + (self._rms(o, layer.norm_attn_out) if layer.norm_attn_out is not None else o)
+        gate, up = F.linear(self._rms(x, layer.norm_mlp), layer.gate_up).split(self.inner, dim=-1)
+        d = F.linear(self.act(gate) * up, layer.down)
+        return x + (self._rms(d, layer.norm_mlp_out) if layer.norm_mlp_out is not None else d)
+
+    def _logits(self, h: Any) -> Any:
+        """The output layer on final hidden states (one per row): the final norm, the (often tied)
+        vocabulary projection, and Gemma's final logit softcap where the config sets one."""
+        logits = self.torch.nn.functional.linear(self._rms(h, self.norm), self.lm_head)
+        if self.softcap is not None:
+            logits = self.torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
     def _ensure_capacity(self, lane: _Lane, needed: int) -> None:
         """Grow every layer's cache of `lane` to hold `needed` positions (doubling, multiple of 64)."""
@@ -186,12 +302,16 @@ class FastDecoder:
         torch, F = self.torch, self.torch.nn.functional
         n, width = len(prompts), max(len(p) for p in prompts)
         tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)
-        cos, sin = self._rope(torch.arange(width, device=self.device)[None])
-        cos, sin = cos[:, :, None], sin[:, :, None]  # (1, width, 1, d): rotate in the contiguous layout
-        x = F.embedding(tokens, self.embed)
+        where = torch.arange(width, device=self.device)
+        ropes = [tuple(t[:, :, None] for t in self._rope(where[None], i))  # (1, width, 1, d): contiguous layout
+                 for i in range(len(self.ropes))]
+        windows = {lay.window for lay in self.layers if lay.window is not None and lay.window < width}
+        # a window shorter than the prompt needs its own mask (key j visible from i if i - window < j <= i)
+        masks = {w: (where[None] <= where[:, None]) & (where[None] > where[:, None] - w) for w in windows}
+        x = self._embed(tokens)
         for layer, (kc, vc) in zip(self.layers, lane.cache, strict=True):
-            qkv = F.linear(self._rms(x, layer[0]), layer[1]).view(n, width, -1, self.head_dim)
-            qk = self._rotate(qkv[:, :, :self.heads + self.kv_heads].contiguous(), cos, sin).transpose(1, 2)
+            qkv = F.linear(self._rms(x, layer.norm_in), layer.qkv).view(n, width, -1, self.head_dim)
+            qk = self._qk(qkv, layer, *ropes[layer.rope]).transpose(1, 2)
             q, k = qk[:, :self.heads], qk[:, self.heads:]
             v = qkv[:, :, self.heads + self.kv_heads:].transpose(1, 2)
             if self.kernel:
@@ -199,38 +319,49 @@ class FastDecoder:
             else:
                 kc[base:base + n, :, :width] = k
             vc[base:base + n, :, :width] = v
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
-            x = self._mlp(x + F.linear(a.transpose(1, 2).reshape(n, width, -1), layer[2]), layer)
+            if layer.window in masks:
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[layer.window], scale=self.scale,
+                                                   enable_gqa=True)
+            else:
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+            x = self._attended(x, a.transpose(1, 2).reshape(n, width, -1), layer)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return F.linear(self._rms(x[torch.arange(n), last], self.norm), self.lm_head)
+        return self._logits(x[torch.arange(n), last])
 
-    def _step(self, lane: _Lane, tokens: Any, positions: Any) -> Any:
-        """One decode step for rows 0..n-1: token at `positions`, attending to the cache up to it."""
+    def _hidden(self, lane: _Lane, tokens: Any, positions: Any) -> Any:
+        """One decode step for rows 0..n-1 up to the final hidden states: token at `positions`,
+        attending to the cache up to it (the last `window` positions in a sliding-window layer)."""
         torch, F = self.torch, self.torch.nn.functional
         n, span = tokens.shape[0], int(positions.max()) + 1
         rows, group = torch.arange(n, device=self.device), self.heads // self.kv_heads
-        cos, sin = self._rope(positions)
-        cos, sin = cos[:, None], sin[:, None]
+        ropes = [tuple(t[:, None] for t in self._rope(positions, i)) for i in range(len(self.ropes))]
         if self.kernel:
             lengths = positions + 1
         else:
-            mask = (torch.arange(span, device=self.device)[None] <= positions[:, None]).view(n, 1, 1, span)
-        x = F.embedding(tokens, self.embed)
+            keys = torch.arange(span, device=self.device)[None]
+            visible = keys <= positions[:, None]
+            masks = {w: (visible & (keys > positions[:, None] - w) if w else visible).view(n, 1, 1, span)
+                     for w in {lay.window for lay in self.layers}}  # None: every earlier position
+        x = self._embed(tokens)
         for layer, (kc, vc) in zip(self.layers, lane.cache, strict=True):
-            qkv = F.linear(self._rms(x, layer[0]), layer[1]).view(n, -1, self.head_dim)
-            qk = self._rotate(qkv[:, :self.heads + self.kv_heads], cos, sin)
+            qkv = F.linear(self._rms(x, layer.norm_in), layer.qkv).view(n, -1, self.head_dim)
+            qk = self._qk(qkv, layer, *ropes[layer.rope])
             if self.kernel:  # rotated q|k in place of the raw ones: one row layout for the kernel
                 qkv[:, :self.heads + self.kv_heads] = qk
                 a = fast_kernel.decode_attention(self.kernel, qkv.view(n, -1), kc, vc, lengths, heads=self.heads,
-                                                 kv_heads=self.kv_heads, scale=self.scale)
+                                                 kv_heads=self.kv_heads, scale=self.scale, window=layer.window)
             else:
                 kc[rows, :, positions] = qk[:, self.heads:]
                 vc[rows, :, positions] = qkv[:, self.heads + self.kv_heads:]
                 q = qk[:, :self.heads].view(n, self.kv_heads, group, self.head_dim)
-                a = F.scaled_dot_product_attention(q, kc[:n, :, :span], vc[:n, :, :span], attn_mask=mask,
-                                                   scale=self.scale).reshape(n, -1)
-            x = self._mlp(x + F.linear(a, layer[2]), layer)
-        return F.linear(self._rms(x, self.norm), self.lm_head)
+                a = F.scaled_dot_product_attention(q, kc[:n, :, :span], vc[:n, :, :span],
+                                                   attn_mask=masks[layer.window], scale=self.scale).reshape(n, -1)
+            x = self._attended(x, a, layer)
+        return x
+
+    def _step(self, lane: _Lane, tokens: Any, positions: Any) -> Any:
+        """One decode step for rows 0..n-1: the next-token logits of each."""
+        return self._logits(self._hidden(lane, tokens, positions))
 
     # ------------------------------------------------------------ the loop
 

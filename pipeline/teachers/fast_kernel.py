@@ -8,7 +8,8 @@ them as separate blocked GEMMs and spends most of its time on per-block set-up: 
 decode step of SmolLM2-135M at 64-128 rows here. This kernel does the same arithmetic row by row with
 vector registers (query heads of one key-value head share each key and value load), in float32,
 and writes bfloat16 rounded to nearest even: keys as (slot, kv-head, dim, position) so the scores of
-16 positions come from one vector, values as (slot, kv-head, position, dim).
+16 positions come from one vector, values as (slot, kv-head, position, dim). Head sizes 64, 128
+(Llama family) and 256 (Gemma 3); a sliding-window layer attends to its last `window` positions only.
 
 The C source below is compiled once per machine with the system C compiler (`$CC`, else `cc`) into
 `$SIFT_CACHE/kernels/` (`-march=native`, so the file name carries the compiler and CPU), and loaded
@@ -43,7 +44,7 @@ typedef uint16_t vh __attribute__((vector_size(32)));       /* 16 bfloat16 bit p
 typedef uint32_t vu __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 
-enum { W = 16, MAXG = 8, MAXD = 128 };
+enum { W = 16, MAXG = 8, MAXD = 256 };
 
 /* 1 where the build targets wide vectors (AVX2 or AVX-512): elsewhere the caller keeps torch's attention */
 int sift_kernel_vectorised(void) {
@@ -70,12 +71,13 @@ static inline void store_bf16(uint16_t *p, vf f) {       /* round to nearest eve
     memcpy(p, &h, sizeof h);
 }
 
-/* One (row, kv-head): G queries (float, pre-scaled, MAXD apart) against len positions; D = DC*16. */
+/* One (row, kv-head): G queries (float, pre-scaled, MAXD apart) against positions from..len-1, the
+   scores of the 16-aligned block holding `from` computed but not used; D = DC*16. */
 static inline __attribute__((always_inline)) void head(
-        const int G, const int DC, const float *qf, const uint16_t *kt, const uint16_t *v, int64_t len,
-        int64_t cap, float *s, uint16_t *out) {
+        const int G, const int DC, const float *qf, const uint16_t *kt, const uint16_t *v, int64_t from,
+        int64_t len, int64_t cap, float *s, uint16_t *out) {
     const int D = DC * W;
-    for (int64_t j = 0; j < len; j += W) {                  /* scores of 16 positions per vector */
+    for (int64_t j = from & ~(int64_t)(W - 1); j < len; j += W) {   /* scores of 16 positions per vector */
         vf acc[MAXG];
         for (int i = 0; i < G; i++) acc[i] = (vf){0};
         for (int t = 0; t < D; t++) {
@@ -84,49 +86,57 @@ static inline __attribute__((always_inline)) void head(
         }
         for (int i = 0; i < G; i++) memcpy(s + i * cap + j, &acc[i], sizeof acc[i]);
     }
-    for (int i = 0; i < G; i++) {                            /* softmax over the first len */
-        float *si = s + i * cap, m = si[0], sum = 0.f;
-        for (int64_t j = 1; j < len; j++) m = si[j] > m ? si[j] : m;
-        for (int64_t j = 0; j < len; j++) { si[j] = expf(si[j] - m); sum += si[j]; }
+    for (int i = 0; i < G; i++) {                            /* softmax over from..len-1 */
+        float *si = s + i * cap, m = si[from], sum = 0.f;
+        for (int64_t j = from + 1; j < len; j++) m = si[j] > m ? si[j] : m;
+        for (int64_t j = from; j < len; j++) { si[j] = expf(si[j] - m); sum += si[j]; }
         float inv = 1.f / sum;
-        for (int64_t j = 0; j < len; j++) si[j] *= inv;
+        for (int64_t j = from; j < len; j++) si[j] *= inv;
     }
-    vf acc[MAXG][MAXD / W];                                  /* weighted values: one pass over the rows */
-    for (int i = 0; i < G; i++)
-        for (int c = 0; c < DC; c++) acc[i][c] = (vf){0};
-    for (int64_t j = 0; j < len; j++) {
-        vf x[MAXD / W];
-        for (int c = 0; c < DC; c++) x[c] = load_bf16(v + j * D + c * W);
-        for (int i = 0; i < G; i++) {
-            float p = s[i * cap + j];
-            for (int c = 0; c < DC; c++) acc[i][c] += p * x[c];
+    /* weighted values, BC vectors of each query's output at a time: all of them where the accumulators
+       fit the registers (G x DC <= 32: SmolLM2, head_dim 128 with G <= 4), else blocks of 4 (Gemma 3's
+       head_dim 256: 4 x 16 accumulators would spill) */
+    const int BC = DC * G <= 32 ? DC : 4;
+    for (int c0 = 0; c0 < DC; c0 += BC) {
+        vf acc[MAXG][MAXD / W];
+        for (int i = 0; i < G; i++)
+            for (int c = 0; c < BC; c++) acc[i][c] = (vf){0};
+        for (int64_t j = from; j < len; j++) {
+            vf x[MAXD / W];
+            for (int c = 0; c < BC; c++) x[c] = load_bf16(v + j * D + (c0 + c) * W);
+            for (int i = 0; i < G; i++) {
+                float p = s[i * cap + j];
+                for (int c = 0; c < BC; c++) acc[i][c] += p * x[c];
+            }
         }
+        for (int i = 0; i < G; i++)
+            for (int c = 0; c < BC; c++) store_bf16(out + i * D + (c0 + c) * W, acc[i][c]);
     }
-    for (int i = 0; i < G; i++)
-        for (int c = 0; c < DC; c++) store_bf16(out + i * D + c * W, acc[i][c]);
 }
 
-#define HEAD(G, DC) head(G, DC, qf, kslot, vslot, len, cap, scratch, o)
+#define HEAD(G, DC) head(G, DC, qf, kslot, vslot, from, len, cap, scratch, o)
 #define GROUPS(DC) switch (group) { \
     case 1: HEAD(1, DC); break; case 2: HEAD(2, DC); break; case 3: HEAD(3, DC); break; \
     case 4: HEAD(4, DC); break; case 5: HEAD(5, DC); break; case 6: HEAD(6, DC); break; \
     case 7: HEAD(7, DC); break; default: HEAD(8, DC); break; }
 
 /* Row r (of n) stores its new key and value at position lengths[r]-1 of cache slot r, then attends
-   to positions 0..lengths[r]-1. Row r's query head h*group+i is at q + r*stride + (h*group+i)*d, its
-   new key for kv-head h at knew + r*stride + h*d, its new value at vnew + r*stride + h*d (bfloat16,
-   one row stride for all three: they are slices of one projection). kt: (slots, kvh, d, cap);
-   v: (slots, kvh, cap, d); out: (n, kvh*group*d); scratch: group*cap floats; d is 64 or 128 and
-   cap a multiple of 16. Constant group and d keep the accumulators in registers. */
+   to positions 0..lengths[r]-1, or to the last `window` of them when window > 0 (a sliding-window
+   layer). Row r's query head h*group+i is at q + r*stride + (h*group+i)*d, its new key for kv-head h
+   at knew + r*stride + h*d, its new value at vnew + r*stride + h*d (bfloat16, one row stride for all
+   three: they are slices of one projection). kt: (slots, kvh, d, cap); v: (slots, kvh, cap, d); out:
+   (n, kvh*group*d); scratch: group*cap floats; d is 64, 128 or 256 and cap a multiple of 16. Constant
+   group and d keep the accumulators in registers. */
 int sift_decode_attention(const uint16_t *q, const uint16_t *knew, const uint16_t *vnew, int64_t stride,
                           uint16_t *kt, uint16_t *v, const int64_t *lengths, uint16_t *out, int64_t n,
-                          int64_t kvh, int64_t group, int64_t d, int64_t cap, float scale, float *scratch) {
-    if (group < 1 || group > MAXG || (d != 64 && d != 128) || cap % W) return 1;
+                          int64_t kvh, int64_t group, int64_t d, int64_t cap, float scale, int64_t window,
+                          float *scratch) {
+    if (group < 1 || group > MAXG || (d != 64 && d != 128 && d != 256) || cap % W || window < 0) return 1;
     for (int64_t r = 0; r < n; r++)
         if (lengths[r] < 1 || lengths[r] > cap) return 2;
     float qf[MAXG * MAXD];
     for (int64_t r = 0; r < n; r++) {
-        int64_t len = lengths[r];
+        int64_t len = lengths[r], from = window > 0 && len > window ? len - window : 0;
         for (int64_t h = 0; h < kvh; h++) {
             uint16_t *kslot = kt + (r * kvh + h) * d * cap, *vslot = v + (r * kvh + h) * cap * d;
             const uint16_t *kn = knew + r * stride + h * d, *vn = vnew + r * stride + h * d;
@@ -140,7 +150,7 @@ int sift_decode_attention(const uint16_t *q, const uint16_t *knew, const uint16_
                 }
             }
             uint16_t *o = out + (r * kvh + h) * group * d;
-            if (d == 64) GROUPS(4) else GROUPS(8)
+            if (d == 64) GROUPS(4) else if (d == 128) GROUPS(8) else GROUPS(16)
         }
     }
     return 0;
@@ -249,7 +259,7 @@ int sift_top_candidates(const void *logits, int bf16, int64_t n, int64_t vocab, 
 }
 """
 
-MAX_GROUP, HEAD_DIMS = 8, (64, 128)  # what the C source handles
+MAX_GROUP, HEAD_DIMS = 8, (64, 128, 256)  # what the C source handles
 # -ffast-math only when compiling (vectorised expf and sums); linking without it keeps gcc from adding
 # crtfastmath.o, which would switch the whole process to flush-denormals-to-zero
 COMPILE = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC", "-c"]
@@ -317,7 +327,7 @@ class Kernels:
         p, i = ctypes.c_void_p, ctypes.c_int64
         self.attention = lib.sift_decode_attention
         self.attention.restype = ctypes.c_int
-        self.attention.argtypes = [p, p, p, i, p, p, p, p, i, i, i, i, i, ctypes.c_float, p]
+        self.attention.argtypes = [p, p, p, i, p, p, p, p, i, i, i, i, i, ctypes.c_float, i, p]
         self.candidates = lib.sift_top_candidates
         self.candidates.restype = ctypes.c_int
         self.candidates.argtypes = [p, ctypes.c_int, i, i, i, p, i, p, p, p, p]
@@ -362,11 +372,12 @@ def usable(group: int, head_dim: int) -> bool:
 
 
 def decode_attention(kernels: Kernels, qkv: Any, kt: Any, v: Any, lengths: Any, *, heads: int, kv_heads: int,
-                     scale: float) -> Any:
+                     scale: float, window: int | None = None) -> Any:
     """Store each row's new key and value, then attend. qkv: (n, (heads + 2*kv_heads) * d) bfloat16,
     queries | keys (both already rotated) | values, rows contiguous; kt: (slots, kv_heads, d, cap) and
     v: (slots, kv_heads, cap, d), contiguous bfloat16, written at position lengths[r]-1 of slot r;
-    lengths: int64 (n,). Returns (n, heads*d)."""
+    lengths: int64 (n,); window: attend to the last `window` positions only (a sliding-window layer),
+    None for all of them. Returns (n, heads*d)."""
     import torch
 
     n, cap, d = qkv.shape[0], v.shape[2], v.shape[3]
@@ -379,7 +390,7 @@ def decode_attention(kernels: Kernels, qkv: Any, kt: Any, v: Any, lengths: Any, 
     base, step = qkv.data_ptr(), qkv.element_size()
     status = kernels.attention(base, base + heads * d * step, base + (heads + kv_heads) * d * step, qkv.stride(0),
                 kt.data_ptr(), v.data_ptr(), lengths.data_ptr(), out.data_ptr(), n, kv_heads, heads // kv_heads,
-                d, cap, scale, scratch.data_ptr())
+                d, cap, scale, window or 0, scratch.data_ptr())
     if status:
         raise ValueError(f"decode_attention rejected its arguments (status {status})")
     return out

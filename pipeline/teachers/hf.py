@@ -3,15 +3,15 @@
     teacher = TransformersTeacher("smollm2-135m-instruct")
     completions = teacher.generate(requests)            # bench: .venv/bin/python bench/generate.py --quick
 
-Two engines. `engine="fast"`, the default for the Llama family (SmolLM2 included), is the decode
+Two engines. `engine="fast"`, the default for the Llama family (SmolLM2 included) and Gemma 3, is the decode
 loop of `fast_decode.py`: continuous batching of up to `max_rows` requests in one decoding thread
 per torch thread, a pre-allocated cache, C kernels for decode attention and sampling candidates
 (`fast_kernel.py`), and sampling from top-k candidates instead of sorting the vocabulary. Greedy
-float32 tokens are identical to `generate`'s (tested on the embedded model). Its seeded samples are
-reproducible (same requests, seeds, dtype, torch version and thread count: the same texts) but
-are not the texts the "hf" engine draws for the same seed (one uniform draw per row instead of
-torch.multinomial), so its cache identity says `engine=fast`. Other architectures, GPUs, or
-`engine="hf"`, use plain `model.generate`:
+float32 tokens are identical to `generate`'s (tested on both embedded models, allowing float32 ties
+on Gemma 3). Its seeded samples are reproducible (same requests, seeds, dtype, torch version and
+thread count: the same texts) but are not the texts the "hf" engine draws for the same seed (one
+uniform draw per row instead of torch.multinomial), so its cache identity says `engine=fast`.
+Other architectures, GPUs, or `engine="hf"`, use plain `model.generate`:
 
 Requests are grouped by stop strings, sorted by prompt length and cut into batches of
 `batch_size`, left-padded, so padding stays small. One `generate` call per batch; sampling is
@@ -148,7 +148,7 @@ class TransformersTeacher:
                  on_batch: OnBatch | None = None, engine: str = "fast", max_rows: int = 128,
                  lanes: int | None = None) -> None:
         """`batch_size`: requests per `generate` call (engine "hf") and per progress report;
-        `engine`: "fast" (continuous batching, Llama family on CPU; others use "hf") or "hf"
+        `engine`: "fast" (continuous batching, Llama family and Gemma 3 on CPU; others use "hf") or "hf"
         (plain `model.generate`); `max_rows`: requests decoding at once in the fast engine, all
         lanes together; `lanes`: its decoding threads (None: one per torch thread, at most 4)."""
         if batch_size < 1 or max_rows < 1 or (lanes is not None and lanes < 1):
@@ -178,7 +178,7 @@ class TransformersTeacher:
         self.max_rows, self.lanes, self._fast = max_rows, lanes, None
         self._plain_chat: str | None = None  # the plain rendering of chat prompts, once needed
         why = "" if self.engine == engine else (
-            f": the fast engine is for the Llama family on CPU, this is {self.model.config.model_type} "
+            f": the fast engine is for the Llama family and Gemma 3 on CPU, this is {self.model.config.model_type} "
             f"on {device}" if str(device) == "cpu" else f": the fast engine is for CPUs, this is {device}")
         print(f"teacher {self.name}: engine {self.engine}{why}", file=sys.stderr)
 

@@ -209,53 +209,77 @@ class _Retry:
     retry_after: float | None = None
 
 
+@dataclass(frozen=True)
+class OpenAIOptions:
+    """The openai backend's own settings (`--teacher.options key=value,...`), checked before any request.
+
+    Args:
+        chat: None routes prompts to /completions and messages to /chat/completions; True sends
+            plain prompts as one user message to /chat/completions (chat-only APIs); False
+            refuses chat messages.
+        concurrency: requests in flight at most.
+        timeout: seconds one attempt may wait on the socket (connect, send, each read).
+        max_retries: retries after the first attempt before a request is given up as "error".
+        backoff_base: first backoff ceiling in seconds; doubles each retry (full jitter).
+        backoff_max: ceiling of any single wait, Retry-After included.
+        total_timeout: seconds the whole generate call may take (each socket wait is cut to
+            the time left, and no attempt starts after it); None for no bound.
+        attempt_timeout: seconds one attempt may take from sending the request to the last byte
+            of the reply, however steadily bytes arrive (the socket timeout alone never fires
+            while they do); None for 2 x `timeout`. A cut attempt is retried.
+        max_reply_bytes: the largest reply body read; a longer one (an endless stream) is cut
+            there and the attempt retried.
+    """
+
+    chat: bool | None = None
+    concurrency: int = 8
+    timeout: float = 60.0
+    max_retries: int = 6
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    total_timeout: float | None = None
+    attempt_timeout: float | None = None
+    max_reply_bytes: int = MAX_REPLY_BYTES
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.max_retries < 0 or self.timeout <= 0 or self.backoff_base < 0 \
+                or self.backoff_max < 0:
+            raise SiftError("concurrency >= 1, max_retries >= 0, timeout > 0 and backoffs >= 0 required")
+        if self.total_timeout is not None and self.total_timeout <= 0:
+            raise SiftError(f"total_timeout must be > 0, got {self.total_timeout}")
+        if self.attempt_timeout is not None and not self.attempt_timeout > 0:
+            raise SiftError(f"attempt_timeout must be > 0, got {self.attempt_timeout}")
+        if self.max_reply_bytes < 1:
+            raise SiftError(f"max_reply_bytes must be >= 1, got {self.max_reply_bytes}")
+
+
 class OpenAITeacher:
     """A Teacher over the OpenAI HTTP protocol, with bounded concurrency, retries and timeouts."""
 
-    def __init__(self, model: str, *, base_url: str, api_key_env: str = API_KEY_ENV,
-                 chat: bool | None = None, concurrency: int = 8, timeout: float = 60.0,
-                 max_retries: int = 6, backoff_base: float = 0.5, backoff_max: float = 30.0,
-                 total_timeout: float | None = None, attempt_timeout: float | None = None,
-                 max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
+    OPTIONS = OpenAIOptions  # the backend's own settings, for the registry and --teacher.options
+
+    def __init__(self, model: str, *, base_url: str, api_key_env: str = API_KEY_ENV, **options: Any) -> None:
         """Args:
             model: model name the server knows, sent as "model" and recorded as the teacher name.
             base_url: API root as the OpenAI SDK takes it, e.g. http://localhost:8000/v1 (a bare
                 host gets /v1).
             api_key_env: environment variable holding the key, read at each call; unset sends none.
-            chat: None routes prompts to /completions and messages to /chat/completions; True sends
-                plain prompts as one user message to /chat/completions (chat-only APIs); False
-                refuses chat messages.
-            concurrency: requests in flight at most.
-            timeout: seconds one attempt may wait on the socket (connect, send, each read).
-            max_retries: retries after the first attempt before a request is given up as "error".
-            backoff_base: first backoff ceiling in seconds; doubles each retry (full jitter).
-            backoff_max: ceiling of any single wait, Retry-After included.
-            total_timeout: seconds the whole generate call may take (each socket wait is cut to
-                the time left, and no attempt starts after it); None for no bound.
-            attempt_timeout: seconds one attempt may take from sending the request to the last byte
-                of the reply, however steadily bytes arrive (the socket timeout alone never fires
-                while they do); None for 2 x `timeout`. A cut attempt is retried.
-            max_reply_bytes: the largest reply body read; a longer one (an endless stream) is cut
-                there and the attempt retried.
+            options: the fields of OpenAIOptions (concurrency, timeout, retries, ...).
         """
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SiftError(f"base_url must be an http(s) URL, got {redact_urls(base_url)!r}")
-        if concurrency < 1 or max_retries < 0 or timeout <= 0 or backoff_base < 0 or backoff_max < 0:
-            raise SiftError("concurrency >= 1, max_retries >= 0, timeout > 0 and backoffs >= 0 required")
-        if total_timeout is not None and total_timeout <= 0:
-            raise SiftError(f"total_timeout must be > 0, got {total_timeout}")
-        if attempt_timeout is not None and not attempt_timeout > 0:
-            raise SiftError(f"attempt_timeout must be > 0, got {attempt_timeout}")
-        if max_reply_bytes < 1:
-            raise SiftError(f"max_reply_bytes must be >= 1, got {max_reply_bytes}")
+        try:
+            o = OpenAIOptions(**options)
+        except TypeError as e:  # an unknown keyword
+            raise SiftError(f"the openai backend: {e}") from None
         self.name = model
-        self.model, self.base_url, self.api_key_env, self.chat = model, base_url.rstrip("/"), api_key_env, chat
+        self.model, self.base_url, self.api_key_env, self.chat = model, base_url.rstrip("/"), api_key_env, o.chat
         self.shown_url = redact_urls(self.base_url)  # what messages, logs and provenance show
-        self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
-        self.backoff_base, self.backoff_max, self.total_timeout = backoff_base, backoff_max, total_timeout
-        self.attempt_timeout = 2 * timeout if attempt_timeout is None else attempt_timeout
-        self.max_reply_bytes = max_reply_bytes
+        self.concurrency, self.timeout, self.max_retries = o.concurrency, o.timeout, o.max_retries
+        self.backoff_base, self.backoff_max, self.total_timeout = o.backoff_base, o.backoff_max, o.total_timeout
+        self.attempt_timeout = 2 * o.timeout if o.attempt_timeout is None else o.attempt_timeout
+        self.max_reply_bytes = o.max_reply_bytes
         self._https = parts.scheme == "https"
         self._host, self._port = parts.hostname, parts.port
         self._prefix = parts.path.rstrip("/") or "/v1"  # like the OpenAI SDK: the path includes the version

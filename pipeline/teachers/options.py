@@ -17,7 +17,7 @@ from pipeline.errors import SiftError
 from pipeline.settings import API_KEY_ENV
 from pipeline.teachers.base import Teacher
 from pipeline.teachers.cache import CachedTeacher
-from pipeline.typed import converter, unwrap_optional
+from pipeline.typed import converter, short, unwrap_optional
 
 BACKENDS = ("transformers", "vllm", "openai")
 CACHE_FILE = Path("cache") / "teacher.jsonl"
@@ -54,12 +54,9 @@ def check_teacher_options(raw: dict[str, Any], backend: str, *, field: str = OPT
                           path: Path | None = None, line: int | None = None) -> dict[str, Any]:
     """The backend's own keyword options from raw values (strings from the command line, or typed
     values from a teachers file), each converted to the option's type; one SiftError otherwise."""
-    import typing
+    from pipeline.teachers.registry import backend_options, option_hints
 
-    from pipeline.teachers.registry import backend_options, teacher_class
-
-    cls = teacher_class(backend)
-    hints = typing.get_type_hints(cls.__init__)
+    hints = option_hints(backend)
     settable = {name: hints.get(name, str) for name in backend_options(backend)
                 if name not in RESERVED and unwrap_optional(hints.get(name, str))[0] in (bool, int, float, str)}
     listing = ", ".join(f"{k} ({unwrap_optional(h)[0].__name__})" for k, h in settable.items())
@@ -77,8 +74,9 @@ def check_teacher_options(raw: dict[str, Any], backend: str, *, field: str = OPT
         kind = KINDS.get(unwrap_optional(hint)[0], "a string")
         try:
             converted = converter(hint, key)(given)
-        except (ValueError, TypeError, OverflowError):  # OverflowError: int(inf) from a YAML .inf
-            raise SiftError(f"{key}: expected {kind}, got {value!r}", field=field, path=path, line=line) from None
+        except (ValueError, TypeError, OverflowError) as e:  # OverflowError: int(inf) from a YAML .inf
+            reason = str(e) if "finite" in str(e) else f"expected {kind}, got {short(value)}"
+            raise SiftError(f"{key}: {reason}", field=field, path=path, line=line) from None
         if isinstance(converted, float) and not math.isfinite(converted):  # nan, inf, 1e999: no setting means them
             raise SiftError(f"{key}: expected a finite number, got {value!r}", field=field, path=path, line=line)
         options[key] = converted

@@ -227,3 +227,76 @@ def parse_alpaca(text: str, *, start: int, truncated: bool = False) -> Parsed[di
             continue
         out.items.append({"instruction": squash(instruction), "input": inp, "output": outp})
     return out
+
+
+# ---------------------------------------------------------------- Reflection-Tuning (sift refine)
+
+_REFLECTION_LABEL = (r"(critique|feedback|analysis|(?:new|better|improved|revised|rewritten)\s+"
+                     r"(?:instruction|input|answer|response|output)|end|instruction|input|answer|response|output)")
+# "[Better Answer]", "[Better Answer]:", "**Better Answer:**", "Better Answer:" or "### Better Answer:" at a line start
+_REFLECTION_MARKER = re.compile(
+    rf"\[\s*{_REFLECTION_LABEL}\s*\]\s*:?|\*\*\s*{_REFLECTION_LABEL}\s*:?\s*\*\*\s*:?"
+    rf"|(?:^|(?<=\n))[ \t]*#*[ \t]*{_REFLECTION_LABEL}[ \t]*:", re.IGNORECASE)
+_PLACEHOLDERS = ("your critique", "your answer", "the new instruction", "its answer", "your instruction",
+                 "an input for it, or <noinput>")  # the format line of a prompt, echoed back
+_NO_INPUT = (NOINPUT, "none", "n/a", "no input", "")
+
+
+def reflection_lead(prompt: str) -> str:
+    """The label a reflection prompt ends with ("[Critique]"), which its reply continues; "" if none.
+    The stage puts it back in front of the reply before parsing."""
+    text = prompt.rstrip()
+    marks = list(_REFLECTION_MARKER.finditer(text))
+    return marks[-1].group(0).strip() if marks and marks[-1].end() == len(text) else ""
+
+
+def _reflection_field(label: str) -> str:
+    """The section a label opens: critique, instruction, input, output, or "end"/"other" (a label that
+    only closes the section before it: [End], or the prompt's own [Instruction]/[Answer] of a next example)."""
+    label = " ".join(label.lower().split())
+    if label in ("critique", "feedback", "analysis"):
+        return "critique"
+    if " " not in label:
+        return "end"
+    return {"instruction": "instruction", "input": "input"}.get(label.split()[-1], "output")
+
+
+def parse_reflection(text: str, *, target: str, truncated: bool = False) -> Parsed[dict]:
+    """A reflection reply: "[Critique] ... [Better Answer] ... [End]" (target response) or
+    "[Critique] ... [New Instruction] ... [New Input] ... [New Answer] ... [End]" (target instruction).
+
+    Labels are read case-insensitively in brackets, bold, or as "Label:" at a line start, with the
+    synonyms small models use (Feedback, Improved Answer, New Response, ...); the first non-empty
+    section of each kind wins, and [End], or a bare [Instruction], [Input], [Answer] (the model going
+    on to a next example), closes a section; what follows such a label is ignored. One item {"critique", "output"} (plus
+    "instruction" and "input" for target instruction; "input" is "" when missing or <noinput>), or a
+    problem: empty_response, no_rewrite (no section holding the rewrite), truncated (the reply hit
+    max_tokens inside the rewrite)."""
+    text = _as_text(text)
+    if not text.strip():
+        return Parsed(problems=[Problem("empty_response", text)])
+    marks = list(_REFLECTION_MARKER.finditer(text))
+    sections: dict[str, str] = {}
+    closed = False  # whether the rewrite's last section was followed by another marker
+    needed = ("instruction", "output") if target == "instruction" else ("output",)
+    for k, m in enumerate(marks):
+        name = _reflection_field(next(g for g in m.groups() if g))
+        if name == "end":
+            continue
+        end = marks[k + 1].start() if k + 1 < len(marks) else len(text)
+        body = text[m.end():end].strip().strip("*").strip()
+        if body.lower().rstrip(".") in _PLACEHOLDERS:
+            body = ""
+        if body and name not in sections:
+            sections[name] = body
+            closed = k + 1 < len(marks)
+    if any(not sections.get(n) for n in needed):
+        return Parsed(problems=[Problem("no_rewrite", text)])
+    if truncated and not closed and list(sections)[-1] in needed:
+        return Parsed(problems=[Problem("truncated", text)])
+    item = {"critique": sections.get("critique", ""), "output": sections["output"]}
+    if target == "instruction":
+        given = sections.get("input", "")
+        item["instruction"] = sections["instruction"]
+        item["input"] = "" if given.lower().strip(" .") in _NO_INPUT else given
+    return Parsed(items=[item])

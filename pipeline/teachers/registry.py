@@ -8,8 +8,10 @@ and `sift --help` stays fast.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
+import typing
 from typing import Any
 
 from pipeline.errors import SiftError
@@ -32,9 +34,24 @@ def teacher_class(backend: str) -> type:
 
 
 def backend_options(backend: str) -> dict[str, Any]:
-    """The keyword options a backend takes, with their defaults (inspect.Parameter.empty if required)."""
-    params = inspect.signature(teacher_class(backend)).parameters.values()
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    """The keyword options a backend takes, with their defaults (inspect.Parameter.empty if required):
+    its constructor's keyword-only parameters, and the fields of its OPTIONS dataclass if it keeps
+    its own settings in one (the openai backend: more options than a signature should carry)."""
+    cls = teacher_class(backend)
+    params = inspect.signature(cls).parameters.values()
+    found = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    if dataclasses.is_dataclass(getattr(cls, "OPTIONS", None)):
+        found.update({f.name: f.default for f in dataclasses.fields(cls.OPTIONS)})
+    return found
+
+
+def option_hints(backend: str) -> dict[str, Any]:
+    """The type of each option of `backend_options`."""
+    cls = teacher_class(backend)
+    hints = typing.get_type_hints(cls.__init__)
+    if dataclasses.is_dataclass(getattr(cls, "OPTIONS", None)):
+        hints.update(typing.get_type_hints(cls.OPTIONS))
+    return hints
 
 
 def make_teacher(backend: str, model: str, **options: Any) -> Teacher:

@@ -21,6 +21,7 @@ from pipeline.io.artifacts import check_output_suffix, iter_jsonl, read_json, re
 from pipeline.io.runs import MANIFEST, locked, record_stage, run_dir, scrub
 from pipeline.views import plots
 from pipeline.views.federated import federate_section
+from pipeline.views.refined import refine_section
 from pipeline.views.scores import scores_section
 from pipeline.views.stats import (
     contamination,
@@ -539,6 +540,7 @@ def build_page(run: str, d: Path, *, against: str | None = None) -> str:
         ("verbs", "Root verbs and direct objects", verbs_section(data)),
         ("training", "Training curves", training_section(d)),
         ("scores", "Scores: IFD, judge, length, reward; highest and lowest examples", scores_section(d)),
+        ("refine", "Refinement: the teacher's rewrites and the student's choice", refine_section(d)),
         ("eval", "Evaluation: base and student", eval_section(d)),
         ("loop", "Student-in-the-loop rounds (LLM2LLM)", loop_section(d)),
         ("federate", "Federated LoRA: NLL per round", federate_section(d)),

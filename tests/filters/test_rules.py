@@ -13,10 +13,11 @@ FILTERS = Path(__file__).resolve().parents[2] / "filters"
 
 
 def test_presets_follow_the_references() -> None:
+    """The references' rules in their order; sift adds restates_instruction to self-instruct."""
     assert parse_rules("self-instruct") == [
         "too_short", "too_long", "blacklist", "write_a_program", "starts_with_punctuation", "starts_non_ascii",
-        "rouge", "input_equals_output", "empty_output", "trailing_colon", "conflicting_outputs",
-        "duplicate_instance", "too_many_instances",
+        "rouge", "input_equals_output", "empty_output", "trailing_colon", "restates_instruction",
+        "conflicting_outputs", "duplicate_instance", "too_many_instances",
     ]  # fmt: skip
     assert parse_rules("alpaca") == [
         "too_short", "too_long", "blacklist_alpaca", "write_a_program", "starts_with_punctuation",

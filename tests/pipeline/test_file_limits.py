@@ -36,7 +36,7 @@ signal.signal(signal.SIGALRM, blocked)
 from pipeline.errors import SiftError
 from pipeline.io import artifacts
 from pipeline.teachers import prompts, specs
-from train import evaluate
+from train import eval_sets
 
 READERS = {
     "iter_jsonl": lambda p: list(artifacts.iter_jsonl(p)),
@@ -44,7 +44,7 @@ READERS = {
     "read_json": artifacts.read_json,
     "teachers file": specs.read_teachers_file,
     "prompt file": prompts.load,
-    "eval file": evaluate.load_heldout,
+    "eval file": eval_sets.load_heldout,
 }
 out = {}
 for name in sys.argv[2:]:

@@ -72,6 +72,16 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     _jsonl(d / "scored.jsonl", scored[:-1])
     _jsonl(d / "scored.rejected.jsonl", [{"id": scored[-1].get("id"), "reason": "ifd_at_least_1", "score": 1.2,
                                           "record": {**scored[-1], "scores": {"ifd": 1.2, "length": 3}}}])
+    step = {"round": 1, "target": "response", "critique": "Too <short>.", "decision": "rewrite", "reason": "lower_rifd",
+            "scores": {"original": {"ifd": 0.9, "rifd": 0.8}, "rewrite": {"ifd": 0.7, "rifd": 0.6}}}
+    _jsonl(d / "refined.jsonl", [{**scored[0], "output": "A better answer.", "refinement": {
+        "original": {k: scored[0].get(k, "") for k in ("instruction", "input", "output")}, "changed": True,
+        "decision": "rewrite", "reason": "lower_rifd", "steps": [step]}}])
+    (d / "refine.stats.json").write_text(json.dumps({"read": 1, "source": "scored.jsonl", "select": "student",
+                                                     "target": "response", "refined": 1,
+                                                     "rewrites": {"proposed": 1, "kept": 1}, "rounds": [
+        {"round": 1, "records": 1, "refined": 1, "kept_by_reason": {"response:lower_rifd": 1},
+         "rejected_by_reason": {}}]}))
     (d / "funnel.json").write_text(
         json.dumps(
             [
@@ -168,12 +178,14 @@ def test_every_section_is_filled_from_the_artifacts(run: Path) -> None:
         "loop",
         "federate",
         "scores",
+        "refine",
         "manifest",
     ):
         assert f'<section id="{section}">' in page
     assert "class=missing" not in page  # every stage ran, so no section is empty
     assert page.count('<img src="data:image/png;base64,') == 7
     assert "ifd: the 5 highest" in page and "scored: ifd_at_least_1" in page
+    assert "1 of 1 rewrites kept" in page and "response:lower_rifd 1" in page and "Too &lt;short&gt;." in page
     assert "instructions: rouge_similar" in page and "filtered: output_empty" in page
     assert "word_count" in page  # funnel.json's rules
     assert "&lt;b&gt;not bold&lt;/b&gt;" in page and "<b>not bold</b>" not in page  # escaped
@@ -188,7 +200,7 @@ def test_missing_stages_are_said_not_crashed(tmp_path: Path, monkeypatch: pytest
     d.mkdir()
     report(run="empty")
     page = (d / "report.html").read_text()
-    assert page.count("class=missing") == 11
+    assert page.count("class=missing") == 12
     assert "run train" in page and "run eval" in page
     assert "report" in json.loads((d / "manifest.json").read_text())["stages"]
 
@@ -377,9 +389,9 @@ def open_in_chromium(page: Path, screenshot: Path) -> dict:
 
 def _check_in_browser(html_path: Path, screenshot: Path) -> dict:
     result = open_in_chromium(html_path, screenshot)
-    # every section the page holds is one the browser parsed: funnel to manifest, one per view
+    # every section the page holds is one the browser parsed: funnel to manifest, one per view (13 with refine)
     written = html_path.read_text().count('<section id="')
-    assert written == 12 and result["sections"] == written, (written, result["sections"])
+    assert written == 13 and result["sections"] == written, (written, result["sections"])
     assert result["errors"] == []
     assert result["images"] and all(i["complete"] and i["w"] > 0 and i["h"] > 0 for i in result["images"])
     assert all(u.startswith(("file:", "data:")) for u in result["requests"])  # nothing fetched from a network

@@ -97,16 +97,17 @@ def test_credentials_in_a_base_url_are_never_written_or_shown(tmp_path: Path) ->
                             f"    base_url: http://user:SECRET2@{host}\n")
         outputs.append(sift_ok(["seeds", "seeds/default.jsonl", "--run", "r"], runs=runs))
         outputs.append(sift_ok(["seeds", "seeds/default.jsonl", "--run", "r2"], runs=runs))
-        single = ["--backend", "openai", "--teacher", "m", "--base-url", server.url + "?api_key=SECRET1"]
-        for args in (["--run", "r", *single], ["--run", "r2", "--teachers", str(teachers)]):
-            code, out, err = sift(["generate", *args, "--n", "3", "--batch-size", "2"], runs=runs)
+        single = ["--teacher.backend", "openai", "--teacher.model", "m", "--teacher.base_url",
+                  server.url + "?api_key=SECRET1"]
+        for args in (["--run", "r", *single], ["--run", "r2", "--teacher.pool", str(teachers)]):
+            code, out, err = sift(["generate", *args, "--generate.n", "3", "--generate.batch_size", "2"], runs=runs)
             assert code == 0, err
             outputs += [out, err]
         commands = {run: json.loads((runs / run / "manifest.json").read_text())["command"] for run in ("r", "r2")}
         for run in ("r", "r2"):
             outputs.append(sift_ok(["report", "--run", run], runs=runs))
-        code, out, err = sift(["generate", "--run", "r", "--backend", "openai", "--teacher", "m",
-                               "--base-url", "ftp://u:SECRET3@example.org/v1"], runs=runs)
+        code, out, err = sift(["generate", "--run", "r", "--teacher.backend", "openai", "--teacher.model", "m",
+                               "--teacher.base_url", "ftp://u:SECRET3@example.org/v1"], runs=runs)
         assert code == 2 and "ftp://***@example.org/v1" in err
         outputs += [out, err]
         # a server error that quotes a URL with credentials (the fake echoes the prompt) is redacted too
@@ -120,8 +121,8 @@ def test_credentials_in_a_base_url_are_never_written_or_shown(tmp_path: Path) ->
         assert b"SECRET" not in path.read_bytes(), f"a URL's credentials leaked into {path}"
     assert not any("SECRET" in text for text in outputs)
     manifest = json.loads((runs / "r" / "manifest.json").read_text())
-    assert manifest["stages"]["generate"]["settings"]["base_url"] == server.url + "?api_key=***"
-    assert f"--base-url {server.url}?api_key=*** " in commands["r"] and "SECRET" not in str(commands)
+    assert manifest["stages"]["generate"]["settings"]["teacher"]["base_url"] == server.url + "?api_key=***"
+    assert f"--teacher.base_url {server.url}?api_key=*** " in commands["r"] and "SECRET" not in str(commands)
     manifest2 = json.loads((runs / "r2" / "manifest.json").read_text())
     assert manifest2["stages"]["generate"]["settings"]["teachers"][0]["base_url"] == f"http://***@{host}"
     assert redact_urls("http://h/v1?api-version=1&apikey=a&sig=b") == "http://h/v1?api-version=1&apikey=***&sig=***"

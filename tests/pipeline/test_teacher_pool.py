@@ -248,13 +248,14 @@ def test_a_teachers_file_entry_takes_the_stages_backend_server_and_options(runs:
     with pytest.raises(SiftError, match="needs base_url") as e:  # openai without a URL anywhere
         parse_teachers(str(p), backend="openai")
     assert e.value.field == "teachers[0].base_url" and e.value.line == 2
-    # the stage runs with it: `sift generate --backend openai --base-url URL --teachers FILE`
+    # the stage runs with it: `sift generate --teacher.backend openai --teacher.base_url URL --teacher.pool FILE`
     seeds("seeds/default.jsonl", run="r")
     plain = tmp_path / "plain.yaml"
     plain.write_text("teachers:\n  - name: one\n    model: one-model\n  - name: two\n    model: two-model\n")
     assert [s.backend for s in parse_teachers(str(plain))] == ["transformers", "transformers"]  # no stage given
     with FakeOpenAI(reply=scripted_reply) as server:
-        generate(run="r", n=5, batch_size=4, backend="openai", base_url=server.url, teachers=str(plain))
+        generate(run="r", teacher=TeacherSettings(backend="openai", base_url=server.url, pool=str(plain)),
+                 generate=GenerateSettings(n=5, batch_size=4))
         assert {b["model"] for b in server.bodies} == {"one-model", "two-model"}
     assert len(read_jsonl(runs / "r" / "instructions.jsonl")) == 5
 

@@ -1,4 +1,4 @@
-"""IFD, length and reward scorers on tiny models built here, and IFD on the embedded model.
+"""IFD, r-IFD, length and reward scorers on tiny models built here, and IFD on the embedded model.
 
     .venv/bin/python -m pytest tests/train/test_scorers.py -q
 """
@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 
 from tests.train.conftest import make_model, make_tokenizer
-from train.scorers import ifd_scores, ifd_sequences, length_scores, prepare_tokenizer, reward_scores
+from train.scorers import (
+    REVERSE_PROMPT,
+    ifd_scores,
+    ifd_sequences,
+    length_scores,
+    prepare_tokenizer,
+    reward_scores,
+    rifd_scores,
+    rifd_sequences,
+)
 
 RECORDS = [
     {"instruction": "what is the capital of france", "input": "", "output": "the capital of france is paris"},
@@ -88,6 +97,54 @@ def test_an_empty_answer_has_no_ifd(tiny) -> None:
     got = ifd_scores(model, tok, [{"instruction": "name a primary color", "output": "  "}, RECORDS[1]], batch_size=8)
     assert got[0] == {"value": None, "reason": "empty_answer", "answer_tokens": 0}
     assert got[1]["value"] > 0
+
+
+def test_rifd_matches_an_unbatched_float64_reference(tiny) -> None:
+    """r-IFD: the instruction's loss after the bridging prompt holding the answer, over its loss alone,
+    each checked against one unpadded float64 pass over the whole logits tensor."""
+    model, tok = tiny
+    got = rifd_scores(model, tok, RECORDS, batch_size=3)
+    for rec, res in zip(RECORDS, got, strict=True):
+        prompt, empty, instruction = rifd_sequences(tok, rec)
+        given, alone = reference_loss(model, prompt, instruction), reference_loss(model, empty, instruction)
+        assert res["loss_given_answer"] == pytest.approx(given, rel=1e-4)
+        assert res["loss_alone"] == pytest.approx(alone, rel=1e-4)
+        assert res["value"] == pytest.approx(given / alone, rel=2e-4)
+        assert res["instruction_tokens"] == len(instruction) > 0
+    one = rifd_scores(model, tok, RECORDS, batch_size=1)
+    assert [r["value"] for r in one] == pytest.approx([r["value"] for r in got], rel=1e-4)
+
+
+def test_rifd_conditions_the_instruction_and_input_on_the_answer(tiny) -> None:
+    _, tok = tiny
+    record = RECORDS[2]  # with an input: the target is what the student sees, instruction then input
+    prompt, empty, target = rifd_sequences(tok, record)
+    assert tok.decode(target) == "translate hello to spanish hello"
+    bridge = tok.decode(prompt)
+    assert "hola" in bridge and "Below" in bridge and "hola" not in tok.decode(empty)
+    assert REVERSE_PROMPT.startswith("Below is the response to an instruction")
+    assert prompt[-2:] == empty[-2:]  # the same assistant header ends both prefixes
+
+
+def test_a_model_that_ignores_its_context_gives_rifd_exactly_1(tiny) -> None:
+    import torch
+
+    _, tok = tiny
+    model = make_model(len(tok), seed=1)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()
+    for res in rifd_scores(model, tok, RECORDS, batch_size=8):
+        assert res["loss_given_answer"] == pytest.approx(math.log(len(tok)), rel=1e-5)
+        assert res["value"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_an_empty_answer_or_instruction_has_no_rifd(tiny) -> None:
+    model, tok = tiny
+    got = rifd_scores(model, tok, [{"instruction": "name a primary color", "output": " "},
+                                   {"instruction": "  ", "output": "hola"}, RECORDS[1]], batch_size=8)
+    assert got[0] == {"value": None, "reason": "empty_answer", "instruction_tokens": 0}
+    assert got[1]["value"] is None and got[1]["reason"] == "empty_instruction"
+    assert got[2]["value"] > 0
 
 
 def test_length_counts_words_and_characters() -> None:
