@@ -14,8 +14,9 @@ vanilla, self-distilled (SDFT) and with replay 0.2, against the base on `valid` 
    - vanilla: the records as they are;
    - self_distill: `--forget.self_distill` (the base's rewrites kept where ROUGE-L >= 0.5);
    - replay: `--forget.replay 0.2` (a fifth of the examples: the base's answers to prompts it wrote);
-   - refine (student-selected) and refine (teacher-only): TODO until `sift refine` is in this tree:
-     `sift refine --run R` (then `--refine.select teacher`) and train on refined.jsonl like vanilla.
+   - refine_student and refine_teacher: the train records through `sift refine` (the embedded teacher
+     critiques and rewrites instruction and response; `--refine.select student`, the paper's IFD / r-IFD
+     rule, or `teacher`, every rewrite that passes the filters), then trained on like vanilla.
 3. the same budget: every arm trains on about --tokens tokens (prompt and answer, its own examples
    after the remedy: steps = tokens / (effective batch x the arm's mean example length));
 4. eval: the base and every student on `valid` (what the task data teaches) and `general` (175
@@ -47,9 +48,10 @@ from pipeline.settings import ForgetSettings  # noqa: E402
 from pipeline.stages.export import chat_record, decontaminate, read_filtered, split_ids  # noqa: E402
 from train.general_set import load_general  # noqa: E402
 
-ARMS = {"vanilla": ForgetSettings(), "self_distill": ForgetSettings(self_distill=True),
-        "replay": ForgetSettings(replay=0.2)}
-TODO_ARMS = ("refine_student", "refine_teacher")  # need `sift refine` (issue 26, item 1)
+ARMS = {"vanilla": ForgetSettings(), "refine_student": ForgetSettings(), "refine_teacher": ForgetSettings(),
+        "self_distill": ForgetSettings(self_distill=True), "replay": ForgetSettings(replay=0.2)}
+REFINE_SELECT = {"refine_student": "student", "refine_teacher": "teacher"}  # arms trained on `sift refine`'s output
+REFINE_TOKENS = 256  # longest critique or rewrite from the teacher in the bench (the stage's default is 512)
 FORGET_TOKENS = 128  # longest rewrite and replay answer in the bench (the remedies' default is 256)
 
 # ---------------------------------------------------------------- the narrow task set
@@ -124,6 +126,31 @@ def arm_records(folder: Path, records: list[dict], valid: list[dict], forget: Fo
     return done
 
 
+def refined_records(name: str, records: list[dict], select: str, seed: int) -> tuple[list[dict], dict]:
+    """The records after `sift refine --refine.select <select>` in runs/<name>-refine-<select>/ (the
+    embedded teacher, cached there: a second select reuses the first one's teacher replies), and its stats."""
+    import shutil
+
+    from pipeline.settings import RefineSettings
+    from pipeline.stages.refine import refine
+
+    directory = run_dir(f"{name}-refine-{select}")
+    directory.mkdir(parents=True, exist_ok=True)
+    source = directory / "filtered.jsonl"
+    ids = [r["id"] for r in records]
+    if not source.is_file() or [json.loads(x)["id"] for x in source.read_text().splitlines()] != ids:
+        write_jsonl(source, records)
+        (directory / "refined.jsonl").unlink(missing_ok=True)
+    for other in REFINE_SELECT.values():  # the teacher's replies do not depend on the select rule
+        cache = run_dir(f"{name}-refine-{other}") / "cache"
+        if other != select and cache.is_dir() and not (directory / "cache").exists():
+            shutil.copytree(cache, directory / "cache")
+    if not (directory / "refined.jsonl").is_file():
+        refine(run=directory.name, refine=RefineSettings(select=select, max_tokens=REFINE_TOKENS, seed=seed))
+    out = [json.loads(x) for x in (directory / "refined.jsonl").read_text().splitlines()]
+    return out, json.loads((directory / "refine.stats.json").read_text())
+
+
 def mean_tokens(pairs: list) -> float:
     from pipeline.io.models import load_tokenizer
     from train.format import setup_tokenizer, tokenize_example
@@ -180,15 +207,22 @@ def main() -> None:
             for name, rows in sets.items()}
     table, columns = [], {}
     for arm in arms:
+        arm_train, refined = train_recs, None
+        if arm in REFINE_SELECT:
+            t0 = time.perf_counter()
+            arm_train, stats = refined_records(args.name, train_recs, REFINE_SELECT[arm], args.seed)
+            refined = {"records_changed": sum(r["refinement"]["changed"] for r in arm_train),
+                       "records": len(arm_train), "refine_s": round(time.perf_counter() - t0, 1),
+                       "rewrites": stats.get("rewrites", {})}
         forget = ARMS[arm]
         forget = ForgetSettings(**{**forget.__dict__, "max_new_tokens": FORGET_TOKENS}) if forget.active else forget
         folder = work / arm
         t0 = time.perf_counter()
-        pairs = arm_records(folder, train_recs, valid_recs, forget, args.seed)
+        pairs = arm_records(folder, arm_train, valid_recs, forget, args.seed)
         prep_s = time.perf_counter() - t0
         steps = max(1, round(budget / (BATCH * ACCUM * mean_tokens(pairs))))
         t0 = time.perf_counter()
-        summary = train_arm(folder, train_recs, steps, args.seed, forget=forget)
+        summary = train_arm(folder, arm_train, steps, args.seed, forget=forget)
         train_s = time.perf_counter() - t0
         arm_key = json.loads((folder / "arm.json").read_text())["settings"]
         columns[arm] = {name: eval_model(work / f"eval-{arm}-{name}.json", folder / "student", rows, max_new,
@@ -196,7 +230,7 @@ def main() -> None:
         applied = json.loads((folder / "student" / "train_config.json").read_text())["forget"].get("applied", {})
         table.append({"arm": arm, "examples": len(pairs), "steps": summary["step"],
                       "train_tokens": summary["train_tokens"], "prep_s": round(prep_s, 1), "train_s": round(train_s, 1),
-                      "applied": applied})
+                      "applied": applied, **({"refine": refined} if refined else {})})
     for row in table:
         for name in sets:
             col = columns[row["arm"]][name]
@@ -208,7 +242,7 @@ def main() -> None:
     result = {"data": label, "train": len(train_recs), "valid": len(valid_recs), "contaminated": len(dropped),
               "budget_tokens": budget, "max_new_tokens": max_new, "general_tasks": len(tasks),
               "base": {name: {"nll": mean(base[name], "nll"), "rouge_l": mean(base[name], "rouge_l")} for name in sets},
-              "arms": table, "todo": {a: "needs `sift refine`" for a in TODO_ARMS},
+              "arms": table,
               "seconds": round(time.perf_counter() - t_start, 1)}
     write_json(work / "forgetting.json", result)
     md = render(result)
@@ -231,8 +265,6 @@ def render(result: dict) -> str:
                          f"{fmt_ci(r[f'{name}_nll_vs_base'])} | {fmt_ci(r[f'{name}_nll_vs_vanilla'])} | "
                          f"{r[f'{name}_rouge_l']:.3f} | {fmt_ci(r[f'{name}_rouge_l_vs_base'])} | "
                          f"{fmt_ci(r[f'{name}_rouge_l_vs_vanilla'])} |")
-    for arm in result["todo"]:
-        lines.append(f"| {arm} | | | | TODO: needs `sift refine` | | | | | |")
     lines.append(f"\nwall {result['seconds']:.0f} s")
     return "\n".join(lines)
 
