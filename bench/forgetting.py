@@ -52,6 +52,9 @@ ARMS = {"vanilla": ForgetSettings(), "refine_student": ForgetSettings(), "refine
         "self_distill": ForgetSettings(self_distill=True), "replay": ForgetSettings(replay=0.2)}
 REFINE_SELECT = {"refine_student": "student", "refine_teacher": "teacher"}  # arms trained on `sift refine`'s output
 REFINE_TOKENS = 256  # longest critique or rewrite from the teacher in the bench (the stage's default is 512)
+# The bench's tasks are fixed labelling instructions: it rewrites responses only (the stage's default is both,
+# which also doubles the teacher's work on 2 cores)
+REFINE_TARGET = "response"
 FORGET_TOKENS = 128  # longest rewrite and replay answer in the bench (the remedies' default is 256)
 
 # ---------------------------------------------------------------- the narrow task set
@@ -146,7 +149,8 @@ def refined_records(name: str, records: list[dict], select: str, seed: int) -> t
         if other != select and cache.is_dir() and not (directory / "cache").exists():
             shutil.copytree(cache, directory / "cache")
     if not (directory / "refined.jsonl").is_file():
-        refine(run=directory.name, refine=RefineSettings(select=select, max_tokens=REFINE_TOKENS, seed=seed))
+        refine(run=directory.name, refine=RefineSettings(select=select, target=REFINE_TARGET, max_tokens=REFINE_TOKENS,
+                                                              batch_size=16, seed=seed))
     out = [json.loads(x) for x in (directory / "refined.jsonl").read_text().splitlines()]
     return out, json.loads((directory / "refine.stats.json").read_text())
 
