@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -94,13 +95,18 @@ def example_tokens(records: list[dict]) -> dict[str, int]:
     return {r["id"]: len(tokenize_example(tok, chat_record(r)["messages"]).input_ids) for r in records}
 
 
-def train_arm(folder: Path, records: list[dict], steps: int, seed: int) -> dict:
-    """The arm's student, trained once: its summary (steps, tokens, seconds)."""
-    from pipeline.settings import DistillSettings, LoraSettings, StudentSettings, TrainSettings
+def train_arm(folder: Path, records: list[dict], steps: int, seed: int, forget: Any = None) -> dict:
+    """The arm's student, trained once: its summary (steps, tokens, seconds). `forget`: the remedies
+    for forgetting the arm trains with (a ForgetSettings; bench/forgetting.py)."""
+    from dataclasses import asdict
+
+    from pipeline.settings import DistillSettings, ForgetSettings, LoraSettings, StudentSettings, TrainSettings
     from pipeline.stages.train import train_in
 
+    forget = forget or ForgetSettings()
     settings = {"ids": [r["id"] for r in records], "steps": steps, "batch": BATCH, "accum": ACCUM,
-                "max_length": MAX_LENGTH, "lr": LR, "seed": seed, "student": STUDENT}
+                "max_length": MAX_LENGTH, "lr": LR, "seed": seed, "student": STUDENT,
+                **({"forget": asdict(forget)} if forget.active else {})}
     done = folder / "arm.json"
     if done.is_file() and json.loads(done.read_text())["settings"] == settings:
         return json.loads(done.read_text())["summary"]
@@ -109,7 +115,7 @@ def train_arm(folder: Path, records: list[dict], steps: int, seed: int) -> dict:
     train_in(folder, label=folder.name, student=StudentSettings(model=STUDENT), lora=LoraSettings(),
              train=TrainSettings(epochs=1000.0, lr=LR, max_length=MAX_LENGTH, batch_size=BATCH, grad_accum=ACCUM,
                                  eval_steps=10**6, save_steps=10**6, max_steps=steps, seed=seed),
-             distill=DistillSettings())
+             distill=DistillSettings(), forget=forget)
     summary = [obj for _, obj in iter_jsonl(folder / "student" / "metrics.jsonl") if obj.get("kind") == "summary"][-1]
     write_json(done, {"settings": settings, "summary": summary})
     return summary

@@ -203,6 +203,49 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
+class ForgetSettings:
+    """Remedies for catastrophic forgetting in `sift train`, prepared once before training and cached in
+    runs/<run>/forget/ (docs/forgetting.md).
+
+    Args:
+        self_distill: SDFT (Yang et al., 2024): the student's base model first rewrites each training
+            answer in its own words, shown the original as its reference; a rewrite is trained on only
+            where it still agrees with the original (self_distill_rouge), else the original is.
+        self_distill_rouge: ROUGE-L F1 against the original at or above which a rewrite is kept; a
+            rewrite that does not stop within max_new_tokens is never kept.
+        self_distill_prompt: Your own rewrite template (placeholders {instruction} and {reference}).
+        replay: Share of the training examples (so of each batch, in expectation) that are replay: the
+            base model's own answers to general prompts it wrote itself (or to replay_file's), made
+            once before training and kept clear of every eval set (0: off).
+        replay_file: Prompts to replay instead of generated ones (chat, Alpaca or Self-Instruct
+            records; their answers are ignored: the base model answers them).
+        eval_files: More eval files (comma-separated) replay must not overlap; the general set and
+            the run's valid split always count.
+        max_new_tokens: Longest rewrite, replay prompt or replay answer in tokens.
+    """
+
+    self_distill: bool = False
+    self_distill_rouge: float = 0.5
+    self_distill_prompt: str | None = None
+    replay: float = 0.0
+    replay_file: str | None = None
+    eval_files: str | None = None
+    max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        _finite(self)
+        _fraction(self, "self_distill_rouge")
+        _fraction(self, "replay", high_open=True)
+        _positive(self, "max_new_tokens")
+        _check(self.replay_file is None or self.replay > 0, "replay_file",
+               "is used only with a replay share: add --forget.replay R")
+
+    @property
+    def active(self) -> bool:
+        return self.self_distill or self.replay > 0
+
+
+@dataclass(frozen=True)
 class DistillSettings:
     """Knowledge distillation: the student also learns the teacher's next-token distributions.
 

@@ -9,6 +9,7 @@ they are measured against (PEFT model, `model.generate`), which loop also uses.
   every forward costs what the base's does; either on `student.device`;
 - `fast_answers`: greedy answers through pipeline/teachers/fast_decode.py (continuous batching, C
   kernels); models the engine does not support, and GPUs, use `model.generate` (`greedy_answers`);
+  `student_answers` picks one of the two (loop and the forgetting remedies use it);
 - `reference_nll`: examples sorted by length and cut into batches of about TOKEN_BUDGET padded
   tokens; the vocabulary projection runs only on answer positions (the prompt's logits were the
   largest tensor of the old pass and are never used); `answer_nll` is the plain pass.
@@ -86,6 +87,16 @@ def fast_answers(
 
         decoder.run([Job(prompts[i], greedy, 0) for i in order], on_finish=finished)
     return out
+
+
+def student_answers(
+    model: Any, tokenizer: Any, rows: list[dict], *, max_new_tokens: int, batch_size: int, label: str = "answers"
+) -> list[dict]:
+    """Greedy answers through the fast engine where it runs the model (`fast_supported`), else through
+    `model.generate` (`greedy_answers`, batches of `batch_size`): `sift loop` and the forgetting remedies."""
+    if fast_supported(model):
+        return fast_answers(model, tokenizer, rows, max_new_tokens=max_new_tokens, label=label)
+    return greedy_answers(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 def _batches(lengths: list[int], budget: int) -> list[list[int]]:

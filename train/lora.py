@@ -32,6 +32,19 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 MAX_EFFECTIVE_BATCH = 32  # examples per optimizer step; current LoRA practice stays at or below it
 
 
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Under a multi-process launch, the main process runs the block first (it fills a cache the others
+    then read); a single process just runs it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        yield
+
+
 def read_split(path: Path, *, allow_empty: bool = False) -> list[tuple[str, list[dict]]]:
     """(id, messages) pairs of an exported split; a bad record ends with file, line and field."""
     out = []

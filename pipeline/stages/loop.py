@@ -4,8 +4,9 @@
 
 The data starts as the run's filtered.jsonl plus the seed examples (round 0). Each round then:
 1. trains a fresh LoRA student on the data so far (the same trainer as `sift train`);
-2. has it answer the original training examples, greedily, and scores each answer: ROUGE-L F1
-   against the reference, or the teacher's yes/no verdict (`--loop.metric judge`);
+2. has it answer the original training examples, greedily (merged, through the fast engine of
+   `sift eval` where it runs the model), and scores each answer: ROUGE-L F1 against the reference,
+   or the teacher's yes/no verdict (`--loop.metric judge`);
 3. takes the examples scoring below `--loop.fail_below`, worst first (at most `--loop.max_failures`);
 4. asks the teacher for `--loop.per_failure` new examples like each one (prompts/llm2llm_augment.txt);
 5. passes them through `filter.rules` and the ROUGE-L dedup (`filter.threshold`) against every instruction so far;
@@ -178,10 +179,12 @@ def eval_rows(records: list[dict], valid_ids: set[str], limit: int, seed: int) -
 def score_examples(round_dir: Path, rows: list[dict], *, student: StudentSettings, metric: str, max_new_tokens: int,
                    batch_size: int, teacher: Callable[[], Teacher], grade_template: PromptTemplate) -> list[dict]:
     """{id, score, answer, stopped, tokens} for every row: the round's student (on `student.device`)
-    answers greedily, the answer is scored; journaled per batch."""
+    answers greedily, the answer is scored; journaled per batch. The student is merged and answers
+    through the fast engine of `sift eval` where it runs the model, else through `model.generate`
+    (train/eval_passes.py student_answers)."""
     from transformers import AutoTokenizer
 
-    from train.eval_passes import greedy_answers, load_side
+    from train.eval_passes import load_side, student_answers
     from train.eval_stats import rouge_l
 
     folder = round_dir / "student"
@@ -190,9 +193,9 @@ def score_examples(round_dir: Path, rows: list[dict], *, student: StudentSetting
     def work(batch: list[dict]) -> tuple[list[dict], list[dict], dict]:
         if not loaded:
             loaded["tok"] = AutoTokenizer.from_pretrained(str(folder))
-            loaded["model"] = load_side(student.model, loaded["tok"], folder, student=student, merge=False)
-        answers = greedy_answers(loaded["model"], loaded["tok"], batch, max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size)
+            loaded["model"] = load_side(student.model, loaded["tok"], folder, student=student)
+        answers = student_answers(loaded["model"], loaded["tok"], batch, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, label="loop answers")
         if metric == "rouge":
             scores: list[float | None] = [rouge_l(a["text"], r["output"]) for r, a in zip(batch, answers, strict=True)]
             grades = [None] * len(batch)
@@ -208,7 +211,8 @@ def score_examples(round_dir: Path, rows: list[dict], *, student: StudentSetting
         return kept, [], {"answers": len(batch), "tokens_out": sum(a["tokens"] for a in answers)}
 
     fingerprint = {"adapter": file_sha256(folder / "adapter_model.safetensors"), "metric": metric,
-                   "max_new_tokens": max_new_tokens, "grade_prompt": grade_template.provenance()}
+                   "max_new_tokens": max_new_tokens, "grade_prompt": grade_template.provenance(),
+                   "answers": "merged"}  # answers of the merged student; the unmerged PEFT model's differ in bf16
     scored, _, _ = run_batches(rows, work, stage="score", journal_path=round_dir / "score.journal",
                                fingerprint=fingerprint, batch_size=batch_size)
     loaded.clear()

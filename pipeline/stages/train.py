@@ -11,7 +11,9 @@ setup and the data's counts), metrics.jsonl (train loss, eval loss and token acc
 and a final summary with eval loss before and after training), and checkpoints/ for
 --train.resume. The parts (loading, callbacks, checkpoints, distillation) are in train/lora.py;
 this module runs them in order. With --distill.enabled --distill.teacher T the student also learns
-the teacher's token distributions (train/distill.py).
+the teacher's token distributions (train/distill.py). With --forget.self_distill the student's base
+first rewrites the answers, with --forget.replay R a share R of the examples are the base's own
+answers to general prompts (train/forget.py; cached in runs/<run>/forget/).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from typing import Any
 from pipeline.errors import SiftError
 from pipeline.io.artifacts import Journal, write_json, write_jsonl
 from pipeline.io.runs import locked, record_stage, run_dir
-from pipeline.settings import DistillSettings, LoraSettings, StudentSettings, TrainSettings, to_dict
+from pipeline.settings import DistillSettings, ForgetSettings, LoraSettings, StudentSettings, TrainSettings, to_dict
+from train import forget as forget_remedies
 from train.format import DataError, TokenStats, setup_tokenizer, tokenize_records
 from train.lora import (
     MAX_EFFECTIVE_BATCH,
@@ -38,6 +41,7 @@ from train.lora import (
     last_checkpoint,
     load_student_base,
     loss_state_callback,
+    main_process_first,
     metrics_callback,
     no_final_eval_callback,
     packed_batch,
@@ -53,7 +57,8 @@ from train.lora import (
 
 
 def train(*, run: str = "demo", student: StudentSettings = StudentSettings(), lora: LoraSettings = LoraSettings(),
-          train: TrainSettings = TrainSettings(), distill: DistillSettings = DistillSettings()) -> None:
+          train: TrainSettings = TrainSettings(), distill: DistillSettings = DistillSettings(),
+          forget: ForgetSettings = ForgetSettings()) -> None:
     """LoRA fine-tune the student on the exported data; writes runs/<run>/student/.
 
     Args:
@@ -62,8 +67,9 @@ def train(*, run: str = "demo", student: StudentSettings = StudentSettings(), lo
         lora: the adapter: rank, alpha, dropout, layers, QLoRA.
         train: the training run: epochs, learning rate, batches, checkpoints, resume.
         distill: the optional distillation loss against a teacher sharing the student's tokenizer.
+        forget: the optional remedies for forgetting: self-distilled answers, replay of the base's own answers.
     """
-    train_in(run_dir(run), label=run, student=student, lora=lora, train=train, distill=distill)
+    train_in(run_dir(run), label=run, student=student, lora=lora, train=train, distill=distill, forget=forget)
 
 
 # ---------------------------------------------------------------- the steps, in the order they run
@@ -102,6 +108,19 @@ def read_splits(directory: Path) -> tuple[list, list]:
     train_records = read_split(directory / "train.jsonl")
     valid_path = directory / "valid.jsonl"
     return train_records, read_split(valid_path, allow_empty=True) if valid_path.exists() else []
+
+
+def apply_remedies(directory: Path, records: tuple[list, list], tokenizer: Any, *, student: StudentSettings,
+                   train: TrainSettings, forget: ForgetSettings, template_kind: str) -> tuple[tuple[list, list], dict]:
+    """The splits after the remedies for forgetting (train/forget.py): the training split's answers
+    self-distilled, replay examples added to it; the validation split as it was. Made by the main process
+    first (cached in runs/<run>/forget/), then read back from the cache by the others."""
+    if not forget.active:
+        return records, {}
+    with main_process_first():
+        train_records, info = forget_remedies.prepare(directory, records, tokenizer, student=student, forget=forget,
+                                                      template_kind=template_kind, seed=train.seed)
+    return (train_records, records[1]), info
 
 
 def student_tokenizer(student: StudentSettings, train: TrainSettings, distill: DistillSettings) -> tuple[Any, dict]:
@@ -286,17 +305,21 @@ def restore_finished(trainer: Any, last: str) -> tuple[int, float, float | None,
 
 
 def train_in(directory: Path, *, label: str, student: StudentSettings, lora: LoraSettings, train: TrainSettings,
-             distill: DistillSettings, eval_before: dict | None = None) -> None:
+             distill: DistillSettings, eval_before: dict | None = None,
+             forget: ForgetSettings = ForgetSettings()) -> None:
     """`sift train` on any directory holding train.jsonl (and valid.jsonl): a run, or a loop round
     (`label` names it in the settings). `eval_before`: the untrained model's eval_* metrics on this
     very validation split, when the caller has them (a loop's later rounds), so they are logged
-    instead of measured again."""
+    instead of measured again. `forget`: the remedies applied to the training records first."""
     check_distill(distill)
+    forget_remedies.check(forget, directory)
     out = directory / "student"
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch only rank 0 writes
     with locked(directory) if main_process else contextlib.nullcontext():
         records = read_splits(directory)
         tokenizer, tok_info = student_tokenizer(student, train, distill)
+        records, forget_info = apply_remedies(directory, records, tokenizer, student=student, train=train,
+                                              forget=forget, template_kind=tok_info["template"])
         data = prepare_data(directory, tokenizer, records, train)
         device = training_device(student)
         cuda = device.startswith("cuda")
@@ -340,7 +363,7 @@ def train_in(directory: Path, *, label: str, student: StudentSettings, lora: Lor
         journal.append([summary])
         with disk_errors(out):
             save_final(trainer, tokenizer, out)
-        settings = {"run": label, **to_dict(student=student, lora=lora, train=train, distill=distill),
+        settings = {"run": label, **to_dict(student=student, lora=lora, train=train, distill=distill, forget=forget),
                     "resume": start.resume, **tok_info,
                     "resolved": resolved(student, device=device, precision=precision, data=data,
                                          world_size=trainer.args.world_size),
@@ -348,6 +371,8 @@ def train_in(directory: Path, *, label: str, student: StudentSettings, lora: Lor
                              "packed_rows": len(data.rows) if train.packing else None}}
         if distill_info:
             settings["distill"] = {**settings["distill"], **distill_info}
+        if forget_info:
+            settings["forget"] = {**settings["forget"], "applied": forget_info}
         write_json(out / "train_config.json", settings)
         models = {"student": settings["resolved"]["student"]}
         if distill_info:

@@ -84,12 +84,12 @@ def runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def fine_tune(run: str, student: Path | str | None = None, *, lora: dict | None = None, distill: dict | None = None,
-              **train: object) -> None:
+              forget: dict | None = None, **train: object) -> None:
     """`sift train --run RUN` with its sections built from plain values: `student` is student.model,
-    `lora` and `distill` hold those sections' fields, every other keyword is a train.* field."""
-    from pipeline.settings import DistillSettings, LoraSettings, StudentSettings, TrainSettings
+    `lora`, `distill` and `forget` hold those sections' fields, every other keyword is a train.* field."""
+    from pipeline.settings import DistillSettings, ForgetSettings, LoraSettings, StudentSettings, TrainSettings
     from pipeline.stages.train import train as sift_train
 
     sift_train(run=run, student=StudentSettings(model=str(student)) if student else StudentSettings(),
                lora=LoraSettings(**(lora or {})), train=TrainSettings(**train),  # type: ignore[arg-type]
-               distill=DistillSettings(**(distill or {})))
+               distill=DistillSettings(**(distill or {})), forget=ForgetSettings(**(forget or {})))
