@@ -56,7 +56,7 @@ MAX_LANES = 4  # decoding threads by default: one per torch thread, at most this
 CANDIDATES = 128  # top-k candidates the sampler looks at before falling back to a full sort
 ADMIT_FRACTION = 8  # prefill newcomers once 1/8 of the rows are free (or nothing is decoding)
 PREFILL_TOKENS = 2048  # prompt tokens (padded) per prefill pass: 128 x 160 at once was 2x slower
-SHARED_MIN = 32  # tokens a prompt prefix must share with others to be prefilled once for all
+SHARED_MIN = 16  # prompt tokens shared with others for a prefix prefilled once (eval: a 24-token system prompt)
 STOP_TAIL = 4  # tokens decoded per character of the longest stop string when checking a tail
 
 Decode = Callable[[list[int]], str]
@@ -442,6 +442,54 @@ class FastDecoder:
     def _step(self, lane: _Lane, tokens: Any, positions: Any) -> Any:
         """One decode step for rows 0..n-1: the next-token logits of each."""
         return self._logits(self._hidden(lane, tokens, positions))
+
+    # ------------------------------------------------------------ whole sequences, no decoding
+
+    def final_states(self, batches: Sequence[list[list[int]]], use: Callable[[int, Any], Any],
+                     lanes: int | None = None) -> list[Any]:
+        """Each batch of token lists (right-padded, causal, from position 0: the prefill's arithmetic)
+        through the model up to the final norm, in lanes like `run` (batch i in lane i % lanes, one
+        intra-op thread each, so no OpenMP barrier waits on a busy machine); returns `use(i, states)`
+        of every batch i in order (states: rows x width x hidden), `use` called in the lanes' threads.
+        For scoring given text (NLL, IFD): the output layer only where the caller needs it."""
+        torch = self.torch
+        out: list[Any] = [None] * len(batches)
+        threads = torch.get_num_threads()
+        count = max(1, min(lanes or self.lanes or min(threads, MAX_LANES), len(batches)))
+        stop, errors, ended = threading.Event(), [], [threading.Event() for _ in range(count)]
+
+        def work(k: int) -> None:
+            try:
+                if count > 1:
+                    torch.set_num_threads(max(1, threads // count))
+                with torch.inference_mode():
+                    for i in range(k, len(batches), count):
+                        if stop.is_set():
+                            return
+                        x = self._prompt_pass(batches[i], lambda *_: None)
+                        out[i] = use(i, self._rms(x, self.norm))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
+                errors.append(e)
+                stop.set()
+            finally:
+                ended[k].set()
+
+        if count == 1:
+            work(0)
+        else:
+            workers = [threading.Thread(target=work, args=(k,), name=f"sift-states-{k}", daemon=True)
+                       for k in range(count)]
+            try:
+                for w in workers:
+                    w.start()
+                for e in ended:
+                    e.wait()
+            finally:
+                stop.set()
+                _wait_all([e for w, e in zip(workers, ended, strict=True) if w.ident is not None])
+        if errors:
+            raise errors[0]
+        return out
 
     # ------------------------------------------------------------ the loop
 
