@@ -112,11 +112,16 @@ def _common(a: list[int], b: list[int]) -> int:
 
 
 def shared_groups(rows: list[_Row], minimum: int = SHARED_MIN) -> list[tuple[int, list[_Row]]]:
-    """Admitted rows as (shared prefix length, rows) groups: prompts that begin with the same `minimum`
-    or more tokens go together, their common prefix (never a whole prompt: the last token's logits
-    are needed) to be prefilled once; every other row goes, in its given order, into one group with
-    prefix 0, first. Rows within a shared group are ordered by length, for the prefill's padding."""
-    ranked = sorted(rows, key=lambda r: r.job.prompt)  # prompts with a common prefix sit side by side
+    """Admitted rows as (shared prefix length, rows) groups: greedy prompts that begin with the same
+    `minimum` or more tokens go together, their common prefix (never a whole prompt: the last token's
+    logits are needed) to be prefilled once; every other row goes, in its given order, into one group
+    with prefix 0, first. Rows within a shared group are ordered by length, for the prefill's padding.
+    Sampled rows are never shared: attending to a copied prefix moves logits in their last bits, which
+    leaves a greedy pick alone unless it is a near-tie, but would change a seeded draw's text."""
+    ranked = sorted((r for r in rows if r.job.sampling.temperature == 0),
+                    key=lambda r: r.job.prompt)  # prompts with a common prefix sit side by side
+    if not ranked:
+        return [(0, rows)]
     groups: list[tuple[int, list[_Row]]] = []
     head, shared = ranked[0], ranked[0].length - 1
     members = [head]
@@ -132,8 +137,8 @@ def shared_groups(rows: list[_Row], minimum: int = SHARED_MIN) -> list[tuple[int
             groups.append((0, members))
         if r is not None:
             head, shared, members = r, r.length - 1, [r]
-    alone = {id(m) for p, ms in groups if p == 0 for m in ms}
-    plain = [r for r in rows if id(r) in alone]  # the caller's order (shortest first) for unshared prompts
+    in_shared = {id(m) for p, ms in groups if p > 0 for m in ms}
+    plain = [r for r in rows if id(r) not in in_shared]  # the caller's order (shortest first) for unshared prompts
     return ([(0, plain)] if plain else []) + [g for g in groups if g[0] > 0]
 
 

@@ -499,14 +499,17 @@ class Counting(FastDecoder):
 
 
 def test_shared_groups_group_by_common_prefix_and_keep_the_rest_in_order() -> None:
-    def row(i: int, prompt: list[int]) -> _Row:
-        return _Row(i, Job(prompt, Sampling(), 0), None, length=len(prompt))  # type: ignore[arg-type]
+    def row(i: int, prompt: list[int], temperature: float = 0.0) -> _Row:
+        return _Row(i, Job(prompt, Sampling(temperature=temperature), 0), None,  # type: ignore[arg-type]
+                    length=len(prompt))
 
     head = list(range(100, 100 + SHARED_MIN))
     rows = [row(0, [1, 2, 3]), row(1, [*head, 7, 8]), row(2, [5, *head]), row(3, [*head, 7]), row(4, [*head, 9, 9, 9]),
-            row(5, [*head, 4, 4, 4, 4]), row(6, [9, 9])]
+            row(5, [*head, 4, 4, 4, 4]), row(6, [9, 9]), row(7, [*head, 8], temperature=0.7)]
     groups = shared_groups(rows)
-    assert [(p, [r.index for r in g]) for p, g in groups] == [(0, [0, 2, 6]), (SHARED_MIN, [3, 1, 4, 5])]
+    # a sampled row is never shared (its seeded text must not depend on last-bit differences)
+    assert [(p, [r.index for r in g]) for p, g in groups] == [(0, [0, 2, 6, 7]), (SHARED_MIN, [3, 1, 4, 5])]
+    assert shared_groups(rows[-1:]) == [(0, rows[-1:])]
     # never the whole of a prompt: the last token's logits come from the prefill
     twins = [row(0, [*head, 5]), row(1, [*head, 5]), row(2, [*head, 5, 1])]
     assert [(p, sorted(r.index for r in g)) for p, g in shared_groups(twins)] == [(SHARED_MIN, [0, 1, 2])]
