@@ -56,7 +56,7 @@ MAX_LANES = 4  # decoding threads by default: one per torch thread, at most this
 CANDIDATES = 128  # top-k candidates the sampler looks at before falling back to a full sort
 ADMIT_FRACTION = 8  # prefill newcomers once 1/8 of the rows are free (or nothing is decoding)
 PREFILL_TOKENS = 2048  # prompt tokens (padded) per prefill pass: 128 x 160 at once was 2x slower
-SHARED_MIN = 16  # prompt tokens shared with others for a prefix prefilled once (eval: a 24-token system prompt)
+SHARED_MIN = 32  # prompt tokens shared for a prefix prefilled once; eval's 24-token system prompt stays whole
 STOP_TAIL = 4  # tokens decoded per character of the longest stop string when checking a tail
 
 Decode = Callable[[list[int]], str]
