@@ -19,6 +19,7 @@ go to the model's device, wherever it was loaded.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -112,34 +113,66 @@ def _batches(lengths: list[int], budget: int) -> list[list[int]]:
 
 
 def reference_nll(
-    model: Any, tokenizer: Any, rows: list[dict], *, token_budget: int = TOKEN_BUDGET, label: str = "nll"
+    model: Any, tokenizer: Any, rows: list[dict], *, token_budget: int = TOKEN_BUDGET, label: str = "nll",
+    lanes: int | None = None,
 ) -> list[tuple[float, int]]:
     """(summed NLL, token count) of each reference answer given its prompt, as `answer_nll`
-    computes it (training's labels: answer tokens and EOS), with logits only at answer positions."""
+    computes it (training's labels: answer tokens and EOS), with logits only at answer positions.
+    Where the fast engine runs the model (`fast_supported`), its prefill arithmetic computes the
+    hidden states, the batches split over `lanes` threads of one intra-op thread each (default: one
+    per torch thread): on 2 cores shared with other jobs, two OpenMP threads meeting at a barrier
+    after every op wait for each other; lanes do not."""
     import torch
 
     examples = [tokenize_example(tokenizer, r["messages"]) for r in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    head = model.get_output_embeddings()
     out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    batches = _batches([len(e.input_ids) for e in examples], token_budget)
+
+    def score(idx: list[int], hidden: Any) -> list[tuple[float, int]]:
+        """Each row's summed NLL and count from its final hidden states (rows x width x hidden)."""
+        batch = [examples[i] for i in idx]
+        width = hidden.shape[1]
+        labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in batch])
+        target = labels[:, 1:]
+        rows_at, cols_at = (target != -100).nonzero(as_tuple=True)  # position t predicts token t+1
+        logits = head(hidden[:, :-1][rows_at.to(hidden.device), cols_at.to(hidden.device)]).float()
+        losses = torch.nn.functional.cross_entropy(
+            logits, target[rows_at, cols_at].to(logits.device), reduction="none").cpu()
+        sums = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, rows_at, losses.double())
+        counts = torch.bincount(rows_at, minlength=len(batch))
+        return [(float(sums[k]), int(counts[k])) for k in range(len(batch))]
+
     with StageProgress(label, len(rows), unit="ex") as bar, torch.inference_mode():
-        for idx in _batches([len(e.input_ids) for e in examples], token_budget):
-            batch = [examples[i] for i in idx]
-            width = max(len(e.input_ids) for e in batch)
-            ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in batch])
-            labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in batch])
-            mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch])
-            hidden = decoder(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).last_hidden_state
-            target = labels[:, 1:]
-            rows_at, cols_at = (target != -100).nonzero(as_tuple=True)  # position t predicts token t+1
-            logits = head(hidden[:, :-1][rows_at.to(hidden.device), cols_at.to(hidden.device)]).float()
-            losses = torch.nn.functional.cross_entropy(
-                logits, target[rows_at, cols_at].to(logits.device), reduction="none").cpu()
-            sums = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, rows_at, losses.double())
-            counts = torch.bincount(rows_at, minlength=len(batch))
-            for k, i in enumerate(idx):
-                out[i] = (float(sums[k]), int(counts[k]))
-            bar.update(done=len(idx), requests=1, tokens_out=int(mask.sum()))
+        if fast_supported(model):
+            from pipeline.teachers.fast_decode import FastDecoder
+
+            engine = FastDecoder(model, eos_ids=[tokenizer.eos_token_id], lanes=lanes)
+            lock = threading.Lock()
+
+            def use(j: int, hidden: Any) -> list[tuple[float, int]]:
+                done = score(batches[j], hidden)
+                with lock:
+                    bar.update(done=len(batches[j]), requests=1,
+                               tokens_out=sum(len(examples[i].input_ids) for i in batches[j]))
+                return done
+
+            results = engine.final_states([[examples[i].input_ids for i in idx] for idx in batches], use)
+        else:
+            results = []
+            for idx in batches:
+                batch = [examples[i] for i in idx]
+                width = max(len(e.input_ids) for e in batch)
+                ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in batch])
+                mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch])
+                hidden = model.get_decoder()(input_ids=ids.to(model.device),
+                                             attention_mask=mask.to(model.device)).last_hidden_state
+                results.append(score(idx, hidden))
+                bar.update(done=len(idx), requests=1, tokens_out=int(mask.sum()))
+    for idx, done in zip(batches, results, strict=True):
+        for i, value in zip(idx, done, strict=True):
+            out[i] = value
     return out
 
 

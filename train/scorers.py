@@ -80,9 +80,8 @@ def ifd_sequences(tokenizer: Any, record: dict, *, max_answer_tokens: int = MAX_
     return prompt[-max_prompt_tokens:], empty[-max_prompt_tokens:], answer
 
 
-def answer_losses(model: Any, pairs: Sequence[tuple[list[int], list[int]]], *, pad_id: int) -> list[float]:
-    """Mean token cross-entropy (nats) of each answer given its prefix, in one padded forward pass
-    (right padding, so positions are those of an unpadded sequence)."""
+def _padded(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[Any, Any]:
+    """Token ids and attention mask of prefix + answer per pair, right-padded."""
     import torch
 
     width = max(len(p) + len(a) for p, a in pairs)
@@ -92,17 +91,22 @@ def answer_losses(model: Any, pairs: Sequence[tuple[list[int], list[int]]], *, p
         seq = p + a
         ids[i, :len(seq)] = torch.tensor(seq)
         mask[i, :len(seq)] = 1
-    device = next(model.parameters()).device
+    return ids, mask
+
+
+def _mean_losses(model: Any, pairs: Sequence[tuple[list[int], list[int]]], ids: Any, hidden: Any) -> list[float]:
+    """Mean token cross-entropy of each answer from the final hidden states of its padded row."""
+    import torch
+
+    device = hidden.device
     rows = torch.tensor([i for i, (p, a) in enumerate(pairs) for _ in a])
     cols = torch.tensor([len(p) - 1 + k for p, a in pairs for k in range(len(a))])  # positions predicting the answer
-    with torch.inference_mode():
-        hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-        # the output layer only where an answer token is predicted: most of the vocabulary work saved
-        logits = model.get_output_embeddings()(hidden[rows.to(device), cols.to(device)]).float()
-        cap = getattr(model.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        token_loss = torch.nn.functional.cross_entropy(logits, ids[rows, cols + 1].to(device), reduction="none")
+    # the output layer only where an answer token is predicted: most of the vocabulary work saved
+    logits = model.get_output_embeddings()(hidden[rows.to(device), cols.to(device)]).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    token_loss = torch.nn.functional.cross_entropy(logits, ids[rows, cols + 1].to(device), reduction="none")
     out, at = [], 0
     for _, a in pairs:
         out.append(float(token_loss[at:at + len(a)].mean()))
@@ -110,26 +114,76 @@ def answer_losses(model: Any, pairs: Sequence[tuple[list[int], list[int]]], *, p
     return out
 
 
+def answer_losses(model: Any, pairs: Sequence[tuple[list[int], list[int]]], *, pad_id: int) -> list[float]:
+    """Mean token cross-entropy (nats) of each answer given its prefix, in one padded forward pass
+    (right padding, so positions are those of an unpadded sequence)."""
+    import torch
+
+    ids, mask = _padded(pairs, pad_id)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        return _mean_losses(model, pairs, ids, hidden)
+
+
+def batch_losses(model: Any, batches: Sequence[Sequence[tuple[list[int], list[int]]]], *, pad_id: int,
+                 done: Callable[[int], None] | None = None, lanes: int | None = None) -> list[list[float]]:
+    """`answer_losses` of every batch, in order; `done(k)` after batch k. Where the fast engine runs the
+    model (train/eval_passes.py `fast_supported`), its prefill arithmetic computes the hidden states and
+    the batches split over `lanes` threads of one intra-op thread each (as eval's NLL pass does)."""
+    import threading
+
+    from train.eval_passes import fast_supported
+
+    if not fast_supported(model):
+        out = []
+        for k, pairs in enumerate(batches):
+            out.append(answer_losses(model, pairs, pad_id=pad_id))
+            if done is not None:
+                done(k)
+        return out
+    from pipeline.teachers.fast_decode import FastDecoder
+
+    lock = threading.Lock()
+    engine = FastDecoder(model, eos_ids=[pad_id], lanes=lanes)
+
+    def use(k: int, hidden: Any) -> list[float]:
+        pairs = batches[k]
+        losses = _mean_losses(model, pairs, _padded(pairs, pad_id)[0], hidden)
+        if done is not None:
+            with lock:
+                done(k)
+        return losses
+
+    return engine.final_states([[p + a for p, a in pairs] for pairs in batches], use)
+
+
 def loss_ratios(model: Any, tokenizer: Any, seqs: Sequence[tuple[list[int], list[int], list[int]]], *,
-                batch_size: int, progress: Progress | None = None) -> list[tuple[float, float] | None]:
+                batch_size: int, progress: Progress | None = None,
+                lanes: int | None = None) -> list[tuple[float, float] | None]:
     """(mean loss of each target given its prompt, its mean loss after the empty prompt) for
     (prompt ids, empty-prompt ids, target ids) triples, None where the target has no tokens. Batched
     by length; the "alone" loss depends only on the target, so it is computed once per distinct
-    target ("Positive", "No", ...). Shared by IFD and r-IFD."""
+    target ("Positive", "No", ...), in the batch where it first appears. Shared by IFD and r-IFD."""
     results: list[tuple[float, float] | None] = [None] * len(seqs)
     todo = sorted((i for i, s in enumerate(seqs) if s[2]), key=lambda i: len(seqs[i][0]) + len(seqs[i][2]))
-    alone: dict[tuple[int, ...], float] = {}
+    plan: list[tuple[list[int], list[tuple[int, ...]]]] = []  # (records, targets first seen) per batch
+    seen: set[tuple[int, ...]] = set()
     for lo in range(0, len(todo), batch_size):
         batch = todo[lo:lo + batch_size]
-        fresh = list(dict.fromkeys(tuple(seqs[i][2]) for i in batch if tuple(seqs[i][2]) not in alone))
-        empty = seqs[batch[0]][1]
-        losses = answer_losses(model, [(seqs[i][0], seqs[i][2]) for i in batch] + [(empty, list(a)) for a in fresh],
-                               pad_id=tokenizer.eos_token_id)  # any real id: right padding is never attended to
-        alone.update(zip(fresh, losses[len(batch):], strict=True))
+        fresh = list(dict.fromkeys(tuple(seqs[i][2]) for i in batch if tuple(seqs[i][2]) not in seen))
+        seen.update(fresh)
+        plan.append((batch, fresh))
+    pairs = [[(seqs[i][0], seqs[i][2]) for i in batch] + [(seqs[batch[0]][1], list(a)) for a in fresh]
+             for batch, fresh in plan]
+    done = None if progress is None else (lambda k: progress(len(plan[k][0])))
+    # pad with any real id: right padding is never attended to
+    losses = batch_losses(model, pairs, pad_id=tokenizer.eos_token_id, done=done, lanes=lanes)
+    alone: dict[tuple[int, ...], float] = {}
+    for (batch, fresh), got in zip(plan, losses, strict=True):
+        alone.update(zip(fresh, got[len(batch):], strict=True))
         for k, i in enumerate(batch):
-            results[i] = (losses[k], alone[tuple(seqs[i][2])])
-        if progress is not None:
-            progress(len(batch))
+            results[i] = (got[k], alone[tuple(seqs[i][2])])
     return results
 
 

@@ -24,6 +24,10 @@ Without `generate`'s per-step overhead:
 - a pre-allocated KV cache (slot x kv-head x position), grown by doubling, rows kept contiguous
   (sliding layers keep every position too; they read only their window);
 - prefill of admitted prompts in one right-padded causal pass, logits only for each last token;
+- a shared prompt prefix prefilled once: admitted prompts that begin with the same SHARED_MIN or more
+  tokens (a few-shot prompt: classify's 700 tokens before each instruction) are grouped, the prefix
+  runs through the model once, its keys and values are copied into each row's cache, and only the
+  rest of each prompt is prefilled, attending to the prefix (the same attention, in fewer FLOPs);
 - decode attention in bfloat16 by the C kernel of `fast_kernel.py` (head_dim 64, 128 or 256, with
   the window of a sliding layer; scaled_dot_product_attention spent half of a step on per-block
   set-up); float32 keeps SDPA, which is what `generate` runs;
@@ -52,6 +56,7 @@ MAX_LANES = 4  # decoding threads by default: one per torch thread, at most this
 CANDIDATES = 128  # top-k candidates the sampler looks at before falling back to a full sort
 ADMIT_FRACTION = 8  # prefill newcomers once 1/8 of the rows are free (or nothing is decoding)
 PREFILL_TOKENS = 2048  # prompt tokens (padded) per prefill pass: 128 x 160 at once was 2x slower
+SHARED_MIN = 32  # prompt tokens shared for a prefix prefilled once; eval's 24-token system prompt stays whole
 STOP_TAIL = 4  # tokens decoded per character of the longest stop string when checking a tail
 
 Decode = Callable[[list[int]], str]
@@ -87,13 +92,54 @@ class _Lane:
     counts: Any = None  # per-slot token counts, only while a row has penalties
 
 
-def _split(rows: list[_Row]) -> tuple[list[_Row], list[_Row]]:
-    """The longest head of `rows` whose padded prompt tokens fit PREFILL_TOKENS (at least one row)."""
-    take, width = 1, rows[0].length
-    while take < len(rows) and (take + 1) * max(width, rows[take].length) <= PREFILL_TOKENS:
-        width = max(width, rows[take].length)
+def _split(rows: list[_Row], skip: int = 0) -> tuple[list[_Row], list[_Row]]:
+    """The longest head of `rows` whose padded prompt tokens (past the first `skip`, a shared prefix)
+    fit PREFILL_TOKENS (at least one row)."""
+    take, width = 1, rows[0].length - skip
+    while take < len(rows) and (take + 1) * max(width, rows[take].length - skip) <= PREFILL_TOKENS:
+        width = max(width, rows[take].length - skip)
         take += 1
     return rows[:take], rows[take:]
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def shared_groups(rows: list[_Row], minimum: int = SHARED_MIN) -> list[tuple[int, list[_Row]]]:
+    """Admitted rows as (shared prefix length, rows) groups: greedy prompts that begin with the same
+    `minimum` or more tokens go together, their common prefix (never a whole prompt: the last token's
+    logits are needed) to be prefilled once; every other row goes, in its given order, into one group
+    with prefix 0, first. Rows within a shared group are ordered by length, for the prefill's padding.
+    Sampled rows are never shared: attending to a copied prefix moves logits in their last bits, which
+    leaves a greedy pick alone unless it is a near-tie, but would change a seeded draw's text."""
+    ranked = sorted((r for r in rows if r.job.sampling.temperature == 0),
+                    key=lambda r: r.job.prompt)  # prompts with a common prefix sit side by side
+    if not ranked:
+        return [(0, rows)]
+    groups: list[tuple[int, list[_Row]]] = []
+    head, shared = ranked[0], ranked[0].length - 1
+    members = [head]
+    for r in [*ranked[1:], None]:
+        common = -1 if r is None else min(shared, _common(head.job.prompt, r.job.prompt), r.length - 1)
+        if common >= minimum:
+            members.append(r)
+            shared = common
+            continue
+        if len(members) > 1 and shared >= minimum:
+            groups.append((shared, sorted(members, key=lambda m: m.length)))
+        else:
+            groups.append((0, members))
+        if r is not None:
+            head, shared, members = r, r.length - 1, [r]
+    in_shared = {id(m) for p, ms in groups if p > 0 for m in ms}
+    plain = [r for r in rows if id(r) not in in_shared]  # the caller's order (shortest first) for unshared prompts
+    return ([(0, plain)] if plain else []) + [g for g in groups if g[0] > 0]
 
 
 def _wait_all(ended: list[threading.Event]) -> None:
@@ -297,34 +343,73 @@ class FastDecoder:
             grown.append((nk, nv))
         lane.cache, lane.capacity = grown, cap
 
-    def _prefill(self, lane: _Lane, base: int, prompts: list[list[int]]) -> Any:
-        """Run prompts (right-padded, causal) into cache rows base.., return last-token logits."""
+    def _prompt_pass(self, prompts: list[list[int]], store: Callable[[int, Any, Any], None],
+                     past: list[tuple[Any, Any]] | None = None) -> Any:
+        """Prompts (right-padded, causal) through every layer at positions P.. after a shared prefix of P
+        positions whose keys and values `past` holds per layer (1 x kv-head x P x dim; none: P = 0).
+        `store(layer, k, v)` receives each layer's new keys and values (rows x kv-head x width x dim);
+        returns the final hidden states (rows x width x hidden)."""
         torch, F = self.torch, self.torch.nn.functional
         n, width = len(prompts), max(len(p) for p in prompts)
+        start = 0 if past is None else past[0][0].shape[2]
         tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)
-        where = torch.arange(width, device=self.device)
+        where = torch.arange(start, start + width, device=self.device)  # the queries' positions
         ropes = [tuple(t[:, :, None] for t in self._rope(where[None], i))  # (1, width, 1, d): contiguous layout
                  for i in range(len(self.ropes))]
-        windows = {lay.window for lay in self.layers if lay.window is not None and lay.window < width}
-        # a window shorter than the prompt needs its own mask (key j visible from i if i - window < j <= i)
-        masks = {w: (where[None] <= where[:, None]) & (where[None] > where[:, None] - w) for w in windows}
+        keys = torch.arange(start + width, device=self.device)
+        windows = {lay.window for lay in self.layers if lay.window is not None and lay.window < start + width}
+        # after a prefix, or with a window shorter than the prompt, an explicit mask: key j visible from
+        # query i if j <= i (and i - window < j)
+        masks = {w: (keys[None] <= where[:, None]) & (keys[None] > where[:, None] - w) for w in windows}
+        if start:
+            masks[None] = keys[None] <= where[:, None]
         x = self._embed(tokens)
-        for layer, (kc, vc) in zip(self.layers, lane.cache, strict=True):
+        for index, layer in enumerate(self.layers):
             qkv = F.linear(self._rms(x, layer.norm_in), layer.qkv).view(n, width, -1, self.head_dim)
             qk = self._qk(qkv, layer, *ropes[layer.rope]).transpose(1, 2)
             q, k = qk[:, :self.heads], qk[:, self.heads:]
             v = qkv[:, :, self.heads + self.kv_heads:].transpose(1, 2)
-            if self.kernel:
-                kc[base:base + n, ..., :width] = k.transpose(-1, -2)
-            else:
-                kc[base:base + n, :, :width] = k
-            vc[base:base + n, :, :width] = v
-            if layer.window in masks:
-                a = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[layer.window], scale=self.scale,
+            store(index, k, v)
+            if past is not None:
+                pk, pv = past[index]
+                k = torch.cat([pk.expand(n, -1, -1, -1), k], dim=2)
+                v = torch.cat([pv.expand(n, -1, -1, -1), v], dim=2)
+            window = layer.window if layer.window in masks else None
+            if window in masks:
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[window], scale=self.scale,
                                                    enable_gqa=True)
             else:
                 a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
             x = self._attended(x, a.transpose(1, 2).reshape(n, width, -1), layer)
+        return x
+
+    def _prefix(self, prompt: list[int]) -> list[tuple[Any, Any]]:
+        """A shared prefix's keys and values per layer (1 x kv-head x length x dim), computed once."""
+        kv: list[tuple[Any, Any]] = []
+        self._prompt_pass([prompt], lambda _, k, v: kv.append((k, v)))
+        return kv
+
+    def _prefill(self, lane: _Lane, base: int, prompts: list[list[int]],
+                 past: list[tuple[Any, Any]] | None = None) -> Any:
+        """Run prompts (right-padded, causal) into cache rows base.., return last-token logits. With
+        `past` (a shared prefix's keys and values, `_prefix`), `prompts` are what follows that prefix:
+        the prefix is copied into every row's cache and the rest attends to it."""
+        torch = self.torch
+        n, start = len(prompts), 0 if past is None else past[0][0].shape[2]
+        end = start + max(len(p) for p in prompts)
+
+        def store(index: int, k: Any, v: Any) -> None:
+            kc, vc = lane.cache[index]
+            if past is not None:
+                pk, pv = past[index]
+                k, v = torch.cat([pk.expand(n, -1, -1, -1), k], dim=2), torch.cat([pv.expand(n, -1, -1, -1), v], dim=2)
+            if self.kernel:
+                kc[base:base + n, ..., :end] = k.transpose(-1, -2)
+            else:
+                kc[base:base + n, :, :end] = k
+            vc[base:base + n, :, :end] = v
+
+        x = self._prompt_pass(prompts, store, past)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         return self._logits(x[torch.arange(n), last])
 
@@ -362,6 +447,54 @@ class FastDecoder:
     def _step(self, lane: _Lane, tokens: Any, positions: Any) -> Any:
         """One decode step for rows 0..n-1: the next-token logits of each."""
         return self._logits(self._hidden(lane, tokens, positions))
+
+    # ------------------------------------------------------------ whole sequences, no decoding
+
+    def final_states(self, batches: Sequence[list[list[int]]], use: Callable[[int, Any], Any],
+                     lanes: int | None = None) -> list[Any]:
+        """Each batch of token lists (right-padded, causal, from position 0: the prefill's arithmetic)
+        through the model up to the final norm, in lanes like `run` (batch i in lane i % lanes, one
+        intra-op thread each, so no OpenMP barrier waits on a busy machine); returns `use(i, states)`
+        of every batch i in order (states: rows x width x hidden), `use` called in the lanes' threads.
+        For scoring given text (NLL, IFD): the output layer only where the caller needs it."""
+        torch = self.torch
+        out: list[Any] = [None] * len(batches)
+        threads = torch.get_num_threads()
+        count = max(1, min(lanes or self.lanes or min(threads, MAX_LANES), len(batches)))
+        stop, errors, ended = threading.Event(), [], [threading.Event() for _ in range(count)]
+
+        def work(k: int) -> None:
+            try:
+                if count > 1:
+                    torch.set_num_threads(max(1, threads // count))
+                with torch.inference_mode():
+                    for i in range(k, len(batches), count):
+                        if stop.is_set():
+                            return
+                        x = self._prompt_pass(batches[i], lambda *_: None)
+                        out[i] = use(i, self._rms(x, self.norm))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
+                errors.append(e)
+                stop.set()
+            finally:
+                ended[k].set()
+
+        if count == 1:
+            work(0)
+        else:
+            workers = [threading.Thread(target=work, args=(k,), name=f"sift-states-{k}", daemon=True)
+                       for k in range(count)]
+            try:
+                for w in workers:
+                    w.start()
+                for e in ended:
+                    e.wait()
+            finally:
+                stop.set()
+                _wait_all([e for w, e in zip(workers, ended, strict=True) if w.ident is not None])
+        if errors:
+            raise errors[0]
+        return out
 
     # ------------------------------------------------------------ the loop
 
@@ -428,11 +561,13 @@ class FastDecoder:
                     new = [waiting.pop() for _ in range(min(free, len(waiting)))]
                     rows = [_Row(i, jobs[i], random.Random(jobs[i].seed), length=len(jobs[i].prompt)) for i in new]
                     self._ensure_capacity(lane, max(r.length + 1 for r in rows))
-                    while rows:  # chunks of about PREFILL_TOKENS keep the big activations in cache
-                        chunk, rows = _split(rows)
-                        logits = self._prefill(lane, len(active), [r.job.prompt for r in chunk])
-                        active.extend(chunk)
-                        self._advance(lane, len(active) - len(chunk), logits, results, on_finish)
+                    for shared, group in shared_groups(rows):
+                        past = self._prefix(group[0].job.prompt[:shared]) if shared else None
+                        while group:  # chunks of about PREFILL_TOKENS keep the big activations in cache
+                            chunk, group = _split(group, shared)
+                            logits = self._prefill(lane, len(active), [r.job.prompt[shared:] for r in chunk], past)
+                            active.extend(chunk)
+                            self._advance(lane, len(active) - len(chunk), logits, results, on_finish)
                     continue
                 self._ensure_capacity(lane, max(r.length + 1 for r in active))
                 tokens = torch.tensor([r.ids[-1] for r in active], device=self.device)

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.teachers import fast_kernel
 from pipeline.teachers.base import Sampling
-from pipeline.teachers.fast_decode import FastDecoder, Job, supports
+from pipeline.teachers.fast_decode import SHARED_MIN, FastDecoder, Job, _Row, shared_groups, supports
 from pipeline.teachers.fast_sampler import apply_penalties, sample_rows
 from tests.pipeline.kill_harness import REPO
 from tests.pipeline.test_teacher_hf import PROMPTS, SENTENCES, make_tiny
@@ -473,6 +473,134 @@ def test_gemma3_bfloat16_kernel_path_agrees_with_torch_attention(tiny, tiny_gemm
         gaps = [g for p, ids in zip(prompts, outs, strict=True) for g in float32_gaps(model32, p, ids)]
         assert len(gaps) == sum(len(o) for o in outs) > 0
         assert max(gaps) <= TINY_BF16_GAP, (dec.kernel is not None, max(gaps))
+
+
+# ---------------------------------------------------------------- a shared prompt prefix, prefilled once
+
+FEW_SHOT = ("Decide whether each task is a classification task.\n\nTask: Sort the numbers.\nAnswer: No\n\n"
+            "Task: Is the review positive?\nAnswer: Yes\n\nTask: ")
+OTHER_SHOT = "Come up with examples for the following tasks, one per line, with an input where one is needed.\nTask: "
+
+
+def few_shot_prompts(tok) -> list[list[int]]:
+    """Two few-shot templates (two prefixes) around the test prompts, and two prompts without either."""
+    texts = [FEW_SHOT + t for t in PROMPTS + SENTENCES] + [OTHER_SHOT + t for t in SENTENCES[:4]]
+    return encode(tok, [*texts, *PROMPTS[:2]])
+
+
+class Counting(FastDecoder):
+    """The decoder, counting the shared prefixes it prefilled (to show the tests take that path)."""
+
+    prefixes: list[int]
+
+    def _prefix(self, prompt: list[int]) -> Any:
+        self.prefixes = [*getattr(self, "prefixes", []), len(prompt)]
+        return super()._prefix(prompt)
+
+
+def test_shared_groups_group_by_common_prefix_and_keep_the_rest_in_order() -> None:
+    def row(i: int, prompt: list[int], temperature: float = 0.0) -> _Row:
+        return _Row(i, Job(prompt, Sampling(temperature=temperature), 0), None,  # type: ignore[arg-type]
+                    length=len(prompt))
+
+    head = list(range(100, 100 + SHARED_MIN))
+    rows = [row(0, [1, 2, 3]), row(1, [*head, 7, 8]), row(2, [5, *head]), row(3, [*head, 7]), row(4, [*head, 9, 9, 9]),
+            row(5, [*head, 4, 4, 4, 4]), row(6, [9, 9]), row(7, [*head, 8], temperature=0.7)]
+    groups = shared_groups(rows)
+    # a sampled row is never shared (its seeded text must not depend on last-bit differences)
+    assert [(p, [r.index for r in g]) for p, g in groups] == [(0, [0, 2, 6, 7]), (SHARED_MIN, [3, 1, 4, 5])]
+    assert shared_groups(rows[-1:]) == [(0, rows[-1:])]
+    # never the whole of a prompt: the last token's logits come from the prefill
+    twins = [row(0, [*head, 5]), row(1, [*head, 5]), row(2, [*head, 5, 1])]
+    assert [(p, sorted(r.index for r in g)) for p, g in shared_groups(twins)] == [(SHARED_MIN, [0, 1, 2])]
+    short = [row(0, head[:-2] + [1]), row(1, head[:-2] + [2])]  # common prefix one token below the minimum
+    assert [(p, [r.index for r in g]) for p, g in shared_groups(short)] == [(0, [0, 1])]
+
+
+@pytest.mark.parametrize("max_rows,lanes", [(16, 1), (5, 2)])
+def test_shared_prefix_greedy_matches_generate(tiny, max_rows: int, lanes: int) -> None:
+    """Prompts behind two few-shot templates: each template's prefix is prefilled once and copied to its
+    rows; in float32 every row's greedy tokens are plain `generate`'s for that prompt alone (but for true
+    ties, logits within 1e-4), as are those of the prompts without a template."""
+    model, tok = tiny
+    prompts = few_shot_prompts(tok)
+    dec = Counting(model, eos_ids=[tok.eos_token_id], max_rows=max_rows, lanes=lanes)
+    got = dec.run([Job(p, Sampling(temperature=0, max_tokens=12), 0) for p in prompts])
+    assert len(dec.prefixes) >= 2 and min(dec.prefixes) >= SHARED_MIN, dec.prefixes
+    for p, ids in zip(prompts, got, strict=True):
+        expected = plain_generate(model, tok, p, 12)
+        assert ids == expected or first_divergence_is_a_tie(model, p, ids, expected, tol=1e-4), (p, ids, expected)
+
+
+def test_prefill_after_a_shared_prefix_gives_the_full_prefills_logits(tiny, tiny_gemma) -> None:
+    """The last-token logits of prompts prefilled after their shared prefix equal those of the whole
+    prompts prefilled from position 0, within 1e-4 in float32 (logits of the tiny models are of order
+    10; only the order of float32 sums differs). Also for Gemma 3 with a window shorter than the prefix."""
+    from pipeline.teachers.fast_decode import _Lane
+
+    model, tok = tiny
+    prompts = encode(tok, [FEW_SHOT + t for t in SENTENCES])
+    shared = min(len(p) for p in prompts) - 1
+    while len({tuple(p[:shared]) for p in prompts}) > 1:
+        shared -= 1
+    assert shared >= SHARED_MIN
+    for m in (model, tiny_gemma()):
+        dec = FastDecoder(m, eos_ids=[tok.eos_token_id], lanes=1)
+        whole, split = _Lane(len(prompts)), _Lane(len(prompts))
+        for lane in (whole, split):
+            dec._ensure_capacity(lane, max(map(len, prompts)) + 1)
+        full = dec._prefill(whole, 0, prompts)
+        after = dec._prefill(split, 0, [p[shared:] for p in prompts], dec._prefix(prompts[0][:shared]))
+        assert (full - after).abs().max() <= 1e-4
+        for (k1, v1), (k2, v2) in zip(whole.cache, split.cache, strict=True):  # the same cache for decoding
+            for i, p in enumerate(prompts):
+                assert (k1[i, :, :len(p)] - k2[i, :, :len(p)]).abs().max() <= 1e-4
+                assert (v1[i, :, :len(p)] - v2[i, :, :len(p)]).abs().max() <= 1e-4
+
+
+def test_shared_prefix_gemma3_greedy_matches_generate(tiny, tiny_gemma) -> None:
+    """Gemma 3 with sliding layers whose window is shorter than the shared prefix: the rest of each
+    prompt sees only the window's part of the prefix, as in `generate`."""
+    _, tok = tiny
+    model = tiny_gemma()
+    prompts = few_shot_prompts(tok)
+    dec = Counting(model, eos_ids=[tok.eos_token_id], max_rows=16, lanes=1)
+    got = dec.run([Job(p, Sampling(temperature=0, max_tokens=10), 0) for p in prompts])
+    assert dec.prefixes and min(dec.prefixes) > GEMMA_WINDOW
+    for p, ids in zip(prompts, got, strict=True):
+        expected = plain_generate(model, tok, p, 10)
+        assert ids == expected or first_divergence_is_a_tie(model, p, ids, expected, tol=1e-4), (p, ids, expected)
+
+
+@with_kernels
+def test_shared_prefix_bfloat16_kernel_path_picks_float32_near_favourites(tiny) -> None:
+    """bfloat16 with the C attention reading the copied prefix: every greedy pick is one the same
+    weights in float32 rate within SHARED_BF16_GAP of their favourite (as for the unshared path above)."""
+    import copy
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = tiny
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=192, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=512,
+                         initializer_range=0.2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    model32 = copy.deepcopy(model).float()
+    prompts = few_shot_prompts(tok)
+    dec = Counting(model, eos_ids=[tok.eos_token_id], max_rows=8, lanes=1)
+    assert dec.kernel is not None
+    outs = dec.run([Job(p, Sampling(temperature=0, max_tokens=12), 0) for p in prompts])
+    assert dec.prefixes
+    gaps = [g for p, ids in zip(prompts, outs, strict=True) for g in float32_gaps(model32, p, ids)]
+    assert max(gaps) <= SHARED_BF16_GAP, max(gaps)
+
+
+# These prompts are three times as long as those of the unshared bf16 tests: on an AMD EPYC (avx512_bf16)
+# the largest gap was 0.66 with the shared prefix and the same 0.66 without it (both attention paths);
+# a prefix left out of the cache, or copied to the wrong positions, gives gaps of several units.
+SHARED_BF16_GAP = 1.0
 
 
 # ---------------------------------------------------------------- the embedded model

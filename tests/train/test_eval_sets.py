@@ -191,11 +191,35 @@ def test_length_sorted_nll_equals_the_plain_pass(tiny_folder: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
     rows = [{"id": r["id"], "messages": to_messages(r["instruction"], r["input"], r["output"])} for r in ROWS]
     plain = answer_nll(model, tok, rows, batch_size=1)
-    for budget in (1, 40, 10_000):  # one row per batch, a few, all at once
-        fast = reference_nll(model, tok, rows, token_budget=budget)
+    for budget, lanes in ((1, 2), (40, 1), (40, 3), (10_000, 2)):  # one row per batch, a few, all at once
+        fast = reference_nll(model, tok, rows, token_budget=budget, lanes=lanes)
         assert [n for _, n in fast] == [n for _, n in plain]
         for (a, _), (b, _) in zip(fast, plain, strict=True):
             assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_nll_of_a_model_the_engine_does_not_run_takes_the_decoder_path(tiny_folder: Path) -> None:
+    """A Llama with attention biases is not the fast engine's: its length-sorted NLL comes from the
+    model's own decoder, and still equals the plain pass."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from train.eval_passes import answer_nll, fast_supported, reference_nll
+    from train.format import setup_tokenizer, to_messages
+
+    tok = AutoTokenizer.from_pretrained(tiny_folder)
+    setup_tokenizer(tok, "chat")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         attention_bias=True)).eval()
+    assert not fast_supported(model)
+    rows = [{"id": r["id"], "messages": to_messages(r["instruction"], r["input"], r["output"])} for r in ROWS]
+    plain = answer_nll(model, tok, rows, batch_size=1)
+    fast = reference_nll(model, tok, rows, token_budget=40)
+    assert [n for _, n in fast] == [n for _, n in plain]
+    for (a, _), (b, _) in zip(fast, plain, strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
 
 
 # ---------------------------------------------------------------- judging in both orders
@@ -227,3 +251,29 @@ def test_length_controlled_win_rate_of_a_length_biased_judge() -> None:
     s = summarize_both(judge_both_orders(ScriptedJudge("noisy"), items))
     assert s["win_rate"] == pytest.approx(26 / 40)
     assert s["length_controlled_win_rate"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.slow
+def test_embedded_model_bfloat16_nll_through_the_engine_matches_the_decoder() -> None:
+    """The embedded model in bfloat16 on 32 general-set tasks: per-example NLL through the fast engine's
+    lanes and through the model's own decoder (one batch shape for both) agree within 2% of each
+    example's NLL, and their means within 0.5%: room for bfloat16 rounding on other CPUs (identical here, AMD EPYC)."""
+    from pipeline.io.models import EMBEDDED_ALIAS, load_model, load_tokenizer, resolve_model
+    from train.eval_passes import fast_supported, reference_nll
+    from train.eval_sets import load_heldout
+    from train.format import setup_tokenizer
+    from train.general_set import GENERAL_PATH
+
+    ref = resolve_model(EMBEDDED_ALIAS)
+    model, tok = load_model(ref, dtype="bfloat16", device="cpu"), load_tokenizer(ref)
+    setup_tokenizer(tok, "auto")
+    rows = load_heldout(GENERAL_PATH)[:32]
+    assert fast_supported(model)
+    engine = reference_nll(model, tok, rows, lanes=2)
+    model.config.attention_bias = True  # the engine refuses it, so the same weights take the decoder path
+    assert not fast_supported(model)
+    decoder = reference_nll(model, tok, rows)
+    assert [n for _, n in engine] == [n for _, n in decoder]
+    for (a, n), (b, _) in zip(engine, decoder, strict=True):
+        assert a / n == pytest.approx(b / n, rel=0.02)
+    assert sum(a for a, _ in engine) == pytest.approx(sum(b for b, _ in decoder), rel=0.005)

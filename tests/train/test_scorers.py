@@ -48,9 +48,28 @@ def reference_loss(model, prefix: list[int], answer: list[int]) -> float:
     return -sum(float(logp[len(prefix) - 1 + k, t]) for k, t in enumerate(answer)) / len(answer)
 
 
-def test_ifd_matches_an_unbatched_float64_reference(tiny) -> None:
+@pytest.mark.parametrize("path", ["engine, 2 lanes", "engine, 1 lane", "decoder"])
+def test_ifd_matches_an_unbatched_float64_reference(tiny, path: str) -> None:
+    """Through the fast engine's prefill in lanes (a plain Llama) or the model's own decoder (the same
+    weights with attention biases declared, which the engine refuses): the same losses."""
+    import copy
+
+    from train.eval_passes import fast_supported
+    from train.scorers import loss_ratios
+
     model, tok = tiny
+    if path == "decoder":
+        model = copy.deepcopy(model)
+        model.config.attention_bias = True
+    assert fast_supported(model) == path.startswith("engine")
+    seqs = [ifd_sequences(tok, r) for r in RECORDS]
+    pairs = loss_ratios(model, tok, seqs, batch_size=3, lanes=1 if path == "engine, 1 lane" else 2)
     got = ifd_scores(model, tok, RECORDS, batch_size=3)
+    for res, (given, alone) in zip(got, pairs, strict=True):  # the lanes' thread counts may round differently
+        assert (res["loss_given_prompt"], res["loss_alone"]) == (pytest.approx(given, rel=1e-5),
+                                                                  pytest.approx(alone, rel=1e-5))
+    got = [{"loss_given_prompt": given, "loss_alone": alone, "value": given / alone,
+            "answer_tokens": res["answer_tokens"]} for res, (given, alone) in zip(got, pairs, strict=True)]
     for rec, res in zip(RECORDS, got, strict=True):
         prompt, empty, answer = ifd_sequences(tok, rec)
         given, alone = reference_loss(model, prompt, answer), reference_loss(model, empty, answer)
