@@ -106,8 +106,6 @@ def _check_value(obj: Any, path: Path, line: int | None, *, surrogates: bool) ->
     """Refuse what json.loads accepts but sift cannot use: nesting deeper than MAX_DEPTH (each later
     step that walks the value would hit Python's recursion limit), and a lone surrogate from a
     `\\ud800` escape, which no UTF-8 file can hold, so writing the record would fail."""
-    if not surrogates and isinstance(obj, dict) and not any(isinstance(v, dict | list) for v in obj.values()):
-        return  # a flat record (most lines): nothing nested, and no escape to check
     stack: list[tuple[Any, str | None, str | None, int]] = [(obj, None, None, 0)]  # value, field, top field, depth
     while stack:
         value, where, top, depth = stack.pop()
@@ -133,7 +131,9 @@ def _loads(text: str, path: Path, line: int | None) -> Any:
     except RecursionError:
         raise SiftError(f"nested deeper than {MAX_DEPTH} levels", path=path, line=line,
                         field=_too_deep_field(text)) from None
-    _check_value(obj, path, line, surrogates=bool(_ESCAPED_SURROGATE.search(text)))
+    surrogates = bool(_ESCAPED_SURROGATE.search(text))
+    if surrogates or text.count("{") > 1 or "[" in text:  # else a flat object (most lines): nothing to walk
+        _check_value(obj, path, line, surrogates=surrogates)
     return obj
 
 
