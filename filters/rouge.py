@@ -29,9 +29,9 @@ popcount(mask_a XOR mask_b) <= |a| + |b| - 2 need. Candidate pairs come from pre
 (`_PrefixIndex`): with all features in one order, rarest first, two texts sharing need features
 share one among the first |a| - need + 1 features of a and the first |b| - need + 1 of b. Every pool
 text is listed under its first few features (enough for its shortest possible partner), with its
-64-bit mask; a block's candidates probe the lists of their own first few features, one broadcast
-XOR and popcount per (feature, candidates x list) rectangle, and the survivors are cut to the exact
-length, position, 64-bit and 256-bit bounds; only the pairs still left get an LCS (rapidfuzz
+64-bit mask; a block's candidates probe the lists of their own first few features, every listed
+text is tested on the masks and cut to the exact length, position, 64-bit and 256-bit bounds in one
+compiled loop (filters/rouge_kernel.py), and only the pairs still left get an LCS (rapidfuzz
 `cpdist`). Candidates of one block are compared with each other by the former search, kept
 behind SEARCH = "scan": the pool sorted by token count, each candidate tested against the slice of
 feasible lengths on the 64-bit masks (numpy, 8 candidates x 8,192 texts per call), the survivors on
@@ -42,7 +42,7 @@ Cost model (N = final pool size, M = candidates, T = tokens per text):
 - tokenising and encoding: O((N + M) * T) Python work, once per text (`findall` on the lower-cased
   text, the same tokens as rouge_score's tokenizer); the masks and the length-sorted view of the pool
   are built with numpy once per block.
-- dedup only (top_k=0): one mask test (1 to 3 ns) per candidate and pool text that lists one of the
+- dedup only (top_k=0): one mask test (0.2 to 1.5 ns, compiled) per candidate and pool text that lists one of the
   candidate's first features: a fixed share of the pool, so still quadratic, but on
   bench/synthetic.py's small vocabulary about a tenth of the former search's M * N tests (minus the
   pairs whose lengths rule them out); plus B**2 / 2 tests within each block of B candidates and an
@@ -76,7 +76,6 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Indel
-from rouge_score import tokenize as rouge_tokenize
 
 if TYPE_CHECKING:
     from datasketch import MinHash
@@ -113,10 +112,14 @@ def tokenize(text: str, *, use_stemmer: bool = False) -> list[str]:
 
     Without stemming, rouge_score lower-cases, replaces every run outside [a-z0-9] by a space, splits
     on white space and drops empty tokens: that is exactly the runs of [a-z0-9] in the lower-cased
-    text, which one `findall` returns three times faster (tests check it against rouge_score's)."""
+    text, which one `findall` returns three times faster (tests check it against rouge_score's). With
+    stemming it then stems each token of more than 3 characters and drops what is no longer a run of
+    [a-z0-9], as rouge_score does after its own split."""
+    tokens = _TOKEN.findall(text.lower())
     if not use_stemmer:
-        return _TOKEN.findall(text.lower())
-    return rouge_tokenize.tokenize(text, _stemmer(use_stemmer))
+        return tokens
+    stem = _stemmer(use_stemmer).stem
+    return [s for s in (stem(t) if len(t) > 3 else t for t in tokens) if _TOKEN.fullmatch(s)]
 
 
 def score_from_lcs(lcs: int, target_len: int, prediction_len: int) -> float:
@@ -260,8 +263,6 @@ class _Vocab:
 FEATURE_BITS = 21  # a feature is a (token code, occurrence) pair: code + (occurrence << 21); codes < 0x110000
 KNOWN = 1 << 62  # order keys of the features ranked at the last refresh come after every feature key (< 2**62
 # unless a text has 2**41 tokens)
-DENSE_CELLS = 1024  # a feature's (query rows x pool list) rectangle this large is tested by broadcasting
-DENSE_CHUNK = 1 << 17  # cells per broadcast (fits in L2)
 REFRESH_GROWTH = 4  # the rarity order is recomputed, and the lists rebuilt, each time the pool grows 4 times
 REFRESH_MIN = 256  # ... and not before it has REFRESH_GROWTH times this many texts
 PARALLEL_ROWS = 64  # query rows from which the search is split across threads
@@ -281,6 +282,15 @@ def _distinct(sorted_values: np.ndarray) -> np.ndarray:
     if not len(sorted_values):
         return np.empty(0, dtype=np.int64)
     return np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+
+
+@functools.cache
+def _kernel():  # noqa: ANN202 (a module)
+    """filters.rouge_kernel, imported on first use: numba's import and the kernel's load take about a
+    second, which only a dedup pass should pay."""
+    from filters import rouge_kernel
+
+    return rouge_kernel
 
 
 def _fold(masks: np.ndarray) -> np.ndarray:
@@ -307,10 +317,6 @@ def _features(chars: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return owner, codes + (copy << FEATURE_BITS)
 
 
-def _scratch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return np.empty(DENSE_CHUNK, np.uint64), np.empty(DENSE_CHUNK, np.uint8), np.empty(DENSE_CHUNK, bool)
-
-
 class _PrefixIndex:
     """Pool texts listed under their rarest features: the candidate pairs of the dedup pass.
 
@@ -322,8 +328,8 @@ class _PrefixIndex:
     listing every pool text under its first `plen(m) = m - need(m, lo(m)) + 1` features and probing
     the lists of a query's first plen(n) features finds every pair that may reach the cutoff; a hit
     whose query feature lies beyond n - need(n, m) is dropped, as is every pair that fails the mask
-    bound of `RougeIndex._candidates` (the lists carry each text's 64-bit mask, so most of that test
-    runs as one broadcast XOR and popcount per (feature, query rows x list) rectangle).
+    bound of `RougeIndex._candidates` (the lists carry each text's 64-bit mask, so that test reads
+    the list only; filters/rouge_kernel.py runs it).
 
     The order is fixed between refreshes: the rarity (pool document frequency) of every feature seen
     at the last refresh; features first seen since then count as rarer than all of those (they are),
@@ -355,7 +361,6 @@ class _PrefixIndex:
         self._plen = np.zeros(0, dtype=np.int64)  # by token count: prefix length
         self._fl = np.zeros(0, dtype=np.int64)  # by token count: min(64, floor((1 - cutoff) n))
         self._need_s = np.zeros(0, dtype=np.int64)  # by n + m: need(n, m)
-        self._scratch = [_scratch()]  # one per thread
         self._pool: ThreadPoolExecutor | None = None
 
     # -- tables and the feature dictionary
@@ -503,26 +508,25 @@ class _PrefixIndex:
         lens: np.ndarray,
         rows: np.ndarray,
         p_masks: np.ndarray,
-        p64: np.ndarray,
         p_lens: np.ndarray,
         workers: int = 1,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(query row, pool position) of every pair, a query of `rows` against the pool, that may reach
         the cutoff, once each: a superset of them, cut by the same bounds as `RougeIndex._candidates`.
-        p_masks, p64, p_lens: the pool's 256-bit masks, their 64-bit folds, token counts. workers:
-        threads, each taking every workers-th query row through the whole search (numpy releases the
-        GIL inside its array operations; the index is only read here)."""
+        p_masks, p_lens: the pool's 256-bit masks and token counts. workers:
+        threads, each taking every workers-th query row through the whole search (the compiled kernel
+        releases the GIL for its whole call; the index is only read here)."""
         empty = np.empty(0, dtype=np.int64)
         if not len(rows) or not self._live:
             return empty, empty
         self._tables(int(lens.max()))
         parts = [rows[w::workers] for w in range(workers)] if len(rows) >= PARALLEL_ROWS else [rows]
-        args = (chars, q_masks, lens, p_masks, p64, p_lens)
+        args = (chars, q_masks, lens, p_masks, p_lens)
         if len(parts) > 1:
             pool = self._threads(len(parts))
-            found = list(pool.map(lambda part, scratch: self._search(part, scratch, *args), parts, self._scratch))
+            found = list(pool.map(lambda part: self._search(part, *args), parts))
         else:
-            found = [self._search(rows, self._scratch[0], *args)]
+            found = [self._search(rows, *args)]
         q = np.concatenate([f[0] for f in found])
         p = np.concatenate([f[1] for f in found])
         return q, p
@@ -530,15 +534,13 @@ class _PrefixIndex:
     def _search(
         self,
         rows: np.ndarray,
-        scratch: tuple[np.ndarray, ...],
         chars: Sequence[str],
         q_masks: np.ndarray,
         lens: np.ndarray,
         p_masks: np.ndarray,
-        p64: np.ndarray,
         p_lens: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """`candidates` for some query rows, in one thread (scratch: its buffers)."""
+        """`candidates` for some query rows, in one thread (the kernel releases the GIL)."""
         empty = np.empty(0, dtype=np.int64)
         owner, keys = _features([chars[r] for r in rows.tolist()])
         o, ids, at = self._prefix(owner, keys, self._ids_of(keys), lens[rows])
@@ -547,87 +549,23 @@ class _PrefixIndex:
         o, ids, at = o[listed], ids[listed], at[listed]
         if not len(ids):
             return empty, empty
-        q = rows[o]
-        q64 = _fold(q_masks)
-        qterm = (self._fl[lens] + 65).astype(np.uint8)  # popcount + (64 - fl(m)) <= fl(n) + 1 + 64
         s = np.argsort(ids, kind="stable")  # incidences (query row, feature) grouped by feature
-        q, ids, at = q[s], ids[s], at[s]
+        q, ids, at = rows[o][s], ids[s], at[s]
         first = _distinct(ids)
         counts = np.diff(np.r_[first, len(ids)])
-        fills = self._fill[ids[first]]
-        dense = counts * fills >= DENSE_CELLS
-        hit_inc, hit_pos = [], []
-        small = ~np.repeat(dense, counts)
-        if small.any():
-            inc = np.flatnonzero(small)
-            fill = self._fill[ids[inc]]
-            total = int(fill.sum())
-            rep = np.repeat(inc, fill)
-            cell = np.repeat(self._start[ids[inc]] - (np.cumsum(fill) - fill), fill) + np.arange(total)
-            count = np.bitwise_count(q64[q[rep]] ^ self._mask[cell])
-            count += self._cterm[cell]
-            ok = np.flatnonzero(count <= qterm[q[rep]])
-            hit_inc.append(rep[ok])
-            hit_pos.append(self._pos[cell[ok]])
-        for g in np.flatnonzero(dense).tolist():
-            a, z = int(first[g]), int(first[g] + counts[g])
-            self._rectangle(q64[q[a:z]], qterm[q[a:z]], int(ids[a]), a, scratch, hit_inc, hit_pos)
-        if not hit_inc:
-            return empty, empty
-        inc, p = np.concatenate(hit_inc), np.concatenate(hit_pos).astype(np.int64)
-        q, at = q[inc], at[inc]
-        n, m = lens[q], p_lens[p]
-        need = self._need_s[n + m]  # need(n, m) depends on n + m only
-        allowed = n + m - 2 * need
-        keep = (need <= np.minimum(n, m)) & (at <= n - need)
-        q, p, allowed = q[keep], p[keep], allowed[keep]
-        keep = np.bitwise_count(q64[q] ^ p64[p]) <= allowed
-        q, p, allowed = q[keep], p[keep], allowed[keep]
-        xor = sum(np.bitwise_count(q_masks[q, w] ^ p_masks[p, w]).astype(np.int64) for w in range(MASK_WORDS))
-        keep = xor <= allowed
-        pair = np.sort(q[keep] * len(p_lens) + p[keep])
+        groups = np.stack([first, counts, self._start[ids[first]], self._fill[ids[first]]], axis=1)
+        slab = (self._mask, self._cterm, self._pos)
+        kernel = _kernel()
+        tables = (self._fl, self._need_s)
+        q, p = kernel.probe(q, at, groups, slab, q_masks, lens, tables, p_masks, p_lens, kernel.TILE)
+        pair = np.sort(q * len(p_lens) + p)  # a pair found through several features: once
         pair = pair[_distinct(pair)]
         return pair // len(p_lens), pair % len(p_lens)
 
     def _threads(self, count: int) -> ThreadPoolExecutor:
-        while len(self._scratch) < count:
-            self._scratch.append(_scratch())
         if self._pool is None or self._pool._max_workers < count:
             self._pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="rouge-prefix")
         return self._pool
-
-    def _rectangle(
-        self,
-        q64: np.ndarray,
-        qterm: np.ndarray,
-        feature: int,
-        offset: int,
-        scratch: tuple[np.ndarray, ...],
-        hit_inc: list,
-        hit_pos: list,
-    ) -> None:
-        """Broadcast test of query rows (masks q64) against one feature's whole list, in chunks that
-        reuse the same scratch (fresh large arrays would cost a page fault per 4 KB)."""
-        a, z = int(self._start[feature]), int(self._start[feature] + self._fill[feature])
-        rows = len(q64)
-        width = max(1, DENSE_CHUNK // rows)
-        xor_buf, count_buf, ok_buf = scratch
-        q64, qterm = q64[:, None], qterm[:, None]
-        for c0 in range(a, z, width):
-            c1 = min(z, c0 + width)
-            cells = rows * (c1 - c0)
-            xor = xor_buf[:cells].reshape(rows, c1 - c0)
-            count = count_buf[:cells].reshape(rows, c1 - c0)
-            ok = ok_buf[:cells].reshape(rows, c1 - c0)
-            np.bitwise_xor(q64, self._mask[None, c0:c1], out=xor)
-            np.bitwise_count(xor, out=count)
-            np.add(count, self._cterm[None, c0:c1], out=count)
-            np.less_equal(count, qterm, out=ok)
-            hit = np.flatnonzero(ok)
-            if len(hit):
-                r, c = np.divmod(hit, c1 - c0)
-                hit_inc.append(offset + r)
-                hit_pos.append(self._pos[c0 + c])
 
 
 def rouge_l(a: str, b: str, *, use_stemmer: bool = False) -> float:
@@ -756,7 +694,6 @@ class RougeIndex:
         self._pruned = top_k == 0 and prefilter is None  # the dedup pass, pruned by lengths and masks
         self._masked_upto = 0  # pool positions below this are in the masks and the length view
         self._masks = np.zeros((1024, MASK_WORDS), dtype=np.uint64)  # per pool position
-        self._masks64 = np.zeros(1024, dtype=np.uint64)  # their 64-bit folds
         self._scan_buffers = tuple(np.empty(SCAN_ROWS * SCAN_COLUMNS, dtype=t) for t in (np.uint64, np.uint8, bool))
         self._by_length = _ByLength.build(*(np.empty(0, dtype=t) for t in (np.int64, np.uint64, np.int64)))
         self._prefix = _PrefixIndex(self._cutoff) if SEARCH == "prefix" else None
@@ -864,8 +801,6 @@ class RougeIndex:
             grown[:start] = self._masks[:start]
             self._masks = grown
         self._masks[start:n] = masks
-        self._masks64 = _grown(self._masks64, n)
-        self._masks64[start:n] = _fold(masks)
         self._masked_upto = n
         if self._prefix is not None:
             self._prefix.add(self._chars[start:n], start, self._masks, self._lens)
@@ -987,7 +922,7 @@ class RougeIndex:
         masks = _masks(chars)
         if self._prefix is not None:
             threads = self.workers if self.workers > 0 else os.cpu_count() or 1
-            q, b = self._prefix.candidates(chars, masks, lens, rows, self._masks, self._masks64, self._lens, threads)
+            q, b = self._prefix.candidates(chars, masks, lens, rows, self._masks, self._lens, threads)
         else:
             q, b = self._candidates(chars, masks, lens, rows, self._by_length, self._chars, self._masks, self._lens)
         q, b, scores = self._verify(chars, lens, q, self._chars, self._lens, b)

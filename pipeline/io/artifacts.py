@@ -131,7 +131,9 @@ def _loads(text: str, path: Path, line: int | None) -> Any:
     except RecursionError:
         raise SiftError(f"nested deeper than {MAX_DEPTH} levels", path=path, line=line,
                         field=_too_deep_field(text)) from None
-    _check_value(obj, path, line, surrogates=bool(_ESCAPED_SURROGATE.search(text)))
+    surrogates = bool(_ESCAPED_SURROGATE.search(text))
+    if surrogates or text.count("{") > 1 or "[" in text:  # else a flat object (most lines): nothing to walk
+        _check_value(obj, path, line, surrogates=surrogates)
     return obj
 
 

@@ -24,6 +24,9 @@ TIE_B = "one two three four five six seven x y z w"  # 11 tokens, LCS 7: 2*7/20 
 WORDS = ["write", "a", "poem", "about", "the", "sea", "list", "three", "ideas", "for", "dinner", "explain", "Ünïcode"]
 word_texts = st.lists(st.sampled_from(WORDS), max_size=14).map(" ".join)
 odd_texts = st.text(alphabet=st.sampled_from(list("ab c!?.,:-\n\tÉé日本ß0123")), max_size=30)
+STEM_WORDS = ["ies", "sses", "running", "studies", "generously", "happiness", "agreed", "x1", "feed", "Caresses",
+              "relational", "ponies", "café", "ÉTUDES", "flying", "2024s", "sing", "hopeful", "electriciti"]
+unicode_texts = st.text(max_size=40)  # any code point: case mappings, digits of other scripts, surrogates
 texts = st.one_of(word_texts, odd_texts, st.sampled_from(["", "   ", "!!!", "日本語のテキスト", TIE_A, TIE_B]))
 
 SPECIAL = [
@@ -77,6 +80,15 @@ def test_rouge_l_equals_rouge_score_on_mixed_pairs() -> None:
 
 def test_stemmed_tokens_are_rouge_scores_own() -> None:
     text = "Generating better instructions, studies and running jokes"
+    assert tokenize(text, use_stemmer=True) == STEMMER._tokenizer.tokenize(text)
+    assert tokenize(text) == SCORER._tokenizer.tokenize(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=texts | st.lists(st.sampled_from(STEM_WORDS), max_size=12).map(" ".join) | unicode_texts)
+def test_tokens_equal_rouge_scores_own_hypothesis(text: str) -> None:
+    """Stemming runs on sift's own split (each token of more than 3 characters, then only runs of
+    [a-z0-9] kept): the same tokens as rouge_score's tokenizer, with and without the stemmer."""
     assert tokenize(text, use_stemmer=True) == STEMMER._tokenizer.tokenize(text)
     assert tokenize(text) == SCORER._tokenizer.tokenize(text)
 
@@ -233,7 +245,7 @@ def test_length_bounds_are_tight_but_safe(threshold: float) -> None:
 
 # -- the dedup pass's pruning (top_k=0): exact, never cuts a pair that could reach the cutoff -----------------
 
-unicode_texts = st.text(max_size=40)  # any code point: case mappings, digits of other scripts, surrogates
+
 
 
 @settings(max_examples=300, deadline=None)

@@ -2,8 +2,9 @@
 
 The search must never miss a pair that reaches the cutoff; these tests run it on texts made to be
 hard for it (exact ties at 0.7, empty token lists, a token repeated many times, non-ASCII text, texts
-of hundreds of tokens), through both ways a feature's list is tested (broadcast rectangles and index
-expansion), with the rarity order recomputed every few texts and lists outgrowing their room.
+of hundreds of tokens), with a feature's list tested in one tile or in tiles of 3 entries (the
+compiled kernel's loop order), the rarity order recomputed every few texts and lists outgrowing
+their room.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 import filters.rouge as rouge
+import filters.rouge_kernel as rouge_kernel
 from filters.rouge import RougeIndex, rouge_l
 from tests.filters.reference import near_duplicate
 from tests.filters.test_rouge import TIE_A, TIE_B, assert_same_as_reference
@@ -52,9 +54,9 @@ def _exact_ties(rng: random.Random) -> list[str]:
     return out
 
 
-@pytest.fixture(params=["broadcast", "expansion"])
+@pytest.fixture(params=["one tile", "tiles of 3"])
 def lists_tested_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setattr(rouge, "DENSE_CELLS", 1 if request.param == "broadcast" else 1 << 40)
+    monkeypatch.setattr(rouge_kernel, "TILE", 1 << 20 if request.param == "one tile" else 3)
     monkeypatch.setattr(rouge, "REFRESH_MIN", 4)  # re-rank and rebuild after 16, 64, 256 ... texts
     return request.param
 
