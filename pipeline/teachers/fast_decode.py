@@ -156,6 +156,21 @@ def _wait_all(ended: list[threading.Event]) -> None:
                 continue
 
 
+def _run_lanes(work: Callable[[int], None], ended: list[threading.Event], stop: threading.Event, name: str) -> None:
+    """work(k) for each lane k, each in its own daemon thread, and wait until all have ended; `stop` is
+    set on the way out (an interrupt in this thread stops the lanes at their next step), and every
+    lane that started is waited for (`_wait_all`)."""
+    workers = [threading.Thread(target=work, args=(k,), name=f"{name}-{k}", daemon=True) for k in range(len(ended))]
+    try:
+        for w in workers:
+            w.start()
+        for e in ended:
+            e.wait()
+    finally:
+        stop.set()
+        _wait_all([e for w, e in zip(workers, ended, strict=True) if w.ident is not None])
+
+
 def _llama(c: Any) -> bool:
     """Plain Llama: no biases, default RoPE, SiLU, no tensor-parallel slicing."""
     rope = (getattr(c, "rope_parameters", None) or {}).get("rope_type", "default")
@@ -482,16 +497,7 @@ class FastDecoder:
         if count == 1:
             work(0)
         else:
-            workers = [threading.Thread(target=work, args=(k,), name=f"sift-states-{k}", daemon=True)
-                       for k in range(count)]
-            try:
-                for w in workers:
-                    w.start()
-                for e in ended:
-                    e.wait()
-            finally:
-                stop.set()
-                _wait_all([e for w, e in zip(workers, ended, strict=True) if w.ident is not None])
+            _run_lanes(work, ended, stop, "sift-states")
         if errors:
             raise errors[0]
         return out
@@ -532,16 +538,7 @@ class FastDecoder:
             finally:
                 ended[k].set()
 
-        workers = [threading.Thread(target=work, args=(k,), name=f"sift-decode-{k}", daemon=True)
-                   for k in range(lanes)]
-        try:
-            for w in workers:
-                w.start()
-            for e in ended:
-                e.wait()
-        finally:
-            stop.set()  # an interrupt in this thread stops the lanes at their next step
-            _wait_all([e for w, e in zip(workers, ended, strict=True) if w.ident is not None])
+        _run_lanes(work, ended, stop, "sift-decode")
         if errors:
             raise errors[0]
         return results

@@ -267,6 +267,22 @@ def test_lanes_report_every_job_once_and_pass_errors_on(tiny) -> None:
         dec.run(jobs, on_finish=boom)
 
 
+def bf16_llama_and_float32_copy(tok):  # noqa: ANN001, ANN201
+    """A small random bfloat16 Llama with SmolLM2's head shape (head_dim 64, 3 query heads per key-value
+    head), and the same (bf16-rounded) weights in float32 arithmetic."""
+    import copy
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=192, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=512,
+                         initializer_range=0.2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    return model, copy.deepcopy(model).float()
+
+
 @with_kernels
 def test_bfloat16_kernel_path_agrees_with_torch_attention(tiny) -> None:
     """In bfloat16 the C attention (and the C sampler candidates) replace torch's. Which greedy token
@@ -274,18 +290,8 @@ def test_bfloat16_kernel_path_agrees_with_torch_attention(tiny) -> None:
     instead every token either path picks must be one the same weights in float32 rate within
     TINY_BF16_GAP of their favourite at that step (teacher-forced along the path's own text), on a
     small random Llama with SmolLM2's head shape (head_dim 64, 3 query heads per key-value head)."""
-    import copy
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     _, tok = tiny
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=192, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=512,
-                         initializer_range=0.2, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
-    model32 = copy.deepcopy(model).float()  # the same (bf16-rounded) weights, float32 arithmetic
+    model, model32 = bf16_llama_and_float32_copy(tok)
     prompts = encode(tok, PROMPTS + SENTENCES)
     jobs = [Job(p, Sampling(temperature=0, max_tokens=12), 0) for p in prompts]
     fast = FastDecoder(model, eos_ids=[tok.eos_token_id], max_rows=4, lanes=1)
@@ -576,18 +582,8 @@ def test_shared_prefix_gemma3_greedy_matches_generate(tiny, tiny_gemma) -> None:
 def test_shared_prefix_bfloat16_kernel_path_picks_float32_near_favourites(tiny) -> None:
     """bfloat16 with the C attention reading the copied prefix: every greedy pick is one the same
     weights in float32 rate within SHARED_BF16_GAP of their favourite (as for the unshared path above)."""
-    import copy
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     _, tok = tiny
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=192, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=512,
-                         initializer_range=0.2, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
-    model32 = copy.deepcopy(model).float()
+    model, model32 = bf16_llama_and_float32_copy(tok)
     prompts = few_shot_prompts(tok)
     dec = Counting(model, eos_ids=[tok.eos_token_id], max_rows=8, lanes=1)
     assert dec.kernel is not None
