@@ -42,7 +42,7 @@ Cost model (N = final pool size, M = candidates, T = tokens per text):
 - tokenising and encoding: O((N + M) * T) Python work, once per text (`findall` on the lower-cased
   text, the same tokens as rouge_score's tokenizer); the masks and the length-sorted view of the pool
   are built with numpy once per block.
-- dedup only (top_k=0): one mask test (0.2 to 1.5 ns, compiled) per candidate and pool text that lists one of the
+- dedup only (top_k=0): one mask test (0.35 to 1.3 ns, compiled) per candidate and pool text that lists one of the
   candidate's first features: a fixed share of the pool, so still quadratic, but on
   bench/synthetic.py's small vocabulary about a tenth of the former search's M * N tests (minus the
   pairs whose lengths rule them out); plus B**2 / 2 tests within each block of B candidates and an

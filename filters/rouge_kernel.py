@@ -62,9 +62,10 @@ def probe(
         grouped by feature; groups: (first incidence, incidence count, list start, list fill) per
         feature. slab: the lists' (64-bit mask, 64 - fl(m), pool position) arrays. q_masks: the
         block's 256-bit masks (rows x 4), lens its token counts. tables: (fl by token count, need by
-        n + m). p_masks, p_lens: the pool's 256-bit masks and token counts. tile: list entries tested
-        against every query of the feature before the next ones (TILE; tests use small ones). A pair is listed once per
-        feature it is found through; the caller removes repeats."""
+        n + m). p_masks, p_lens: the pool's 256-bit masks and token counts (masks of any word count,
+        the same for both). tile: list entries tested against every query of the feature before the
+        next ones (TILE; tests use small ones). A pair is listed once per feature it is found
+        through; the caller removes repeats."""
     s_mask, s_cterm, s_pos = slab
     fl, need_s = tables
     out_q = np.empty(1024, dtype=np.int64)
@@ -79,7 +80,9 @@ def probe(
             for i in range(a, a + count):
                 r = inc_q[i]
                 n = lens[r]
-                q64 = q_masks[r, 0] | q_masks[r, 1] | q_masks[r, 2] | q_masks[r, 3]
+                q64 = np.uint64(0)
+                for k in range(q_masks.shape[1]):  # the 64-bit fold, as the lists hold it
+                    q64 |= q_masks[r, k]
                 qterm = fl[n] + 65  # popcount + (64 - fl(m)) <= fl(n) + 1 + 64: the bound of rouge.py
                 _flags(q64, s_mask[c0 : c0 + width], s_cterm[c0 : c0 + width], qterm, flags)
                 for w in range((width + 7) // 8):  # few pass: skip eight flags at a time
@@ -98,7 +101,7 @@ def probe(
                         if np.int64(_popcount(q64 ^ s_mask[c])) > allowed:
                             continue
                         xor = np.int64(0)
-                        for k in range(4):
+                        for k in range(q_masks.shape[1]):
                             xor += np.int64(_popcount(q_masks[r, k] ^ p_masks[p, k]))
                         if xor > allowed:
                             continue
